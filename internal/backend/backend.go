@@ -1,0 +1,89 @@
+// Package backend defines the one small interface every isolation backend
+// (gvisor, qemu, firecracker) implements. Nothing above this package knows
+// which backend runs a program.
+package backend
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"time"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/message"
+)
+
+// Volume is a resolved volume ready to be attached to a sandbox.
+type Volume struct {
+	Mount    string             // absolute path inside the guest
+	Kind     message.VolumeKind // immutable | ephemeral | persistent
+	Path     string             // host file (squashfs/ext4 image) or directory; empty for ephemeral
+	Encoding message.Encoding   // for immutable volumes: squashfs (default) or zip
+	SizeMiB  int                // ephemeral/persistent size
+	ReadOnly bool
+}
+
+// Spec is everything a backend needs to start one execution.
+type Spec struct {
+	ExecutionID string // unique per execution (uuid)
+	ProgramHash string // item hash of the PROGRAM message
+
+	RuntimePath string // host path of the runtime root filesystem image (squashfs)
+	RuntimeHash string // content hash of the runtime, for sharing mounts
+
+	CodePath     string           // host path of the code file (zip, squashfs or plain source)
+	CodeHash     string           // content hash of the code file, for caching extractions
+	CodeEncoding message.Encoding // plain | zip | squashfs
+
+	DataPath     string // optional data archive
+	DataEncoding message.Encoding
+	DataMount    string
+
+	Volumes []Volume
+
+	VCPUs     int
+	MemoryMiB int
+	Internet  bool
+
+	// StateDir is a private, empty directory under EXECUTION_ROOT that the
+	// backend may use for bundles, sockets and logs. The backend removes
+	// everything it created there on Stop.
+	StateDir string
+
+	// ProgramOutput receives the guest's console / the program's
+	// stdout+stderr, already tagged by the caller.
+	ProgramOutput io.Writer
+	Logger        *slog.Logger
+}
+
+// Usage is the resource usage of an instance, for execution records.
+type Usage struct {
+	CPUTimeUser   time.Duration
+	CPUTimeSystem time.Duration
+	IOReadCount   uint64
+	IOWriteCount  uint64
+	IOReadBytes   uint64
+	IOWriteBytes  uint64
+}
+
+// Instance is a running sandbox.
+type Instance interface {
+	// Channel returns the single byte stream to the vm-agent in the guest
+	// (sandbox stdio, vsock, or virtio-serial). It may block until the
+	// guest side is reachable; ctx bounds that wait. Called once.
+	Channel(ctx context.Context) (io.ReadWriteCloser, error)
+	// Stop terminates the sandbox and frees everything Start created. It is
+	// safe to call more than once and after the sandbox died by itself.
+	Stop(ctx context.Context) error
+	// Done is closed when the sandbox has exited, for whatever reason.
+	Done() <-chan struct{}
+	// Err tells why the sandbox exited (nil before Done, or on clean stop).
+	Err() error
+	// Usage reports resource usage so far (best effort).
+	Usage() Usage
+}
+
+// Backend starts sandboxes of one kind.
+type Backend interface {
+	Name() string
+	Start(ctx context.Context, spec Spec) (Instance, error)
+}

@@ -1,0 +1,83 @@
+// Package guest is the protocol between the supervisor (host) and the
+// vm-agent (guest), shared by both binaries.
+//
+// One byte stream links them (sandbox stdio, vsock or virtio-serial). The
+// host runs a yamux client over it, the agent a yamux server. Every yamux
+// stream starts with a single byte naming its purpose:
+//
+//	StreamControl ('C')  host→guest, opened first: the host writes one JSON
+//	                     Config line; the agent answers one JSON Status line
+//	                     once the program is ready to serve (or failed).
+//	                     Later the host writes a JSON Command line
+//	                     {"op":"stop"}; the agent runs lifespan shutdown,
+//	                     answers a Status line and exits.
+//	StreamHTTP    ('H')  host→guest: the rest of the stream is one plain
+//	                     HTTP/1.1 connection to the program (keep-alive ok).
+//	StreamGuestAPI('A')  guest→host: the rest of the stream is one HTTP/1.1
+//	                     connection to the host's guest API (DESIGN §6).
+package guest
+
+// Stream type bytes, written first on every yamux stream.
+const (
+	StreamControl  byte = 'C'
+	StreamHTTP     byte = 'H'
+	StreamGuestAPI byte = 'A'
+)
+
+// Paths inside the sandbox, common to all backends.
+const (
+	CodeDir        = "/opt/code"            // program code (read-only, extracted)
+	GuestAPISocket = "/run/aleph/api.sock"  // ALEPH_API_UNIX_SOCKET
+	ProgramSocket  = "/run/aleph/asgi.sock" // uvicorn's unix socket
+	ExecutablePort = 8080
+)
+
+// Interface kinds of programs.
+const (
+	InterfaceASGI       = "asgi"
+	InterfaceExecutable = "executable"
+)
+
+// Config is sent by the host on the control stream to start the program.
+type Config struct {
+	ProgramHash string `json:"program_hash"`
+	// Interface is "asgi" (entrypoint module:attr) or "executable".
+	Interface  string `json:"interface"`
+	Entrypoint string `json:"entrypoint"`
+	// Encoding of the code as published (plain|zip|squashfs). Backends
+	// present code already extracted at CodeDir, except in VMs where the
+	// agent mounts/extracts CodeDevice.
+	Encoding   string            `json:"encoding"`
+	CodeDevice string            `json:"code_device,omitempty"` // VMs: block device holding the code
+	Variables  map[string]string `json:"variables,omitempty"`
+	// Environment variables the agent adds (ALEPH_API_HOST etc.).
+	AlephEnv map[string]string `json:"aleph_env,omitempty"`
+	// Volumes to mount inside VMs (ignored where the backend mounted them).
+	Volumes []VolumeMount `json:"volumes,omitempty"`
+	// Network configuration (VMs); empty means no network.
+	IPv4     string   `json:"ipv4,omitempty"`    // address/prefix
+	Gateway  string   `json:"gateway,omitempty"` // IPv4 gateway
+	DNS      []string `json:"dns,omitempty"`
+	Hostname string   `json:"hostname,omitempty"`
+}
+
+// VolumeMount describes a block device to mount inside a VM.
+type VolumeMount struct {
+	Device   string `json:"device"`
+	Mount    string `json:"mount"`
+	FSType   string `json:"fstype"`
+	ReadOnly bool   `json:"read_only"`
+}
+
+// Status is the agent's answer on the control stream.
+type Status struct {
+	Ready bool   `json:"ready,omitempty"`
+	Error string `json:"error,omitempty"`
+	// Stopped is set in the answer to a stop command.
+	Stopped bool `json:"stopped,omitempty"`
+}
+
+// Command is a later instruction on the control stream.
+type Command struct {
+	Op string `json:"op"` // "stop"
+}
