@@ -36,6 +36,7 @@ type Message struct {
 	Channel     string          `json:"channel,omitempty"`
 	Signature   string          `json:"signature,omitempty"`
 	ItemType    string          `json:"item_type,omitempty"` // inline | storage | ipfs
+	HashType    string          `json:"hash_type,omitempty"` // only sha256 exists
 	ItemContent string          `json:"item_content,omitempty"`
 	Time        float64         `json:"time,omitempty"`
 	Size        int64           `json:"size,omitempty"`
@@ -108,6 +109,16 @@ const (
 	DefaultSeconds = 1
 )
 
+// Upper bounds of the reference schema (aleph-message). They are what a
+// message may ask for, not what this node grants: the pool checks capacity.
+const (
+	MaxVCPUs               = 256
+	MaxMemoryMiB           = 1024 * 1024          // 1 TiB
+	MaxSeconds             = 10 * 365 * 24 * 3600 // ~10 years
+	MaxEphemeralVolumeMiB  = 1000                 // 1 GB
+	MaxPersistentVolumeMiB = 1953125              // 2048 GB in MiB, rounded up
+)
+
 // VolumeKind tells immutable, ephemeral and persistent volumes apart.
 type VolumeKind string
 
@@ -120,15 +131,21 @@ const (
 // Volume is one entry of `volumes`. The JSON is a union; Kind() tells
 // which variant it is, based on which fields are present.
 type Volume struct {
-	Comment     string          `json:"comment,omitempty"`
-	Mount       string          `json:"mount"`
-	Ref         string          `json:"ref,omitempty"`
-	UseLatest   bool            `json:"use_latest,omitempty"`
-	Ephemeral   bool            `json:"ephemeral,omitempty"`
-	Name        string          `json:"name,omitempty"`
-	Persistence string          `json:"persistence,omitempty"` // host | store
-	SizeMiB     int             `json:"size_mib,omitempty"`
-	Parent      json.RawMessage `json:"parent,omitempty"`
+	Comment     string        `json:"comment,omitempty"`
+	Mount       string        `json:"mount,omitempty"`
+	Ref         string        `json:"ref,omitempty"`
+	UseLatest   bool          `json:"use_latest,omitempty"`
+	Ephemeral   bool          `json:"ephemeral,omitempty"`
+	Name        string        `json:"name,omitempty"`
+	Persistence string        `json:"persistence,omitempty"` // host | store
+	SizeMiB     int           `json:"size_mib,omitempty"`
+	Parent      *ParentVolume `json:"parent,omitempty"`
+}
+
+// ParentVolume is the image a persistent volume starts as a copy of.
+type ParentVolume struct {
+	Ref       string `json:"ref"`
+	UseLatest bool   `json:"use_latest"`
 }
 
 // ProgramContent is the content of a PROGRAM message (type vm-function).
