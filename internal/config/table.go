@@ -1,0 +1,397 @@
+package config
+
+import (
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"net/netip"
+	"net/url"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// descriptor ties one ALEPH_VM_* name to a Settings field: how to parse it
+// and how to show it. One table drives loading, printing and /about/config
+// so that a setting cannot be readable yet invisible, or the reverse.
+type descriptor struct {
+	name string // without EnvPrefix
+	help string
+	// optional settings accept an empty value (meaning "none" or "derive").
+	optional bool
+	set      func(s *Settings, v string) error
+	// get returns a JSON-friendly value: durations as seconds.
+	get func(s *Settings) any
+	// redact, when set, replaces get for anything shown to people.
+	redact func(s *Settings) any
+}
+
+func (d descriptor) printable(s *Settings) any {
+	if d.redact != nil {
+		return d.redact(s)
+	}
+	return d.get(s)
+}
+
+var errEmpty = errors.New("must not be empty")
+
+func str(name, help string, f func(*Settings) *string, check ...func(string) error) descriptor {
+	return descriptor{
+		name: name, help: help,
+		set: func(s *Settings, v string) error {
+			for _, c := range check {
+				if err := c(v); err != nil {
+					return err
+				}
+			}
+			*f(s) = v
+			return nil
+		},
+		get: func(s *Settings) any { return *f(s) },
+	}
+}
+
+func optional(d descriptor) descriptor {
+	d.optional = true
+	return d
+}
+
+func boolean(name, help string, f func(*Settings) *bool) descriptor {
+	return descriptor{
+		name: name, help: help,
+		set: func(s *Settings, v string) error {
+			b, err := parseBool(v)
+			if err != nil {
+				return err
+			}
+			*f(s) = b
+			return nil
+		},
+		get: func(s *Settings) any { return *f(s) },
+	}
+}
+
+func integer(name, help string, lo, hi int64, f func(*Settings) *int64) descriptor {
+	return descriptor{
+		name: name, help: help,
+		set: func(s *Settings, v string) error {
+			n, err := parseInt(v, lo, hi)
+			if err != nil {
+				return err
+			}
+			*f(s) = n
+			return nil
+		},
+		get: func(s *Settings) any { return *f(s) },
+	}
+}
+
+func smallInt(name, help string, lo, hi int64, f func(*Settings) *int) descriptor {
+	return descriptor{
+		name: name, help: help,
+		set: func(s *Settings, v string) error {
+			n, err := parseInt(v, lo, hi)
+			if err != nil {
+				return err
+			}
+			*f(s) = int(n)
+			return nil
+		},
+		get: func(s *Settings) any { return *f(s) },
+	}
+}
+
+func seconds(name, help string, allowZero bool, f func(*Settings) *time.Duration) descriptor {
+	return descriptor{
+		name: name, help: help,
+		set: func(s *Settings, v string) error {
+			d, err := parseSeconds(v, allowZero)
+			if err != nil {
+				return err
+			}
+			*f(s) = d
+			return nil
+		},
+		get: func(s *Settings) any { return f(s).Seconds() },
+	}
+}
+
+// table lists every setting in print order: network service, Aleph
+// sources, sandboxes, storage, limits, VM networking, diagnostics.
+var table = []descriptor{
+	str("SUPERVISOR_HOST", "address the HTTP service listens on", func(s *Settings) *string { return &s.SupervisorHost }),
+	smallInt("SUPERVISOR_PORT", "port the HTTP service listens on", 1, 65535, func(s *Settings) *int { return &s.SupervisorPort }),
+	str("DOMAIN_NAME", "host name of the status page; other hosts route to programs", func(s *Settings) *string { return &s.DomainName }),
+	seconds("REUSE_TIMEOUT", "seconds an idle execution stays warm", true, func(s *Settings) *time.Duration { return &s.ReuseTimeout }),
+	boolean("WATCH_FOR_MESSAGES", "follow Aleph messages that trigger programs", func(s *Settings) *bool { return &s.WatchForMessages }),
+	boolean("WATCH_FOR_UPDATES", "follow amends of running programs", func(s *Settings) *bool { return &s.WatchForUpdates }),
+
+	str("API_SERVER", "Aleph API server", func(s *Settings) *string { return &s.APIServer }, checkHTTPURL),
+	str("IPFS_GATEWAY", "IPFS gateway for IPFS-stored files", func(s *Settings) *string { return &s.IPFSGateway }, checkHTTPURL),
+
+	{
+		name: "HYPERVISOR", help: "isolation backend: auto, firecracker, qemu or gvisor",
+		set: func(s *Settings, v string) error {
+			h := Hypervisor(strings.ToLower(v))
+			if !slices.Contains(Hypervisors, h) {
+				return fmt.Errorf("must be one of %s", joinHypervisors())
+			}
+			s.Hypervisor = h
+			return nil
+		},
+		get: func(s *Settings) any { return string(s.Hypervisor) },
+	},
+	boolean("USE_JAILER", "run firecracker under its jailer", func(s *Settings) *bool { return &s.UseJailer }),
+	str("FIRECRACKER_PATH", "firecracker binary", func(s *Settings) *string { return &s.FirecrackerPath }),
+	str("JAILER_PATH", "jailer binary", func(s *Settings) *string { return &s.JailerPath }),
+	str("LINUX_PATH", "guest kernel (uncompressed vmlinux)", func(s *Settings) *string { return &s.LinuxPath }),
+	str("RUNSC_PATH", "gVisor runsc binary", func(s *Settings) *string { return &s.RunscPath }),
+	str("RUNSC_PLATFORM", "runsc --platform: ptrace, systrap or kvm", func(s *Settings) *string { return &s.RuntimePlatform },
+		oneOf("ptrace", "systrap", "kvm")),
+	str("QEMU_PATH", "qemu-system binary", func(s *Settings) *string { return &s.QemuPath }),
+	str("AGENT_PATH", "vm-agent binary placed in every sandbox", func(s *Settings) *string { return &s.AgentPath }),
+	seconds("INIT_TIMEOUT", "seconds a sandbox may take to become ready", false, func(s *Settings) *time.Duration { return &s.InitTimeout }),
+
+	str("CACHE_ROOT", "download cache directory", func(s *Settings) *string { return &s.CacheRoot }),
+	str("EXECUTION_ROOT", "directory of executions, local store and login token", func(s *Settings) *string { return &s.ExecutionRoot }),
+	optional(str("EXECUTION_DATABASE", "SQLite file of execution records (default EXECUTION_ROOT/executions.sqlite3)",
+		func(s *Settings) *string { return &s.ExecutionDatabase })),
+	optional(str("PERSISTENT_VOLUMES_DIR", "persistent volumes (default EXECUTION_ROOT/volumes/persistent)",
+		func(s *Settings) *string { return &s.PersistentVolumesDir })),
+
+	integer("MAX_PROGRAM_ARCHIVE_SIZE", "largest code archive, in bytes", 1, math.MaxInt64, func(s *Settings) *int64 { return &s.MaxProgramArchiveSize }),
+	integer("MAX_DATA_ARCHIVE_SIZE", "largest data archive, in bytes", 1, math.MaxInt64, func(s *Settings) *int64 { return &s.MaxDataArchiveSize }),
+	integer("MAX_RUNTIME_SIZE", "largest runtime image, in bytes", 1, math.MaxInt64, func(s *Settings) *int64 { return &s.MaxRuntimeSize }),
+	integer("MAX_REQUEST_BODY_SIZE", "largest HTTP request body forwarded to a program, in bytes", 1, math.MaxInt64,
+		func(s *Settings) *int64 { return &s.MaxRequestBodySize }),
+
+	boolean("ALLOW_VM_NETWORKING", "give sandboxes network access", func(s *Settings) *bool { return &s.AllowVMNetworking }),
+	str("NETWORK_INTERFACE", "host interface that carries sandbox traffic", func(s *Settings) *string { return &s.NetworkInterface }),
+	str("DNS_RESOLUTION", "where host nameservers are read: resolv.conf or resolvectl", func(s *Settings) *string { return &s.DNSResolution },
+		oneOf(DNSResolvConf, DNSResolvectl)),
+	optional(descriptor{
+		name: "DNS_NAMESERVERS", help: "nameservers given to sandboxes (comma-separated or JSON list); empty = the host's",
+		set: func(s *Settings, v string) error {
+			ns, err := parseAddrList(v)
+			if err != nil {
+				return err
+			}
+			s.DNSNameservers = ns
+			return nil
+		},
+		get: func(s *Settings) any { return slices.Clone(s.DNSNameservers) },
+	}),
+	{
+		name: "IPV4_ADDRESS_POOL", help: "IPv4 range carved into one network per sandbox",
+		set: func(s *Settings, v string) error {
+			p, err := netip.ParsePrefix(v)
+			if err != nil {
+				return errors.New("must be an IPv4 CIDR such as 172.16.0.0/12")
+			}
+			if !p.Addr().Is4() {
+				return errors.New("must be an IPv4 CIDR such as 172.16.0.0/12")
+			}
+			s.IPv4AddressPool = p.Masked()
+			return nil
+		},
+		get: func(s *Settings) any { return s.IPv4AddressPool.String() },
+	},
+	smallInt("IPV4_NETWORK_PREFIX_LENGTH", "prefix length of each sandbox's network", 1, 30,
+		func(s *Settings) *int { return &s.IPv4NetworkPrefixLength }),
+
+	boolean("PRINT_SYSTEM_LOGS", "show guest console output in the logs", func(s *Settings) *bool { return &s.PrintSystemLogs }),
+	optional(str("FAKE_DATA_PROGRAM", "serve this program directory for every request", func(s *Settings) *string { return &s.FakeDataProgram })),
+	optional(str("CHECK_FASTAPI_VM_ID", "program hash used by /status/check/fastapi; empty = bundled example",
+		func(s *Settings) *string { return &s.CheckFastAPIVMID }, checkToken)),
+	{
+		name: "ALLOCATION_TOKEN_HASH", help: "sha256 hex of the token accepted by /control/allocations",
+		set: func(s *Settings, v string) error {
+			v = strings.ToLower(v)
+			if b, err := hex.DecodeString(v); err != nil || len(b) != 32 {
+				return errors.New("must be a sha256 digest in hex (64 characters)")
+			}
+			s.AllocationTokenHash = v
+			return nil
+		},
+		get:    func(s *Settings) any { return s.AllocationTokenHash },
+		redact: func(*Settings) any { return redactedString },
+	},
+	optional(descriptor{
+		name: "REDIS_URL", help: "Redis for the guest cache API (redis://, rediss:// or unix://); empty = embedded",
+		set: func(s *Settings, v string) error {
+			if v != "" {
+				u, err := url.Parse(v)
+				if err != nil || !slices.Contains([]string{"redis", "rediss", "unix"}, u.Scheme) {
+					return errors.New("must be a redis://, rediss:// or unix:// URL")
+				}
+			}
+			s.RedisURL = v
+			return nil
+		},
+		get:    func(s *Settings) any { return s.RedisURL },
+		redact: func(s *Settings) any { return redactURL(s.RedisURL) },
+	}),
+}
+
+func lookup(name string) (descriptor, bool) {
+	for _, d := range table {
+		if d.name == name {
+			return d, true
+		}
+	}
+	return descriptor{}, false
+}
+
+// validate checks what no single setting can: relations between them and
+// the file system.
+func (s *Settings) validate() *SettingError {
+	if s.IPv4NetworkPrefixLength <= s.IPv4AddressPool.Bits() {
+		return &SettingError{
+			Name:   "IPV4_NETWORK_PREFIX_LENGTH",
+			Value:  strconv.Itoa(s.IPv4NetworkPrefixLength),
+			Reason: fmt.Sprintf("must be longer than the prefix of %sIPV4_ADDRESS_POOL (%s)", EnvPrefix, s.IPv4AddressPool),
+		}
+	}
+	if s.FakeDataProgram != "" {
+		abs, err := filepath.Abs(s.FakeDataProgram)
+		if err == nil {
+			var f *os.File
+			f, err = os.Open(abs)
+			if err == nil {
+				err = f.Close()
+			}
+		}
+		if err != nil {
+			return &SettingError{Name: "FAKE_DATA_PROGRAM", Value: s.FakeDataProgram, Reason: "unreadable: " + unwrapPathErr(err)}
+		}
+		// Absolute, so that the program is found whatever the working
+		// directory of later code.
+		s.FakeDataProgram = abs
+	}
+	return nil
+}
+
+func unwrapPathErr(err error) string {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return pe.Err.Error()
+	}
+	return err.Error()
+}
+
+// parseBool accepts what pydantic accepts for booleans, so aleph-vm .env
+// files keep their meaning.
+func parseBool(v string) (bool, error) {
+	switch strings.ToLower(strings.TrimSpace(v)) {
+	case "1", "t", "true", "y", "yes", "on":
+		return true, nil
+	case "0", "f", "false", "n", "no", "off":
+		return false, nil
+	}
+	return false, errors.New("must be a boolean (true/false, yes/no, on/off, 1/0)")
+}
+
+// parseInt reads a decimal integer; underscores are allowed as in Python,
+// since aleph-vm configurations may write 10_000_000.
+func parseInt(v string, lo, hi int64) (int64, error) {
+	n, err := strconv.ParseInt(strings.ReplaceAll(strings.TrimSpace(v), "_", ""), 10, 64)
+	if err != nil {
+		return 0, errors.New("must be an integer")
+	}
+	if n < lo || n > hi {
+		if hi == math.MaxInt64 {
+			return 0, fmt.Errorf("must be at least %d", lo)
+		}
+		return 0, fmt.Errorf("must be between %d and %d", lo, hi)
+	}
+	return n, nil
+}
+
+// parseSeconds reads a number of seconds (aleph-vm's form, may be
+// fractional) or a Go duration such as 90s or 1h.
+func parseSeconds(v string, allowZero bool) (time.Duration, error) {
+	v = strings.TrimSpace(v)
+	var d time.Duration
+	if f, err := strconv.ParseFloat(v, 64); err == nil {
+		if math.IsNaN(f) || math.IsInf(f, 0) || math.Abs(f) > float64(math.MaxInt64)/float64(time.Second) {
+			return 0, errors.New("must be a finite number of seconds")
+		}
+		d = time.Duration(f * float64(time.Second))
+	} else if d, err = time.ParseDuration(v); err != nil {
+		return 0, errors.New("must be a number of seconds or a duration such as 90s")
+	}
+	switch {
+	case d < 0:
+		return 0, errors.New("must not be negative")
+	case d == 0 && !allowZero:
+		return 0, errors.New("must be greater than zero")
+	}
+	return d, nil
+}
+
+// parseAddrList accepts a JSON list (pydantic's form for list settings) or
+// a comma/space separated list of IP addresses.
+func parseAddrList(v string) ([]string, error) {
+	v = strings.TrimSpace(v)
+	var items []string
+	if strings.HasPrefix(v, "[") {
+		if err := json.Unmarshal([]byte(v), &items); err != nil {
+			return nil, errors.New("must be a JSON list of IP addresses")
+		}
+	} else {
+		items = strings.FieldsFunc(v, func(r rune) bool { return r == ',' || r == ' ' || r == '\t' })
+	}
+	out := make([]string, 0, len(items))
+	for _, it := range items {
+		a, err := netip.ParseAddr(strings.TrimSpace(it))
+		if err != nil {
+			return nil, fmt.Errorf("%q is not an IP address", it)
+		}
+		out = append(out, a.String())
+	}
+	if len(out) == 0 {
+		return nil, nil
+	}
+	return out, nil
+}
+
+func checkHTTPURL(v string) error {
+	u, err := url.Parse(v)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return errors.New("must be an http:// or https:// URL")
+	}
+	return nil
+}
+
+func oneOf(values ...string) func(string) error {
+	return func(v string) error {
+		if !slices.Contains(values, v) {
+			return fmt.Errorf("must be one of %s", strings.Join(values, ", "))
+		}
+		return nil
+	}
+}
+
+// checkToken rejects values that cannot be an item hash or CID; the full
+// check belongs to the message package.
+func checkToken(v string) error {
+	for _, r := range v {
+		if !(r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z') {
+			return errors.New("must be an item hash")
+		}
+	}
+	return nil
+}
+
+func joinHypervisors() string {
+	names := make([]string, len(Hypervisors))
+	for i, h := range Hypervisors {
+		names[i] = string(h)
+	}
+	return strings.Join(names, ", ")
+}

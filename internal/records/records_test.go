@@ -1,0 +1,267 @@
+package records
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+func openTemp(t *testing.T) (*DB, string) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "sub", "dir", "executions.sqlite3")
+	db, err := Open(context.Background(), path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	return db, path
+}
+
+func sample(i int, defined time.Time) Record {
+	return Record{
+		UUID:          fmt.Sprintf("00000000-0000-4000-8000-%012d", i),
+		VMHash:        strings.Repeat("ab", 32),
+		TimeDefined:   defined,
+		TimePrepared:  defined.Add(10 * time.Millisecond),
+		TimeStarted:   defined.Add(2 * time.Second),
+		TimeStopping:  defined.Add(time.Hour + 123456789),
+		CPUTimeUser:   1.25,
+		CPUTimeSystem: 0.5,
+		IOReadCount:   10, IOWriteCount: 20, IOReadBytes: 4096, IOWriteBytes: 8192,
+		VCPUs: 1, Memory: 128, NetworkTap: "vmtap4",
+	}
+}
+
+func TestMigrationsIdempotent(t *testing.T) {
+	ctx := context.Background()
+	db, path := openTemp(t)
+	base := time.Date(2024, 5, 1, 12, 0, 0, 0, time.UTC)
+	if err := db.Insert(ctx, sample(1, base)); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	for range 2 {
+		db2, err := Open(ctx, path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		v, err := db2.SchemaVersion(ctx)
+		if err != nil || v != len(migrations) {
+			t.Errorf("version %d, %v; want %d", v, err, len(migrations))
+		}
+		got, err := db2.List(ctx, 0)
+		if err != nil || len(got) != 1 {
+			t.Errorf("reopened: %d records, %v", len(got), err)
+		}
+		db2.Close()
+	}
+}
+
+func TestRefusesNewerSchema(t *testing.T) {
+	ctx := context.Background()
+	db, path := openTemp(t)
+	if _, err := db.db.ExecContext(ctx, "PRAGMA user_version = 999"); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	if _, err := Open(ctx, path); err == nil || !strings.Contains(err.Error(), "newer") {
+		t.Errorf("got %v", err)
+	}
+}
+
+func TestInsertListRoundTrip(t *testing.T) {
+	ctx := context.Background()
+	db, _ := openTemp(t)
+	base := time.Date(2024, 5, 1, 12, 0, 0, 0, time.FixedZone("X", 3600))
+	var want []Record
+	for i := range 5 {
+		r := sample(i, base.Add(time.Duration(i)*time.Minute))
+		if err := db.Insert(ctx, r); err != nil {
+			t.Fatal(err)
+		}
+		want = append([]Record{r}, want...) // newest first
+	}
+	sparse := Record{UUID: "sparse", VMHash: "h", TimeDefined: base.Add(-time.Hour)}
+	if err := db.Insert(ctx, sparse); err != nil {
+		t.Fatal(err)
+	}
+	want = append(want, sparse)
+
+	got, err := db.List(ctx, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != len(want) {
+		t.Fatalf("got %d records, want %d", len(got), len(want))
+	}
+	for i := range want {
+		if !equalRecord(got[i], want[i]) {
+			t.Errorf("record %d:\n got %+v\nwant %+v", i, got[i], want[i])
+		}
+	}
+
+	limited, err := db.List(ctx, 2)
+	if err != nil || len(limited) != 2 || limited[0].UUID != want[0].UUID {
+		t.Errorf("limit 2: %v, %v", limited, err)
+	}
+
+	if err := db.Insert(ctx, sample(0, base)); err == nil {
+		t.Error("duplicate uuid accepted")
+	}
+	if err := db.Insert(ctx, Record{VMHash: "h"}); !errors.Is(err, ErrNoUUID) {
+		t.Errorf("empty uuid: %v", err)
+	}
+}
+
+func equalRecord(a, b Record) bool {
+	for _, p := range [][2]*time.Time{{&a.TimeDefined, &b.TimeDefined}, {&a.TimePrepared, &b.TimePrepared},
+		{&a.TimeStarted, &b.TimeStarted}, {&a.TimeStopping, &b.TimeStopping}} {
+		if !p[0].Equal(*p[1]) {
+			return false
+		}
+		*p[0], *p[1] = time.Time{}, time.Time{}
+	}
+	return reflect.DeepEqual(a, b)
+}
+
+func TestEmptyListIsEmptyArray(t *testing.T) {
+	db, _ := openTemp(t)
+	got, err := db.List(context.Background(), 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(got)
+	if string(b) != "[]" {
+		t.Errorf("got %s", b)
+	}
+}
+
+func TestJSONShape(t *testing.T) {
+	r := sample(1, time.Date(2024, 5, 1, 12, 0, 0, 500, time.FixedZone("X", 7200)))
+	r.TimeStopping = time.Time{}
+	r.NetworkTap = ""
+	b, err := json.Marshal(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]any
+	if err := json.Unmarshal(b, &m); err != nil {
+		t.Fatal(err)
+	}
+	cols := []string{"uuid", "vm_hash", "time_defined", "time_prepared", "time_started", "time_stopping",
+		"cpu_time_user", "cpu_time_system", "io_read_count", "io_write_count", "io_read_bytes",
+		"io_write_bytes", "vcpus", "memory", "network_tap"}
+	if len(m) != len(cols) {
+		t.Errorf("%d keys, want %d: %s", len(m), len(cols), b)
+	}
+	for _, c := range cols {
+		if _, ok := m[c]; !ok {
+			t.Errorf("missing %s in %s", c, b)
+		}
+	}
+	if m["time_defined"] != "2024-05-01T10:00:00.0000005Z" {
+		t.Errorf("time_defined = %v", m["time_defined"])
+	}
+	if m["time_stopping"] != nil || m["network_tap"] != nil {
+		t.Errorf("absent values not null: %s", b)
+	}
+	var back Record
+	if err := json.Unmarshal(b, &back); err != nil {
+		t.Fatal(err)
+	}
+	if !equalRecord(back, r) {
+		t.Errorf("JSON round trip:\n got %+v\nwant %+v", back, r)
+	}
+}
+
+func TestConcurrentInserts(t *testing.T) {
+	ctx := context.Background()
+	db, path := openTemp(t)
+	// A second handle stands for another process on the same file.
+	other, err := Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	const n = 60
+	base := time.Now()
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := range n {
+		h := db
+		if i%2 == 1 {
+			h = other
+		}
+		wg.Go(func() {
+			if err := h.Insert(ctx, sample(i, base.Add(time.Duration(i)*time.Millisecond))); err != nil {
+				errs <- err
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	got, err := db.List(ctx, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != n {
+		t.Fatalf("%d records, want %d", len(got), n)
+	}
+	for i := 1; i < len(got); i++ {
+		if got[i].TimeDefined.After(got[i-1].TimeDefined) {
+			t.Fatalf("not newest first at %d", i)
+		}
+	}
+}
+
+func TestCanceledContext(t *testing.T) {
+	db, _ := openTemp(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := db.Insert(ctx, sample(1, time.Now())); err == nil {
+		t.Error("insert with canceled context succeeded")
+	}
+}
+
+func TestWALEnabled(t *testing.T) {
+	db, _ := openTemp(t)
+	var mode string
+	if err := db.db.QueryRowContext(context.Background(), "PRAGMA journal_mode").Scan(&mode); err != nil {
+		t.Fatal(err)
+	}
+	if mode != "wal" {
+		t.Errorf("journal_mode = %q", mode)
+	}
+}
+
+func TestConcurrentOpenMigratesOnce(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "x.sqlite3")
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for range 8 {
+		wg.Go(func() {
+			db, err := Open(ctx, path)
+			if err != nil {
+				errs <- err
+				return
+			}
+			db.Close()
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}

@@ -1,0 +1,184 @@
+// Package sysinfo describes the host for GET /about/usage/system, in the
+// shape aleph-vm 0.3 answers with, so schedulers that read it need no
+// change.
+package sysinfo
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/shirou/gopsutil/v4/cpu"
+	"github.com/shirou/gopsutil/v4/disk"
+	"github.com/shirou/gopsutil/v4/host"
+	"github.com/shirou/gopsutil/v4/load"
+	"github.com/shirou/gopsutil/v4/mem"
+)
+
+// Usage is the response body.
+type Usage struct {
+	CPU        CPUUsage   `json:"cpu"`
+	Mem        MemUsage   `json:"mem"`
+	Disk       DiskUsage  `json:"disk"`
+	Period     Period     `json:"period"`
+	Properties Properties `json:"properties"`
+	Active     bool       `json:"active"`
+}
+
+type CPUUsage struct {
+	Count           int             `json:"count"`
+	LoadAverage     LoadAverage     `json:"load_average"`
+	CoreFrequencies CoreFrequencies `json:"core_frequencies"`
+}
+
+type LoadAverage struct {
+	Load1  float64 `json:"load1"`
+	Load5  float64 `json:"load5"`
+	Load15 float64 `json:"load15"`
+}
+
+// CoreFrequencies are in MHz; 0 when the host does not expose them (VMs
+// often do not), as psutil reports.
+type CoreFrequencies struct {
+	Min float64 `json:"min"`
+	Max float64 `json:"max"`
+}
+
+// MemUsage and DiskUsage count kB of 1000 bytes, rounded up, as aleph-vm.
+type MemUsage struct {
+	TotalKB     uint64 `json:"total_kB"`
+	AvailableKB uint64 `json:"available_kB"`
+}
+
+type DiskUsage struct {
+	TotalKB     uint64 `json:"total_kB"`
+	AvailableKB uint64 `json:"available_kB"`
+}
+
+// Period is the minute the figures stand for.
+type Period struct {
+	StartTimestamp  time.Time `json:"start_timestamp"`
+	DurationSeconds float64   `json:"duration_seconds"`
+}
+
+type Properties struct {
+	CPU CPUProperties `json:"cpu"`
+}
+
+type CPUProperties struct {
+	Architecture string `json:"architecture"`
+	Vendor       string `json:"vendor"`
+}
+
+// cpufreqRoot is where Linux exposes per-core frequency limits; a variable
+// so that tests can point it at a fake tree.
+var cpufreqRoot = "/sys/devices/system/cpu"
+
+// Collect measures the host now. diskPath is the file system whose space
+// is reported (aleph-vm uses the persistent volumes directory).
+func Collect(ctx context.Context, diskPath string) (*Usage, error) {
+	count, err := cpu.CountsWithContext(ctx, true)
+	if err != nil {
+		return nil, fmt.Errorf("sysinfo: cpu count: %w", err)
+	}
+	avg, err := load.AvgWithContext(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("sysinfo: load average: %w", err)
+	}
+	vm, err := mem.VirtualMemoryWithContext(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("sysinfo: memory: %w", err)
+	}
+	du, err := disk.UsageWithContext(ctx, diskPath)
+	if err != nil {
+		return nil, fmt.Errorf("sysinfo: disk usage of %s: %w", diskPath, err)
+	}
+	u := &Usage{
+		CPU: CPUUsage{
+			Count:           count,
+			LoadAverage:     LoadAverage{Load1: avg.Load1, Load5: avg.Load5, Load15: avg.Load15},
+			CoreFrequencies: coreFrequencies(cpufreqRoot),
+		},
+		Mem:  MemUsage{TotalKB: kB(vm.Total), AvailableKB: kB(vm.Available)},
+		Disk: DiskUsage{TotalKB: kB(du.Total), AvailableKB: kB(du.Free)},
+		Period: Period{
+			StartTimestamp:  time.Now().UTC().Truncate(time.Minute),
+			DurationSeconds: 60,
+		},
+		Properties: Properties{CPU: CPUProperties{
+			Architecture: architecture(),
+			Vendor:       vendor(ctx),
+		}},
+		Active: true,
+	}
+	return u, nil
+}
+
+func kB(bytes uint64) uint64 {
+	return uint64(math.Ceil(float64(bytes) / 1000))
+}
+
+// coreFrequencies reads the lowest and highest frequency any core supports
+// (sysfs gives kHz). Missing files are normal on VMs and yield zeros.
+func coreFrequencies(root string) CoreFrequencies {
+	var f CoreFrequencies
+	dirs, _ := filepath.Glob(filepath.Join(root, "cpu[0-9]*", "cpufreq"))
+	for _, d := range dirs {
+		if lo, ok := readKHz(filepath.Join(d, "cpuinfo_min_freq")); ok && (f.Min == 0 || lo < f.Min) {
+			f.Min = lo
+		}
+		if hi, ok := readKHz(filepath.Join(d, "cpuinfo_max_freq")); ok && hi > f.Max {
+			f.Max = hi
+		}
+	}
+	return f
+}
+
+func readKHz(path string) (mhz float64, ok bool) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, false
+	}
+	v, err := strconv.ParseFloat(strings.TrimSpace(string(b)), 64)
+	if err != nil || v <= 0 {
+		return 0, false
+	}
+	return v / 1000, true
+}
+
+// architecture is the kernel's machine name (x86_64, aarch64), as Python's
+// platform.machine() gives it; GOARCH spelled the same way is the fallback.
+func architecture() string {
+	if a, err := host.KernelArch(); err == nil && a != "" {
+		return a
+	}
+	switch runtime.GOARCH {
+	case "amd64":
+		return "x86_64"
+	case "arm64":
+		return "aarch64"
+	default:
+		return runtime.GOARCH
+	}
+}
+
+// vendor is the CPU's vendor id (GenuineIntel, AuthenticAMD); empty when
+// the host does not say, which is no reason to fail the whole answer.
+func vendor(ctx context.Context) string {
+	infos, err := cpu.InfoWithContext(ctx)
+	if err != nil {
+		return ""
+	}
+	for _, i := range infos {
+		if i.VendorID != "" {
+			return i.VendorID
+		}
+	}
+	return ""
+}

@@ -1,0 +1,25 @@
+#!/bin/sh
+# Installs the Debian packages the supervisor, its runtime recipe and its
+# tests need. Idempotent: does nothing when every package is present, and
+# runs `apt-get update` at most once.
+set -eu
+
+PACKAGES="runsc debootstrap squashfs-tools qemu-system-x86 redis-server iproute2 busybox-static cpio zip unzip ca-certificates wrk"
+
+missing=""
+for p in $PACKAGES; do
+	if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+		missing="$missing $p"
+	fi
+done
+[ -z "$missing" ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+	echo "install-deps: missing packages:$missing (run as root to install them)" >&2
+	exit 1
+fi
+echo "install-deps: installing$missing" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+# shellcheck disable=SC2086
+apt-get install -y -q --no-install-recommends $missing
