@@ -1,0 +1,91 @@
+// Command vm-supervisor runs Aleph programs in sandboxes and serves them
+// over HTTP. Sub-commands: `program upload`, `runtime add`; with none it
+// serves.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/config"
+)
+
+// version is set at build time (-ldflags "-X main.version=...").
+var version = "dev"
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	settings, opts, err := config.Load(args, os.Environ(), ".env")
+	if errors.Is(err, config.ErrHelp) {
+		usage(stdout)
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "vm-supervisor:", err)
+		return 2
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: opts.LogLevel()}))
+	slog.SetDefault(log)
+	for _, name := range opts.Unknown {
+		log.Warn("ignoring unknown setting", "name", name)
+	}
+	if opts.PrintSettings {
+		if err := settings.Print(stdout); err != nil {
+			fmt.Fprintln(stderr, "vm-supervisor:", err)
+			return 1
+		}
+	}
+	if opts.DoNotRun {
+		return 0
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	if len(opts.Args) > 0 {
+		return runSubcommand(ctx, settings, opts.Args, stdout, stderr)
+	}
+	if err := serve(ctx, settings, opts, log, stdout); err != nil {
+		fmt.Fprintln(stderr, "vm-supervisor:", err)
+		return 1
+	}
+	return 0
+}
+
+func usage(w io.Writer) {
+	fmt.Fprint(w, `Usage: vm-supervisor [flags]                    serve programs over HTTP
+       vm-supervisor [flags] program upload PATH ENTRYPOINT [upload flags]
+       vm-supervisor [flags] runtime add SQUASHFS [--default] [--comment TEXT]
+
+Settings come from ALEPH_VM_* variables, a .env file in the working
+directory, and these flags (flags win over variables, variables over .env).
+
+Flags:
+`)
+	config.Usage(w)
+}
+
+func runSubcommand(ctx context.Context, s *config.Settings, args []string, stdout, stderr io.Writer) int {
+	switch {
+	case len(args) >= 2 && args[0] == "program" && args[1] == "upload":
+		st, err := openStore(s)
+		if err != nil {
+			fmt.Fprintln(stderr, "vm-supervisor:", err)
+			return 1
+		}
+		return cmdProgramUpload(ctx, st, args[2:], stdout, stderr, "http://"+s.Addr())
+	case len(args) >= 2 && args[0] == "runtime" && args[1] == "add":
+		return cmdRuntimeAdd(ctx, s, args[2:], stdout, stderr)
+	}
+	fmt.Fprintf(stderr, "vm-supervisor: unknown command %q (see --help)\n", args)
+	return 2
+}

@@ -1,0 +1,111 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"slices"
+	"strings"
+
+	"github.com/spf13/pflag"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
+	"github.com/aleph-vm-go/vm-supervisor/internal/message"
+	"github.com/aleph-vm-go/vm-supervisor/internal/sources/store"
+)
+
+// cmdProgramUpload implements `vm-supervisor program upload PATH
+// ENTRYPOINT [flags]` with aleph-client's flags. Progress goes to stderr;
+// stdout gets the URL to call and then the bare item hash on the last
+// line, so scripts can take `tail -n1`. Exit codes: 0 success, 2 bad
+// input, 1 anything else.
+func cmdProgramUpload(ctx context.Context, st *store.Store, args []string, stdout, stderr io.Writer, baseURL string) int {
+	fs := pflag.NewFlagSet("program upload", pflag.ContinueOnError)
+	fs.SortFlags = false
+	// Parse errors are reported by us, as one line.
+	fs.SetOutput(io.Discard)
+	memory := fs.Int("memory", store.DefaultUploadMemoryMiB, "memory of the VM in MiB")
+	vcpus := fs.Int("vcpus", store.DefaultUploadVCPUs, "number of virtual CPUs")
+	timeout := fs.Int("timeout-seconds", store.DefaultUploadTimeoutSeconds, "per-request timeout in seconds (resources.seconds)")
+	internet := fs.Bool("internet", false, "give the program internet access")
+	persistent := fs.Bool("persistent", false, "keep the program running instead of starting it on demand")
+	encoding := fs.String("encoding", "", "code encoding: zip, squashfs or plain (default: zip for a directory, plain for a file)")
+	runtime := fs.String("runtime", "", "item hash of the runtime's STORE message (default: the default runtime, see `make runtime`)")
+	envs := fs.StringArray("env", nil, "environment variable KEY=VALUE for the program (repeatable)")
+	fs.Usage = func() {
+		fmt.Fprintf(stdout, "Usage: vm-supervisor program upload PATH ENTRYPOINT [flags]\n\n"+
+			"Packs PATH (a directory, or one .py file) into the local store and prints\n"+
+			"the URL of the program, then its item hash alone on the last line.\n"+
+			"ENTRYPOINT is module:attribute for an ASGI app (e.g. main:app) or the\n"+
+			"relative path of an executable.\n\nFlags:\n%s", fs.FlagUsages())
+	}
+
+	bad := func(format string, a ...any) int {
+		fmt.Fprintf(stderr, "program upload: "+format+"\n", a...)
+		return 2
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return 0
+		}
+		return bad("%v (see --help)", err)
+	}
+	pos := fs.Args()
+	switch {
+	case len(pos) == 0:
+		return bad("missing PATH and ENTRYPOINT (e.g. program upload ./myapp main:app)")
+	case len(pos) == 1:
+		return bad("missing ENTRYPOINT after %s (e.g. main:app)", pos[0])
+	case len(pos) > 2:
+		return bad("unexpected arguments %q after PATH ENTRYPOINT", pos[2:])
+	}
+	for name, v := range map[string]int{"memory": *memory, "vcpus": *vcpus, "timeout-seconds": *timeout} {
+		if v <= 0 {
+			return bad("--%s must be a positive number, got %d", name, v)
+		}
+	}
+	var vars map[string]string
+	for _, kv := range *envs {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok || k == "" {
+			return bad("invalid --env %q: expected KEY=VALUE", kv)
+		}
+		if vars == nil {
+			vars = map[string]string{}
+		}
+		vars[k] = v
+	}
+
+	opts := store.UploadOptions{
+		Path:           pos[0],
+		Entrypoint:     pos[1],
+		Encoding:       message.Encoding(*encoding),
+		MemoryMiB:      *memory,
+		VCPUs:          *vcpus,
+		TimeoutSeconds: *timeout,
+		Internet:       *internet,
+		Persistent:     *persistent,
+		RuntimeRef:     *runtime,
+		Variables:      vars,
+		Progress: func(format string, a ...any) {
+			fmt.Fprintf(stderr, format+"\n", a...)
+		},
+	}
+	if len(vars) > 0 {
+		fmt.Fprintf(stderr, "variables: %s\n", strings.Join(slices.Sorted(maps.Keys(vars)), ", "))
+	}
+	res, err := st.UploadProgram(ctx, opts)
+	if err != nil {
+		fmt.Fprintf(stderr, "program upload: %v\n", err)
+		if errkind.Is(err, errkind.InvalidInput) {
+			return 2
+		}
+		return 1
+	}
+	fmt.Fprintf(stderr, "program %s uploaded (%s code, %d bytes, runtime %s)\n", res.ProgramHash, res.Encoding, res.CodeSize, res.RuntimeRef)
+	fmt.Fprintf(stdout, "URL: %s/vm/%s/\n", strings.TrimRight(baseURL, "/"), res.ProgramHash)
+	fmt.Fprintln(stdout, res.ProgramHash)
+	return 0
+}

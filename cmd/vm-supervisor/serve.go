@@ -1,0 +1,170 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"runtime/pprof"
+	"time"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/config"
+	"github.com/aleph-vm-go/vm-supervisor/internal/httpapi"
+	"github.com/aleph-vm-go/vm-supervisor/internal/pool"
+	"github.com/aleph-vm-go/vm-supervisor/internal/records"
+)
+
+// serve runs the HTTP service until ctx ends, then stops every sandbox.
+func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *slog.Logger, stdout io.Writer) error {
+	if opts.Profile {
+		stopProfile, err := startProfile(s.ExecutionRoot)
+		if err != nil {
+			return err
+		}
+		defer stopProfile()
+	}
+	if err := s.EnsureDirs(); err != nil {
+		return err
+	}
+	st, err := openStore(s)
+	if err != nil {
+		return err
+	}
+	source, err := newSource(s, st, log)
+	if err != nil {
+		return err
+	}
+	db, err := records.Open(ctx, s.ExecutionDatabase)
+	if err != nil {
+		return fmt.Errorf("opening execution records: %w", err)
+	}
+	defer db.Close()
+
+	be, beErr := selectBackend(s, log)
+	if beErr != nil {
+		log.Warn("no isolation backend available: programs will answer 503", "err", beErr)
+	} else {
+		log.Info("isolation backend", "name", be.Name())
+	}
+	p := pool.New(pool.Options{
+		Source:        source,
+		Backend:       be,
+		BackendError:  beErr,
+		Records:       db,
+		ReuseTimeout:  s.ReuseTimeout,
+		InitTimeout:   s.InitTimeout,
+		ExecutionRoot: s.ExecutionRoot,
+		AlephEnv:      alephEnv(s),
+		Logger:        log,
+	})
+
+	token, err := writeLoginToken(s.ExecutionRoot)
+	if err != nil {
+		return err
+	}
+	log.Debug("operator login", "url", "/about/login?token="+token)
+
+	api := httpapi.New(httpapi.Options{
+		Version:            version,
+		DomainName:         s.DomainName,
+		Pool:               p,
+		Records:            db,
+		Config:             func() any { return s.Redacted() },
+		LoginToken:         token,
+		Resolver:           net.DefaultResolver,
+		MaxRequestBodySize: s.MaxRequestBodySize,
+		SelfTestProgram:    selfTestProgram(s, st, source),
+		DiskPath:           s.ExecutionRoot,
+		Logger:             log,
+	})
+
+	if opts.Benchmark > 0 {
+		err := runBenchmark(ctx, api, selfTestProgram(s, st, source), opts.Benchmark, stdout)
+		shutdownPool(p, log)
+		return err
+	}
+
+	ln, err := net.Listen("tcp", s.Addr())
+	if err != nil {
+		shutdownPool(p, log)
+		return fmt.Errorf("listening on %s: %w", s.Addr(), err)
+	}
+	srv := &http.Server{
+		Handler:           api,
+		ReadHeaderTimeout: 30 * time.Second,
+		BaseContext:       func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
+	}
+	fmt.Fprintf(stdout, "vm-supervisor %s listening on http://%s/ (backend: %s)\n", version, ln.Addr(), p.BackendName())
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+
+	select {
+	case err = <-errc:
+	case <-ctx.Done():
+		log.Info("shutting down")
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_ = srv.Shutdown(sctx)
+	shutdownPool(p, log)
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
+	return err
+}
+
+func shutdownPool(p *pool.Pool, log *slog.Logger) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := p.Shutdown(ctx); err != nil {
+		log.Error("stopping executions", "err", err)
+	}
+}
+
+// alephEnv is what every program sees besides its own variables
+// (DESIGN §4): the guest API reached through the agent's unix socket.
+func alephEnv(s *config.Settings) map[string]string {
+	return map[string]string{
+		"ALEPH_API_HOST":                  s.APIServer,
+		"ALEPH_API_UNIX_SOCKET":           "/run/aleph/api.sock",
+		"ALEPH_REMOTE_CRYPTO_HOST":        "http://localhost",
+		"ALEPH_REMOTE_CRYPTO_UNIX_SOCKET": "/run/aleph/api.sock",
+	}
+}
+
+// writeLoginToken makes a fresh operator token readable only by root, so
+// that only whoever can read EXECUTION_ROOT can log in.
+func writeLoginToken(root string) (string, error) {
+	b := make([]byte, 32)
+	if _, err := rand.Read(b); err != nil {
+		return "", err
+	}
+	token := hex.EncodeToString(b)
+	path := filepath.Join(root, "login_token")
+	_ = os.Remove(path)
+	if err := os.WriteFile(path, []byte(token+"\n"), 0o400); err != nil {
+		return "", fmt.Errorf("writing login token: %w", err)
+	}
+	return token, nil
+}
+
+func startProfile(dir string) (func(), error) {
+	path := filepath.Join(dir, "cpu.pprof")
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, fmt.Errorf("--profile: %w", err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("--profile: %w", err)
+	}
+	slog.Info("CPU profile", "path", path)
+	return func() { pprof.StopCPUProfile(); f.Close() }, nil
+}
