@@ -1,0 +1,322 @@
+// Package integration drives the real supervisor binary, the real vm-agent
+// and real gVisor sandboxes through the HTTP API, as a user would.
+//
+// Prerequisites: root, runsc, the binaries from `make build` (ALEPH_TEST_BIN)
+// and the runtime image from `make runtime` (ALEPH_TEST_RUNTIME). Without
+// them the tests skip, except when CI=true, where they fail.
+package integration
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+var (
+	binDir      string
+	runtimeFile string
+	prereqErr   error
+)
+
+func TestMain(m *testing.M) {
+	prereqErr = findPrerequisites()
+	os.Exit(m.Run())
+}
+
+func findPrerequisites() error {
+	if os.Geteuid() != 0 {
+		return fmt.Errorf("integration tests need root")
+	}
+	if _, err := exec.LookPath("runsc"); err != nil {
+		return fmt.Errorf("runsc not installed: %w", err)
+	}
+	binDir = os.Getenv("ALEPH_TEST_BIN")
+	if binDir == "" {
+		binDir, _ = filepath.Abs("../../bin")
+	}
+	for _, b := range []string{"vm-supervisor", "vm-agent"} {
+		if _, err := os.Stat(filepath.Join(binDir, b)); err != nil {
+			return fmt.Errorf("%s not built (make build): %w", b, err)
+		}
+	}
+	runtimeFile = os.Getenv("ALEPH_TEST_RUNTIME")
+	if runtimeFile == "" {
+		runtimeFile, _ = filepath.Abs("../../runtimes/aleph-debian-12-python/rootfs.squashfs")
+	}
+	if _, err := os.Stat(runtimeFile); err != nil {
+		return fmt.Errorf("runtime image missing (make runtime): %w", err)
+	}
+	return nil
+}
+
+// requirePrerequisites skips (or, in CI, fails) a test that cannot run here.
+func requirePrerequisites(t *testing.T) {
+	t.Helper()
+	if prereqErr == nil {
+		return
+	}
+	if os.Getenv("CI") == "true" {
+		t.Fatalf("prerequisite missing in CI: %v", prereqErr)
+	}
+	t.Skipf("prerequisite missing: %v", prereqErr)
+}
+
+// supervisor is one running vm-supervisor process with private state.
+type supervisor struct {
+	t        *testing.T
+	cmd      *exec.Cmd
+	env      []string
+	base     string // http://127.0.0.1:port
+	port     int
+	execRoot string
+	cache    string
+	api      *alephAPI
+	logs     *syncBuffer
+	waitErr  chan error
+}
+
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// startSupervisor starts the supervisor with the default runtime registered
+// and returns once it answers HTTP. extraEnv are ALEPH_VM_* assignments.
+func startSupervisor(t *testing.T, extraEnv ...string) *supervisor {
+	t.Helper()
+	requirePrerequisites(t)
+	dir := t.TempDir()
+	s := &supervisor{
+		t:        t,
+		port:     freePort(t),
+		execRoot: filepath.Join(dir, "exec"),
+		cache:    filepath.Join(dir, "cache"),
+		logs:     &syncBuffer{},
+		waitErr:  make(chan error, 1),
+		api:      newAlephAPI(t),
+	}
+	s.base = fmt.Sprintf("http://127.0.0.1:%d", s.port)
+	s.env = append(os.Environ(),
+		"ALEPH_VM_EXECUTION_ROOT="+s.execRoot,
+		"ALEPH_VM_CACHE_ROOT="+s.cache,
+		fmt.Sprintf("ALEPH_VM_SUPERVISOR_PORT=%d", s.port),
+		"ALEPH_VM_HYPERVISOR=gvisor",
+		"ALEPH_VM_API_SERVER="+s.api.srv.URL,
+		"ALEPH_VM_INIT_TIMEOUT=60",
+	)
+	s.env = append(s.env, extraEnv...)
+	s.cli("runtime", "add", runtimeFile, "--default")
+
+	s.cmd = exec.Command(filepath.Join(binDir, "vm-supervisor"), "-vv")
+	s.cmd.Env = s.env
+	s.cmd.Dir = dir
+	s.cmd.Stdout = s.logs
+	s.cmd.Stderr = s.logs
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { s.waitErr <- s.cmd.Wait() }()
+	t.Cleanup(func() {
+		s.shutdown()
+		if t.Failed() {
+			t.Logf("supervisor log:\n%s", tail(s.logs.String(), 200))
+		}
+	})
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		resp, err := http.Get(s.base + "/status/check/version")
+		if err == nil {
+			resp.Body.Close()
+			return s
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("supervisor did not answer: %v\n%s", err, s.logs.String())
+		}
+		select {
+		case err := <-s.waitErr:
+			t.Fatalf("supervisor exited: %v\n%s", err, s.logs.String())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// cli runs a supervisor sub-command with this supervisor's settings and
+// returns its stdout.
+func (s *supervisor) cli(args ...string) string {
+	s.t.Helper()
+	cmd := exec.Command(filepath.Join(binDir, "vm-supervisor"), args...)
+	cmd.Env = s.env
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		s.t.Fatalf("vm-supervisor %v: %v\n%s", args, err, stderr.String())
+	}
+	return string(out)
+}
+
+// upload publishes a program into the local store and returns its hash.
+func (s *supervisor) upload(path, entrypoint string, flags ...string) string {
+	s.t.Helper()
+	out := s.cli(append([]string{"program", "upload", path, entrypoint}, flags...)...)
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	hash := strings.TrimSpace(lines[len(lines)-1])
+	if len(hash) != 64 {
+		s.t.Fatalf("upload printed %q, want a hash on the last line", out)
+	}
+	return hash
+}
+
+// shutdown sends SIGTERM and checks that nothing of the sandboxes is left.
+func (s *supervisor) shutdown() {
+	t := s.t
+	if s.cmd == nil || s.cmd.Process == nil {
+		return
+	}
+	_ = s.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-s.waitErr:
+	case <-time.After(90 * time.Second):
+		_ = s.cmd.Process.Kill()
+		t.Errorf("supervisor did not exit within 90s of SIGTERM")
+		<-s.waitErr
+	}
+	s.cmd = nil
+	s.assertNothingLeft()
+}
+
+func (s *supervisor) assertNothingLeft() {
+	t := s.t
+	t.Helper()
+	mounts, err := os.ReadFile("/proc/mounts")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(mounts), "\n") {
+		if strings.Contains(line, s.execRoot) || strings.Contains(line, s.cache) {
+			t.Errorf("mount left behind: %s", line)
+		}
+	}
+	out, _ := exec.Command("runsc", "--root", filepath.Join(s.execRoot, "runsc"), "list", "-quiet").Output()
+	if strings.TrimSpace(string(out)) != "" {
+		t.Errorf("runsc containers left behind: %s", out)
+	}
+	entries, _ := os.ReadDir(filepath.Join(s.execRoot, "executions"))
+	if len(entries) > 0 {
+		t.Errorf("execution directories left behind: %d", len(entries))
+	}
+	procs, _ := exec.Command("pgrep", "-f", s.execRoot).Output()
+	if strings.TrimSpace(string(procs)) != "" {
+		t.Errorf("processes left behind: %s", procs)
+	}
+}
+
+type response struct {
+	Status int
+	Header http.Header
+	Body   []byte
+}
+
+func (r response) json(t *testing.T) map[string]any {
+	t.Helper()
+	var m map[string]any
+	if err := json.Unmarshal(r.Body, &m); err != nil {
+		t.Fatalf("status %d, body is not JSON: %v: %q", r.Status, err, r.Body)
+	}
+	return m
+}
+
+var client = &http.Client{Timeout: 3 * time.Minute}
+
+func (s *supervisor) do(method, path string, body io.Reader) response {
+	s.t.Helper()
+	req, err := http.NewRequest(method, s.base+path, body)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		s.t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		s.t.Fatalf("%s %s: reading body: %v", method, path, err)
+	}
+	return response{Status: resp.StatusCode, Header: resp.Header, Body: b}
+}
+
+func (s *supervisor) get(path string) response { return s.do(http.MethodGet, path, nil) }
+
+// expect fails the test unless the response has the wanted status.
+func expect(t *testing.T, r response, status int) {
+	t.Helper()
+	if r.Status != status {
+		t.Fatalf("status %d, want %d; body: %s", r.Status, status, tail(string(r.Body), 40))
+	}
+}
+
+func tail(s string, lines int) string {
+	parts := strings.Split(s, "\n")
+	if len(parts) > lines {
+		parts = parts[len(parts)-lines:]
+	}
+	return strings.Join(parts, "\n")
+}
+
+// runningSandboxes counts runsc containers of this supervisor.
+func (s *supervisor) runningSandboxes() int {
+	out, err := exec.Command("runsc", "--root", filepath.Join(s.execRoot, "runsc"), "list", "-quiet").Output()
+	if err != nil {
+		return 0
+	}
+	n := 0
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	for sc.Scan() {
+		if strings.TrimSpace(sc.Text()) != "" {
+			n++
+		}
+	}
+	return n
+}
+
+func ctxTimeout(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
