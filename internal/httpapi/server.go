@@ -1,0 +1,226 @@
+// Package httpapi is the supervisor's HTTP face: the /vm/{ref} and
+// Host-based program routes, the operator pages under /about and /status,
+// and the mapping of errors to status codes (errors.go).
+package httpapi
+
+import (
+	"context"
+	"crypto/subtle"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
+	"github.com/aleph-vm-go/vm-supervisor/internal/message"
+	"github.com/aleph-vm-go/vm-supervisor/internal/pool"
+	"github.com/aleph-vm-go/vm-supervisor/internal/records"
+	"github.com/aleph-vm-go/vm-supervisor/internal/sysinfo"
+)
+
+// TXTResolver looks up DNS TXT records; injectable so tests never touch
+// real DNS.
+type TXTResolver interface {
+	LookupTXT(ctx context.Context, name string) ([]string, error)
+}
+
+// RecordLister reads execution records.
+type RecordLister interface {
+	List(ctx context.Context, limit int) ([]records.Record, error)
+}
+
+// Options wire the server to the rest of the supervisor.
+type Options struct {
+	Version    string
+	DomainName string
+	Pool       *pool.Pool
+	Records    RecordLister
+	// Config returns the redacted settings for /about/config.
+	Config func() any
+	// LoginToken grants the operator cookie at /about/login?token=.
+	LoginToken string
+	// Resolver for `_aleph-id.<host>` TXT lookups; nil disables them.
+	Resolver TXTResolver
+	// MaxRequestBodySize bounds bodies forwarded to programs.
+	MaxRequestBodySize int64
+	// SelfTestProgram returns the hash of the program /status/check/fastapi
+	// exercises (CHECK_FASTAPI_VM_ID, or the bundled example).
+	SelfTestProgram func(ctx context.Context) (string, error)
+	// DiskPath is the filesystem reported by /about/usage/system.
+	DiskPath string
+	Logger   *slog.Logger
+}
+
+// Server implements http.Handler.
+type Server struct {
+	opts Options
+	log  *slog.Logger
+	mux  *http.ServeMux
+}
+
+const authCookie = "aleph-vm-operator"
+
+// New builds the route table.
+func New(opts Options) *Server {
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.MaxRequestBodySize <= 0 {
+		opts.MaxRequestBodySize = 10 << 20
+	}
+	s := &Server{opts: opts, log: opts.Logger, mux: http.NewServeMux()}
+	s.mux.HandleFunc("/vm/{ref}", s.handleVM)
+	s.mux.HandleFunc("/vm/{ref}/{rest...}", s.handleVM)
+	s.mux.HandleFunc("GET /about/login", s.handleLogin)
+	s.mux.Handle("GET /about/config", s.operatorOnly(s.handleConfig))
+	s.mux.Handle("GET /about/executions", s.operatorOnly(s.handleExecutions))
+	s.mux.HandleFunc("GET /about/executions/records", s.handleRecords)
+	s.mux.HandleFunc("GET /about/usage/system", s.handleUsage)
+	s.mux.HandleFunc("GET /status/check/version", s.handleVersion)
+	s.mux.HandleFunc("GET /status/check/fastapi", s.handleCheckFastAPI)
+	s.mux.HandleFunc("/", s.handleByHost)
+	return s
+}
+
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Server", "aleph-vm/"+s.opts.Version)
+	s.mux.ServeHTTP(w, r)
+}
+
+// handleVM serves /vm/{ref}{path}.
+func (s *Server) handleVM(w http.ResponseWriter, r *http.Request) {
+	hash, err := message.ParseRef(r.PathValue("ref"))
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	// Keep the client's escaping of the suffix intact.
+	prefix := "/vm/" + r.PathValue("ref")
+	escaped := r.URL.EscapedPath()
+	suffix := strings.TrimPrefix(escaped, prefix)
+	if !strings.HasPrefix(suffix, "/") {
+		suffix = "/" + suffix
+	}
+	s.forward(w, r, hash, suffix)
+}
+
+// handleByHost routes any other path by the Host header: the operator's
+// own domain shows the status page, a host whose first label is the base32
+// form of a hash (or that has an `_aleph-id` TXT record) reaches a program.
+func (s *Server) handleByHost(w http.ResponseWriter, r *http.Request) {
+	host := hostOnly(r.Host)
+	if s.isOwnHost(host) {
+		if r.URL.Path == "/" {
+			s.handleIndex(w, r)
+			return
+		}
+		s.writeError(w, r, errkind.New(errkind.NotFound, "no route for %s", r.URL.Path))
+		return
+	}
+	hash, err := s.hashFromHost(r.Context(), host)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	s.forward(w, r, hash, r.URL.EscapedPath())
+}
+
+func (s *Server) isOwnHost(host string) bool {
+	if host == "" || host == "localhost" || strings.EqualFold(host, s.opts.DomainName) {
+		return true
+	}
+	return net.ParseIP(host) != nil
+}
+
+func (s *Server) hashFromHost(ctx context.Context, host string) (string, error) {
+	label, _, _ := strings.Cut(host, ".")
+	if hash, ok := message.HashFromBase32Label(strings.ToLower(label)); ok {
+		return hash, nil
+	}
+	if s.opts.Resolver != nil {
+		txts, err := s.opts.Resolver.LookupTXT(ctx, "_aleph-id."+host)
+		if err == nil {
+			for _, txt := range txts {
+				if hash, err := message.ParseRef(strings.TrimSpace(txt)); err == nil {
+					return hash, nil
+				}
+			}
+		}
+	}
+	return "", errkind.New(errkind.NotFound, "host %q does not name a program", host)
+}
+
+func hostOnly(hostport string) string {
+	if h, _, err := net.SplitHostPort(hostport); err == nil {
+		return strings.Trim(h, "[]")
+	}
+	return strings.Trim(hostport, "[]")
+}
+
+func (s *Server) operatorOnly(h http.HandlerFunc) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, err := r.Cookie(authCookie)
+		if err != nil || s.opts.LoginToken == "" ||
+			subtle.ConstantTimeCompare([]byte(c.Value), []byte(s.opts.LoginToken)) != 1 {
+			s.writeError(w, r, errkind.New(errkind.Unauthorized,
+				"authentication required: open /about/login?token=<token from EXECUTION_ROOT/login_token>"))
+			return
+		}
+		h(w, r)
+	})
+}
+
+func (s *Server) handleLogin(w http.ResponseWriter, r *http.Request) {
+	token := r.URL.Query().Get("token")
+	if s.opts.LoginToken == "" || subtle.ConstantTimeCompare([]byte(token), []byte(s.opts.LoginToken)) != 1 {
+		s.writeError(w, r, errkind.New(errkind.Unauthorized, "invalid token"))
+		return
+	}
+	http.SetCookie(w, &http.Cookie{
+		Name: authCookie, Value: s.opts.LoginToken, Path: "/",
+		HttpOnly: true, SameSite: http.SameSiteStrictMode, Secure: r.TLS != nil,
+	})
+	writeJSON(w, http.StatusOK, map[string]string{"status": "logged in"})
+}
+
+func (s *Server) handleConfig(w http.ResponseWriter, r *http.Request) {
+	if s.opts.Config == nil {
+		writeJSON(w, http.StatusOK, map[string]any{})
+		return
+	}
+	writeJSON(w, http.StatusOK, s.opts.Config())
+}
+
+func (s *Server) handleExecutions(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, s.opts.Pool.List())
+}
+
+func (s *Server) handleRecords(w http.ResponseWriter, r *http.Request) {
+	if s.opts.Records == nil {
+		writeJSON(w, http.StatusOK, map[string]any{"records": []any{}})
+		return
+	}
+	recs, err := s.opts.Records.List(r.Context(), 1000)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	if recs == nil {
+		recs = []records.Record{}
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"records": recs})
+}
+
+func (s *Server) handleUsage(w http.ResponseWriter, r *http.Request) {
+	u, err := sysinfo.Collect(r.Context(), s.opts.DiskPath)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, u)
+}
+
+func (s *Server) handleVersion(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	_, _ = w.Write([]byte("aleph-vm/" + s.opts.Version + "\n"))
+}

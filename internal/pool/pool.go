@@ -1,0 +1,289 @@
+// Package pool owns executions: one running sandbox per program hash,
+// created on the first request, shared by concurrent requests, kept warm
+// for REUSE_TIMEOUT after the last one, and recorded when it stops.
+package pool
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
+	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
+	"github.com/aleph-vm-go/vm-supervisor/internal/records"
+	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
+)
+
+// ProgramSource resolves a program hash to everything needed to run it.
+type ProgramSource interface {
+	Program(ctx context.Context, hash string) (*sources.Program, error)
+}
+
+// RecordWriter stores one row per finished execution.
+type RecordWriter interface {
+	Insert(ctx context.Context, r records.Record) error
+}
+
+// Options configure a Pool.
+type Options struct {
+	Source  ProgramSource
+	Backend backend.Backend // nil: every start fails with errkind.NoBackend
+	// BackendError explains why Backend is nil.
+	BackendError error
+	Records      RecordWriter // optional
+	ReuseTimeout time.Duration
+	InitTimeout  time.Duration
+	// ExecutionRoot holds one private state directory per execution.
+	ExecutionRoot string
+	// AlephEnv is added to every program's environment (ALEPH_API_HOST...).
+	AlephEnv map[string]string
+	// MaxExecutions bounds concurrently running sandboxes; 0 = unbounded.
+	MaxExecutions int
+	Logger        *slog.Logger
+}
+
+// Pool is safe for concurrent use.
+type Pool struct {
+	opts Options
+	log  *slog.Logger
+
+	mu       sync.Mutex
+	running  map[string]*Execution // by program hash, only usable executions
+	starting map[string]*startCall
+	all      map[*Execution]struct{} // every execution not yet fully stopped
+	draining bool
+	stopped  sync.WaitGroup
+}
+
+// startCall lets concurrent cold requests for one hash share one start.
+type startCall struct {
+	done chan struct{}
+	exec *Execution
+	err  error
+}
+
+// New returns an empty pool.
+func New(opts Options) *Pool {
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.InitTimeout <= 0 {
+		opts.InitTimeout = 20 * time.Second
+	}
+	return &Pool{
+		opts:     opts,
+		log:      opts.Logger,
+		running:  map[string]*Execution{},
+		starting: map[string]*startCall{},
+		all:      map[*Execution]struct{}{},
+	}
+}
+
+// BackendName names the backend in use, or "none".
+func (p *Pool) BackendName() string {
+	if p.opts.Backend == nil {
+		return "none"
+	}
+	return p.opts.Backend.Name()
+}
+
+// Acquire returns a running execution of the program, starting one if
+// needed, and marks one request in flight on it. The caller must call
+// Release on the returned execution when the request is finished.
+func (p *Pool) Acquire(ctx context.Context, hash string) (*Execution, error) {
+	for {
+		p.mu.Lock()
+		if p.draining {
+			p.mu.Unlock()
+			return nil, errkind.New(errkind.NoCapacity, "supervisor is shutting down")
+		}
+		if e := p.running[hash]; e != nil && e.acquire() {
+			p.mu.Unlock()
+			return e, nil
+		}
+		call := p.starting[hash]
+		if call == nil {
+			if p.opts.MaxExecutions > 0 && len(p.all) >= p.opts.MaxExecutions {
+				p.mu.Unlock()
+				return nil, errkind.New(errkind.NoCapacity, "no capacity: %d executions already running", p.opts.MaxExecutions)
+			}
+			call = &startCall{done: make(chan struct{})}
+			p.starting[hash] = call
+			go p.start(hash, call)
+		}
+		p.mu.Unlock()
+
+		select {
+		case <-call.done:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("waiting for program %s to start: %w", hash, ctx.Err())
+		}
+		if call.err != nil {
+			return nil, call.err
+		}
+		if call.exec.acquire() {
+			return call.exec, nil
+		}
+		// The fresh execution died before we could use it; try once more
+		// through the loop, which starts another one.
+	}
+}
+
+// start runs detached from any request so that a client disconnecting does
+// not abort a start that other requests are waiting for.
+func (p *Pool) start(hash string, call *startCall) {
+	ctx, cancel := context.WithTimeout(context.Background(), p.opts.InitTimeout+2*time.Minute)
+	defer cancel()
+	exec, err := p.launch(ctx, hash)
+
+	p.mu.Lock()
+	delete(p.starting, hash)
+	if err == nil {
+		p.running[hash] = exec
+	}
+	p.mu.Unlock()
+
+	call.exec, call.err = exec, err
+	close(call.done)
+	if err == nil {
+		go p.watch(exec)
+		exec.armIdleTimer()
+	}
+}
+
+func (p *Pool) launch(ctx context.Context, hash string) (*Execution, error) {
+	// Resolve first: an unknown hash is a 404 even on a host that cannot
+	// run anything.
+	prog, err := p.opts.Source.Program(ctx, hash)
+	if err != nil {
+		return nil, err
+	}
+	if p.opts.Backend == nil {
+		err := p.opts.BackendError
+		if err == nil {
+			err = errors.New("no isolation backend is configured")
+		}
+		return nil, errkind.Wrap(errkind.NoBackend, fmt.Errorf("no backend available: %w", err))
+	}
+	exec := newExecution(p, prog)
+	p.mu.Lock()
+	p.all[exec] = struct{}{}
+	p.stopped.Add(1)
+	p.mu.Unlock()
+	if err := exec.boot(ctx); err != nil {
+		exec.finish(context.Background(), err)
+		return nil, err
+	}
+	return exec, nil
+}
+
+// watch stops an execution whose sandbox or guest channel died on its own.
+func (p *Pool) watch(e *Execution) {
+	select {
+	case <-e.instance.Done():
+		e.log.Warn("sandbox exited", "err", e.instance.Err())
+		e.finish(context.Background(), fmt.Errorf("sandbox exited: %w", e.instance.Err()))
+	case <-e.client.Done():
+		e.log.Warn("guest channel closed")
+		e.finish(context.Background(), errors.New("guest channel closed"))
+	case <-e.stopping:
+	}
+}
+
+// forget removes an execution so that the next request starts a new one.
+func (p *Pool) forget(e *Execution) {
+	p.mu.Lock()
+	if p.running[e.hash] == e {
+		delete(p.running, e.hash)
+	}
+	p.mu.Unlock()
+}
+
+func (p *Pool) finished(e *Execution) {
+	p.mu.Lock()
+	delete(p.all, e)
+	p.mu.Unlock()
+	p.stopped.Done()
+}
+
+// Stop stops the running execution of hash, if any, after its in-flight
+// requests finish.
+func (p *Pool) Stop(ctx context.Context, hash string) error {
+	p.mu.Lock()
+	e := p.running[hash]
+	p.mu.Unlock()
+	if e == nil {
+		return errkind.New(errkind.NotFound, "no running execution for %s", hash)
+	}
+	e.stopGracefully(ctx)
+	return nil
+}
+
+// Shutdown refuses new requests, stops every execution (waiting for their
+// in-flight requests until ctx ends) and returns when all are gone.
+func (p *Pool) Shutdown(ctx context.Context) error {
+	p.mu.Lock()
+	p.draining = true
+	execs := make([]*Execution, 0, len(p.all))
+	for e := range p.all {
+		execs = append(execs, e)
+	}
+	p.mu.Unlock()
+
+	var wg sync.WaitGroup
+	for _, e := range execs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			e.stopGracefully(ctx)
+		}()
+	}
+	wg.Wait()
+	done := make(chan struct{})
+	go func() { p.stopped.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Info describes one execution for /about/executions.
+type Info struct {
+	UUID        string    `json:"uuid"`
+	ProgramHash string    `json:"vm_hash"`
+	Backend     string    `json:"backend"`
+	Defined     time.Time `json:"time_defined"`
+	Prepared    time.Time `json:"time_prepared"`
+	Started     time.Time `json:"time_started"`
+	InFlight    int       `json:"in_flight"`
+	VCPUs       int       `json:"vcpus"`
+	MemoryMiB   int       `json:"memory"`
+}
+
+// List returns the running executions, oldest first.
+func (p *Pool) List() []Info {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]Info, 0, len(p.running))
+	for _, e := range p.running {
+		out = append(out, e.info())
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Defined.Before(out[j].Defined) })
+	return out
+}
+
+func (p *Pool) stateDir(id string) (string, error) {
+	dir := filepath.Join(p.opts.ExecutionRoot, "executions", id)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", fmt.Errorf("creating execution directory: %w", err)
+	}
+	return dir, nil
+}
