@@ -1,0 +1,381 @@
+// Command bench measures the supervisor against a native baseline, side by
+// side in one run: the same FastAPI app (a) through vm-supervisor and a
+// gVisor sandbox, (b) run directly with uvicorn in a chroot of the same
+// runtime image, no sandbox. It prints a table of ratios (b is the
+// baseline) and writes the figures as JSON.
+//
+// Run as root through `make bench` (it needs the binaries and the runtime).
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+type figures struct {
+	ColdStartMs   []float64 `json:"cold_start_ms"`
+	ColdMedianMs  float64   `json:"cold_start_median_ms"`
+	WarmP50Ms     float64   `json:"warm_p50_ms"`
+	WarmP90Ms     float64   `json:"warm_p90_ms"`
+	ThroughputRPS float64   `json:"throughput_rps_c8"`
+}
+
+type result struct {
+	Time       time.Time `json:"time"`
+	Host       string    `json:"host"`
+	Backend    string    `json:"backend"`
+	Supervisor figures   `json:"supervisor"`
+	Native     figures   `json:"native"`
+}
+
+var (
+	binDir   = flag.String("bin", envOr("ALEPH_TEST_BIN", "bin"), "directory with vm-supervisor and vm-agent")
+	runtime  = flag.String("runtime", envOr("ALEPH_TEST_RUNTIME", "runtimes/aleph-debian-12-python/rootfs.squashfs"), "runtime squashfs")
+	app      = flag.String("app", "examples/example_fastapi", "program directory (ASGI main:app)")
+	colds    = flag.Int("cold", 3, "cold starts per side")
+	warmN    = flag.Int("warm", 200, "sequential warm requests per side")
+	tputTime = flag.Duration("throughput-time", 5*time.Second, "duration of the concurrency-8 run")
+	outDir   = flag.String("out", "bench-results", "directory for the JSON result")
+)
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}
+
+func main() {
+	flag.Parse()
+	if err := run(context.Background()); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context) error {
+	if os.Geteuid() != 0 {
+		return errors.New("run as root (sandboxes and chroot need it)")
+	}
+	res := result{Time: time.Now().UTC(), Backend: "gvisor"}
+	res.Host, _ = os.Hostname()
+
+	fmt.Fprintln(os.Stderr, "== native baseline: uvicorn in a chroot of the runtime")
+	native, err := benchNative(ctx)
+	if err != nil {
+		return fmt.Errorf("native: %w", err)
+	}
+	res.Native = native
+	fmt.Fprintln(os.Stderr, "== supervisor: the same app through vm-supervisor")
+	sup, err := benchSupervisor(ctx)
+	if err != nil {
+		return fmt.Errorf("supervisor: %w", err)
+	}
+	res.Supervisor = sup
+
+	printTable(os.Stdout, res)
+	if err := os.MkdirAll(*outDir, 0o755); err != nil {
+		return err
+	}
+	path := filepath.Join(*outDir, "bench-"+res.Time.Format("20060102-150405")+".json")
+	b, _ := json.MarshalIndent(res, "", "  ")
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		return err
+	}
+	fmt.Println("JSON:", path)
+	return nil
+}
+
+func printTable(w io.Writer, r result) {
+	row := func(name string, sup, nat float64, unit string) {
+		ratio := "n/a"
+		if nat > 0 {
+			ratio = fmt.Sprintf("%.2fx", sup/nat)
+		}
+		fmt.Fprintf(w, "| %-28s | %12.1f %-4s | %12.1f %-4s | %8s |\n", name, sup, unit, nat, unit, ratio)
+	}
+	fmt.Fprintf(w, "\n| %-28s | %17s | %17s | %8s |\n", "metric", "supervisor", "native (base)", "ratio")
+	fmt.Fprintf(w, "|%s|%s|%s|%s|\n", strings.Repeat("-", 30), strings.Repeat("-", 19), strings.Repeat("-", 19), strings.Repeat("-", 10))
+	row("cold start (median)", r.Supervisor.ColdMedianMs, r.Native.ColdMedianMs, "ms")
+	row("warm latency p50 (c=1)", r.Supervisor.WarmP50Ms, r.Native.WarmP50Ms, "ms")
+	row("warm latency p90 (c=1)", r.Supervisor.WarmP90Ms, r.Native.WarmP90Ms, "ms")
+	row("throughput (c=8)", r.Supervisor.ThroughputRPS, r.Native.ThroughputRPS, "rq/s")
+	fmt.Fprintln(w)
+}
+
+// --- native baseline -------------------------------------------------
+
+func benchNative(ctx context.Context) (figures, error) {
+	var f figures
+	dir, err := os.MkdirTemp("", "bench-native-")
+	if err != nil {
+		return f, err
+	}
+	defer os.RemoveAll(dir)
+	lower, upper, work, root := filepath.Join(dir, "lower"), filepath.Join(dir, "upper"), filepath.Join(dir, "work"), filepath.Join(dir, "root")
+	for _, d := range []string{lower, upper, work, root} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return f, err
+		}
+	}
+	if out, err := exec.Command("mount", "-o", "loop,ro", "-t", "squashfs", *runtime, lower).CombinedOutput(); err != nil {
+		return f, fmt.Errorf("mounting runtime: %v: %s", err, out)
+	}
+	defer syscall.Unmount(lower, syscall.MNT_DETACH)
+	if err := syscall.Mount("overlay", root, "overlay", 0, "lowerdir="+lower+",upperdir="+upper+",workdir="+work); err != nil {
+		return f, fmt.Errorf("overlay: %w", err)
+	}
+	defer syscall.Unmount(root, syscall.MNT_DETACH)
+	for _, m := range []string{"dev", "proc"} {
+		_ = os.MkdirAll(filepath.Join(root, m), 0o755)
+	}
+	if err := syscall.Mount("/dev", filepath.Join(root, "dev"), "", syscall.MS_BIND|syscall.MS_REC, ""); err != nil {
+		return f, err
+	}
+	defer syscall.Unmount(filepath.Join(root, "dev"), syscall.MNT_DETACH)
+	if err := syscall.Mount("proc", filepath.Join(root, "proc"), "proc", 0, ""); err != nil {
+		return f, err
+	}
+	defer syscall.Unmount(filepath.Join(root, "proc"), syscall.MNT_DETACH)
+	if err := os.CopyFS(filepath.Join(root, "opt/code"), os.DirFS(*app)); err != nil {
+		return f, err
+	}
+
+	port := freePort()
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	start := func() (*exec.Cmd, error) {
+		cmd := exec.Command("chroot", root, "python3", "-m", "uvicorn", "--app-dir", "/opt/code",
+			"--host", "127.0.0.1", "--port", fmt.Sprint(port), "--log-level", "warning", "main:app")
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+		return cmd, cmd.Start()
+	}
+	stop := func(cmd *exec.Cmd) {
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
+		_ = cmd.Wait()
+	}
+	for i := range *colds {
+		t0 := time.Now()
+		cmd, err := start()
+		if err != nil {
+			return f, err
+		}
+		if err := waitOK(ctx, base+"/", 60*time.Second); err != nil {
+			stop(cmd)
+			return f, err
+		}
+		f.ColdStartMs = append(f.ColdStartMs, ms(time.Since(t0)))
+		fmt.Fprintf(os.Stderr, "   cold start %d: %.0f ms\n", i+1, f.ColdStartMs[i])
+		if i < *colds-1 {
+			stop(cmd)
+			continue
+		}
+		err = measureWarm(ctx, base+"/", &f)
+		stop(cmd)
+		if err != nil {
+			return f, err
+		}
+	}
+	f.ColdMedianMs = median(f.ColdStartMs)
+	return f, nil
+}
+
+// --- through the supervisor -------------------------------------------
+
+func benchSupervisor(ctx context.Context) (figures, error) {
+	var f figures
+	dir, err := os.MkdirTemp("", "bench-supervisor-")
+	if err != nil {
+		return f, err
+	}
+	defer os.RemoveAll(dir)
+	port := freePort()
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	env := append(os.Environ(),
+		"ALEPH_VM_EXECUTION_ROOT="+filepath.Join(dir, "exec"),
+		"ALEPH_VM_CACHE_ROOT="+filepath.Join(dir, "cache"),
+		fmt.Sprintf("ALEPH_VM_SUPERVISOR_PORT=%d", port),
+		"ALEPH_VM_HYPERVISOR=gvisor",
+		"ALEPH_VM_API_SERVER=http://127.0.0.1:9",
+		"ALEPH_VM_REUSE_TIMEOUT=1",
+	)
+	sup := filepath.Join(*binDir, "vm-supervisor")
+	cli := func(args ...string) (string, error) {
+		cmd := exec.Command(sup, args...)
+		cmd.Env = env
+		cmd.Stderr = os.Stderr
+		out, err := cmd.Output()
+		return string(out), err
+	}
+	if _, err := cli("runtime", "add", *runtime, "--default"); err != nil {
+		return f, fmt.Errorf("runtime add: %w", err)
+	}
+	out, err := cli("program", "upload", *app, "main:app")
+	if err != nil {
+		return f, fmt.Errorf("upload: %w", err)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	hash := lines[len(lines)-1]
+	url := base + "/vm/" + hash + "/"
+
+	cmd := exec.Command(sup)
+	cmd.Env = env
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		return f, err
+	}
+	defer func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		_ = cmd.Wait()
+	}()
+	if err := waitOK(ctx, base+"/status/check/version", 30*time.Second); err != nil {
+		return f, err
+	}
+	runscRoot := filepath.Join(dir, "exec", "runsc")
+	// A first, uncounted start fills the caches (code extraction, runtime
+	// mount): cold start here means "program cached, nothing running".
+	if err := waitOK(ctx, url, 120*time.Second); err != nil {
+		return f, err
+	}
+	for i := range *colds {
+		if err := waitNoSandbox(runscRoot, 60*time.Second); err != nil {
+			return f, err
+		}
+		t0 := time.Now()
+		if err := waitOK(ctx, url, 120*time.Second); err != nil {
+			return f, err
+		}
+		f.ColdStartMs = append(f.ColdStartMs, ms(time.Since(t0)))
+		fmt.Fprintf(os.Stderr, "   cold start %d: %.0f ms\n", i+1, f.ColdStartMs[i])
+	}
+	f.ColdMedianMs = median(f.ColdStartMs)
+	if err := measureWarm(ctx, url, &f); err != nil {
+		return f, err
+	}
+	return f, nil
+}
+
+func waitNoSandbox(runscRoot string, limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	for time.Now().Before(deadline) {
+		out, _ := exec.Command("runsc", "--root", runscRoot, "list", "-quiet").Output()
+		if strings.TrimSpace(string(out)) == "" {
+			time.Sleep(300 * time.Millisecond) // let the pool finish its teardown
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return errors.New("sandbox did not stop after REUSE_TIMEOUT")
+}
+
+// --- shared measurement -----------------------------------------------
+
+var httpClient = &http.Client{
+	Timeout:   60 * time.Second,
+	Transport: &http.Transport{MaxIdleConnsPerHost: 16},
+}
+
+func get(url string) error {
+	resp, err := httpClient.Get(url)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	_, _ = io.Copy(io.Discard, resp.Body)
+	if resp.StatusCode != 200 {
+		return fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	return nil
+}
+
+func waitOK(ctx context.Context, url string, limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	for {
+		err := get(url)
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("no answer from %s: %w", url, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// measureWarm fills warm latency (concurrency 1) and throughput
+// (concurrency 8); the keep-alive keeps the execution warm throughout.
+func measureWarm(ctx context.Context, url string, f *figures) error {
+	for range 20 { // settle: JIT-free Python, but caches and connections warm up
+		if err := get(url); err != nil {
+			return err
+		}
+	}
+	lat := make([]float64, 0, *warmN)
+	for range *warmN {
+		t0 := time.Now()
+		if err := get(url); err != nil {
+			return err
+		}
+		lat = append(lat, ms(time.Since(t0)))
+	}
+	sort.Float64s(lat)
+	f.WarmP50Ms = lat[len(lat)/2]
+	f.WarmP90Ms = lat[len(lat)*9/10]
+
+	var count atomic.Int64
+	var firstErr atomic.Value
+	deadline := time.Now().Add(*tputTime)
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Now().Before(deadline) {
+				if err := get(url); err != nil {
+					firstErr.CompareAndSwap(nil, err)
+					return
+				}
+				count.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if err, _ := firstErr.Load().(error); err != nil {
+		return err
+	}
+	f.ThroughputRPS = float64(count.Load()) / tputTime.Seconds()
+	fmt.Fprintf(os.Stderr, "   warm p50 %.2f ms, p90 %.2f ms, %.0f req/s at c=8\n", f.WarmP50Ms, f.WarmP90Ms, f.ThroughputRPS)
+	return nil
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+func median(v []float64) float64 {
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	return s[len(s)/2]
+}
+
+func freePort() int {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
