@@ -15,6 +15,32 @@
 //	                     HTTP/1.1 connection to the program (keep-alive ok).
 //	StreamGuestAPI('A')  guest→host: the rest of the stream is one HTTP/1.1
 //	                     connection to the host's guest API (DESIGN §6).
+//
+// Control stream lifecycle, in order:
+//
+//	host  → Config line
+//	agent → Status{Ready} or Status{Error} (then the agent exits)
+//	agent → Status{Exited, Error} at any later time if the program ends by
+//	        itself; the agent then closes the session and exits, so the host
+//	        learns why before Done fires
+//	host  → Command{Op: OpStop}
+//	agent → Status{Stopped} once nothing of the program runs any more
+//
+// A channel that closes (host gone) or a SIGTERM to the agent stops the
+// program the same way, without an answer. The program's stdout and stderr
+// go, line by line, to the agent's stderr (the sandbox console), which the
+// backend hands to Spec.ProgramOutput.
+//
+// The host side is Client (client.go); the agent is cmd/vm-agent. Both use
+// MuxConfig, OpenStream and Splice (mux.go).
+//
+// Closing a yamux stream only half-closes it (sends FIN): each side keeps
+// reading until the other side closes too, which is what lets an HTTP
+// request body end while the response still streams.
+//
+// Changes to the first sketch: Config.StartTimeoutMS (the agent's own bound
+// on program start, so a slow start is reported with the program's output
+// rather than as a bare host timeout), Status.Exited, and OpStop.
 package guest
 
 // Stream type bytes, written first on every yamux stream.
@@ -59,7 +85,14 @@ type Config struct {
 	Gateway  string   `json:"gateway,omitempty"` // IPv4 gateway
 	DNS      []string `json:"dns,omitempty"`
 	Hostname string   `json:"hostname,omitempty"`
+	// StartTimeoutMS bounds how long the agent waits for the program to
+	// listen before answering Status{Error}; 0 means DefaultStartTimeoutMS.
+	StartTimeoutMS int64 `json:"start_timeout_ms,omitempty"`
 }
+
+// DefaultStartTimeoutMS is generous because Python imports under gVisor's
+// ptrace platform or QEMU TCG take seconds.
+const DefaultStartTimeoutMS = 60_000
 
 // VolumeMount describes a block device to mount inside a VM.
 type VolumeMount struct {
@@ -75,9 +108,16 @@ type Status struct {
 	Error string `json:"error,omitempty"`
 	// Stopped is set in the answer to a stop command.
 	Stopped bool `json:"stopped,omitempty"`
+	// Exited is sent unasked when the program ended by itself after it was
+	// ready; Error then holds the exit status and its last output lines.
+	Exited bool `json:"exited,omitempty"`
 }
 
 // Command is a later instruction on the control stream.
 type Command struct {
-	Op string `json:"op"` // "stop"
+	Op string `json:"op"` // OpStop
 }
+
+// OpStop asks the agent to stop the program (ASGI lifespan shutdown runs)
+// and exit; the agent answers Status{Stopped: true}.
+const OpStop = "stop"

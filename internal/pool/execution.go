@@ -174,7 +174,7 @@ func (e *Execution) bootSteps(ctx context.Context) error {
 			return client.DialHTTP(ctx)
 		},
 		MaxIdleConnsPerHost: 32,
-		IdleConnTimeout:     90 * time.Second,
+		IdleConnTimeout:     60 * time.Second, // below uvicorn's 75 s keep-alive: the host closes first
 		DisableCompression:  true,
 	}
 	e.started = time.Now()
