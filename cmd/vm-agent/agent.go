@@ -27,6 +27,11 @@ type agent struct {
 	o      options
 	log    *slog.Logger
 	reaper *reaper // non-nil when the agent is PID 1 and must reap orphans
+	// setup, when set, runs once the Config is known and before the
+	// program starts: in VMs it mounts the code and volume drives and
+	// configures the network the Config describes. Its error is reported
+	// to the host as a start failure.
+	setup func(ctx context.Context, cfg guest.Config, log *slog.Logger) error
 
 	mu   sync.Mutex
 	prog *program
@@ -87,6 +92,12 @@ func (a *agent) serve(ctx context.Context, ch io.ReadWriteCloser) (int, error) {
 			log.Warn("could not report start failure", "err", serr)
 		}
 		return 1, err
+	}
+
+	if a.setup != nil {
+		if err := a.setup(runCtx, cfg, log); err != nil {
+			return fail(err)
+		}
 	}
 
 	// The guest API listens before the program starts: programs may call

@@ -6,8 +6,10 @@
 // stderr. It never offers a way to run arbitrary commands: the host can only
 // start the one program of the Config and stop it.
 //
-// Only stdio works today; vsock:PORT and serial:PATH are the channels of the
-// micro-VM backends, where the agent also runs as PID 1 from an initramfs.
+// In micro-VMs (QEMU microvm, Firecracker) it is PID 1 from an initramfs
+// (vm.go): it prepares the root file system from the VM's drives, then
+// serves the channel on a virtio-serial port (serial:NAME|PATH) or vsock
+// (vsock:PORT), and powers the VM off when the program is done.
 package main
 
 import (
@@ -20,6 +22,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"time"
@@ -36,6 +39,9 @@ type options struct {
 	python      string
 	stopTimeout time.Duration
 	logLevel    string
+	// init selects the micro-VM mode; also chosen when the agent runs as
+	// /init with PID 1 (under gVisor it is PID 1 too, but not /init).
+	init bool
 }
 
 func main() {
@@ -46,7 +52,21 @@ func main() {
 	flag.StringVar(&o.python, "python", "/usr/bin/python3", "Python interpreter of the runtime")
 	flag.DurationVar(&o.stopTimeout, "stop-timeout", 5*time.Second, "how long the program may take to stop before it is killed")
 	flag.StringVar(&o.logLevel, "log-level", "info", "debug | info | warn | error")
+	flag.BoolVar(&o.init, "init", false, "run as the init of a micro-VM (implied when started as /init with PID 1)")
 	flag.Parse()
+
+	// The agent only copies bytes between the channel and the program. Under
+	// gVisor's ptrace platform every thread handoff is a trapped futex
+	// syscall, and a multi-threaded Go scheduler made each proxied request
+	// cost milliseconds; one P keeps the copying on one thread.
+	if os.Getenv("GOMAXPROCS") == "" {
+		runtime.GOMAXPROCS(1)
+	}
+
+	if o.init || (os.Getpid() == 1 && filepath.Base(os.Args[0]) == "init") {
+		// Never returns: the VM powers off when the agent is done.
+		runVM(o, explicitFlags())
+	}
 
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
@@ -75,7 +95,7 @@ func main() {
 }
 
 func run(ctx context.Context, o options, log *slog.Logger) (int, error) {
-	ch, err := openChannel(o.channel)
+	ch, err := openChannel(ctx, o.channel, log)
 	if err != nil {
 		return 2, err
 	}
@@ -83,15 +103,25 @@ func run(ctx context.Context, o options, log *slog.Logger) (int, error) {
 	return a.serve(ctx, ch)
 }
 
-// openChannel opens the byte stream to the host.
-func openChannel(spec string) (io.ReadWriteCloser, error) {
+// explicitFlags names the flags given on the command line, which win over
+// settings from the kernel command line.
+func explicitFlags() map[string]bool {
+	set := map[string]bool{}
+	flag.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	return set
+}
+
+// openChannel opens the byte stream to the host. For VM channels it waits,
+// bounded by ctx, until the device exists and the host is there.
+func openChannel(ctx context.Context, spec string, log *slog.Logger) (io.ReadWriteCloser, error) {
 	kind, arg, _ := strings.Cut(spec, ":")
 	switch kind {
 	case "stdio":
 		return newStdio()
-	case "vsock", "serial":
-		// The micro-VM backends add these, with the PID-1 setup they need.
-		return nil, fmt.Errorf("channel %q (%s) is not supported yet", kind, arg)
+	case "serial":
+		return openSerial(ctx, arg, log)
+	case "vsock":
+		return listenVsock(ctx, arg, log)
 	default:
 		return nil, fmt.Errorf("unknown channel %q", spec)
 	}

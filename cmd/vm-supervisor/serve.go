@@ -52,6 +52,13 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 		log.Warn("no isolation backend available: programs will answer 503", "err", beErr)
 	} else {
 		log.Info("isolation backend", "name", be.Name())
+		// Sandboxes of a previous run that crashed would hold mounts and
+		// memory forever; nothing of ours survives a restart on purpose.
+		if r, ok := be.(interface{ Reap(context.Context) error }); ok {
+			if err := r.Reap(ctx); err != nil {
+				log.Warn("reaping sandboxes left by a previous run", "err", err)
+			}
+		}
 	}
 	p := pool.New(pool.Options{
 		Source:        source,

@@ -33,6 +33,7 @@ type Spec struct {
 	CodePath     string           // host path of the code file (zip, squashfs or plain source)
 	CodeHash     string           // content hash of the code file, for caching extractions
 	CodeEncoding message.Encoding // plain | zip | squashfs
+	Entrypoint   string           // module:attr (ASGI) or executable name; plain code is written as <module>.py
 
 	DataPath     string // optional data archive
 	DataEncoding message.Encoding

@@ -1,0 +1,595 @@
+package gvisor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
+	"github.com/aleph-vm-go/vm-supervisor/internal/backend/codeprep"
+	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
+	"github.com/aleph-vm-go/vm-supervisor/internal/message"
+)
+
+// ErrMemoryLimit tells that the sandbox was killed for exceeding its
+// memory limit.
+var ErrMemoryLimit = errors.New("memory limit exceeded")
+
+// instance is one running sandbox and everything Start created for it.
+// Fields set by the start steps double as the record of what cleanup must
+// undo.
+type instance struct {
+	b    *Backend
+	spec backend.Spec
+	log  *slog.Logger
+	id   string
+	cg   cgroup
+
+	// Filled by the start steps.
+	codeDir      string
+	runtimeMount string // shared mount point, refcounted
+	volumeMounts []string
+	mounts       []mountPlan
+	skelDir      string
+	bundleDir    string
+	rootfs       string
+	rootMounted  bool
+	memLimit     int64 // bytes, program memory plus the Sentry's overhead
+
+	cmd       *exec.Cmd
+	stdin     *os.File // our end: writes reach the agent's stdin
+	stdout    *os.File // our end: reads come from the agent's stdout
+	stderrEnd chan struct{}
+
+	done     chan struct{}
+	watchEnd chan struct{}
+	cancel   context.CancelFunc
+
+	mu         sync.Mutex
+	exitErr    error // set before done closes
+	stopping   bool
+	oomKilled  bool
+	usage      backend.Usage
+	haveUsage  bool
+	channelOut bool
+
+	stopOnce sync.Once
+	stopDone chan struct{}
+	stopErr  error
+}
+
+func newInstance(b *Backend, spec backend.Spec, log *slog.Logger) *instance {
+	return &instance{
+		b:        b,
+		spec:     spec,
+		log:      log,
+		id:       spec.ExecutionID,
+		cg:       newCgroup(b.opts.CgroupParent, spec.ExecutionID),
+		done:     make(chan struct{}),
+		stopDone: make(chan struct{}),
+	}
+}
+
+func (i *instance) prepareCode(ctx context.Context) error {
+	if i.spec.CodePath == "" {
+		return nil // an executable may live in the runtime or a volume
+	}
+	dir, err := codeprep.Prepare(ctx, filepath.Join(i.b.opts.CacheRoot, "code"), codeprep.Source{
+		Path:       i.spec.CodePath,
+		Hash:       i.spec.CodeHash,
+		Encoding:   i.spec.CodeEncoding,
+		Entrypoint: i.spec.Entrypoint,
+	}, i.b.opts.CodeLimits)
+	if err != nil {
+		return err
+	}
+	i.codeDir = dir
+	return nil
+}
+
+func (i *instance) mountRuntime(ctx context.Context) error {
+	if _, err := os.Stat(i.spec.RuntimePath); err != nil {
+		return errkind.Wrap(errkind.ResourceMissing, fmt.Errorf("runtime: %w", err))
+	}
+	key, err := runtimeKey(i.spec)
+	if err != nil {
+		return err
+	}
+	mp := filepath.Join(i.b.opts.CacheRoot, "runtimes", key)
+	if err := acquireRuntime(ctx, i.log, i.spec.RuntimePath, mp); err != nil {
+		return err
+	}
+	i.runtimeMount = mp
+	return nil
+}
+
+// mountVolumes prepares the host side of each volume and records the OCI
+// mounts; data archives (spec.DataPath) are not attached by this backend
+// yet.
+func (i *instance) mountVolumes(ctx context.Context) error {
+	if i.spec.DataPath != "" {
+		i.log.Warn("data archives are not supported by the gvisor backend yet; ignored", "mount", i.spec.DataMount)
+	}
+	for n, v := range i.spec.Volumes {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		switch v.Kind {
+		case message.VolumeImmutable:
+			if v.Encoding != "" && v.Encoding != message.EncodingSquashfs {
+				return errkind.New(errkind.Unsupported, "volume %s: encoding %q not supported (squashfs only)", v.Mount, v.Encoding)
+			}
+			mp := filepath.Join(i.spec.StateDir, "volumes", fmt.Sprint(n))
+			if err := os.MkdirAll(mp, 0o755); err != nil {
+				return err
+			}
+			if err := loopMount(v.Path, mp, "squashfs", true, unix.MS_NODEV|unix.MS_NOSUID); err != nil {
+				os.Remove(mp)
+				return fmt.Errorf("volume %s: %w", v.Mount, err)
+			}
+			i.volumeMounts = append(i.volumeMounts, mp)
+			i.mounts = append(i.mounts, mountPlan{spec: specs.Mount{
+				Destination: v.Mount, Type: "bind", Source: mp,
+				Options: []string{"rbind", "ro", "nosuid", "nodev"},
+			}})
+		case message.VolumeEphemeral:
+			size := v.SizeMiB
+			if size <= 0 {
+				size = 64
+			}
+			i.mounts = append(i.mounts, mountPlan{spec: specs.Mount{
+				Destination: v.Mount, Type: "tmpfs", Source: "tmpfs",
+				Options: []string{"nosuid", "nodev", "mode=1777", fmt.Sprintf("size=%dm", size)},
+			}})
+		case message.VolumePersistent:
+			fi, err := os.Stat(v.Path)
+			if err != nil {
+				return errkind.Wrap(errkind.ResourceMissing, fmt.Errorf("volume %s: %w", v.Mount, err))
+			}
+			if !fi.IsDir() {
+				return errkind.New(errkind.Unsupported, "volume %s: persistent volumes must be host directories under gvisor", v.Mount)
+			}
+			opt := "rw"
+			if v.ReadOnly {
+				opt = "ro"
+			}
+			i.mounts = append(i.mounts, mountPlan{spec: specs.Mount{
+				Destination: v.Mount, Type: "bind", Source: v.Path,
+				Options: []string{"rbind", opt, "nosuid", "nodev"},
+			}})
+		default:
+			return errkind.New(errkind.Unsupported, "volume %s: unknown kind %q", v.Mount, v.Kind)
+		}
+	}
+	return nil
+}
+
+// assembleRoot lays a skeleton of mount points over the shared runtime
+// mount. Both layers are read-only; runsc's overlay takes the writes.
+func (i *instance) assembleRoot(context.Context) error {
+	if i.codeDir != "" {
+		i.mounts = append(i.mounts, codeMount(i.codeDir))
+	}
+	if len(i.b.opts.Command) == 0 {
+		i.mounts = append(i.mounts, agentMount(i.b.opts.AgentPath))
+	}
+	i.mounts = append(i.mounts, runMount())
+
+	i.skelDir = filepath.Join(i.spec.StateDir, "skel")
+	i.bundleDir = filepath.Join(i.spec.StateDir, "bundle")
+	i.rootfs = filepath.Join(i.bundleDir, "rootfs")
+	for _, d := range []string{i.skelDir, i.rootfs} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return err
+		}
+	}
+	if strings.ContainsAny(i.skelDir+i.runtimeMount, ":,") {
+		return fmt.Errorf("paths %q, %q must not contain ':' or ','", i.skelDir, i.runtimeMount)
+	}
+	if err := buildSkeleton(i.skelDir, i.runtimeMount, i.mounts); err != nil {
+		return err
+	}
+	opts := fmt.Sprintf("lowerdir=%s:%s", i.skelDir, i.runtimeMount)
+	if err := unix.Mount("overlay", i.rootfs, "overlay", unix.MS_RDONLY|unix.MS_NODEV|unix.MS_NOSUID, opts); err != nil {
+		return fmt.Errorf("overlay root on %s: %w", i.rootfs, err)
+	}
+	i.rootMounted = true
+	return nil
+}
+
+func (i *instance) writeBundle(context.Context) error {
+	args := i.b.opts.Command
+	if len(args) == 0 {
+		args = append([]string{AgentGuestPath}, i.b.opts.AgentArgs...)
+	}
+	vcpus := max(i.spec.VCPUs, 1)
+	mem := i.spec.MemoryMiB
+	if mem <= 0 {
+		mem = 128
+	}
+	i.memLimit = int64(mem+i.b.opts.MemoryOverheadMiB) << 20
+	s := buildSpec(specParams{
+		id:       i.id,
+		hostname: hostnameFor(i.id),
+		rootfs:   i.rootfs,
+		args:     args,
+		memLimit: i.memLimit,
+		vcpus:    vcpus,
+		pids:     i.b.opts.PidsLimit,
+		cgroup:   i.cg.ociPath(),
+		mounts:   i.mounts,
+	})
+	return writeSpec(i.bundleDir, s)
+}
+
+func (i *instance) prepareCgroup(context.Context) error {
+	return i.cg.prepare(i.memLimit)
+}
+
+// startRunsc runs the sandbox. The process outlives Start's ctx: it is
+// bound to the instance and ends with Stop.
+func (i *instance) startRunsc(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	o := i.b.opts
+	args := []string{"--root", o.RootDir, "--platform", o.Platform, "--network", "none",
+		// Only the root gets the memory overlay: with --overlay (all
+		// mounts) writes to persistent volumes would also stay in memory
+		// and never reach the host (measured).
+		"--overlay2", "root:memory"}
+	if o.Debug {
+		dir := filepath.Join(o.DebugLogDir, i.id)
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return err
+		}
+		args = append(args, "--debug", "--debug-log", dir+"/")
+	}
+	args = append(args, "run", "--bundle", i.bundleDir, i.id)
+
+	inR, inW, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		inR.Close()
+		inW.Close()
+		return err
+	}
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		inR.Close()
+		inW.Close()
+		outR.Close()
+		outW.Close()
+		return err
+	}
+	cmd := exec.Command(i.b.runsc, args...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = inR, outW, errW
+	// Own process group: a Ctrl-C meant for the supervisor must not reach
+	// runsc, which would forward it into the sandbox.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	i.log.Debug("starting runsc", "args", args)
+	err = cmd.Start()
+	inR.Close()
+	outW.Close()
+	errW.Close()
+	if err != nil {
+		inW.Close()
+		outR.Close()
+		errR.Close()
+		return fmt.Errorf("runsc: %w", err)
+	}
+	i.cmd, i.stdin, i.stdout = cmd, inW, outR
+
+	out := i.spec.ProgramOutput
+	if out == nil {
+		out = io.Discard
+	}
+	i.stderrEnd = make(chan struct{})
+	go func() {
+		defer close(i.stderrEnd)
+		defer errR.Close()
+		_, _ = io.Copy(out, errR)
+	}()
+
+	watchCtx, cancel := context.WithCancel(context.Background())
+	i.cancel = cancel
+	i.watchEnd = make(chan struct{})
+	go func() {
+		defer close(i.watchEnd)
+		i.cg.watchOOM(watchCtx, i.log, i.onOOM)
+	}()
+	go i.sampleUsage(watchCtx)
+	go i.wait()
+	return nil
+}
+
+// onOOM ends the whole sandbox at the first OOM kill inside it: the
+// kernel may have picked any of its processes (a ptrace stub, the gofer),
+// and a half-killed sandbox is worse than a clearly dead one.
+func (i *instance) onOOM() {
+	i.mu.Lock()
+	first := !i.oomKilled
+	i.oomKilled = true
+	i.mu.Unlock()
+	if !first {
+		return
+	}
+	i.log.Warn("sandbox exceeded its memory limit; killing it", "memory_mib", i.spec.MemoryMiB)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_ = i.b.runscCmd(ctx, "kill", i.id, "KILL").Run()
+}
+
+// wait reaps runsc and records why the sandbox ended.
+func (i *instance) wait() {
+	werr := i.cmd.Wait()
+	// On cgroup v1 the memory cgroup is ours and still there: its count is
+	// the authority. Elsewhere the watcher's report may trail the exit.
+	if n, err := i.cg.oomKills(); err == nil && n > 0 {
+		i.mu.Lock()
+		i.oomKilled = true
+		i.mu.Unlock()
+	} else {
+		select {
+		case <-i.watchEnd:
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+	i.refreshUsage()
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	switch {
+	case i.stopping:
+		i.exitErr = nil
+	case i.oomKilled:
+		i.exitErr = errkind.Wrap(errkind.BadGateway, fmt.Errorf("sandbox %s: %w (%d MiB)", i.id, ErrMemoryLimit, i.spec.MemoryMiB))
+	default:
+		i.exitErr = errkind.Wrap(errkind.BadGateway, fmt.Errorf("sandbox %s exited by itself: %s", i.id, describeExit(werr, i.cmd.ProcessState)))
+	}
+	if !i.haveUsage && i.cmd.ProcessState != nil {
+		// Without a cgroup sample, runsc's own rusage is the best we have.
+		i.usage.CPUTimeUser = i.cmd.ProcessState.UserTime()
+		i.usage.CPUTimeSystem = i.cmd.ProcessState.SystemTime()
+	}
+	close(i.done)
+}
+
+func describeExit(werr error, ps *os.ProcessState) string {
+	if ps == nil {
+		return fmt.Sprint(werr)
+	}
+	if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return fmt.Sprintf("runsc killed by signal %s", ws.Signal())
+	}
+	code := ps.ExitCode()
+	// runsc reports a container killed by a signal as 128+signal.
+	if code > 128 && code < 128+65 {
+		s := syscall.Signal(code - 128)
+		msg := fmt.Sprintf("killed by signal %s (exit status %d)", s, code)
+		if s == syscall.SIGKILL {
+			msg += "; possibly its memory limit"
+		}
+		return msg
+	}
+	return fmt.Sprintf("exit status %d", code)
+}
+
+// sampleUsage keeps a recent cgroup reading, since the cgroup vanishes
+// with the sandbox and the last figures would be lost otherwise.
+func (i *instance) sampleUsage(ctx context.Context) {
+	t := time.NewTicker(2 * time.Second)
+	defer t.Stop()
+	for {
+		i.refreshUsage()
+		select {
+		case <-ctx.Done():
+			return
+		case <-i.done:
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (i *instance) refreshUsage() {
+	if u, ok := i.cg.usage(); ok {
+		i.mu.Lock()
+		i.usage, i.haveUsage = u, true
+		i.mu.Unlock()
+	}
+}
+
+// Channel implements backend.Instance: the agent's stdin and stdout.
+func (i *instance) Channel(ctx context.Context) (io.ReadWriteCloser, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	if i.channelOut {
+		return nil, errors.New("gvisor: channel already taken")
+	}
+	if i.stopping {
+		return nil, errors.New("gvisor: sandbox is stopping")
+	}
+	i.channelOut = true
+	return &stdioChannel{w: i.stdin, r: i.stdout}, nil
+}
+
+// stdioChannel joins the two pipe ends into one stream. Closing it is what
+// tells the agent that the host is gone (EOF on its stdin).
+type stdioChannel struct {
+	w, r *os.File
+	once sync.Once
+	err  error
+}
+
+func (c *stdioChannel) Read(p []byte) (int, error)  { return c.r.Read(p) }
+func (c *stdioChannel) Write(p []byte) (int, error) { return c.w.Write(p) }
+func (c *stdioChannel) Close() error {
+	c.once.Do(func() { c.err = errors.Join(c.w.Close(), c.r.Close()) })
+	return c.err
+}
+
+// Done implements backend.Instance.
+func (i *instance) Done() <-chan struct{} { return i.done }
+
+// Err implements backend.Instance.
+func (i *instance) Err() error {
+	select {
+	case <-i.done:
+	default:
+		return nil
+	}
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	return i.exitErr
+}
+
+// Usage implements backend.Instance.
+func (i *instance) Usage() backend.Usage {
+	select {
+	case <-i.done:
+	default:
+		i.refreshUsage()
+	}
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	return i.usage
+}
+
+// Stop implements backend.Instance. The first call does the work; later
+// and concurrent calls wait for it and return its result.
+func (i *instance) Stop(ctx context.Context) error {
+	i.stopOnce.Do(func() {
+		go func() {
+			// Cleanup must finish even if this caller gives up waiting.
+			i.stopErr = i.stop(context.WithoutCancel(ctx))
+			close(i.stopDone)
+		}()
+	})
+	select {
+	case <-i.stopDone:
+		return i.stopErr
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (i *instance) stop(ctx context.Context) error {
+	i.mu.Lock()
+	i.stopping = true
+	i.mu.Unlock()
+	i.refreshUsage()
+
+	// Closing both ends lets a well-behaved agent see EOF and exit.
+	i.stdin.Close()
+	i.stdout.Close()
+	if !i.waitDone(i.b.opts.StopGrace) {
+		i.refreshUsage()
+		i.log.Debug("sandbox did not exit after channel close; killing")
+		if out, err := i.b.runscCmd(ctx, "kill", i.id, "KILL").CombinedOutput(); err != nil {
+			i.log.Debug("runsc kill", "err", err, "output", strings.TrimSpace(string(out)))
+		}
+		i.waitDone(5 * time.Second)
+	}
+	var errs []error
+	delCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	if out, err := i.b.runscCmd(delCtx, "delete", "--force", i.id).CombinedOutput(); err != nil {
+		errs = append(errs, fmt.Errorf("runsc delete: %w: %s", err, strings.TrimSpace(string(out))))
+	}
+	cancel()
+	if !i.waitDone(5 * time.Second) {
+		// runsc itself is stuck; it is ours to end.
+		_ = syscall.Kill(-i.cmd.Process.Pid, syscall.SIGKILL)
+		<-i.done
+	}
+	select {
+	case <-i.stderrEnd:
+	case <-time.After(2 * time.Second):
+		i.log.Warn("sandbox output still open after stop")
+	}
+	if err := i.cleanup(ctx); err != nil {
+		errs = append(errs, err)
+	}
+	err := errors.Join(errs...)
+	if err != nil {
+		i.log.Error("stop", "err", err)
+	} else {
+		i.log.Debug("sandbox stopped")
+	}
+	return err
+}
+
+func (i *instance) waitDone(d time.Duration) bool {
+	select {
+	case <-i.done:
+		return true
+	case <-time.After(d):
+		return false
+	}
+}
+
+// cleanup undoes the host-side effects of the start steps that ran, in
+// reverse order. Directories are removed only once nothing is mounted
+// below them, so a failed unmount can never turn into deleting the
+// contents of a mounted volume.
+func (i *instance) cleanup(ctx context.Context) error {
+	if i.cancel != nil {
+		i.cancel()
+	}
+	var errs []error
+	mountsGone := true
+	if i.rootMounted {
+		if err := unmountRetry(i.rootfs); err != nil {
+			errs = append(errs, err)
+			mountsGone = false
+		} else {
+			i.rootMounted = false
+		}
+	}
+	for _, mp := range i.volumeMounts {
+		if err := unmountRetry(mp); err != nil {
+			errs = append(errs, err)
+			mountsGone = false
+		}
+	}
+	if mountsGone {
+		i.volumeMounts = nil
+		for _, d := range []string{i.bundleDir, i.skelDir, filepath.Join(i.spec.StateDir, "volumes")} {
+			if d == "" {
+				continue
+			}
+			if err := os.RemoveAll(d); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if err := i.cg.remove(ctx); err != nil {
+		errs = append(errs, err)
+	}
+	// The overlay root pins the runtime mount; keep our reference while it
+	// could not be removed.
+	if i.runtimeMount != "" && !i.rootMounted {
+		if err := releaseRuntime(i.log, i.runtimeMount); err != nil {
+			errs = append(errs, err)
+		}
+		i.runtimeMount = ""
+	}
+	return errors.Join(errs...)
+}

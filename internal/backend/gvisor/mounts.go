@@ -1,0 +1,248 @@
+package gvisor
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// loopMount attaches image to a free loop device and mounts it at target.
+// The device is configured to detach itself when the mount goes away
+// (autoclear), so unmounting is the only cleanup needed, even after a
+// crash of the supervisor.
+func loopMount(image, target, fstype string, readOnly bool, flags uintptr) error {
+	openFlags := os.O_RDWR
+	if readOnly {
+		openFlags = os.O_RDONLY
+		flags |= unix.MS_RDONLY
+	}
+	backing, err := os.OpenFile(image, openFlags|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("loop mount: %w", err)
+	}
+	defer backing.Close()
+
+	ctl, err := os.OpenFile("/dev/loop-control", os.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("loop mount: %w", err)
+	}
+	defer ctl.Close()
+
+	// Another process can take the free device between GET_FREE and
+	// CONFIGURE; that shows as EBUSY and we simply ask again.
+	for attempt := 0; ; attempt++ {
+		n, err := unix.IoctlRetInt(int(ctl.Fd()), unix.LOOP_CTL_GET_FREE)
+		if err != nil {
+			return fmt.Errorf("loop mount: no free loop device: %w", err)
+		}
+		dev := fmt.Sprintf("/dev/loop%d", n)
+		if err := ensureLoopNode(dev, n); err != nil {
+			return err
+		}
+		loop, err := os.OpenFile(dev, openFlags|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("loop mount: %w", err)
+		}
+		cfg := unix.LoopConfig{Fd: uint32(backing.Fd())}
+		cfg.Info.Flags = unix.LO_FLAGS_AUTOCLEAR
+		if readOnly {
+			cfg.Info.Flags |= unix.LO_FLAGS_READ_ONLY
+		}
+		copy(cfg.Info.File_name[:], image)
+		err = unix.IoctlLoopConfigure(int(loop.Fd()), &cfg)
+		if errors.Is(err, unix.EBUSY) && attempt < 16 {
+			loop.Close()
+			continue
+		}
+		if err != nil {
+			loop.Close()
+			return fmt.Errorf("loop mount: configure %s: %w", dev, err)
+		}
+		err = unix.Mount(dev, target, fstype, flags, "")
+		// Closing our descriptor lets autoclear detach the device as soon
+		// as the mount (if any) is gone.
+		loop.Close()
+		if err != nil {
+			return fmt.Errorf("mount %s (%s) on %s: %w", image, fstype, target, err)
+		}
+		return nil
+	}
+}
+
+// ensureLoopNode creates /dev/loopN when the kernel handed out a number
+// for which this /dev (often a static one in containers) has no node.
+func ensureLoopNode(dev string, n int) error {
+	if _, err := os.Stat(dev); err == nil {
+		return nil
+	}
+	const loopMajor = 7
+	if err := unix.Mknod(dev, unix.S_IFBLK|0o660, int(unix.Mkdev(loopMajor, uint32(n)))); err != nil && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("loop mount: create %s: %w", dev, err)
+	}
+	return nil
+}
+
+// unmountAll removes every mount stacked on path. It first tries a normal
+// unmount and falls back to a lazy one, so that a stuck user (e.g. a
+// sandbox left by a crash) cannot keep our cleanup from finishing.
+func unmountAll(path string) error {
+	for i := 0; i < 32; i++ {
+		mounted, err := isMountPoint(path)
+		if err != nil || !mounted {
+			return err
+		}
+		if err := unix.Unmount(path, 0); err != nil {
+			if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
+				return nil
+			}
+			if err := unix.Unmount(path, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) {
+				return fmt.Errorf("unmount %s: %w", path, err)
+			}
+		}
+	}
+	return fmt.Errorf("unmount %s: still mounted after many attempts", path)
+}
+
+// isMountPoint reports whether path is a mount point in our namespace.
+func isMountPoint(path string) (bool, error) {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return false, err
+	}
+	mps, err := mountPoints()
+	if err != nil {
+		return false, err
+	}
+	_, ok := mps[abs]
+	return ok, nil
+}
+
+// mountPoints lists mount points from /proc/self/mountinfo.
+func mountPoints() (map[string]struct{}, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	out := map[string]struct{}{}
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64*1024), 1<<20)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) > 4 {
+			out[unescapeMountPath(fields[4])] = struct{}{}
+		}
+	}
+	return out, sc.Err()
+}
+
+// unescapeMountPath undoes the octal escapes (\040 for space, ...) the
+// kernel uses in mountinfo.
+func unescapeMountPath(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// runtimeMounts shares one read-only mount of each runtime image between
+// all sandboxes of this process. It is package-level so that two Backend
+// values with the same cache cannot fight over one mount point.
+var runtimeMounts = struct {
+	sync.Mutex
+	refs map[string]int // mount point -> users
+}{refs: map[string]int{}}
+
+// acquireRuntime returns the mount point of image under dir, mounting it
+// for the first user.
+func acquireRuntime(ctx context.Context, log *slog.Logger, image, mountPoint string) error {
+	runtimeMounts.Lock()
+	defer runtimeMounts.Unlock()
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if runtimeMounts.refs[mountPoint] > 0 {
+		runtimeMounts.refs[mountPoint]++
+		return nil
+	}
+	// Nobody in this process uses it, so anything mounted there is stale
+	// (left by a crash) and may even be another image: start afresh. A
+	// lazy unmount keeps it alive for any orphaned sandbox still using it.
+	if mounted, _ := isMountPoint(mountPoint); mounted {
+		log.Warn("removing stale runtime mount", "path", mountPoint)
+		if err := unmountAll(mountPoint); err != nil {
+			return err
+		}
+	}
+	if err := os.MkdirAll(mountPoint, 0o755); err != nil {
+		return fmt.Errorf("runtime mount point: %w", err)
+	}
+	if err := loopMount(image, mountPoint, "squashfs", true, unix.MS_NODEV|unix.MS_NOSUID); err != nil {
+		return fmt.Errorf("runtime %s: %w", image, err)
+	}
+	runtimeMounts.refs[mountPoint] = 1
+	log.Debug("runtime mounted", "image", image, "path", mountPoint)
+	return nil
+}
+
+// releaseRuntime drops one user of the mount and unmounts it after the
+// last one.
+func releaseRuntime(log *slog.Logger, mountPoint string) error {
+	runtimeMounts.Lock()
+	defer runtimeMounts.Unlock()
+	n := runtimeMounts.refs[mountPoint]
+	if n > 1 {
+		runtimeMounts.refs[mountPoint] = n - 1
+		return nil
+	}
+	delete(runtimeMounts.refs, mountPoint)
+	if err := unmountRetry(mountPoint); err != nil {
+		return err
+	}
+	if err := os.Remove(mountPoint); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("runtime mount point: %w", err)
+	}
+	log.Debug("runtime unmounted", "path", mountPoint)
+	return nil
+}
+
+// unmountRetry gives the gofer of a just-killed sandbox a moment to let go
+// of the mount before falling back to a lazy unmount.
+func unmountRetry(path string) error {
+	for i := 0; i < 20; i++ {
+		mounted, err := isMountPoint(path)
+		if err != nil || !mounted {
+			return err
+		}
+		err = unix.Unmount(path, 0)
+		if err == nil || errors.Is(err, unix.EINVAL) {
+			continue
+		}
+		if !errors.Is(err, unix.EBUSY) {
+			return fmt.Errorf("unmount %s: %w", path, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return unmountAll(path)
+}
