@@ -9,6 +9,7 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend/gvisor"
 	"github.com/aleph-vm-go/vm-supervisor/internal/config"
+	"github.com/aleph-vm-go/vm-supervisor/internal/hostcheck"
 )
 
 // selectBackend builds the backend that HYPERVISOR names. `auto` prefers
@@ -21,6 +22,17 @@ func selectBackend(s *config.Settings, log *slog.Logger) (backend.Backend, error
 	default:
 		return nil, fmt.Errorf("hypervisor %q is not available in this build (use gvisor)", s.Hypervisor)
 	}
+}
+
+// hostReport checks the host with the configured paths.
+func hostReport(s *config.Settings) *hostcheck.Report {
+	return hostcheck.Check(hostcheck.Paths{
+		Firecracker: s.FirecrackerPath,
+		Jailer:      s.JailerPath,
+		Qemu:        s.QemuPath,
+		Runsc:       s.RunscPath,
+		Kernel:      s.LinuxPath,
+	})
 }
 
 func newGVisor(s *config.Settings, log *slog.Logger) (backend.Backend, error) {

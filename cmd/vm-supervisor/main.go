@@ -65,6 +65,7 @@ func usage(w io.Writer) {
 	fmt.Fprint(w, `Usage: vm-supervisor [flags]                    serve programs over HTTP
        vm-supervisor [flags] program upload PATH ENTRYPOINT [upload flags]
        vm-supervisor [flags] runtime add SQUASHFS [--default] [--comment TEXT]
+       vm-supervisor [flags] check              what this host can run, and what is missing
 
 Settings come from ALEPH_VM_* variables, a .env file in the working
 directory, and these flags (flags win over variables, variables over .env).
@@ -85,6 +86,9 @@ func runSubcommand(ctx context.Context, s *config.Settings, args []string, stdou
 		return cmdProgramUpload(ctx, st, args[2:], stdout, stderr, "http://"+s.Addr())
 	case len(args) >= 2 && args[0] == "runtime" && args[1] == "add":
 		return cmdRuntimeAdd(ctx, s, args[2:], stdout, stderr)
+	case len(args) == 1 && args[0] == "check":
+		hostReport(s).Print(stdout)
+		return 0
 	}
 	fmt.Fprintf(stderr, "vm-supervisor: unknown command %q (see --help)\n", args)
 	return 2
