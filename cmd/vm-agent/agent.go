@@ -131,7 +131,11 @@ func (a *agent) serve(ctx context.Context, ch io.ReadWriteCloser) (int, error) {
 	}
 	log.Info("program ready", "after", time.Since(started).Round(time.Millisecond))
 	if err := ctrl.Send(guest.Status{Ready: true}); err != nil {
-		return 1, fmt.Errorf("report ready: %w", err)
+		// The host may read the answer and close the channel before yamux
+		// confirms the write: a host that went away, not an agent failure.
+		log.Info("host closed the channel while the program started; stopping", "err", err)
+		prog.stop(a.o.stopTimeout)
+		return 0, nil
 	}
 
 	for {
