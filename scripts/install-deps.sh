@@ -12,7 +12,17 @@ for p in $PACKAGES; do
 		missing="$missing $p"
 	fi
 done
-[ -z "$missing" ] && exit 0
+# Firecracker's jailer drops to this user, as the seed's install does.
+ensure_jail_user() {
+	if ! id jailman >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+		useradd --system --no-create-home --shell /usr/sbin/nologin jailman
+	fi
+}
+
+if [ -z "$missing" ]; then
+	ensure_jail_user
+	exit 0
+fi
 
 if [ "$(id -u)" -ne 0 ]; then
 	echo "install-deps: missing packages:$missing (run as root to install them)" >&2
@@ -23,3 +33,4 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 # shellcheck disable=SC2086
 apt-get install -y -q --no-install-recommends $missing
+ensure_jail_user

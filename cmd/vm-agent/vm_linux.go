@@ -47,7 +47,7 @@ const (
 const (
 	cmdlineChannel  = "aleph.channel"
 	cmdlineLogLevel = "aleph.log"
-	cmdlineHalt     = "aleph.halt" // reboot (default) | poweroff
+	cmdlineHalt     = "aleph.halt" // poweroff | reboot; default: haltCommand
 )
 
 // vmState records what the VM set-up mounted, for the final unmount.
@@ -80,10 +80,7 @@ func runVM(o options, explicit map[string]bool) {
 	if early != nil {
 		log.Error("early mounts", "err", early)
 	}
-	halt := unix.LINUX_REBOOT_CMD_RESTART
-	if args[cmdlineHalt] == "poweroff" {
-		halt = unix.LINUX_REBOOT_CMD_POWER_OFF
-	}
+	halt := haltCommand(args[cmdlineHalt])
 	began := time.Now()
 
 	// Set-up failures are kept and reported on the channel once the host
@@ -126,6 +123,25 @@ func runVM(o options, explicit map[string]bool) {
 	// Only reached when reboot(2) failed; the kernel panics once PID 1
 	// exits, which with panic=-1 also ends the VM.
 	os.Exit(code)
+}
+
+// haltCommand picks how the agent ends the VM. Measured under QEMU
+// microvm with -no-reboot: with ACPI a power-off ends QEMU while a
+// restart hangs; without ACPI (devices on the command line, as under
+// Firecracker, whose reboot=k makes a restart end the VM) a power-off
+// only halts the CPU and a restart is what ends QEMU.
+func haltCommand(setting string) int {
+	switch setting {
+	case "poweroff":
+		return unix.LINUX_REBOOT_CMD_POWER_OFF
+	case "reboot":
+		return unix.LINUX_REBOOT_CMD_RESTART
+	}
+	// The kernel registers /sys/firmware/acpi only when ACPI is in use.
+	if _, err := os.Stat("/sys/firmware/acpi"); err == nil {
+		return unix.LINUX_REBOOT_CMD_POWER_OFF
+	}
+	return unix.LINUX_REBOOT_CMD_RESTART
 }
 
 // mountEarly gives the initramfs the kernel interfaces PID 1 needs.

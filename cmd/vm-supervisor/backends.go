@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
+	"github.com/aleph-vm-go/vm-supervisor/internal/backend/firecracker"
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend/gvisor"
 	"github.com/aleph-vm-go/vm-supervisor/internal/config"
 	"github.com/aleph-vm-go/vm-supervisor/internal/hostcheck"
@@ -48,4 +49,18 @@ func newGVisor(s *config.Settings, log *slog.Logger) (backend.Backend, error) {
 		Logger:    log,
 		Debug:     s.PrintSystemLogs,
 	})
+}
+
+func firecrackerOptions(s *config.Settings, log *slog.Logger) firecracker.Options {
+	return firecracker.Options{
+		FirecrackerPath: s.FirecrackerPath,
+		JailerPath:      s.JailerPath,
+		UseJailer:       s.UseJailer,
+		KernelPath:      s.LinuxPath,
+		InitrdPath:      s.InitrdPath,
+		CacheRoot:       s.CacheRoot,
+		PersistentDir:   s.PersistentVolumesDir,
+		PrintSystemLogs: s.PrintSystemLogs,
+		Logger:          log,
+	}
 }

@@ -64,6 +64,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 func usage(w io.Writer) {
 	fmt.Fprint(w, `Usage: vm-supervisor [flags]                    serve programs over HTTP
        vm-supervisor [flags] program upload PATH ENTRYPOINT [upload flags]
+       vm-supervisor [flags] program inspect HASH [--hypervisor NAME]
        vm-supervisor [flags] runtime add SQUASHFS [--default] [--comment TEXT]
        vm-supervisor [flags] check              what this host can run, and what is missing
 
@@ -84,6 +85,8 @@ func runSubcommand(ctx context.Context, s *config.Settings, args []string, stdou
 			return 1
 		}
 		return cmdProgramUpload(ctx, st, args[2:], stdout, stderr, "http://"+s.Addr())
+	case len(args) >= 2 && args[0] == "program" && args[1] == "inspect":
+		return cmdProgramInspect(ctx, s, args[2:], stdout, stderr)
 	case len(args) >= 2 && args[0] == "runtime" && args[1] == "add":
 		return cmdRuntimeAdd(ctx, s, args[2:], stdout, stderr)
 	case len(args) == 1 && args[0] == "check":

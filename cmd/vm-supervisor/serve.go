@@ -68,6 +68,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 		ReuseTimeout:  s.ReuseTimeout,
 		InitTimeout:   s.InitTimeout,
 		ExecutionRoot: s.ExecutionRoot,
+		PersistentDir: s.PersistentVolumesDir,
 		AlephEnv:      alephEnv(s),
 		Logger:        log,
 	})

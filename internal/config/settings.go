@@ -60,6 +60,7 @@ type Settings struct {
 	FirecrackerPath string
 	JailerPath      string
 	LinuxPath       string
+	InitrdPath      string // INITRD_PATH: initramfs with the agent as /init
 	RunscPath       string
 	RuntimePlatform string // RUNSC_PLATFORM: runsc --platform value
 	QemuPath        string

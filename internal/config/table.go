@@ -150,6 +150,7 @@ var table = []descriptor{
 	str("FIRECRACKER_PATH", "firecracker binary", func(s *Settings) *string { return &s.FirecrackerPath }),
 	str("JAILER_PATH", "jailer binary", func(s *Settings) *string { return &s.JailerPath }),
 	str("LINUX_PATH", "guest kernel (uncompressed vmlinux)", func(s *Settings) *string { return &s.LinuxPath }),
+	optional(str("INITRD_PATH", "guest initramfs with vm-agent as /init (make kernel)", func(s *Settings) *string { return &s.InitrdPath })),
 	str("RUNSC_PATH", "gVisor runsc binary", func(s *Settings) *string { return &s.RunscPath }),
 	str("RUNSC_PLATFORM", "runsc --platform: ptrace, systrap or kvm", func(s *Settings) *string { return &s.RuntimePlatform },
 		oneOf("ptrace", "systrap", "kvm")),

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -152,6 +153,13 @@ func (e *Execution) bootSteps(ctx context.Context) error {
 	}
 	e.stateDir = dir
 	spec := e.spec()
+	for _, v := range spec.Volumes {
+		if v.Kind == message.VolumePersistent && v.Path != "" {
+			if err := os.MkdirAll(v.Path, 0o700); err != nil {
+				return fmt.Errorf("persistent volume %s: %w", v.Mount, err)
+			}
+		}
+	}
 	e.prepared = time.Now()
 	e.log.Info("starting sandbox", "backend", e.pool.opts.Backend.Name())
 
@@ -164,7 +172,12 @@ func (e *Execution) bootSteps(ctx context.Context) error {
 	if err != nil {
 		return errkind.Wrap(errkind.BadGateway, fmt.Errorf("connecting to the guest: %w", err))
 	}
-	client, err := guest.Connect(ctx, ch, e.guestConfig(), e.log)
+	cfg := e.guestConfig()
+	// VM backends know which guest devices hold the code and volumes.
+	if gc, ok := inst.(interface{ ConfigureGuest(*guest.Config) }); ok {
+		gc.ConfigureGuest(&cfg)
+	}
+	client, err := guest.Connect(ctx, ch, cfg, e.log)
 	if err != nil {
 		return errkind.Wrap(errkind.BadGateway, fmt.Errorf("program failed to start: %w", err))
 	}
@@ -186,22 +199,30 @@ func (e *Execution) bootSteps(ctx context.Context) error {
 }
 
 func (e *Execution) spec() backend.Spec {
-	c := e.prog.Content
+	spec := SpecFor(e.prog, e.pool.opts.PersistentDir)
+	spec.ExecutionID = e.id
+	spec.StateDir = e.stateDir
+	spec.ProgramOutput = newLineLogger(e.log)
+	spec.Logger = e.log
+	return spec
+}
+
+// SpecFor turns a resolved program into what a backend needs to run it
+// (without the per-execution parts: id, state directory, output). It is
+// also what `program inspect` shows.
+func SpecFor(prog *sources.Program, persistentDir string) backend.Spec {
+	c := prog.Content
 	spec := backend.Spec{
-		ExecutionID:   e.id,
-		ProgramHash:   e.hash,
-		RuntimePath:   e.prog.Runtime.Path,
-		RuntimeHash:   e.prog.Runtime.Hash,
-		CodePath:      e.prog.Code.Path,
-		CodeHash:      e.prog.Code.Hash,
-		CodeEncoding:  c.Code.Encoding,
-		Entrypoint:    c.Code.Entrypoint,
-		VCPUs:         c.Resources.VCPUs,
-		MemoryMiB:     c.Resources.Memory,
-		Internet:      c.Environment.Internet,
-		StateDir:      e.stateDir,
-		ProgramOutput: newLineLogger(e.log),
-		Logger:        e.log,
+		ProgramHash:  prog.Hash,
+		RuntimePath:  prog.Runtime.Path,
+		RuntimeHash:  prog.Runtime.Hash,
+		CodePath:     prog.Code.Path,
+		CodeHash:     prog.Code.Hash,
+		CodeEncoding: c.Code.Encoding,
+		Entrypoint:   c.Code.Entrypoint,
+		VCPUs:        c.Resources.VCPUs,
+		MemoryMiB:    c.Resources.Memory,
+		Internet:     c.Environment.Internet,
 	}
 	if spec.VCPUs == 0 {
 		spec.VCPUs = message.DefaultVCPUs
@@ -209,11 +230,27 @@ func (e *Execution) spec() backend.Spec {
 	if spec.MemoryMiB == 0 {
 		spec.MemoryMiB = message.DefaultMemory
 	}
-	if d := e.prog.Data; d != nil {
+	if d := prog.Data; d != nil {
 		spec.DataPath, spec.DataEncoding = d.Path, d.Encoding
 		if c.Data != nil {
 			spec.DataMount = c.Data.Mount
 		}
+	}
+	for _, v := range prog.Volumes {
+		bv := backend.Volume{Mount: v.Volume.Mount, Kind: v.Kind, SizeMiB: v.Volume.SizeMiB}
+		switch v.Kind {
+		case message.VolumeImmutable:
+			bv.ReadOnly = true
+			if v.File != nil {
+				bv.Path, bv.Encoding = v.File.Path, v.File.Encoding
+			}
+		case message.VolumePersistent:
+			// One directory per program and volume name, kept across runs.
+			if persistentDir != "" && v.Volume.Name != "" {
+				bv.Path = filepath.Join(persistentDir, prog.Hash, v.Volume.Name)
+			}
+		}
+		spec.Volumes = append(spec.Volumes, bv)
 	}
 	return spec
 }

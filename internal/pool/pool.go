@@ -41,6 +41,8 @@ type Options struct {
 	InitTimeout  time.Duration
 	// ExecutionRoot holds one private state directory per execution.
 	ExecutionRoot string
+	// PersistentDir holds persistent volumes (PERSISTENT_VOLUMES_DIR).
+	PersistentDir string
 	// AlephEnv is added to every program's environment (ALEPH_API_HOST...).
 	AlephEnv map[string]string
 	// MaxExecutions bounds concurrently running sandboxes; 0 = unbounded.
