@@ -5,6 +5,12 @@ GO ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
+# Slow artefacts (debootstrap tree, kernels) are cached outside the work
+# tree so that reruns and fresh clones on the same machine are quick.
+BUILD_CACHE ?= /var/cache/aleph-vm-build
+KERNEL_DIR := $(BUILD_CACHE)/kernels/out/debian-cloud
+CUSTOM_KERNEL_DIR := $(BUILD_CACHE)/kernels/out/custom
+
 RUNTIME_DIR := runtimes/aleph-debian-12-python
 RUNTIME := $(RUNTIME_DIR)/rootfs.squashfs
 
@@ -13,7 +19,7 @@ RUNTIME := $(RUNTIME_DIR)/rootfs.squashfs
 RUN_ENV := ALEPH_VM_EXECUTION_ROOT=$${ALEPH_VM_EXECUTION_ROOT:-/var/lib/aleph/vm} \
            ALEPH_VM_CACHE_ROOT=$${ALEPH_VM_CACHE_ROOT:-/var/cache/aleph/vm}
 
-.PHONY: all deps build runtime run test test-short bench fuzz vet fmt clean
+.PHONY: all deps build runtime kernel kernel-custom run test test-short test-qemu bench fuzz vet fmt clean
 
 all: build
 
@@ -32,6 +38,20 @@ $(RUNTIME): $(RUNTIME_DIR)/create.sh
 runtime: deps build $(RUNTIME)
 	$(RUN_ENV) bin/vm-supervisor runtime add $(RUNTIME) --default
 
+# Debian's cloud kernel (for qemu microvm with ACPI) and an initramfs
+# with vm-agent as /init plus the modules it loads. The initramfs embeds
+# bin/vm-agent, so it is rebuilt (quickly) every time.
+kernel: deps build
+	kernels/debian-cloud/fetch.sh $(KERNEL_DIR)
+	kernels/initramfs/build.sh bin/vm-agent $(KERNEL_DIR)/modules $(KERNEL_DIR)/initramfs.cpio.gz
+
+# Our minimal micro-VM kernel, everything built in, virtio-mmio devices
+# from the command line: what Firecracker v1.0.0 boots (vmlinux), and qemu
+# microvm with acpi=off exercises the same guest path. Cached by config.
+kernel-custom: deps build
+	kernels/custom/build.sh $(CUSTOM_KERNEL_DIR)
+	kernels/initramfs/build.sh bin/vm-agent none $(CUSTOM_KERNEL_DIR)/initramfs.cpio.gz
+
 # The README's first command: everything from a fresh Debian machine to a
 # running supervisor serving the example program.
 run: deps build runtime
@@ -44,12 +64,22 @@ vet:
 	$(GO) vet ./...
 	@test -z "$$(gofmt -l cmd internal examples 2>/dev/null)" || (gofmt -l cmd internal examples; exit 1)
 
-# The whole suite. Integration tests need root, runsc and the runtime image;
-# with CI=true a missing prerequisite fails them instead of skipping.
-test: deps build $(RUNTIME) vet
-	ALEPH_TEST_RUNTIME=$(CURDIR)/$(RUNTIME) ALEPH_TEST_BIN=$(CURDIR)/bin \
-		$(GO) test -count=1 -timeout 45m ./...
+# The whole suite. Integration tests need root, runsc, qemu, the runtime
+# image and the kernels; with CI=true a missing prerequisite fails them
+# instead of skipping. The end-to-end suite runs once per backend that runs
+# here: gVisor, then qemu under TCG with each kernel (slow: emulation).
+TEST_ENV := ALEPH_TEST_RUNTIME=$(CURDIR)/$(RUNTIME) ALEPH_TEST_BIN=$(CURDIR)/bin \
+	ALEPH_TEST_KERNEL=$(KERNEL_DIR)/vmlinuz ALEPH_TEST_KERNEL_CUSTOM=$(CUSTOM_KERNEL_DIR)/vmlinux
+test: deps build $(RUNTIME) kernel kernel-custom vet
+	$(TEST_ENV) $(GO) test -count=1 -timeout 45m ./...
+	$(MAKE) test-qemu
 	$(MAKE) fuzz FUZZTIME=10s
+
+test-qemu:
+	$(TEST_ENV) ALEPH_TEST_HYPERVISOR=qemu ALEPH_VM_LINUX_PATH=$(CUSTOM_KERNEL_DIR)/vmlinux \
+		$(GO) test -count=1 -timeout 40m ./test/integration
+	$(TEST_ENV) ALEPH_TEST_HYPERVISOR=qemu ALEPH_VM_LINUX_PATH=$(KERNEL_DIR)/vmlinuz \
+		$(GO) test -count=1 -timeout 40m -run 'TestEncodingsAndExecutable|TestSelfCheck|TestLimits' ./test/integration
 
 test-short: build
 	$(GO) test -count=1 -short ./...
@@ -59,9 +89,9 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) ./internal/message
 	$(GO) test -run '^$$' -fuzz '^FuzzParseRef$$' -fuzztime $(FUZZTIME) ./internal/message
 
-bench: deps build $(RUNTIME)
-	ALEPH_TEST_RUNTIME=$(CURDIR)/$(RUNTIME) ALEPH_TEST_BIN=$(CURDIR)/bin \
-		$(GO) run ./bench
+bench: deps build $(RUNTIME) kernel kernel-custom
+	$(TEST_ENV) $(GO) run ./bench
+	$(TEST_ENV) $(GO) test -run '^$$' -bench ColdStart -benchtime 3x ./internal/backend/qemu
 
 fmt:
 	gofmt -w cmd internal examples

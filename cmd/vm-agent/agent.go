@@ -153,7 +153,9 @@ func (a *agent) serve(ctx context.Context, ch io.ReadWriteCloser) (int, error) {
 			log.Info("stopping on request")
 			prog.stop(a.o.stopTimeout)
 			if err := ctrl.Send(guest.Status{Stopped: true}); err != nil {
-				return 1, fmt.Errorf("report stopped: %w", err)
+				// The program did stop; a host that stopped listening first
+				// changes nothing about that.
+				log.Info("could not report the stop; host already gone", "err", err)
 			}
 			return 0, nil
 		case <-prog.exited:

@@ -59,6 +59,12 @@ type vmState struct {
 // happens, the VM ends with the agent (a returning PID 1 panics the
 // kernel, which the VMM would report less clearly).
 func runVM(o options, explicit map[string]bool) {
+	if os.Getpid() != 1 {
+		// The VM set-up mounts over /proc and /dev and ends with reboot(2):
+		// on a host that would be a disaster.
+		fmt.Fprintln(os.Stderr, "vm-agent: --init only runs as PID 1 (the init of a micro-VM)")
+		os.Exit(2)
+	}
 	early := mountEarly()
 	redirectStdio()
 

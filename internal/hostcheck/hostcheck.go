@@ -67,7 +67,7 @@ func Check(p Paths) *Report {
 	r := &Report{}
 	add := func(it Item) { r.Items = append(r.Items, it) }
 
-	if err := ProbeKVM(p.KVM); err != nil {
+	if err := KVMUsable(p.KVM); err != nil {
 		add(Item{"kvm", false, fmt.Sprintf("%s: %v", p.KVM, err), "hardware virtualisation is needed by firecracker, and makes qemu fast: enable VT-x/AMD-V (or nested virtualisation) and load kvm_intel/kvm_amd"})
 	} else {
 		add(Item{"kvm", true, p.KVM + ": a test VM ran", ""})

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 	"unsafe"
 
@@ -24,6 +25,35 @@ const (
 	kvmSetSregs            = 0x4138AE84
 	kvmExitHLT             = 5
 )
+
+// KVMUsable tells whether micro-VMs can use hardware virtualisation here:
+// the CPU must advertise VMX or SVM, and a test VM must actually run. The
+// flag check matters: paravirtual KVM (kvm-pvm) passes the probe but fails
+// at the first instruction of a real guest kernel.
+func KVMUsable(path string) error {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return err
+	}
+	hasVirt := false
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok || strings.TrimSpace(k) != "flags" {
+			continue
+		}
+		for _, f := range strings.Fields(v) {
+			hasVirt = hasVirt || f == "vmx" || f == "svm"
+		}
+		break
+	}
+	if !hasVirt {
+		if _, err := os.Stat(path); err != nil {
+			return err
+		}
+		return errors.New(path + " exists but the CPU has no vmx/svm flag (paravirtual KVM such as kvm-pvm cannot run guest kernels)")
+	}
+	return ProbeKVM(path)
+}
 
 // ProbeKVM proves that hardware virtualisation works by running one HLT
 // instruction in a throw-away VM. Opening /dev/kvm, or even creating a VM,

@@ -81,7 +81,22 @@ fi
 
 # --- configure ----------------------------------------------------------------
 obj=$build/obj
+# A changed fragment starts from the newest earlier build of the same source
+# (kbuild rebuilds exactly what the changed options touch); FRESH=1 opts out.
+if [ ! -e "$obj" ] && [ "${FRESH:-0}" != 1 ]; then
+	prev=$(ls -td "$cache"/custom-*/obj 2>/dev/null | while read -r d; do
+		[ "$(cat "$(dirname "$d")/source-version" 2>/dev/null)" = "$src_ver" ] && { echo "$d"; break; }
+	done || true)
+	if [ -n "$prev" ]; then
+		log "seeding the object tree from $prev"
+		mkdir -p "$build"
+		rm -rf "$obj.tmp"
+		cp -a "$prev" "$obj.tmp"
+		mv "$obj.tmp" "$obj"
+	fi
+fi
 mkdir -p "$obj" "$build/out"
+echo "$src_ver" >"$build/source-version"
 kmake() { make -C "$srcdir" O="$obj" ARCH=x86_64 "$@"; }
 log "configuring in $obj (allnoconfig + $(basename "$fragment"))"
 kmake -s allnoconfig KCONFIG_ALLCONFIG="$fragment" >&2
@@ -96,7 +111,7 @@ set +e
 # Progress: one line per compiled object goes to the log; a counter to stderr.
 kmake -j"$jobs" vmlinux bzImage 2>&1 | tee "$logf" | awk -v t0="$start" '
 	/^  (CC|AS|LD|AR)/ { n++; if (n % 100 == 0) { printf "[kernel-custom] %5d objects, %4ds\n", n, systime() - t0 > "/dev/stderr"; fflush("/dev/stderr") } }
-	/error|Error/ { print > "/dev/stderr" }'
+	/(: error:|\*\*\*)/ { print > "/dev/stderr" }'
 rc=${PIPESTATUS[0]}
 set -e
 ((rc == 0)) || die "make failed (rc=$rc), see $logf"

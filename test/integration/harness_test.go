@@ -29,7 +29,18 @@ var (
 	binDir      string
 	runtimeFile string
 	prereqErr   error
+	// hypervisor is the backend under test: ALEPH_TEST_HYPERVISOR, gvisor
+	// by default. `make test` runs the suite once per backend that runs
+	// here (qemu under TCG emulation, with each guest kernel).
+	hypervisor = envOr("ALEPH_TEST_HYPERVISOR", "gvisor")
 )
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}
 
 func TestMain(m *testing.M) {
 	prereqErr = findPrerequisites()
@@ -40,8 +51,21 @@ func findPrerequisites() error {
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("integration tests need root")
 	}
-	if _, err := exec.LookPath("runsc"); err != nil {
-		return fmt.Errorf("runsc not installed: %w", err)
+	switch hypervisor {
+	case "gvisor":
+		if _, err := exec.LookPath("runsc"); err != nil {
+			return fmt.Errorf("runsc not installed: %w", err)
+		}
+	case "qemu":
+		if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+			return fmt.Errorf("qemu not installed: %w", err)
+		}
+		kernel := os.Getenv("ALEPH_VM_LINUX_PATH")
+		if _, err := os.Stat(kernel); err != nil {
+			return fmt.Errorf("guest kernel ALEPH_VM_LINUX_PATH=%q (make kernel): %w", kernel, err)
+		}
+	default:
+		return fmt.Errorf("ALEPH_TEST_HYPERVISOR=%q: the suite runs gvisor or qemu", hypervisor)
 	}
 	binDir = os.Getenv("ALEPH_TEST_BIN")
 	if binDir == "" {
@@ -120,7 +144,13 @@ func freePort(t *testing.T) int {
 func startSupervisor(t *testing.T, extraEnv ...string) *supervisor {
 	t.Helper()
 	requirePrerequisites(t)
-	dir := t.TempDir()
+	// A short root: VM backends put unix sockets in the execution
+	// directories, and sun_path holds 107 bytes.
+	dir, err := os.MkdirTemp("", "avm-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
 	s := &supervisor{
 		t:        t,
 		port:     freePort(t),
@@ -135,9 +165,11 @@ func startSupervisor(t *testing.T, extraEnv ...string) *supervisor {
 		"ALEPH_VM_EXECUTION_ROOT="+s.execRoot,
 		"ALEPH_VM_CACHE_ROOT="+s.cache,
 		fmt.Sprintf("ALEPH_VM_SUPERVISOR_PORT=%d", s.port),
-		"ALEPH_VM_HYPERVISOR=gvisor",
+		"ALEPH_VM_HYPERVISOR="+hypervisor,
 		"ALEPH_VM_API_SERVER="+s.api.srv.URL,
-		"ALEPH_VM_INIT_TIMEOUT=60",
+		// Generous: under TCG emulation a VM takes 10–35 s to boot and
+		// import FastAPI on these 2-core machines.
+		"ALEPH_VM_INIT_TIMEOUT=180",
 	)
 	s.env = append(s.env, extraEnv...)
 	s.cli("runtime", "add", runtimeFile, "--default")
@@ -299,11 +331,14 @@ func tail(s string, lines int) string {
 	return strings.Join(parts, "\n")
 }
 
-// runningSandboxes counts runsc containers of this supervisor.
+// runningSandboxes counts the sandboxes of this supervisor: runsc
+// containers, or qemu processes working in its execution root.
 func (s *supervisor) runningSandboxes() int {
-	out, err := exec.Command("runsc", "--root", filepath.Join(s.execRoot, "runsc"), "list", "-quiet").Output()
-	if err != nil {
-		return 0
+	var out []byte
+	if hypervisor == "gvisor" {
+		out, _ = exec.Command("runsc", "--root", filepath.Join(s.execRoot, "runsc"), "list", "-quiet").Output()
+	} else {
+		out, _ = exec.Command("pgrep", "-f", "qemu-system.*"+s.execRoot).Output()
 	}
 	n := 0
 	sc := bufio.NewScanner(bytes.NewReader(out))

@@ -1,0 +1,695 @@
+package qemu
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
+	"github.com/aleph-vm-go/vm-supervisor/internal/backend/vmimage"
+	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
+	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
+)
+
+// Files of one VM in its state directory.
+const (
+	guestSocketName = "guest.sock"
+	qmpSocketName   = "qmp.sock"
+	consoleLogName  = "console.log"
+	guestPortID     = "aleph-guest" // QEMU device id, named in VSERPORT_CHANGE
+)
+
+// instance is one VM and everything Start created for it.
+type instance struct {
+	b    *Backend
+	spec backend.Spec
+	log  *slog.Logger
+
+	prepared *vmimage.Prepared
+	drives   []vmimage.Drive
+
+	guestSock, qmpSock, consoleLog string
+	cid                            uint32 // vhost-vsock guest CID
+
+	cmd         *exec.Cmd
+	qmp         *qmp
+	console     *tailBuffer
+	consoleDone chan struct{}
+	qemuErr     *tailBuffer // QEMU's own stderr
+	booted      time.Time   // when the guest was let run
+	portOpen    chan struct{}
+	portOnce    sync.Once
+
+	done chan struct{}
+
+	mu       sync.Mutex
+	exitErr  error
+	stopping bool
+	// haltReason says why the backend itself ended the VM, if it did.
+	haltReason string
+	channel    io.Closer
+	taken      bool
+	usage      backend.Usage
+
+	stopOnce sync.Once
+	stopDone chan struct{}
+	stopErr  error
+}
+
+func newInstance(b *Backend, spec backend.Spec, log *slog.Logger) *instance {
+	return &instance{
+		b:          b,
+		spec:       spec,
+		log:        log,
+		guestSock:  filepath.Join(spec.StateDir, guestSocketName),
+		qmpSock:    filepath.Join(spec.StateDir, qmpSocketName),
+		consoleLog: filepath.Join(spec.StateDir, consoleLogName),
+		console:    newTailBuffer(40),
+		qemuErr:    newTailBuffer(20),
+		portOpen:   make(chan struct{}),
+		done:       make(chan struct{}),
+		stopDone:   make(chan struct{}),
+	}
+}
+
+var _ vmimage.GuestConfigurer = (*instance)(nil)
+
+// ConfigureGuest implements vmimage.GuestConfigurer: it names the code
+// and volume drives in the Config the host sends the agent.
+func (i *instance) ConfigureGuest(cfg *guest.Config) {
+	vmimage.GuestDrives(i.prepared, cfg)
+}
+
+func (i *instance) prepareImages(ctx context.Context) error {
+	if len(i.qmpSock) > maxSocketPath || len(i.guestSock) > maxSocketPath {
+		return fmt.Errorf("state directory %s is too long for unix sockets (%d bytes max)", i.spec.StateDir, maxSocketPath)
+	}
+	p, err := i.b.images.Prepare(ctx, i.spec)
+	if err != nil {
+		return err
+	}
+	i.prepared = p
+	i.drives = vmimage.GuestDrives(p, nil)
+	return nil
+}
+
+// qemuArgs is QEMU's command line for this VM.
+func (i *instance) qemuArgs() []string {
+	b := i.b
+	vcpus := max(i.spec.VCPUs, 1)
+	mem := i.spec.MemoryMiB
+	if mem <= 0 {
+		mem = DefaultMemoryMiB
+	}
+	args := []string{
+		"-M", "microvm,acpi=" + string(b.acpi),
+		"-accel", string(b.accel),
+		"-m", strconv.Itoa(mem),
+		"-smp", strconv.Itoa(vcpus),
+		"-nodefaults", "-no-user-config", "-nographic",
+		// A guest reboot (what the agent does when it is done, and what a
+		// panic does with panic=-1) ends QEMU.
+		"-no-reboot",
+		// Paused until QMP is connected, so no event is missed.
+		"-S",
+		"-kernel", b.opts.KernelPath,
+		"-initrd", b.opts.InitrdPath,
+		"-append", strings.Join(b.kernelArgs(), " "),
+		"-qmp", "unix:" + qemuEscape(i.qmpSock) + ",server=on,wait=off",
+		// The console is QEMU's stdout, read line by line by the backend.
+		"-chardev", "stdio,id=console,signal=off",
+		"-serial", "chardev:console",
+	}
+	if b.accel == AccelKVM {
+		args = append(args, "-cpu", "host")
+	}
+	// virtio-blk disks get vda, vdb, ... in the order of their devices,
+	// which is the order vmimage.GuestDrives named them in.
+	for _, d := range i.drives {
+		ro := "off"
+		if d.ReadOnly {
+			ro = "on"
+		}
+		args = append(args,
+			"-drive", fmt.Sprintf("id=%s,if=none,file=%s,format=raw,readonly=%s", d.ID, qemuEscape(d.HostPath), ro),
+			"-device", "virtio-blk-device,drive="+d.ID)
+	}
+	switch b.channel {
+	case ChannelVsock:
+		args = append(args, "-device", fmt.Sprintf("vhost-vsock-device,guest-cid=%d", i.cid))
+	default:
+		args = append(args,
+			"-device", "virtio-serial-device,max_ports=2",
+			"-chardev", "socket,id=guest,path="+qemuEscape(i.guestSock)+",server=on,wait=off",
+			"-device", "virtserialport,id="+guestPortID+",chardev=guest,name="+GuestPortName)
+	}
+	return args
+}
+
+// startQemu starts QEMU, paused. The process outlives Start's ctx: it
+// belongs to the instance and ends with Stop.
+func (i *instance) startQemu(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if i.b.channel == ChannelVsock {
+		i.cid = randomCID()
+	}
+	args := i.qemuArgs()
+	cmd := exec.Command(i.b.qemu, args...)
+	// Its own process group: a Ctrl-C meant for the supervisor must not
+	// kill VMs behind Stop's back.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		return err
+	}
+	logFile, err := os.OpenFile(i.consoleLog, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("console log: %w", err)
+	}
+	i.log.Debug("starting qemu", "args", args)
+	if err := cmd.Start(); err != nil {
+		logFile.Close()
+		return fmt.Errorf("qemu: %w", err)
+	}
+	i.cmd = cmd
+	out := i.spec.ProgramOutput
+	if out == nil {
+		out = io.Discard
+	}
+	i.consoleDone = make(chan struct{})
+	var readers sync.WaitGroup
+	readers.Add(2)
+	go func() {
+		defer readers.Done()
+		copyLines(stdout, func(line []byte) {
+			logFile.Write(line)
+			i.console.add(line)
+			out.Write(line)
+		})
+	}()
+	go func() {
+		defer readers.Done()
+		copyLines(stderr, func(line []byte) {
+			logFile.Write(line)
+			i.qemuErr.add(line)
+			i.log.Warn("qemu: " + strings.TrimSpace(string(line)))
+		})
+	}()
+	go func() {
+		// cmd.Wait closes the pipes: the readers must be done first.
+		readers.Wait()
+		logFile.Close()
+		close(i.consoleDone)
+		i.wait()
+	}()
+	return nil
+}
+
+// copyLines hands each line of r (without \r, with \n) to emit.
+func copyLines(r io.Reader, emit func([]byte)) {
+	br := bufio.NewReaderSize(r, 64<<10)
+	for {
+		line, err := br.ReadSlice('\n')
+		if len(line) > 0 {
+			line = bytes.TrimRight(line, "\r\n")
+			emit(append(bytes.Clone(line), '\n'))
+		}
+		if err != nil && !errors.Is(err, bufio.ErrBufferFull) {
+			return
+		}
+	}
+}
+
+// connectQMP waits for QEMU's QMP socket and connects.
+func (i *instance) connectQMP(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		q, err := dialQMP(ctx, i.qmpSock, i.onEvent)
+		if err == nil {
+			i.qmp = q
+			return nil
+		}
+		select {
+		case <-i.done:
+			return i.startFailure("QEMU exited at start-up")
+		case <-ctx.Done():
+			return fmt.Errorf("%w (last error: %v)", ctx.Err(), err)
+		case <-tick.C:
+		}
+	}
+}
+
+func (i *instance) onEvent(name string, data json.RawMessage) {
+	if name == "STOP" {
+		// Runs off the QMP reader, which must stay free to read the answer.
+		go i.checkPaused()
+	}
+	if name != "VSERPORT_CHANGE" {
+		i.log.Debug("qmp event", "event", name, "data", string(data))
+		return
+	}
+	var ev struct {
+		ID   string `json:"id"`
+		Open bool   `json:"open"`
+	}
+	if json.Unmarshal(data, &ev) == nil && ev.ID == guestPortID && ev.Open {
+		i.portOnce.Do(func() { close(i.portOpen) })
+	}
+}
+
+// checkPaused ends a VM that QEMU paused by itself: nothing here pauses
+// VMs, and QEMU does so on a guest it cannot run (a KVM internal error,
+// measured with the paravirtual kvm-pvm), which would otherwise sit there
+// until the host's timeouts.
+func (i *instance) checkPaused() {
+	select {
+	case <-i.done:
+		return
+	case <-time.After(time.Second): // a shutdown stops the VM too, then exits
+	}
+	i.mu.Lock()
+	stopping := i.stopping
+	i.mu.Unlock()
+	if stopping {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	res, err := i.qmp.query(ctx, "query-status")
+	if err != nil {
+		return
+	}
+	var st struct {
+		Status string `json:"status"`
+	}
+	if json.Unmarshal(res, &st) != nil || st.Status == "running" {
+		return
+	}
+	i.mu.Lock()
+	i.haltReason = "QEMU stopped the guest (status " + st.Status + ")"
+	i.mu.Unlock()
+	i.log.Error("VM paused by QEMU; killing it", "status", st.Status)
+	syscall.Kill(-i.cmd.Process.Pid, syscall.SIGKILL)
+}
+
+// boot lets the paused guest run.
+func (i *instance) boot(ctx context.Context) error {
+	i.booted = time.Now()
+	if err := i.qmp.execute(ctx, "cont"); err != nil {
+		return err
+	}
+	i.log.Debug("guest running", "accel", i.b.accel, "acpi", i.b.acpi)
+	return nil
+}
+
+// startFailure describes why QEMU ended, with its last words.
+func (i *instance) startFailure(what string) error {
+	<-i.done
+	msg := what
+	i.mu.Lock()
+	if i.haltReason != "" {
+		msg += ": " + i.haltReason
+	}
+	i.mu.Unlock()
+	if t := i.qemuErr.String(); t != "" {
+		msg += ": " + t
+	}
+	if t := i.console.String(); t != "" {
+		msg += "\nconsole:\n" + t
+	}
+	return errkind.Wrap(errkind.BadGateway, errors.New(msg))
+}
+
+// Channel implements backend.Instance. It returns once the agent in the
+// guest has opened its end, so that the multiplexer's keep-alives never
+// run against a guest that is still booting.
+func (i *instance) Channel(ctx context.Context) (io.ReadWriteCloser, error) {
+	i.mu.Lock()
+	if i.taken {
+		i.mu.Unlock()
+		return nil, errors.New("qemu: channel already taken")
+	}
+	if i.stopping {
+		i.mu.Unlock()
+		return nil, errors.New("qemu: VM is stopping")
+	}
+	i.taken = true
+	i.mu.Unlock()
+
+	var ch io.ReadWriteCloser
+	var err error
+	if i.b.channel == ChannelVsock {
+		ch, err = i.dialVsock(ctx)
+	} else {
+		ch, err = i.dialSerial(ctx)
+	}
+	if err != nil {
+		return nil, err
+	}
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	if i.stopping {
+		ch.Close()
+		return nil, errors.New("qemu: VM is stopping")
+	}
+	i.channel = ch
+	i.log.Info("guest agent reachable", "boot", time.Since(i.booted).Round(time.Millisecond), "accel", i.b.accel)
+	return ch, nil
+}
+
+func (i *instance) dialSerial(ctx context.Context) (io.ReadWriteCloser, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", i.guestSock)
+	if err != nil {
+		return nil, fmt.Errorf("qemu: guest channel: %w", err)
+	}
+	select {
+	case <-i.portOpen:
+		return conn, nil
+	case <-i.done:
+		conn.Close()
+		return nil, fmt.Errorf("qemu: guest channel: %w", i.startFailure("the VM ended before its agent came up"))
+	case <-ctx.Done():
+		conn.Close()
+		return nil, fmt.Errorf("qemu: waiting %s for the guest agent: %w%s", time.Since(i.booted).Round(time.Second), ctx.Err(), i.consoleTail())
+	}
+}
+
+// dialVsock connects to the agent's vsock port, retrying while it boots.
+func (i *instance) dialVsock(ctx context.Context) (io.ReadWriteCloser, error) {
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		f, err := connectVsock(i.cid, GuestVsockPort)
+		if err == nil {
+			return f, nil
+		}
+		select {
+		case <-i.done:
+			return nil, fmt.Errorf("qemu: guest channel: %w", i.startFailure("the VM ended before its agent came up"))
+		case <-ctx.Done():
+			return nil, fmt.Errorf("qemu: waiting for the guest agent on vsock %d:%d: %w (last error: %v)%s",
+				i.cid, GuestVsockPort, ctx.Err(), err, i.consoleTail())
+		case <-tick.C:
+		}
+	}
+}
+
+func connectVsock(cid, port uint32) (*os.File, error) {
+	fd, err := unix.Socket(unix.AF_VSOCK, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.Connect(fd, &unix.SockaddrVM{CID: cid, Port: port}); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	// Non-blocking: os.File then uses the poller and Close ends reads.
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	return os.NewFile(uintptr(fd), "vsock"), nil
+}
+
+// randomCID picks a guest CID: 0-2 are reserved, and a random one keeps
+// concurrent VMs (and other supervisors' VMs) apart without bookkeeping.
+func randomCID() uint32 {
+	var b [4]byte
+	rand.Read(b[:])
+	return 3 + binary.LittleEndian.Uint32(b[:])%(1<<30)
+}
+
+func (i *instance) consoleTail() string {
+	if t := i.console.String(); t != "" {
+		return "\nconsole:\n" + t
+	}
+	return ""
+}
+
+// wait reaps QEMU and records why the VM ended.
+func (i *instance) wait() {
+	werr := i.cmd.Wait()
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	if ps := i.cmd.ProcessState; ps != nil {
+		i.usage = rusageOf(ps)
+	}
+	if !i.stopping {
+		desc := "exit status 0 (the guest powered off)"
+		if werr != nil {
+			desc = werr.Error()
+		}
+		msg := "VM " + i.spec.ExecutionID + " ended by itself: " + desc
+		if i.haltReason != "" {
+			msg = "VM " + i.spec.ExecutionID + " ended: " + i.haltReason
+		}
+		if t := i.qemuErr.String(); t != "" {
+			msg += "\nqemu: " + t
+		}
+		msg += i.consoleTail()
+		i.exitErr = errkind.Wrap(errkind.BadGateway, errors.New(msg))
+	}
+	close(i.done)
+}
+
+// Done implements backend.Instance.
+func (i *instance) Done() <-chan struct{} { return i.done }
+
+// Err implements backend.Instance.
+func (i *instance) Err() error {
+	select {
+	case <-i.done:
+	default:
+		return nil
+	}
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	return i.exitErr
+}
+
+// Usage implements backend.Instance: QEMU's own CPU time and I/O, which
+// includes the guest's (one process per VM).
+func (i *instance) Usage() backend.Usage {
+	select {
+	case <-i.done:
+	default:
+		if i.cmd != nil && i.cmd.Process != nil {
+			if u, ok := procUsage(i.cmd.Process.Pid); ok {
+				i.mu.Lock()
+				i.usage = u
+				i.mu.Unlock()
+			}
+		}
+	}
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	return i.usage
+}
+
+func rusageOf(ps *os.ProcessState) backend.Usage {
+	u := backend.Usage{CPUTimeUser: ps.UserTime(), CPUTimeSystem: ps.SystemTime()}
+	if ru, ok := ps.SysUsage().(*syscall.Rusage); ok {
+		u.IOReadCount = uint64(ru.Inblock)
+		u.IOWriteCount = uint64(ru.Oublock)
+	}
+	return u
+}
+
+// procUsage reads a live process's CPU time and I/O from /proc.
+func procUsage(pid int) (backend.Usage, bool) {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return backend.Usage{}, false
+	}
+	// Fields after the command name, which may contain spaces.
+	end := bytes.LastIndexByte(stat, ')')
+	if end < 0 {
+		return backend.Usage{}, false
+	}
+	f := strings.Fields(string(stat[end+1:]))
+	if len(f) < 13 {
+		return backend.Usage{}, false
+	}
+	// utime and stime are fields 14 and 15, in clock ticks (USER_HZ,
+	// 100 on Linux).
+	utime, _ := strconv.ParseUint(f[11], 10, 64)
+	stime, _ := strconv.ParseUint(f[12], 10, 64)
+	u := backend.Usage{
+		CPUTimeUser:   time.Duration(utime) * 10 * time.Millisecond,
+		CPUTimeSystem: time.Duration(stime) * 10 * time.Millisecond,
+	}
+	if io, err := os.ReadFile(fmt.Sprintf("/proc/%d/io", pid)); err == nil {
+		for _, line := range strings.Split(string(io), "\n") {
+			k, v, ok := strings.Cut(line, ":")
+			if !ok {
+				continue
+			}
+			n, _ := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+			switch k {
+			case "syscr":
+				u.IOReadCount = n
+			case "syscw":
+				u.IOWriteCount = n
+			case "read_bytes":
+				u.IOReadBytes = n
+			case "write_bytes":
+				u.IOWriteBytes = n
+			}
+		}
+	}
+	return u, true
+}
+
+// Stop implements backend.Instance. The first call does the work; later
+// and concurrent calls wait for it and return its result.
+func (i *instance) Stop(ctx context.Context) error {
+	i.stopOnce.Do(func() {
+		go func() {
+			// Cleanup must finish even if this caller gives up waiting.
+			i.stopErr = i.stop(context.WithoutCancel(ctx))
+			close(i.stopDone)
+		}()
+	})
+	select {
+	case <-i.stopDone:
+		return i.stopErr
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// stop ends the VM, gently first: with the channel closed the agent stops
+// the program, syncs, unmounts and reboots, which ends QEMU. Then QMP
+// quit, SIGTERM and SIGKILL. Also the undo of a failed Start.
+func (i *instance) stop(ctx context.Context) error {
+	i.mu.Lock()
+	i.stopping = true
+	ch := i.channel
+	i.mu.Unlock()
+
+	if i.cmd != nil {
+		i.Usage() // last live sample, should the process have to be killed
+		if ch != nil {
+			ch.Close()
+			if !i.waitDone(i.b.opts.StopGrace) {
+				i.log.Warn("guest did not power off after its channel closed", "grace", i.b.opts.StopGrace)
+			}
+		}
+		if !i.isDone() && i.qmp != nil {
+			qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			if err := i.qmp.execute(qctx, "quit"); err != nil {
+				i.log.Debug("qmp quit", "err", err)
+			}
+			cancel()
+			i.waitDone(5 * time.Second)
+		}
+		if !i.isDone() {
+			i.log.Warn("QEMU still running; terminating it")
+			syscall.Kill(-i.cmd.Process.Pid, syscall.SIGTERM)
+			if !i.waitDone(5 * time.Second) {
+				syscall.Kill(-i.cmd.Process.Pid, syscall.SIGKILL)
+				<-i.done
+			}
+		}
+	}
+	if i.qmp != nil {
+		i.qmp.close()
+	}
+	var errs []error
+	for _, p := range []string{i.guestSock, i.qmpSock, i.consoleLog} {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	if err := i.prepared.Cleanup(); err != nil {
+		errs = append(errs, err)
+	}
+	// vmimage puts ephemeral volumes there; only an empty directory goes.
+	if err := os.Remove(filepath.Join(i.spec.StateDir, "volumes")); err != nil && !errors.Is(err, os.ErrNotExist) {
+		i.log.Debug("volumes directory", "err", err)
+	}
+	err := errors.Join(errs...)
+	if err != nil {
+		i.log.Error("stop", "err", err)
+	} else {
+		i.log.Debug("VM stopped")
+	}
+	return err
+}
+
+func (i *instance) isDone() bool {
+	select {
+	case <-i.done:
+		return true
+	default:
+		return false
+	}
+}
+
+func (i *instance) waitDone(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-i.done:
+		return true
+	case <-t.C:
+		return false
+	}
+}
+
+// tailBuffer keeps the last lines of the console, to explain a failure.
+type tailBuffer struct {
+	mu    sync.Mutex
+	max   int
+	lines []string
+}
+
+func newTailBuffer(max int) *tailBuffer { return &tailBuffer{max: max} }
+
+func (t *tailBuffer) add(line []byte) {
+	const maxLine = 512
+	s := strings.TrimRight(string(line), "\n")
+	if len(s) > maxLine {
+		s = s[:maxLine] + "…"
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.lines = append(t.lines, s)
+	if len(t.lines) > t.max {
+		t.lines = t.lines[len(t.lines)-t.max:]
+	}
+}
+
+func (t *tailBuffer) String() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return strings.Join(t.lines, "\n")
+}
