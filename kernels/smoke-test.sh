@@ -35,6 +35,11 @@ log() { printf '[smoke %(%T)T] %s\n' -1 "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
 
 [ -f "$kernel" ] || die "kernel $kernel not found"
+kernel=$(realpath "$kernel")
+if [ "$initrd" != none ]; then
+	[ -f "$initrd" ] || die "initrd $initrd not found"
+	initrd=$(realpath "$initrd")
+fi
 command -v "$qemu" >/dev/null || die "$qemu not found (apt-get install qemu-system-x86)"
 busybox=$(command -v busybox || true)
 [ -n "$busybox" ] || die "busybox not found (apt-get install busybox-static)"
@@ -103,8 +108,11 @@ mkdir -p "$tmp/disk"
 echo SMOKE-SQUASHFS-OK >"$tmp/disk/hello.txt"
 comp=gzip
 if command -v mksquashfs >/dev/null; then
+	# (grep reads all of the help: with pipefail, grep -q could end the pipe
+	# early and mksquashfs's SIGPIPE would then read as "not supported")
+	help=$(mksquashfs -help 2>&1 || true)
 	for c in zstd xz; do
-		if mksquashfs -help 2>&1 | grep -qE "^[[:space:]]+$c\b"; then comp=$c; break; fi
+		if grep -qE "^[[:space:]]+$c\b" <<<"$help"; then comp=$c; break; fi
 	done
 	mksquashfs "$tmp/disk" "$tmp/disk.img" -noappend -comp "$comp" -all-root -quiet >/dev/null
 else

@@ -49,6 +49,14 @@ if ((${#need[@]})); then
 		{ apt-get update >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${pkgs[@]}" >&2; }
 fi
 
+# One build at a time: two makes in one object tree corrupt it.
+mkdir -p "$cache"
+exec 9>"$cache/.custom.lock"
+if ! flock -n 9; then
+	log "another kernel build is running; waiting for it"
+	flock 9
+fi
+
 src_ver=$(dpkg-query -W -f='${Version}' "$src_pkg")
 key=$({ cat "$fragment"; echo "$recipe"; echo "$src_pkg=$src_ver"; } | sha256sum | cut -c1-16)
 build=$cache/custom-$key

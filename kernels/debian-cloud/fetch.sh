@@ -35,6 +35,10 @@ recipe=v1
 log() { printf '[kernel-debian %(%T)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+mkdir -p "$cache"
+exec 9>"$cache/.lock"
+flock 9
+
 # --- which package ---------------------------------------------------------------
 resolve() {
 	apt-cache depends "$meta" 2>/dev/null |

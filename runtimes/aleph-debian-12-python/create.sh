@@ -113,9 +113,12 @@ else
 	echo "$key" > "$stamp"
 fi
 
+# Read the help once: `grep -q` quitting early would kill mksquashfs with
+# SIGPIPE and, under pipefail, silently fall back to gzip.
 comp=gzip
+squashfs_help=$(mksquashfs -help 2>&1 || true)
 for c in zstd xz; do
-	if mksquashfs -help 2>&1 | grep -qE "^[[:space:]]+$c\b"; then comp=$c; break; fi
+	if grep -qE "^[[:space:]]+$c\b" <<<"$squashfs_help"; then comp=$c; break; fi
 done
 log "packing $output ($comp)"
 mkdir -p "$(dirname "$output")"
