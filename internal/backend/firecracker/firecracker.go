@@ -415,24 +415,14 @@ func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Instanc
 		log.Warn("networking is not implemented for firecracker yet; the VM has no network")
 	}
 	inst := newInstance(b, spec, log)
-	steps := []struct {
-		name string
-		run  func(context.Context) error
-	}{
-		{"prepare images", inst.prepareImages},
-		{"plan", inst.plan},
-		{"lay out files", inst.layOut},
-		{"start firecracker", inst.startProcess},
+	steps := []backend.Step{
+		{Name: "prepare images", Run: inst.prepareImages},
+		{Name: "plan", Run: inst.plan},
+		{Name: "lay out files", Run: inst.layOut},
+		{Name: "start firecracker", Run: inst.startProcess},
 	}
-	for _, s := range steps {
-		began := time.Now()
-		if err := s.run(ctx); err != nil {
-			if cerr := inst.cleanup(); cerr != nil {
-				log.Error("cleanup after failed start", "err", cerr)
-			}
-			return nil, fmt.Errorf("firecracker: %s: %w", s.name, err)
-		}
-		log.Debug("start step done", "step", s.name, "took", time.Since(began))
+	if err := backend.RunSteps(ctx, log, "firecracker", steps, func(context.Context) error { return inst.cleanup() }); err != nil {
+		return nil, err
 	}
 	return inst, nil
 }

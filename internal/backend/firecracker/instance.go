@@ -44,9 +44,7 @@ type instance struct {
 	stopping     bool
 	channelTaken bool
 
-	stopOnce sync.Once
-	stopDone chan struct{}
-	stopErr  error
+	stopper backend.StopOnce
 }
 
 var (
@@ -55,7 +53,7 @@ var (
 )
 
 func newInstance(b *Backend, spec backend.Spec, log *slog.Logger) *instance {
-	return &instance{b: b, spec: spec, log: log, done: make(chan struct{}), stopDone: make(chan struct{})}
+	return &instance{b: b, spec: spec, log: log, done: make(chan struct{})}
 }
 
 func (i *instance) prepareImages(ctx context.Context) error {
@@ -357,23 +355,8 @@ func procUsage(pid int) backend.Usage {
 	return u
 }
 
-// Stop implements backend.Instance. The first call does the work; later
-// and concurrent calls wait for it and return its result.
-func (i *instance) Stop(ctx context.Context) error {
-	i.stopOnce.Do(func() {
-		go func() {
-			// Cleanup must finish even if this caller gives up waiting.
-			i.stopErr = i.stop(context.WithoutCancel(ctx))
-			close(i.stopDone)
-		}()
-	})
-	select {
-	case <-i.stopDone:
-		return i.stopErr
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
+// Stop implements backend.Instance (see backend.StopOnce).
+func (i *instance) Stop(ctx context.Context) error { return i.stopper.Do(ctx, i.stop) }
 
 func (i *instance) stop(ctx context.Context) error {
 	i.mu.Lock()

@@ -211,29 +211,17 @@ func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Instanc
 	log = log.With("execution", spec.ExecutionID, "backend", "gvisor")
 	inst := newInstance(b, spec, log)
 
-	steps := []struct {
-		name string
-		run  func(context.Context) error
-	}{
-		{"prepare code", inst.prepareCode},
-		{"mount runtime", inst.mountRuntime},
-		{"mount volumes", inst.mountVolumes},
-		{"assemble root", inst.assembleRoot},
-		{"write bundle", inst.writeBundle},
-		{"prepare cgroup", inst.prepareCgroup},
-		{"start runsc", inst.startRunsc},
+	steps := []backend.Step{
+		{Name: "prepare code", Run: inst.prepareCode},
+		{Name: "mount runtime", Run: inst.mountRuntime},
+		{Name: "mount volumes", Run: inst.mountVolumes},
+		{Name: "assemble root", Run: inst.assembleRoot},
+		{Name: "write bundle", Run: inst.writeBundle},
+		{Name: "prepare cgroup", Run: inst.prepareCgroup},
+		{Name: "start runsc", Run: inst.startRunsc},
 	}
-	for _, s := range steps {
-		began := time.Now()
-		if err := s.run(ctx); err != nil {
-			cleanupCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
-			if cerr := inst.cleanup(cleanupCtx); cerr != nil {
-				log.Error("cleanup after failed start", "err", cerr)
-			}
-			cancel()
-			return nil, fmt.Errorf("gvisor: %s: %w", s.name, err)
-		}
-		log.Debug("start step done", "step", s.name, "took", time.Since(began))
+	if err := backend.RunSteps(ctx, log, "gvisor", steps, inst.cleanup); err != nil {
+		return nil, err
 	}
 	return inst, nil
 }

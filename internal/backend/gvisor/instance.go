@@ -65,20 +65,17 @@ type instance struct {
 	haveUsage  bool
 	channelOut bool
 
-	stopOnce sync.Once
-	stopDone chan struct{}
-	stopErr  error
+	stopper backend.StopOnce
 }
 
 func newInstance(b *Backend, spec backend.Spec, log *slog.Logger) *instance {
 	return &instance{
-		b:        b,
-		spec:     spec,
-		log:      log,
-		id:       spec.ExecutionID,
-		cg:       newCgroup(b.opts.CgroupParent, spec.ExecutionID),
-		done:     make(chan struct{}),
-		stopDone: make(chan struct{}),
+		b:    b,
+		spec: spec,
+		log:  log,
+		id:   spec.ExecutionID,
+		cg:   newCgroup(b.opts.CgroupParent, spec.ExecutionID),
+		done: make(chan struct{}),
 	}
 }
 
@@ -473,23 +470,8 @@ func (i *instance) Usage() backend.Usage {
 	return i.usage
 }
 
-// Stop implements backend.Instance. The first call does the work; later
-// and concurrent calls wait for it and return its result.
-func (i *instance) Stop(ctx context.Context) error {
-	i.stopOnce.Do(func() {
-		go func() {
-			// Cleanup must finish even if this caller gives up waiting.
-			i.stopErr = i.stop(context.WithoutCancel(ctx))
-			close(i.stopDone)
-		}()
-	})
-	select {
-	case <-i.stopDone:
-		return i.stopErr
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
+// Stop implements backend.Instance (see backend.StopOnce).
+func (i *instance) Stop(ctx context.Context) error { return i.stopper.Do(ctx, i.stop) }
 
 func (i *instance) stop(ctx context.Context) error {
 	i.mu.Lock()

@@ -69,9 +69,7 @@ type instance struct {
 	taken      bool
 	usage      backend.Usage
 
-	stopOnce sync.Once
-	stopDone chan struct{}
-	stopErr  error
+	stopper backend.StopOnce
 }
 
 func newInstance(b *Backend, spec backend.Spec, log *slog.Logger) *instance {
@@ -86,7 +84,6 @@ func newInstance(b *Backend, spec backend.Spec, log *slog.Logger) *instance {
 		qemuErr:    newTailBuffer(20),
 		portOpen:   make(chan struct{}),
 		done:       make(chan struct{}),
-		stopDone:   make(chan struct{}),
 	}
 }
 
@@ -568,23 +565,8 @@ func procUsage(pid int) (backend.Usage, bool) {
 	return u, true
 }
 
-// Stop implements backend.Instance. The first call does the work; later
-// and concurrent calls wait for it and return its result.
-func (i *instance) Stop(ctx context.Context) error {
-	i.stopOnce.Do(func() {
-		go func() {
-			// Cleanup must finish even if this caller gives up waiting.
-			i.stopErr = i.stop(context.WithoutCancel(ctx))
-			close(i.stopDone)
-		}()
-	})
-	select {
-	case <-i.stopDone:
-		return i.stopErr
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
+// Stop implements backend.Instance (see backend.StopOnce).
+func (i *instance) Stop(ctx context.Context) error { return i.stopper.Do(ctx, i.stop) }
 
 // stop ends the VM, gently first: with the channel closed the agent stops
 // the program, syncs, unmounts and reboots, which ends QEMU. Then QMP

@@ -317,26 +317,14 @@ func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Instanc
 	}
 	log = log.With("execution", spec.ExecutionID, "backend", "qemu")
 	inst := newInstance(b, spec, log)
-	steps := []struct {
-		name string
-		run  func(context.Context) error
-	}{
-		{"prepare images", inst.prepareImages},
-		{"start qemu", inst.startQemu},
-		{"connect qmp", inst.connectQMP},
-		{"boot", inst.boot},
+	steps := []backend.Step{
+		{Name: "prepare images", Run: inst.prepareImages},
+		{Name: "start qemu", Run: inst.startQemu},
+		{Name: "connect qmp", Run: inst.connectQMP},
+		{Name: "boot", Run: inst.boot},
 	}
-	for _, s := range steps {
-		began := time.Now()
-		if err := s.run(ctx); err != nil {
-			cleanupCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
-			if serr := inst.stop(cleanupCtx); serr != nil {
-				log.Error("cleanup after failed start", "err", serr)
-			}
-			cancel()
-			return nil, fmt.Errorf("qemu: %s: %w", s.name, err)
-		}
-		log.Debug("start step done", "step", s.name, "took", time.Since(began).Round(time.Millisecond))
+	if err := backend.RunSteps(ctx, log, "qemu", steps, inst.stop); err != nil {
+		return nil, err
 	}
 	return inst, nil
 }
