@@ -34,7 +34,7 @@ func selectBackend(s *config.Settings, log *slog.Logger) (backend.Backend, error
 	case config.HypervisorQemu:
 		return newQemu(s, log)
 	case config.HypervisorFirecracker:
-		return firecracker.New(firecrackerOptions(s, log))
+		return newFirecracker(s, log)
 	}
 	report := hostReport(s)
 	type candidate struct {
@@ -44,7 +44,7 @@ func selectBackend(s *config.Settings, log *slog.Logger) (backend.Backend, error
 	}
 	kvm := report.OK("kvm")
 	candidates := []candidate{
-		{"firecracker", kvm && report.OK("firecracker"), func() (backend.Backend, error) { return firecracker.New(firecrackerOptions(s, log)) }},
+		{"firecracker", kvm && report.OK("firecracker"), func() (backend.Backend, error) { return newFirecracker(s, log) }},
 		{"qemu (KVM)", kvm && report.OK("qemu"), func() (backend.Backend, error) { return newQemu(s, log) }},
 		{"gvisor", report.OK("runsc"), func() (backend.Backend, error) { return newGVisor(s, log) }},
 		{"qemu (emulated)", !kvm && report.OK("qemu"), func() (backend.Backend, error) { return newQemu(s, log) }},
@@ -82,7 +82,7 @@ func newGVisor(s *config.Settings, log *slog.Logger) (backend.Backend, error) {
 	if _, err := os.Stat(s.AgentPath); err != nil {
 		return nil, fmt.Errorf("vm-agent binary (ALEPH_VM_AGENT_PATH=%s): %w", s.AgentPath, err)
 	}
-	return gvisor.New(gvisor.Options{
+	b, err := gvisor.New(gvisor.Options{
 		RunscPath: s.RunscPath,
 		Platform:  s.RuntimePlatform,
 		AgentPath: s.AgentPath,
@@ -91,6 +91,18 @@ func newGVisor(s *config.Settings, log *slog.Logger) (backend.Backend, error) {
 		Logger:    log,
 		Debug:     s.PrintSystemLogs,
 	})
+	if err != nil {
+		return nil, err // not b: a nil *Backend in an interface is not nil
+	}
+	return b, nil
+}
+
+func newFirecracker(s *config.Settings, log *slog.Logger) (backend.Backend, error) {
+	b, err := firecracker.New(firecrackerOptions(s, log))
+	if err != nil {
+		return nil, err
+	}
+	return b, nil
 }
 
 // guestKernel finds the kernel and initramfs for qemu: LINUX_PATH and
