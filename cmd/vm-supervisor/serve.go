@@ -16,9 +16,11 @@ import (
 	"time"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/config"
+	"github.com/aleph-vm-go/vm-supervisor/internal/guestapi"
 	"github.com/aleph-vm-go/vm-supervisor/internal/httpapi"
 	"github.com/aleph-vm-go/vm-supervisor/internal/pool"
 	"github.com/aleph-vm-go/vm-supervisor/internal/records"
+	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
 )
 
 // serve runs the HTTP service until ctx ends, then stops every sandbox.
@@ -60,7 +62,15 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 			}
 		}
 	}
+	guestCache := guestapi.NewCache(guestapi.DefaultExpiry)
 	p := pool.New(pool.Options{
+		GuestAPI: func(prog *sources.Program) http.Handler {
+			return guestapi.New(guestapi.Options{
+				Program:   guestapi.Program{Hash: prog.Hash, Address: prog.Content.Address, Chain: prog.Message.Chain},
+				Cache:     guestCache,
+				APIServer: s.APIServer,
+			})
+		},
 		Source:        source,
 		Backend:       be,
 		BackendError:  beErr,

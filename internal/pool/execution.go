@@ -182,6 +182,9 @@ func (e *Execution) bootSteps(ctx context.Context) error {
 		return errkind.Wrap(errkind.BadGateway, fmt.Errorf("program failed to start: %w", err))
 	}
 	e.client = client
+	if e.pool.opts.GuestAPI != nil {
+		client.ServeGuestAPI(e.pool.opts.GuestAPI(e.prog))
+	}
 	e.transport = &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			return client.DialHTTP(ctx)

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
 	"sort"
@@ -43,6 +44,9 @@ type Options struct {
 	ExecutionRoot string
 	// PersistentDir holds persistent volumes (PERSISTENT_VOLUMES_DIR).
 	PersistentDir string
+	// GuestAPI returns the handler of the API a program reaches from inside
+	// its sandbox (ALEPH_API_UNIX_SOCKET); nil leaves calls unanswered.
+	GuestAPI func(prog *sources.Program) http.Handler
 	// AlephEnv is added to every program's environment (ALEPH_API_HOST...).
 	AlephEnv map[string]string
 	// MaxExecutions bounds concurrently running sandboxes; 0 = unbounded.

@@ -95,3 +95,27 @@ async def crash():
 @app.get("/environ")
 async def environ():
     return dict(os.environ)
+
+
+def _guest_api(method: str, path: str, body: bytes = b""):
+    """Calls the host's guest API over ALEPH_API_UNIX_SOCKET."""
+    import http.client
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(10)
+            self.sock.connect(os.environ["ALEPH_API_UNIX_SOCKET"])
+
+    conn = UnixConnection("localhost")
+    conn.request(method, path, body=body or None)
+    resp = conn.getresponse()
+    return resp.status, resp.read().decode(errors="replace")
+
+
+@app.get("/guest-api")
+async def guest_api(method: str = "GET", path: str = "/properties", body: str = ""):
+    status, text = await asyncio.get_running_loop().run_in_executor(
+        None, _guest_api, method, path, body.encode()
+    )
+    return {"status": status, "body": text}
