@@ -112,3 +112,34 @@ async def processes():
             cmdline = ""
         result.append({"pid": pid, "cmdline": cmdline})
     return {"pids": pids, "processes": result}
+
+
+def _guest_api(method: str, path: str, body: bytes = b""):
+    """Calls the node's guest API, a unix socket named by the environment."""
+    import http.client
+    import socket
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(10)
+            self.sock.connect(os.environ["ALEPH_API_UNIX_SOCKET"])
+
+    conn = UnixConnection("localhost")
+    conn.request(method, path, body=body or None)
+    resp = conn.getresponse()
+    return resp.status, resp.read().decode(errors="replace")
+
+
+@app.get("/cache/set/{key}/{value}")
+async def cache_set(key: str, value: str):
+    loop = asyncio.get_running_loop()
+    status, _ = await loop.run_in_executor(None, _guest_api, "PUT", f"/cache/{key}", value.encode())
+    return {"stored": status == 200}
+
+
+@app.get("/cache/get/{key}")
+async def cache_get(key: str):
+    loop = asyncio.get_running_loop()
+    status, body = await loop.run_in_executor(None, _guest_api, "GET", f"/cache/{key}")
+    return {"found": status == 200, "value": body if status == 200 else None}
