@@ -63,6 +63,22 @@ func (a *agent) serve(ctx context.Context, ch io.ReadWriteCloser) (int, error) {
 	}
 	defer closeWithin(sess, 2*time.Second, a.log)
 
+	// The interpreter warms up while the host connects and sends the
+	// Config. Only where the root is final before the Config (not in VMs,
+	// whose set-up mounts come later).
+	var pre *preloaded
+	if a.o.preload && a.setup == nil {
+		if pre, err = startPreload(a.programSpec(), a.reaper, a.log); err != nil {
+			a.log.Warn("could not preload the interpreter", "err", err)
+			pre = nil
+		}
+	}
+	defer func() {
+		if pre != nil {
+			pre.prog.stop(a.o.stopTimeout)
+		}
+	}()
+
 	ctrl, err := acceptControl(ctx, sess)
 	if err != nil {
 		return 1, err
@@ -109,9 +125,22 @@ func (a *agent) serve(ctx context.Context, ch io.ReadWriteCloser) (int, error) {
 	defer apiLn.Close()
 	go a.serveGuestAPI(runCtx, sess, apiLn)
 
-	prog, err := startProgram(cfg, a.programSpec(), a.reaper, log)
-	if err != nil {
-		return fail(err)
+	var prog *program
+	if pre != nil {
+		if prog, err = pre.adopt(cfg, a.programSpec(), log); err != nil {
+			return fail(err)
+		}
+		if prog != nil {
+			pre = nil // adopted: stopped as the program from now on
+		} else {
+			pre.prog.stop(a.o.stopTimeout)
+			pre = nil
+		}
+	}
+	if prog == nil {
+		if prog, err = startProgram(cfg, a.programSpec(), a.reaper, log); err != nil {
+			return fail(err)
+		}
 	}
 	a.mu.Lock()
 	a.prog = prog

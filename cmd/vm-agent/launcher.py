@@ -168,8 +168,30 @@ class Wrapper:
                 return
 
 
+def wait_for_job(socket_path, code_dir):
+    """Preload mode: import the heavy modules now, then wait on stdin for
+    the program (entrypoint and environment) the agent hands over."""
+    import json
+
+    for name in ("uvicorn", "fastapi", "starlette.applications", "pydantic"):
+        try:
+            __import__(name)
+        except Exception:  # a runtime without them still serves other apps
+            pass
+    line = sys.stdin.readline()
+    if not line:
+        sys.exit(0)  # no program for us: the agent discarded this interpreter
+    job = json.loads(line)
+    os.environ.clear()
+    os.environ.update(job["env"])
+    return job["entrypoint"], socket_path, code_dir
+
+
 def main():
-    entrypoint, socket_path, code_dir = sys.argv[1:4]
+    if sys.argv[1] == "--preload":
+        entrypoint, socket_path, code_dir = wait_for_job(*sys.argv[2:4])
+    else:
+        entrypoint, socket_path, code_dir = sys.argv[1:4]
     # Our own handler only: uvicorn configures its loggers itself and a root
     # handler would print each of its lines twice.
     handler = logging.StreamHandler(sys.stderr)

@@ -39,6 +39,7 @@ type options struct {
 	python      string
 	stopTimeout time.Duration
 	logLevel    string
+	preload     bool
 	// init selects the micro-VM mode; also chosen when the agent runs as
 	// /init with PID 1 (under gVisor it is PID 1 too, but not /init).
 	init bool
@@ -52,6 +53,7 @@ func main() {
 	flag.StringVar(&o.python, "python", "/usr/bin/python3", "Python interpreter of the runtime")
 	flag.DurationVar(&o.stopTimeout, "stop-timeout", 5*time.Second, "how long the program may take to stop before it is killed")
 	flag.StringVar(&o.logLevel, "log-level", "info", "debug | info | warn | error")
+	flag.BoolVar(&o.preload, "preload", false, "start Python and import uvicorn/FastAPI before the Config arrives (stdio channel)")
 	flag.BoolVar(&o.init, "init", false, "run as the init of a micro-VM (implied when started as /init with PID 1)")
 	flag.Parse()
 

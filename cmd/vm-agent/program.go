@@ -97,6 +97,17 @@ func programEnv(cfg guest.Config, spec programSpec, log *slog.Logger) []string {
 }
 
 // programCommand builds the command line of the program in cfg.
+// writeLauncher puts the launcher beside the program's socket. A file
+// rather than -c: tracebacks and process listings then name it instead of
+// showing "<string>" or the whole source.
+func writeLauncher(spec programSpec) (string, error) {
+	launcher := filepath.Join(filepath.Dir(spec.socket), "launcher.py")
+	if err := os.WriteFile(launcher, []byte(launcherSource), 0o644); err != nil {
+		return "", fmt.Errorf("write launcher: %w", err)
+	}
+	return launcher, nil
+}
+
 func programCommand(cfg guest.Config, spec programSpec) (cmd *exec.Cmd, network, address string, err error) {
 	switch cfg.Interface {
 	case guest.InterfaceASGI:
@@ -104,11 +115,9 @@ func programCommand(cfg guest.Config, spec programSpec) (cmd *exec.Cmd, network,
 		if !ok || module == "" || attr == "" {
 			return nil, "", "", fmt.Errorf("ASGI entrypoint %q is not module:attribute", cfg.Entrypoint)
 		}
-		// A file rather than -c: tracebacks and process listings then name
-		// it instead of showing "<string>" or the whole source.
-		launcher := filepath.Join(filepath.Dir(spec.socket), "launcher.py")
-		if err := os.WriteFile(launcher, []byte(launcherSource), 0o644); err != nil {
-			return nil, "", "", fmt.Errorf("write launcher: %w", err)
+		launcher, err := writeLauncher(spec)
+		if err != nil {
+			return nil, "", "", err
 		}
 		cmd = exec.Command(spec.python, launcher, cfg.Entrypoint, spec.socket, spec.codeDir)
 		return cmd, "unix", spec.socket, nil
@@ -171,14 +180,28 @@ func startProgram(cfg guest.Config, spec programSpec, r *reaper, log *slog.Logge
 	if err != nil {
 		return nil, err
 	}
-	if network == "unix" {
-		// A socket file left by an earlier run would look like readiness.
-		if err := os.Remove(address); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return nil, fmt.Errorf("remove stale socket: %w", err)
-		}
+	if err := removeStaleSocket(network, address); err != nil {
+		return nil, err
 	}
 	cmd.Dir = spec.codeDir
 	cmd.Env = programEnv(cfg, spec, log)
+	return launch(cmd, network, address, r, log)
+}
+
+// removeStaleSocket: a socket file left by an earlier run would look like
+// readiness.
+func removeStaleSocket(network, address string) error {
+	if network != "unix" {
+		return nil
+	}
+	if err := os.Remove(address); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove stale socket: %w", err)
+	}
+	return nil
+}
+
+// launch starts cmd in its own process group and follows it.
+func launch(cmd *exec.Cmd, network, address string, r *reaper, log *slog.Logger) (*program, error) {
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		// Its own group, so stop reaches whatever it spawned.
 		Setpgid: true,

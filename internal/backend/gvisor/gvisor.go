@@ -40,7 +40,7 @@ const (
 )
 
 // DefaultAgentArgs are passed to the vm-agent after its path.
-var DefaultAgentArgs = []string{"--channel", "stdio"}
+var DefaultAgentArgs = []string{"--channel", "stdio", "--preload"}
 
 // Options configure the backend.
 type Options struct {
