@@ -36,11 +36,14 @@ type figures struct {
 }
 
 type result struct {
-	Time       time.Time `json:"time"`
-	Host       string    `json:"host"`
-	Backend    string    `json:"backend"`
-	Supervisor figures   `json:"supervisor"`
-	Native     figures   `json:"native"`
+	Time    time.Time `json:"time"`
+	Host    string    `json:"host"`
+	Backend string    `json:"backend"`
+	// Supervisor runs with PREWARM (a spare sandbox waits for the
+	// program); NoSpare is the same with PREWARM=false, cold starts only.
+	Supervisor figures `json:"supervisor"`
+	NoSpare    figures `json:"supervisor_no_spare"`
+	Native     figures `json:"native"`
 }
 
 var (
@@ -81,12 +84,18 @@ func run(ctx context.Context) error {
 		return fmt.Errorf("native: %w", err)
 	}
 	res.Native = native
-	fmt.Fprintln(os.Stderr, "== supervisor: the same app through vm-supervisor")
-	sup, err := benchSupervisor(ctx)
+	fmt.Fprintln(os.Stderr, "== supervisor: the same app through vm-supervisor (pre-warmed spare)")
+	sup, err := benchSupervisor(ctx, true)
 	if err != nil {
 		return fmt.Errorf("supervisor: %w", err)
 	}
 	res.Supervisor = sup
+	fmt.Fprintln(os.Stderr, "== supervisor without spares (PREWARM=false)")
+	noSpare, err := benchSupervisor(ctx, false)
+	if err != nil {
+		return fmt.Errorf("supervisor without spares: %w", err)
+	}
+	res.NoSpare = noSpare
 
 	printTable(os.Stdout, res)
 	if err := os.MkdirAll(*outDir, 0o755); err != nil {
@@ -111,7 +120,8 @@ func printTable(w io.Writer, r result) {
 	}
 	fmt.Fprintf(w, "\n| %-28s | %17s | %17s | %8s |\n", "metric", "supervisor", "native (base)", "ratio")
 	fmt.Fprintf(w, "|%s|%s|%s|%s|\n", strings.Repeat("-", 30), strings.Repeat("-", 19), strings.Repeat("-", 19), strings.Repeat("-", 10))
-	row("cold start (median)", r.Supervisor.ColdMedianMs, r.Native.ColdMedianMs, "ms")
+	row("cold start, spare (p50)", r.Supervisor.ColdMedianMs, r.Native.ColdMedianMs, "ms")
+	row("cold start, no spare (p50)", r.NoSpare.ColdMedianMs, r.Native.ColdMedianMs, "ms")
 	row("warm latency p50 (c=1)", r.Supervisor.WarmP50Ms, r.Native.WarmP50Ms, "ms")
 	row("warm latency p90 (c=1)", r.Supervisor.WarmP90Ms, r.Native.WarmP90Ms, "ms")
 	row("throughput (c=8)", r.Supervisor.ThroughputRPS, r.Native.ThroughputRPS, "rq/s")
@@ -197,7 +207,7 @@ func benchNative(ctx context.Context) (figures, error) {
 
 // --- through the supervisor -------------------------------------------
 
-func benchSupervisor(ctx context.Context) (figures, error) {
+func benchSupervisor(ctx context.Context, prewarm bool) (figures, error) {
 	var f figures
 	dir, err := os.MkdirTemp("", "bench-supervisor-")
 	if err != nil {
@@ -213,6 +223,7 @@ func benchSupervisor(ctx context.Context) (figures, error) {
 		"ALEPH_VM_HYPERVISOR=gvisor",
 		"ALEPH_VM_API_SERVER=http://127.0.0.1:9",
 		"ALEPH_VM_REUSE_TIMEOUT=1",
+		fmt.Sprintf("ALEPH_VM_PREWARM=%v", prewarm),
 	)
 	sup := filepath.Join(*binDir, "vm-supervisor")
 	cli := func(args ...string) (string, error) {
@@ -246,22 +257,28 @@ func benchSupervisor(ctx context.Context) (figures, error) {
 	if err := waitOK(ctx, base+"/status/check/version", 30*time.Second); err != nil {
 		return f, err
 	}
-	runscRoot := filepath.Join(dir, "exec", "runsc")
 	// A first, uncounted start fills the caches (code extraction, runtime
 	// mount): cold start here means "program cached, nothing running".
 	if err := waitOK(ctx, url, 120*time.Second); err != nil {
 		return f, err
 	}
 	for i := range *colds {
-		if err := waitNoSandbox(runscRoot, 60*time.Second); err != nil {
+		// Each start ends with a record once its sandbox has stopped after
+		// REUSE_TIMEOUT; then give a new spare time to finish warming.
+		if err := waitRecords(base, i+1, 60*time.Second); err != nil {
 			return f, err
 		}
+		time.Sleep(3 * time.Second)
 		t0 := time.Now()
 		if err := waitOK(ctx, url, 120*time.Second); err != nil {
 			return f, err
 		}
 		f.ColdStartMs = append(f.ColdStartMs, ms(time.Since(t0)))
 		fmt.Fprintf(os.Stderr, "   cold start %d: %.0f ms\n", i+1, f.ColdStartMs[i])
+	}
+	if !prewarm {
+		f.ColdMedianMs = median(f.ColdStartMs)
+		return f, nil
 	}
 	f.ColdMedianMs = median(f.ColdStartMs)
 	if err := measureWarm(ctx, url, &f); err != nil {
@@ -270,17 +287,25 @@ func benchSupervisor(ctx context.Context) (figures, error) {
 	return f, nil
 }
 
-func waitNoSandbox(runscRoot string, limit time.Duration) error {
+// waitRecords waits until the supervisor has recorded n finished
+// executions.
+func waitRecords(base string, n int, limit time.Duration) error {
 	deadline := time.Now().Add(limit)
 	for time.Now().Before(deadline) {
-		out, _ := exec.Command("runsc", "--root", runscRoot, "list", "-quiet").Output()
-		if strings.TrimSpace(string(out)) == "" {
-			time.Sleep(300 * time.Millisecond) // let the pool finish its teardown
-			return nil
+		resp, err := httpClient.Get(base + "/about/executions/records")
+		if err == nil {
+			var body struct {
+				Records []json.RawMessage `json:"records"`
+			}
+			err = json.NewDecoder(resp.Body).Decode(&body)
+			resp.Body.Close()
+			if err == nil && len(body.Records) >= n {
+				return nil
+			}
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	return errors.New("sandbox did not stop after REUSE_TIMEOUT")
+	return fmt.Errorf("execution %d did not stop after REUSE_TIMEOUT", n)
 }
 
 // --- shared measurement -----------------------------------------------

@@ -101,4 +101,3 @@ func (p *preloaded) adopt(cfg guest.Config, spec programSpec, log *slog.Logger) 
 	p.stdin.Close()
 	return p.prog, nil
 }
-

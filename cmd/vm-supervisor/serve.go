@@ -62,6 +62,11 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 			}
 		}
 	}
+	var spareRuntime pool.SpareRuntime
+	// Only gVisor sandboxes can receive their code after starting.
+	if s.Prewarm && be != nil && be.Name() == "gvisor" {
+		spareRuntime = defaultRuntimeFile(st)
+	}
 	guestCache := guestapi.NewCache(guestapi.DefaultExpiry)
 	p := pool.New(pool.Options{
 		GuestAPI: func(prog *sources.Program) http.Handler {
@@ -78,6 +83,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 		ReuseTimeout:  s.ReuseTimeout,
 		InitTimeout:   s.InitTimeout,
 		ExecutionRoot: s.ExecutionRoot,
+		SpareRuntime:  spareRuntime,
 		PersistentDir: s.PersistentVolumesDir,
 		AlephEnv:      alephEnv(s),
 		Logger:        log,

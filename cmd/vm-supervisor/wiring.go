@@ -18,6 +18,7 @@ import (
 
 	"github.com/aleph-vm-go/vm-supervisor/examples"
 	"github.com/aleph-vm-go/vm-supervisor/internal/config"
+	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 	"github.com/aleph-vm-go/vm-supervisor/internal/pool"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources/alephapi"
@@ -50,6 +51,30 @@ func newSource(s *config.Settings, st *store.Store, log *slog.Logger) (pool.Prog
 	limits.Data = s.MaxDataArchiveSize
 	limits.Runtime = s.MaxRuntimeSize
 	return sources.New(st, api, c, limits, sources.WithLogger(log)), nil
+}
+
+// defaultRuntimeFile finds the local store's default runtime, the one
+// pre-warmed sandboxes are made for.
+func defaultRuntimeFile(st *store.Store) pool.SpareRuntime {
+	return func(context.Context) (sources.File, error) {
+		ref, err := st.DefaultRuntime()
+		if err != nil {
+			return sources.File{}, err
+		}
+		msg, err := st.GetMessage(ref)
+		if err != nil {
+			return sources.File{}, err
+		}
+		content, err := msg.Store()
+		if err != nil {
+			return sources.File{}, err
+		}
+		path, err := st.FilePath(content.ItemHash)
+		if err != nil {
+			return sources.File{}, err
+		}
+		return sources.File{Ref: ref, Hash: content.ItemHash, Path: path, Encoding: message.EncodingSquashfs}, nil
+	}
 }
 
 // cmdRuntimeAdd registers a runtime image in the local store.

@@ -33,7 +33,11 @@ type Spec struct {
 	CodePath     string           // host path of the code file (zip, squashfs or plain source)
 	CodeHash     string           // content hash of the code file, for caching extractions
 	CodeEncoding message.Encoding // plain | zip | squashfs
-	Entrypoint   string           // module:attr (ASGI) or executable name; plain code is written as <module>.py
+	// DeferCode starts a sandbox before its program is known (a pre-warmed
+	// spare): the code directory starts empty and Instance.LoadCode fills
+	// it once a program is assigned. Backends without CodeLoader ignore it.
+	DeferCode  bool
+	Entrypoint string // module:attr (ASGI) or executable name; plain code is written as <module>.py
 
 	DataPath     string // optional data archive
 	DataEncoding message.Encoding
@@ -81,6 +85,14 @@ type Instance interface {
 	Err() error
 	// Usage reports resource usage so far (best effort).
 	Usage() Usage
+}
+
+// CodeLoader is implemented by instances that can receive their code after
+// starting (see Spec.DeferCode).
+type CodeLoader interface {
+	// LoadCode makes the code of spec (CodePath, CodeHash, CodeEncoding,
+	// Entrypoint) appear at the guest's code directory.
+	LoadCode(ctx context.Context, spec Spec) error
 }
 
 // Backend starts sandboxes of one kind.

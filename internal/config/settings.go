@@ -66,6 +66,8 @@ type Settings struct {
 	QemuPath        string
 	AgentPath       string
 	InitTimeout     time.Duration
+	// Prewarm keeps a spare sandbox for the default runtime (PREWARM).
+	Prewarm bool
 
 	CacheRoot            string
 	ExecutionRoot        string
@@ -122,6 +124,7 @@ func Default() *Settings {
 		QemuPath:                "qemu-system-x86_64",
 		AgentPath:               defaultAgentPath(),
 		InitTimeout:             20 * time.Second,
+		Prewarm:                 true,
 		CacheRoot:               "/var/cache/aleph/vm",
 		ExecutionRoot:           "/var/lib/aleph/vm",
 		MaxProgramArchiveSize:   10_000_000,

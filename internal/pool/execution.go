@@ -147,6 +147,15 @@ func (e *Execution) boot(ctx context.Context) error {
 }
 
 func (e *Execution) bootSteps(ctx context.Context) error {
+	if sp := e.pool.takeSpare(e.prog); sp != nil {
+		ch, err := e.adoptSpare(ctx, sp)
+		if err == nil {
+			return e.connect(ctx, ch)
+		}
+		e.log.Warn("could not use the spare sandbox; starting a fresh one", "err", err)
+		e.pool.discardSpare(sp, err.Error())
+		e.instance, e.stateDir = nil, ""
+	}
 	dir, err := e.pool.stateDir(e.id)
 	if err != nil {
 		return err
@@ -172,6 +181,26 @@ func (e *Execution) bootSteps(ctx context.Context) error {
 	if err != nil {
 		return errkind.Wrap(errkind.BadGateway, fmt.Errorf("connecting to the guest: %w", err))
 	}
+	return e.connect(ctx, ch)
+}
+
+// adoptSpare turns a pre-warmed sandbox into this execution: it takes the
+// spare's identity and gives it the program's code.
+func (e *Execution) adoptSpare(ctx context.Context, sp *spare) (io.ReadWriteCloser, error) {
+	e.id, e.stateDir, e.instance = sp.id, sp.stateDir, sp.inst
+	e.log = e.pool.log.With("program", e.hash, "execution", e.id)
+	sp.output.setLogger(e.log)
+	e.prepared = time.Now()
+	if err := sp.inst.(backend.CodeLoader).LoadCode(ctx, e.spec()); err != nil {
+		return nil, err
+	}
+	e.log.Info("using a pre-warmed sandbox", "warm_for", e.prepared.Sub(sp.created).Round(time.Millisecond))
+	return sp.ch, nil
+}
+
+// connect hands the program to the agent and waits until it serves.
+func (e *Execution) connect(ctx context.Context, ch io.ReadWriteCloser) error {
+	inst := e.instance
 	cfg := e.guestConfig()
 	// VM backends know which guest devices hold the code and volumes.
 	if gc, ok := inst.(interface{ ConfigureGuest(*guest.Config) }); ok {
@@ -444,6 +473,13 @@ type lineLogger struct {
 }
 
 func newLineLogger(l *slog.Logger) io.Writer { return &lineLogger{log: l} }
+
+// setLogger retags later lines, for a spare that became an execution.
+func (w *lineLogger) setLogger(l *slog.Logger) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.log = l
+}
 
 func (w *lineLogger) Write(p []byte) (int, error) {
 	w.mu.Lock()

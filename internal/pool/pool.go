@@ -49,6 +49,9 @@ type Options struct {
 	GuestAPI func(prog *sources.Program) http.Handler
 	// AlephEnv is added to every program's environment (ALEPH_API_HOST...).
 	AlephEnv map[string]string
+	// SpareRuntime, when set, keeps one pre-warmed sandbox ready for
+	// programs on that runtime with default resources.
+	SpareRuntime SpareRuntime
 	// MaxExecutions bounds concurrently running sandboxes; 0 = unbounded.
 	MaxExecutions int
 	Logger        *slog.Logger
@@ -65,6 +68,10 @@ type Pool struct {
 	all      map[*Execution]struct{} // every execution not yet fully stopped
 	draining bool
 	stopped  sync.WaitGroup
+
+	spare       *spare
+	makingSpare bool
+	spares      sync.WaitGroup
 }
 
 // startCall lets concurrent cold requests for one hash share one start.
@@ -82,13 +89,15 @@ func New(opts Options) *Pool {
 	if opts.InitTimeout <= 0 {
 		opts.InitTimeout = 20 * time.Second
 	}
-	return &Pool{
+	p := &Pool{
 		opts:     opts,
 		log:      opts.Logger,
 		running:  map[string]*Execution{},
 		starting: map[string]*startCall{},
 		all:      map[*Execution]struct{}{},
 	}
+	p.refillSpare()
+	return p
 }
 
 // BackendName names the backend in use, or "none".
@@ -242,6 +251,7 @@ func (p *Pool) Shutdown(ctx context.Context) error {
 	}
 	p.mu.Unlock()
 
+	p.stopSpares()
 	var wg sync.WaitGroup
 	for _, e := range execs {
 		wg.Add(1)

@@ -350,6 +350,49 @@ func (s *supervisor) runningSandboxes() int {
 	return n
 }
 
+// loginCookie logs in as an operator would, with the token the supervisor
+// wrote to EXECUTION_ROOT/login_token.
+func (s *supervisor) loginCookie() *http.Cookie {
+	s.t.Helper()
+	token, err := os.ReadFile(filepath.Join(s.execRoot, "login_token"))
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	resp, err := client.Get(s.base + "/about/login?token=" + strings.TrimSpace(string(token)))
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	resp.Body.Close()
+	for _, c := range resp.Cookies() {
+		return c
+	}
+	s.t.Fatalf("login gave no cookie: %s", resp.Status)
+	return nil
+}
+
+func decodeList(t *testing.T, resp *http.Response) []map[string]any {
+	t.Helper()
+	var list []map[string]any
+	if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
+		t.Fatalf("%s: %v", resp.Request.URL.Path, err)
+	}
+	return list
+}
+
+// runningExecutions counts the executions the supervisor reports on its
+// operator page (pre-warmed spares are not executions).
+func (s *supervisor) runningExecutions() int {
+	s.t.Helper()
+	req, _ := http.NewRequest("GET", s.base+"/about/executions", nil)
+	req.AddCookie(s.loginCookie())
+	resp, err := client.Do(req)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	return len(decodeList(s.t, resp))
+}
+
 func ctxTimeout(t *testing.T, d time.Duration) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	t.Cleanup(cancel)

@@ -265,8 +265,8 @@ func TestParallelColdStartsShareOneSandbox(t *testing.T) {
 	if len(seen) != 1 {
 		t.Errorf("20 cold requests were served by %d sandboxes", len(seen))
 	}
-	if n := s.runningSandboxes(); n != 1 {
-		t.Errorf("%d sandboxes running, want 1", n)
+	if n := s.runningExecutions(); n != 1 {
+		t.Errorf("%d executions running, want 1", n)
 	}
 }
 
@@ -284,7 +284,7 @@ func TestIdleExecutionStopsAndIsRecorded(t *testing.T) {
 	hash := s.upload("testdata/probe", "main:app")
 	expect(t, s.get("/vm/"+hash+"/"), http.StatusOK)
 	deadline := time.Now().Add(30 * time.Second)
-	for s.runningSandboxes() > 0 {
+	for s.runningExecutions() > 0 {
 		if time.Now().After(deadline) {
 			t.Fatal("idle sandbox still running 30s after REUSE_TIMEOUT=1")
 		}

@@ -80,19 +80,53 @@ func newInstance(b *Backend, spec backend.Spec, log *slog.Logger) *instance {
 }
 
 func (i *instance) prepareCode(ctx context.Context) error {
+	if i.spec.DeferCode {
+		// A spare: an empty private directory now, filled by LoadCode. The
+		// bind mount is revalidated by the gofer (file-access-mounts
+		// shared), so files added later are seen inside.
+		dir := filepath.Join(i.spec.StateDir, "code")
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return fmt.Errorf("code directory: %w", err)
+		}
+		i.codeDir = dir
+		return nil
+	}
 	if i.spec.CodePath == "" {
 		return nil // an executable may live in the runtime or a volume
 	}
-	dir, err := codeprep.Prepare(ctx, filepath.Join(i.b.opts.CacheRoot, "code"), codeprep.Source{
-		Path:       i.spec.CodePath,
-		Hash:       i.spec.CodeHash,
-		Encoding:   i.spec.CodeEncoding,
-		Entrypoint: i.spec.Entrypoint,
-	}, i.b.opts.CodeLimits)
+	dir, err := i.extractCode(ctx, i.spec)
 	if err != nil {
 		return err
 	}
 	i.codeDir = dir
+	return nil
+}
+
+func (i *instance) extractCode(ctx context.Context, spec backend.Spec) (string, error) {
+	return codeprep.Prepare(ctx, filepath.Join(i.b.opts.CacheRoot, "code"), codeprep.Source{
+		Path:       spec.CodePath,
+		Hash:       spec.CodeHash,
+		Encoding:   spec.CodeEncoding,
+		Entrypoint: spec.Entrypoint,
+	}, i.b.opts.CodeLimits)
+}
+
+// LoadCode implements backend.CodeLoader for spares: the program's code is
+// copied into the sandbox's (so far empty) read-only code directory.
+func (i *instance) LoadCode(ctx context.Context, spec backend.Spec) error {
+	if !i.spec.DeferCode {
+		return errors.New("gvisor: LoadCode on a sandbox that already has its code")
+	}
+	if spec.CodePath == "" {
+		return nil
+	}
+	src, err := i.extractCode(ctx, spec)
+	if err != nil {
+		return err
+	}
+	if err := os.CopyFS(i.codeDir, os.DirFS(src)); err != nil {
+		return fmt.Errorf("gvisor: copying code into the sandbox: %w", err)
+	}
 	return nil
 }
 
