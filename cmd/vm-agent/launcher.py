@@ -184,7 +184,31 @@ def wait_for_job(socket_path, code_dir):
     job = json.loads(line)
     os.environ.clear()
     os.environ.update(job["env"])
+    # Code that ships its own copy of a module imported above (a vendored
+    # FastAPI, say) must get its copy: start afresh, same process, same
+    # pipes, with the program's environment.
+    shadowed = sorted(n for n in top_level_names(code_dir) if n in sys.modules)
+    if shadowed:
+        print("launcher: the code provides %s; starting a fresh interpreter" % ", ".join(shadowed),
+              file=sys.stderr, flush=True)
+        os.execv(sys.executable, [sys.executable, os.path.abspath(__file__),
+                                  job["entrypoint"], socket_path, code_dir])
     return job["entrypoint"], socket_path, code_dir
+
+
+def top_level_names(code_dir):
+    """Names importable from the top of code_dir: packages and modules."""
+    try:
+        entries = os.listdir(code_dir)
+    except OSError:
+        return set()
+    names = set()
+    for entry in entries:
+        if os.path.isdir(os.path.join(code_dir, entry)):
+            names.add(entry)
+        elif entry.endswith((".py", ".pyc", ".so")):
+            names.add(entry.split(".", 1)[0])
+    return names
 
 
 def main():

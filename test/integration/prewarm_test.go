@@ -54,3 +54,15 @@ func TestPrewarmedSpareServesTheColdStart(t *testing.T) {
 	big := s.upload("testdata/probe", "main:app", "--memory", "256")
 	expect(t, s.get("/vm/"+big+"/"), http.StatusOK)
 }
+
+// Code that ships its own copy of a module the spare's interpreter has
+// already imported gets its own copy, not the runtime's.
+func TestVendoredModuleWinsOverPreload(t *testing.T) {
+	s := startSupervisor(t)
+	hash := s.upload("testdata/vendored", "main:app")
+	r := s.get("/vm/" + hash + "/")
+	expect(t, r, http.StatusOK)
+	if got := r.json(t)["fastapi"]; got != "vendored" {
+		t.Errorf("program imported the %s fastapi, want its vendored one", got)
+	}
+}
