@@ -23,6 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
+	"github.com/aleph-vm-go/vm-supervisor/internal/tailbuf"
 )
 
 //go:embed launcher.py
@@ -51,7 +52,7 @@ type program struct {
 	pid     int
 	network string // how to reach it: unix or tcp
 	address string
-	tail    *tailBuffer
+	tail    *tailbuf.Buffer
 
 	exited   chan struct{}
 	exitDesc string // valid once exited is closed
@@ -224,7 +225,7 @@ func launch(cmd *exec.Cmd, network, address string, r *reaper, log *slog.Logger)
 		log:     log,
 		network: network,
 		address: address,
-		tail:    newTailBuffer(30),
+		tail:    tailbuf.New(30, 1024),
 		exited:  make(chan struct{}),
 		pid1:    r != nil,
 	}
@@ -302,7 +303,7 @@ func (p *program) forward(r *os.File) {
 				line = append(bytes.Clone(line), '\n')
 			}
 			os.Stderr.Write(line)
-			p.tail.add(line)
+			p.tail.Add(line)
 		}
 		if err != nil && !errors.Is(err, bufio.ErrBufferFull) {
 			return
@@ -315,7 +316,7 @@ func (p *program) describeExit() string {
 	return withTail(p.exitDesc, p.tail)
 }
 
-func withTail(msg string, t *tailBuffer) string {
+func withTail(msg string, t *tailbuf.Buffer) string {
 	if lines := t.String(); lines != "" {
 		return msg + "\n" + lines
 	}
@@ -399,34 +400,4 @@ func (p *program) stop(timeout time.Duration) {
 			p.log.Error("program still not reaped after SIGKILL")
 		}
 	})
-}
-
-// tailBuffer keeps the last lines of the program's output, to explain a
-// failure to the host without shipping the whole log.
-type tailBuffer struct {
-	mu    sync.Mutex
-	max   int
-	lines []string
-}
-
-func newTailBuffer(max int) *tailBuffer { return &tailBuffer{max: max} }
-
-func (t *tailBuffer) add(line []byte) {
-	const maxLine = 1 << 10
-	s := strings.TrimRight(string(line), "\n")
-	if len(s) > maxLine {
-		s = s[:maxLine] + "…"
-	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.lines = append(t.lines, s)
-	if len(t.lines) > t.max {
-		t.lines = t.lines[len(t.lines)-t.max:]
-	}
-}
-
-func (t *tailBuffer) String() string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return strings.Join(t.lines, "\n")
 }

@@ -27,6 +27,7 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend/vmimage"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
+	"github.com/aleph-vm-go/vm-supervisor/internal/tailbuf"
 )
 
 // Files of one VM in its state directory.
@@ -51,10 +52,10 @@ type instance struct {
 
 	cmd         *exec.Cmd
 	qmp         *qmp
-	console     *tailBuffer
+	console     *tailbuf.Buffer
 	consoleDone chan struct{}
-	qemuErr     *tailBuffer // QEMU's own stderr
-	booted      time.Time   // when the guest was let run
+	qemuErr     *tailbuf.Buffer // QEMU's own stderr
+	booted      time.Time       // when the guest was let run
 	portOpen    chan struct{}
 	portOnce    sync.Once
 
@@ -80,8 +81,8 @@ func newInstance(b *Backend, spec backend.Spec, log *slog.Logger) *instance {
 		guestSock:  filepath.Join(spec.StateDir, guestSocketName),
 		qmpSock:    filepath.Join(spec.StateDir, qmpSocketName),
 		consoleLog: filepath.Join(spec.StateDir, consoleLogName),
-		console:    newTailBuffer(40),
-		qemuErr:    newTailBuffer(20),
+		console:    tailbuf.New(40, 512),
+		qemuErr:    tailbuf.New(20, 512),
 		portOpen:   make(chan struct{}),
 		done:       make(chan struct{}),
 	}
@@ -204,7 +205,7 @@ func (i *instance) startQemu(ctx context.Context) error {
 		defer readers.Done()
 		copyLines(stdout, func(line []byte) {
 			logFile.Write(line)
-			i.console.add(line)
+			i.console.Add(line)
 			out.Write(line)
 		})
 	}()
@@ -212,7 +213,7 @@ func (i *instance) startQemu(ctx context.Context) error {
 		defer readers.Done()
 		copyLines(stderr, func(line []byte) {
 			logFile.Write(line)
-			i.qemuErr.add(line)
+			i.qemuErr.Add(line)
 			i.log.Warn("qemu: " + strings.TrimSpace(string(line)))
 		})
 	}()
@@ -645,33 +646,4 @@ func (i *instance) waitDone(d time.Duration) bool {
 	case <-t.C:
 		return false
 	}
-}
-
-// tailBuffer keeps the last lines of the console, to explain a failure.
-type tailBuffer struct {
-	mu    sync.Mutex
-	max   int
-	lines []string
-}
-
-func newTailBuffer(max int) *tailBuffer { return &tailBuffer{max: max} }
-
-func (t *tailBuffer) add(line []byte) {
-	const maxLine = 512
-	s := strings.TrimRight(string(line), "\n")
-	if len(s) > maxLine {
-		s = s[:maxLine] + "…"
-	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.lines = append(t.lines, s)
-	if len(t.lines) > t.max {
-		t.lines = t.lines[len(t.lines)-t.max:]
-	}
-}
-
-func (t *tailBuffer) String() string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return strings.Join(t.lines, "\n")
 }

@@ -1,0 +1,41 @@
+// Package tailbuf keeps the last lines of an output stream, so that a
+// failure can be explained with what the process printed just before it.
+package tailbuf
+
+import (
+	"strings"
+	"sync"
+)
+
+// Buffer holds at most Max lines of at most MaxLine bytes each. It is safe
+// for concurrent use.
+type Buffer struct {
+	mu      sync.Mutex
+	max     int
+	maxLine int
+	lines   []string
+}
+
+// New returns a buffer of the last max lines, each cut at maxLine bytes.
+func New(max, maxLine int) *Buffer { return &Buffer{max: max, maxLine: maxLine} }
+
+// Add records one line (a trailing newline is dropped).
+func (t *Buffer) Add(line []byte) {
+	s := strings.TrimRight(string(line), "\n")
+	if len(s) > t.maxLine {
+		s = s[:t.maxLine] + "…"
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.lines = append(t.lines, s)
+	if len(t.lines) > t.max {
+		t.lines = t.lines[len(t.lines)-t.max:]
+	}
+}
+
+// String returns the kept lines, oldest first.
+func (t *Buffer) String() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return strings.Join(t.lines, "\n")
+}
