@@ -95,6 +95,8 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 	}
 	log.Debug("operator login", "url", "/about/login?token="+token)
 
+	// One instance: it uploads the bundled example once and remembers it.
+	selfTest := selfTestProgram(s, st)
 	api := httpapi.New(httpapi.Options{
 		Version:            version,
 		DomainName:         s.DomainName,
@@ -104,13 +106,13 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 		LoginToken:         token,
 		Resolver:           net.DefaultResolver,
 		MaxRequestBodySize: s.MaxRequestBodySize,
-		SelfTestProgram:    selfTestProgram(s, st, source),
+		SelfTestProgram:    selfTest,
 		DiskPath:           s.ExecutionRoot,
 		Logger:             log,
 	})
 
 	if opts.Benchmark > 0 {
-		err := runBenchmark(ctx, api, selfTestProgram(s, st, source), opts.Benchmark, stdout)
+		err := runBenchmark(ctx, api, selfTest, opts.Benchmark, stdout)
 		shutdownPool(p, log)
 		return err
 	}

@@ -111,7 +111,7 @@ func cmdRuntimeAdd(ctx context.Context, s *config.Settings, args []string, stdou
 // selfTestProgram returns the program /status/check/fastapi exercises:
 // CHECK_FASTAPI_VM_ID, or the bundled example uploaded to the local store
 // on first use.
-func selfTestProgram(s *config.Settings, st *store.Store, _ pool.ProgramSource) func(context.Context) (string, error) {
+func selfTestProgram(s *config.Settings, st *store.Store) func(context.Context) (string, error) {
 	var mu sync.Mutex
 	var hash string
 	return func(ctx context.Context) (string, error) {

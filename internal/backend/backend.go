@@ -5,10 +5,13 @@ package backend
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
+	"regexp"
 	"time"
 
+	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 )
 
@@ -99,4 +102,29 @@ type CodeLoader interface {
 type Backend interface {
 	Name() string
 	Start(ctx context.Context, spec Spec) (Instance, error)
+}
+
+// executionIDPattern keeps ids usable as container names, file names and
+// socket names.
+var executionIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`)
+
+// Check verifies what every backend needs of a Spec before starting.
+func (s Spec) Check(backendName string) error {
+	if !executionIDPattern.MatchString(s.ExecutionID) {
+		return errkind.New(errkind.InvalidInput, "%s: execution id %q is not usable as a sandbox name", backendName, s.ExecutionID)
+	}
+	if s.StateDir == "" {
+		return fmt.Errorf("%s: spec has no StateDir", backendName)
+	}
+	return nil
+}
+
+// StartLogger is the logger of one start: the spec's (or fallback), tagged
+// with the execution and the backend.
+func (s Spec) StartLogger(fallback *slog.Logger, backendName string) *slog.Logger {
+	log := s.Logger
+	if log == nil {
+		log = fallback
+	}
+	return log.With("execution", s.ExecutionID, "backend", backendName)
 }

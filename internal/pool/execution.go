@@ -239,6 +239,18 @@ func (e *Execution) spec() backend.Spec {
 	return spec
 }
 
+// resources are the program's vCPUs and memory (MiB), defaults applied.
+func resources(c *message.ProgramContent) (vcpus, memoryMiB int) {
+	vcpus, memoryMiB = c.Resources.VCPUs, c.Resources.Memory
+	if vcpus == 0 {
+		vcpus = message.DefaultVCPUs
+	}
+	if memoryMiB == 0 {
+		memoryMiB = message.DefaultMemory
+	}
+	return vcpus, memoryMiB
+}
+
 // SpecFor turns a resolved program into what a backend needs to run it
 // (without the per-execution parts: id, state directory, output). It is
 // also what `program inspect` shows.
@@ -252,16 +264,9 @@ func SpecFor(prog *sources.Program, persistentDir string) backend.Spec {
 		CodeHash:     prog.Code.Hash,
 		CodeEncoding: c.Code.Encoding,
 		Entrypoint:   c.Code.Entrypoint,
-		VCPUs:        c.Resources.VCPUs,
-		MemoryMiB:    c.Resources.Memory,
 		Internet:     c.Environment.Internet,
 	}
-	if spec.VCPUs == 0 {
-		spec.VCPUs = message.DefaultVCPUs
-	}
-	if spec.MemoryMiB == 0 {
-		spec.MemoryMiB = message.DefaultMemory
-	}
+	spec.VCPUs, spec.MemoryMiB = resources(c)
 	if d := prog.Data; d != nil {
 		spec.DataPath, spec.DataEncoding = d.Path, d.Encoding
 		if c.Data != nil {
@@ -405,7 +410,7 @@ func (e *Execution) writeRecord(ctx context.Context, stopping time.Time, u backe
 	if e.pool.opts.Records == nil || e.instance == nil {
 		return
 	}
-	spec := e.spec()
+	vcpus, memory := resources(e.prog.Content)
 	r := records.Record{
 		UUID:          e.id,
 		VMHash:        e.hash,
@@ -419,8 +424,8 @@ func (e *Execution) writeRecord(ctx context.Context, stopping time.Time, u backe
 		IOWriteCount:  int64(u.IOWriteCount),
 		IOReadBytes:   int64(u.IOReadBytes),
 		IOWriteBytes:  int64(u.IOWriteBytes),
-		VCPUs:         spec.VCPUs,
-		Memory:        spec.MemoryMiB,
+		VCPUs:         vcpus,
+		Memory:        memory,
 	}
 	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
@@ -430,12 +435,13 @@ func (e *Execution) writeRecord(ctx context.Context, stopping time.Time, u backe
 }
 
 func (e *Execution) info() Info {
+	vcpus, memory := resources(e.prog.Content)
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return Info{
 		UUID: e.id, ProgramHash: e.hash, Backend: e.pool.BackendName(),
 		Defined: e.defined, Prepared: e.prepared, Started: e.started,
-		InFlight: e.inFlight, VCPUs: e.spec().VCPUs, MemoryMiB: e.spec().MemoryMiB,
+		InFlight: e.inFlight, VCPUs: vcpus, MemoryMiB: memory,
 	}
 }
 

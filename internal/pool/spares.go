@@ -36,14 +36,7 @@ type SpareRuntime func(ctx context.Context) (sources.File, error)
 // spareMatches tells whether a program can run in a spare: same runtime,
 // default resources, nothing to attach at start.
 func (p *Pool) spareMatches(prog *sources.Program, sp *spare) bool {
-	c := prog.Content
-	vcpus, mem := c.Resources.VCPUs, c.Resources.Memory
-	if vcpus == 0 {
-		vcpus = message.DefaultVCPUs
-	}
-	if mem == 0 {
-		mem = message.DefaultMemory
-	}
+	vcpus, mem := resources(prog.Content)
 	return prog.Runtime.Hash == sp.runtime.Hash && prog.Runtime.Hash != "" &&
 		vcpus == message.DefaultVCPUs && mem == message.DefaultMemory &&
 		prog.Data == nil && len(prog.Volumes) == 0

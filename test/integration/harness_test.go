@@ -7,9 +7,7 @@
 package integration
 
 import (
-	"bufio"
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -331,25 +329,6 @@ func tail(s string, lines int) string {
 	return strings.Join(parts, "\n")
 }
 
-// runningSandboxes counts the sandboxes of this supervisor: runsc
-// containers, or qemu processes working in its execution root.
-func (s *supervisor) runningSandboxes() int {
-	var out []byte
-	if hypervisor == "gvisor" {
-		out, _ = exec.Command("runsc", "--root", filepath.Join(s.execRoot, "runsc"), "list", "-quiet").Output()
-	} else {
-		out, _ = exec.Command("pgrep", "-f", "qemu-system.*"+s.execRoot).Output()
-	}
-	n := 0
-	sc := bufio.NewScanner(bytes.NewReader(out))
-	for sc.Scan() {
-		if strings.TrimSpace(sc.Text()) != "" {
-			n++
-		}
-	}
-	return n
-}
-
 // loginCookie logs in as an operator would, with the token the supervisor
 // wrote to EXECUTION_ROOT/login_token.
 func (s *supervisor) loginCookie() *http.Cookie {
@@ -391,10 +370,4 @@ func (s *supervisor) runningExecutions() int {
 	}
 	defer resp.Body.Close()
 	return len(decodeList(s.t, resp))
-}
-
-func ctxTimeout(t *testing.T, d time.Duration) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), d)
-	t.Cleanup(cancel)
-	return ctx
 }

@@ -406,11 +406,7 @@ func (b *Backend) Plan(ctx context.Context, spec backend.Spec) (*Plan, error) {
 
 // Start implements backend.Backend.
 func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Instance, error) {
-	log := spec.Logger
-	if log == nil {
-		log = b.log
-	}
-	log = log.With("execution", spec.ExecutionID, "backend", "firecracker")
+	log := spec.StartLogger(b.log, "firecracker")
 	if spec.Internet {
 		log.Warn("networking is not implemented for firecracker yet; the VM has no network")
 	}

@@ -198,17 +198,10 @@ var containerIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`
 // Start implements backend.Backend. It creates the bundle step by step and
 // undoes whatever was done when a step fails.
 func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Instance, error) {
-	if !containerIDPattern.MatchString(spec.ExecutionID) {
-		return nil, errkind.New(errkind.InvalidInput, "gvisor: execution id %q is not a valid container id", spec.ExecutionID)
+	if err := spec.Check("gvisor"); err != nil {
+		return nil, err
 	}
-	if spec.StateDir == "" {
-		return nil, errors.New("gvisor: spec has no StateDir")
-	}
-	log := spec.Logger
-	if log == nil {
-		log = b.log
-	}
-	log = log.With("execution", spec.ExecutionID, "backend", "gvisor")
+	log := spec.StartLogger(b.log, "gvisor")
 	inst := newInstance(b, spec, log)
 
 	steps := []backend.Step{

@@ -24,7 +24,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"time"
 
@@ -299,23 +298,14 @@ func hostTSCKHz() int {
 	return measureTSCKHz()
 }
 
-var executionIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`)
-
 // Start implements backend.Backend: images, then QEMU (paused), then the
 // QMP connection that lets the guest run. A failed step undoes the
 // earlier ones.
 func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Instance, error) {
-	if !executionIDPattern.MatchString(spec.ExecutionID) {
-		return nil, errkind.New(errkind.InvalidInput, "qemu: execution id %q is not usable", spec.ExecutionID)
+	if err := spec.Check("qemu"); err != nil {
+		return nil, err
 	}
-	if spec.StateDir == "" {
-		return nil, errors.New("qemu: spec has no StateDir")
-	}
-	log := spec.Logger
-	if log == nil {
-		log = b.log
-	}
-	log = log.With("execution", spec.ExecutionID, "backend", "qemu")
+	log := spec.StartLogger(b.log, "qemu")
 	inst := newInstance(b, spec, log)
 	steps := []backend.Step{
 		{Name: "prepare images", Run: inst.prepareImages},

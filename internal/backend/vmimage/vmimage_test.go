@@ -141,22 +141,6 @@ func writeZip(t *testing.T, path string, files map[string]string) {
 	}
 }
 
-// squashfsListing lists the files of an image with unsquashfs.
-func squashfsListing(t *testing.T, img string) []string {
-	t.Helper()
-	out, err := exec.Command("unsquashfs", "-l", "-d", "", img).CombinedOutput()
-	if err != nil {
-		t.Fatalf("unsquashfs -l %s: %v: %s", img, err, out)
-	}
-	var files []string
-	for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
-		if strings.HasPrefix(l, "/") {
-			files = append(files, l)
-		}
-	}
-	return files
-}
-
 func squashfsCat(t *testing.T, img, file string) string {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "x")
