@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"regexp"
 	"time"
 
@@ -51,6 +52,9 @@ type Spec struct {
 	VCPUs     int
 	MemoryMiB int
 	Internet  bool
+	// Network is the execution's own network, prepared on the host before
+	// Start (internal/network); nil means loopback only.
+	Network *Network
 
 	// StateDir is a private, empty directory under EXECUTION_ROOT that the
 	// backend may use for bundles, sockets and logs. The backend removes
@@ -61,6 +65,34 @@ type Spec struct {
 	// stdout+stderr, already tagged by the caller.
 	ProgramOutput io.Writer
 	Logger        *slog.Logger
+}
+
+// Network is one execution's network as the backend attaches it: a
+// network namespace whose eth0 already has Address (gVisor's netstack
+// takes it over), or a host tap device for a VM's virtio-net card.
+type Network struct {
+	NetnsPath string       // gVisor: path of the execution's network namespace
+	TapName   string       // VMs: host tap device
+	GuestMAC  string       // VMs: MAC address of the guest's card
+	Address   netip.Prefix // the program's address and prefix length
+	Gateway   netip.Addr   // the host side of the link
+	DNS       []netip.Addr // nameservers the guest uses
+}
+
+// LinkKind is how a backend attaches an execution to its network.
+type LinkKind int
+
+// Link kinds.
+const (
+	LinkNone      LinkKind = iota // the backend cannot attach a network
+	LinkNamespace                 // a network namespace with a veth inside (gVisor)
+	LinkTap                       // a tap device on the host (QEMU, Firecracker)
+)
+
+// Networker is implemented by backends that can give programs a network;
+// the pool prepares the link kind they name before Start.
+type Networker interface {
+	NetworkLink() LinkKind
 }
 
 // Usage is the resource usage of an instance, for execution records.
