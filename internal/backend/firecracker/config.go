@@ -3,6 +3,8 @@ package firecracker
 import (
 	"errors"
 	"fmt"
+	"regexp"
+	"strconv"
 	"strings"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
@@ -53,8 +55,9 @@ type MachineConfig struct {
 	SMT        bool `json:"smt"`
 }
 
-// NetworkInterface is definitions.NetworkInterface (unused until the
-// network is wired up).
+// NetworkInterface is definitions.NetworkInterface: one virtio-net card
+// backed by a host tap device (host_dev_name). The rate limiters are left
+// out.
 type NetworkInterface struct {
 	IfaceID     string `json:"iface_id"`
 	HostDevName string `json:"host_dev_name"`
@@ -90,6 +93,45 @@ const (
 	// TODO(lead): move to internal/guest so the agent shares it.
 	GuestVsockPort = 52
 )
+
+// GuestIfaceID is the iface_id of the guest's one network card. It is
+// only Firecracker's name for the device; the guest kernel names the card
+// eth0 too, as it is the only one, and the agent configures eth0.
+const GuestIfaceID = "eth0"
+
+// macPattern is the form Firecracker v1.0.0 parses guest_mac in
+// (utils::net::mac::MacAddr::parse_str: six ':'-separated pairs of hex
+// digits). The API spec has no pattern for it; a bad value only fails
+// when Firecracker reads the file.
+var macPattern = regexp.MustCompile(`^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$`)
+
+// ifNameMax is IFNAMSIZ-1: Firecracker refuses longer tap names, and the
+// kernel could not have created one.
+const ifNameMax = 15
+
+// networkInterface is the config of spec's network: the tap the host
+// prepared, with the guest card's MAC address.
+func networkInterface(n *backend.Network) (NetworkInterface, error) {
+	tap := n.TapName
+	switch {
+	case tap == "":
+		return NetworkInterface{}, errors.New("firecracker: the network has no tap device (Firecracker attaches a host tap, not a network namespace)")
+	case len(tap) > ifNameMax || tap == "." || tap == ".." || strings.ContainsAny(tap, "/: \t\n"):
+		return NetworkInterface{}, fmt.Errorf("firecracker: %q is not a valid tap device name", tap)
+	}
+	if n.GuestMAC != "" {
+		if !macPattern.MatchString(n.GuestMAC) {
+			return NetworkInterface{}, fmt.Errorf("firecracker: guest MAC address %q is not of the form 02:fc:00:00:00:01", n.GuestMAC)
+		}
+		// The low bit of the first octet marks a multicast address, which
+		// no card can have; all zeros is no address at all.
+		first, _ := strconv.ParseUint(n.GuestMAC[:2], 16, 8) // checked by macPattern
+		if first&1 != 0 || n.GuestMAC == "00:00:00:00:00:00" {
+			return NetworkInterface{}, fmt.Errorf("firecracker: guest MAC address %s is not a unicast address", n.GuestMAC)
+		}
+	}
+	return NetworkInterface{IfaceID: GuestIfaceID, HostDevName: tap, GuestMAC: n.GuestMAC}, nil
+}
 
 // Limits of Firecracker v1.0.0's machine configuration.
 const (
@@ -135,7 +177,10 @@ type ConfigParams struct {
 	Init string
 }
 
-// BuildConfig produces the --config-file document for spec. drives come
+// BuildConfig produces the --config-file document for spec. With
+// spec.Network it has one network interface on spec.Network.TapName,
+// which must exist when Firecracker starts (see JailerCommand for how a
+// jailed Firecracker reaches it). drives come
 // from vmimage.GuestDrives, in attachment order, with PathOnHost as
 // Firecracker must open it (the caller rewrites paths for the jail). It
 // touches no file.
@@ -169,6 +214,13 @@ func BuildConfig(spec backend.Spec, drives []vmimage.Drive, p ConfigParams) (*VM
 		MachineConfig:     MachineConfig{VCPUCount: vcpus, MemSizeMiB: mem, SMT: false},
 		NetworkInterfaces: []NetworkInterface{},
 		Vsock:             &Vsock{GuestCID: GuestCID, UDSPath: p.VsockPath},
+	}
+	if spec.Network != nil {
+		nic, err := networkInterface(spec.Network)
+		if err != nil {
+			return nil, err
+		}
+		cfg.NetworkInterfaces = append(cfg.NetworkInterfaces, nic)
 	}
 	seen := map[string]bool{}
 	for i, d := range drives {

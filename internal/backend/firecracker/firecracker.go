@@ -8,6 +8,11 @@
 // uid/gid, and is confined by cgroup limits the jailer sets; the whole jail
 // directory goes on Stop.
 //
+// With Spec.Network the VM gets one virtio-net card, eth0, on the host tap
+// the pool created before Start (NetworkLink is backend.LinkTap; the tap
+// must belong to TapOwner). The guest's address is the agent's business,
+// from guest.Config.
+//
 // Neither /dev/kvm-backed runs nor the firecracker binary are available on
 // the project's machines: what is tested there is everything around the
 // VMM (configuration against the v1.0.0 schema, jailer command line and
@@ -327,6 +332,15 @@ func BuildPlan(opts Options, spec backend.Spec, drives []vmimage.Drive) (*Plan, 
 			p.Files = append(p.Files, JailFile{Source: d.HostPath, Dest: dest, Writable: !d.ReadOnly, Temporary: d.Temporary})
 			seen[i].HostPath = dest
 		}
+		dests := []string{JailConfigFile, JailAPISocket, JailVsock, JailLog}
+		for _, f := range p.Files {
+			dests = append(dests, f.Dest)
+		}
+		for _, d := range dests {
+			if err := checkJailDest(d, opts.FirecrackerPath); err != nil {
+				return nil, err
+			}
+		}
 	} else {
 		if spec.StateDir == "" {
 			return nil, errors.New("firecracker: spec has no StateDir")
@@ -395,6 +409,9 @@ func Inspect(ctx context.Context, opts Options, spec backend.Spec) (*Plan, error
 	if err != nil {
 		return nil, err
 	}
+	if spec.Internet && spec.Network == nil {
+		warnings = append(warnings, "the program asks for internet access: its network interface (when networking is enabled) is assigned at start and not shown here")
+	}
 	p.Warnings = append(p.Warnings, warnings...)
 	return p, nil
 }
@@ -407,11 +424,12 @@ func (b *Backend) Plan(ctx context.Context, spec backend.Spec) (*Plan, error) {
 // Start implements backend.Backend.
 func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Instance, error) {
 	log := spec.StartLogger(b.log, "firecracker")
-	if spec.Internet {
-		log.Warn("networking is not implemented for firecracker yet; the VM has no network")
+	if spec.Internet && spec.Network == nil {
+		log.Info("internet access requested but no network was prepared; the VM has no network")
 	}
 	inst := newInstance(b, spec, log)
 	steps := []backend.Step{
+		{Name: "check tap", Run: inst.checkNetwork},
 		{Name: "prepare images", Run: inst.prepareImages},
 		{Name: "plan", Run: inst.plan},
 		{Name: "lay out files", Run: inst.layOut},

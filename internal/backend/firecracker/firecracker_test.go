@@ -33,6 +33,9 @@ func TestMain(m *testing.M) {
 	if mode := os.Getenv(fakeVMMEnv); mode != "" {
 		os.Exit(fakeVMM(mode))
 	}
+	if arg := os.Getenv(tapAttachEnv); arg != "" {
+		os.Exit(tapAttach(arg))
+	}
 	os.Exit(m.Run())
 }
 

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -23,6 +24,36 @@ const (
 	// Drives are placed at /drives/<drive id>.
 	JailDrivesDir = "/drives"
 )
+
+// JailerDevDir is where the jailer (v1.0.0, src/jailer/src/env.rs,
+// Env::run) creates device nodes once inside the chroot, before dropping
+// privileges: /dev/net/tun, /dev/kvm and /dev/urandom, each made with
+// mknod (mode 0600) and chowned to --uid/--gid, the directories /dev and
+// /dev/net made 0700 and the jail user's. mknod fails with EEXIST on an
+// existing path and the jailer then gives up, so the chroot we lay out
+// must have nothing under /dev: the jailer's nodes are the only way
+// Firecracker reaches /dev/net/tun (for the tap) and /dev/kvm there.
+// BuildPlan refuses a layout that would put a file there, and layOut
+// removes a jail a crash left behind (its nodes included) before building.
+const JailerDevDir = "/dev"
+
+// JailerDevices are the nodes the jailer makes under JailerDevDir.
+var JailerDevices = []string{"/dev/net/tun", "/dev/kvm", "/dev/urandom"}
+
+// checkJailDest refuses a chroot path the jailer itself writes: anything
+// under JailerDevDir, and /<exec file name>, where it copies Firecracker.
+func checkJailDest(dest, execFile string) error {
+	clean := filepath.Clean(dest)
+	switch {
+	case !filepath.IsAbs(clean) || clean == "/":
+		return fmt.Errorf("firecracker: jail path %q is not an absolute file path", dest)
+	case clean == JailerDevDir || strings.HasPrefix(clean, JailerDevDir+"/"):
+		return fmt.Errorf("firecracker: jail path %s is under %s, where the jailer creates its device nodes", dest, JailerDevDir)
+	case clean == "/"+filepath.Base(execFile):
+		return fmt.Errorf("firecracker: jail path %s is where the jailer copies the Firecracker binary", dest)
+	}
+	return nil
+}
 
 // JailerParams are the inputs of a jailer command line.
 type JailerParams struct {
@@ -45,6 +76,17 @@ type JailerParams struct {
 // we started is Firecracker itself and its stdout (the guest's serial
 // console) stays ours. No --new-pid-ns for the same reason: the pid we
 // hold must be Firecracker's.
+//
+// No --netns either: the jailer then only unshares a mount namespace
+// (pivot_root into the chroot), so Firecracker stays in the host network
+// namespace, where the pool created the execution's tap before Start. It
+// opens /dev/net/tun inside the chroot (the node the jailer made, see
+// JailerDevDir) and attaches to the tap by name (TUNSETIFF), and tap names
+// are looked up in the caller's network namespace. Attaching to an
+// existing tap needs no capability only if the tap's owner and group are
+// unset or are the jail user's uid and gid (the kernel's tun_not_capable);
+// Firecracker has dropped to --uid/--gid by then, so the host must create
+// the tap owned by Backend.TapOwner, which Start checks.
 func JailerCommand(p JailerParams) []string {
 	argv := []string{p.JailerPath,
 		"--id", p.ID,

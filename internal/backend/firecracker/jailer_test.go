@@ -254,6 +254,10 @@ func TestJailLayout(t *testing.T) {
 	if _, u, _ := inode(t, filepath.Join(root, "firecracker.log")); u != uid {
 		t.Error("log file is not the jail user's")
 	}
+	// The jailer mknods its device nodes there and fails on existing ones.
+	if _, err := os.Lstat(filepath.Join(root, JailerDevDir)); !os.IsNotExist(err) {
+		t.Errorf("chroot has %s before the jailer runs (err %v)", JailerDevDir, err)
+	}
 	got, err := os.ReadFile(filepath.Join(root, "vm_config.json"))
 	if err != nil || string(got) != string(inst.p.ConfigJSON) {
 		t.Errorf("config file: %v", err)

@@ -10,10 +10,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -218,12 +221,47 @@ func validateConfigFile(t *testing.T, defs schemaSet, doc map[string]any) []stri
 			continue
 		}
 		for n, e := range arr {
-			for _, msg := range defs.validate(sec.def, e) {
+			msgs := defs.validate(sec.def, e)
+			if sec.def == "NetworkInterface" {
+				msgs = append(msgs, netParseRules(e)...)
+			}
+			for _, msg := range msgs {
 				errs = append(errs, fmt.Sprintf("%s[%d]: %s", k, n, msg))
 			}
 		}
 	}
 	sort.Strings(errs)
+	return errs
+}
+
+// netParseRules are what Firecracker v1.0.0 demands of a network interface
+// beyond its API definitions, which give guest_mac and host_dev_name as
+// plain strings: guest_mac is parsed by MacAddr::parse_str (six
+// ':'-separated fields of exactly two hex digits; the serde error is "The
+// provided MAC address is invalid."), and the tap name must fit in
+// IFNAMSIZ with its NUL (Tap::open_named refuses 16 bytes and more). Written
+// from those rules, independently of the package's own checks.
+func netParseRules(v any) []string {
+	obj, ok := v.(map[string]any)
+	if !ok {
+		return nil
+	}
+	var errs []string
+	if mac, ok := obj["guest_mac"].(string); ok {
+		fields := strings.Split(mac, ":")
+		valid := len(fields) == 6
+		for _, f := range fields {
+			if _, err := strconv.ParseUint(f, 16, 8); len(f) != 2 || err != nil {
+				valid = false
+			}
+		}
+		if !valid {
+			errs = append(errs, fmt.Sprintf("guest_mac %q: Firecracker cannot parse it", mac))
+		}
+	}
+	if name, ok := obj["host_dev_name"].(string); ok && len(name) >= 16 {
+		errs = append(errs, fmt.Sprintf("host_dev_name %q: longer than a network interface name", name))
+	}
 	return errs
 }
 
@@ -300,8 +338,11 @@ func TestExampleConfigValidates(t *testing.T) {
 func TestValidatorRejects(t *testing.T) {
 	defs := loadDefinitions(t)
 	good := func() map[string]any {
-		return decode(t, mustConfig(t, testSpec(2, 512), testDrives()))
+		spec := testSpec(2, 512)
+		spec.Network = testNetwork()
+		return decode(t, mustConfig(t, spec, testDrives()))
 	}
+	nic := func(m map[string]any) map[string]any { return m["network-interfaces"].([]any)[0].(map[string]any) }
 	for _, tc := range []struct {
 		name   string
 		mutate func(m map[string]any)
@@ -320,6 +361,16 @@ func TestValidatorRejects(t *testing.T) {
 		{"unknown section", func(m map[string]any) { m["boot_source"] = m["boot-source"] }, `"boot_source" is not in vm_config.json`},
 		{"no drives", func(m map[string]any) { delete(m, "drives") }, "missing section drives"},
 		{"required null", func(m map[string]any) { m["vsock"].(map[string]any)["uds_path"] = nil }, "want a string"},
+		{"interface without tap", func(m map[string]any) { delete(nic(m), "host_dev_name") }, `missing required property "host_dev_name"`},
+		{"interface without id", func(m map[string]any) { delete(nic(m), "iface_id") }, `missing required property "iface_id"`},
+		{"unknown interface field", func(m map[string]any) { nic(m)["mac"] = "02:fc:00:00:00:01" }, `"mac" is not in the definition`},
+		{"mac as number", func(m map[string]any) { nic(m)["guest_mac"] = 2.0 }, "want a string"},
+		{"mac with dashes", func(m map[string]any) { nic(m)["guest_mac"] = "02-fc-00-00-00-01" }, "Firecracker cannot parse it"},
+		{"mac short field", func(m map[string]any) { nic(m)["guest_mac"] = "02:fc:0:00:00:01" }, "Firecracker cannot parse it"},
+		{"mac too long", func(m map[string]any) { nic(m)["guest_mac"] = "aa:aa:aa:aa:aa:aa:aa" }, "Firecracker cannot parse it"},
+		{"mac not hex", func(m map[string]any) { nic(m)["guest_mac"] = "aa:aa:aa:aa:aa:ax" }, "Firecracker cannot parse it"},
+		{"tap name too long", func(m map[string]any) { nic(m)["host_dev_name"] = "tap-0123456789ab" }, "longer than a network interface name"},
+		{"interfaces not an array", func(m map[string]any) { m["network-interfaces"] = nic(m) }, "want an array"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			m := good()
@@ -337,6 +388,17 @@ func TestValidatorRejects(t *testing.T) {
 
 func testSpec(vcpus, mem int) backend.Spec {
 	return backend.Spec{ExecutionID: "0b5e4c1c-8e0f-4f4e-9d7a-2f0b1c2d3e4f", VCPUs: vcpus, MemoryMiB: mem, StateDir: "/var/lib/aleph/vm/executions/x"}
+}
+
+// testNetwork is a network as the pool prepares it for a VM.
+func testNetwork() *backend.Network {
+	return &backend.Network{
+		TapName:  "fc-0b5e4c1c",
+		GuestMAC: "02:fc:0a:00:00:02",
+		Address:  netip.MustParsePrefix("172.16.4.2/24"),
+		Gateway:  netip.MustParseAddr("172.16.4.1"),
+		DNS:      []netip.Addr{netip.MustParseAddr("9.9.9.9")},
+	}
 }
 
 func testDrives() []vmimage.Drive {
@@ -367,6 +429,10 @@ func fixtureSpec(t *testing.T, prog *message.ProgramContent) (backend.Spec, *vmi
 		ExecutionID: "6f1c2e8a-0d7b-4c55-a1e3-9b8f7d6c5a4b", ProgramHash: "prog",
 		VCPUs: prog.Resources.VCPUs, MemoryMiB: prog.Resources.Memory,
 		StateDir: "/var/lib/aleph/vm/executions/6f1c2e8a",
+		Internet: prog.Environment.Internet,
+	}
+	if spec.Internet {
+		spec.Network = testNetwork()
 	}
 	prep := &vmimage.Prepared{
 		Runtime: vmimage.Image{Path: "/cache/runtime/" + prog.Runtime.Ref, FSType: vmimage.FSSquashfs, ReadOnly: true},
@@ -396,7 +462,7 @@ func fixtureSpec(t *testing.T, prog *message.ProgramContent) (backend.Spec, *vmi
 func TestFixtureConfigsValidate(t *testing.T) {
 	defs := loadDefinitions(t)
 	files, _ := filepath.Glob("../../message/testdata/aleph-messages/*.json")
-	programs := 0
+	programs, networked := 0, 0
 	for _, f := range files {
 		b, err := os.ReadFile(f)
 		if err != nil {
@@ -411,6 +477,9 @@ func TestFixtureConfigsValidate(t *testing.T) {
 			t.Fatalf("%s: %v", f, err)
 		}
 		programs++
+		if prog.Environment.Internet {
+			networked++
+		}
 		for _, jailed := range []bool{true, false} {
 			t.Run(fmt.Sprintf("%s/jailed=%v", filepath.Base(f), jailed), func(t *testing.T) {
 				spec, prep := fixtureSpec(t, prog)
@@ -443,6 +512,13 @@ func TestFixtureConfigsValidate(t *testing.T) {
 				if len(plan.Config.Drives) != wantDrives {
 					t.Errorf("%d drives, want %d", len(plan.Config.Drives), wantDrives)
 				}
+				wantNICs := []NetworkInterface{}
+				if prog.Environment.Internet {
+					wantNICs = []NetworkInterface{{IfaceID: "eth0", HostDevName: spec.Network.TapName, GuestMAC: spec.Network.GuestMAC}}
+				}
+				if !reflect.DeepEqual(plan.Config.NetworkInterfaces, wantNICs) {
+					t.Errorf("network-interfaces %+v, want %+v", plan.Config.NetworkInterfaces, wantNICs)
+				}
 				if plan.Config.Vsock == nil || plan.Config.Vsock.GuestCID != GuestCID {
 					t.Errorf("vsock = %+v", plan.Config.Vsock)
 				}
@@ -466,6 +542,9 @@ func TestFixtureConfigsValidate(t *testing.T) {
 	if programs < 3 {
 		t.Fatalf("only %d PROGRAM fixtures found", programs)
 	}
+	if networked == 0 || networked == programs {
+		t.Fatalf("%d of %d PROGRAM fixtures have internet: both kinds are needed", networked, programs)
+	}
 }
 
 // TestActionBodyValidates checks the stop request against the spec.
@@ -473,5 +552,40 @@ func TestActionBodyValidates(t *testing.T) {
 	defs := loadDefinitions(t)
 	if errs := defs.validate("InstanceActionInfo", decode(t, InstanceAction{ActionType: ActionSendCtrlAltDel})); len(errs) > 0 {
 		t.Fatal(errs)
+	}
+}
+
+// TestNetworkConfigValidates checks a configuration with a network against
+// definitions.NetworkInterface (and Firecracker's parse rules), jailed and
+// not: the interface is the same either way, since the tap is on the host
+// and Firecracker names it, not a path.
+func TestNetworkConfigValidates(t *testing.T) {
+	defs := loadDefinitions(t)
+	for _, jailed := range []bool{true, false} {
+		spec := testSpec(1, 128)
+		spec.Network = testNetwork()
+		opts := Options{UseJailer: jailed, KernelPath: "/opt/vm/vmlinux", JailerUID: 990, JailerGID: 990, CgroupVersion: 2}.withDefaults()
+		plan, err := BuildPlan(opts, spec, testDrives())
+		if err != nil {
+			t.Fatal(err)
+		}
+		var doc map[string]any
+		if err := json.Unmarshal(plan.ConfigJSON, &doc); err != nil {
+			t.Fatal(err)
+		}
+		if errs := validateConfigFile(t, defs, doc); len(errs) > 0 {
+			t.Fatalf("jailed=%v: config rejected:\n%s\n%s", jailed, strings.Join(errs, "\n"), plan.ConfigJSON)
+		}
+		nics, _ := doc["network-interfaces"].([]any)
+		if len(nics) != 1 {
+			t.Fatalf("jailed=%v: network-interfaces = %v", jailed, doc["network-interfaces"])
+		}
+		if errs := defs.validate("NetworkInterface", nics[0]); len(errs) > 0 {
+			t.Errorf("interface rejected: %v", errs)
+		}
+		want := map[string]any{"iface_id": "eth0", "host_dev_name": "fc-0b5e4c1c", "guest_mac": "02:fc:0a:00:00:02"}
+		if !reflect.DeepEqual(nics[0], want) {
+			t.Errorf("jailed=%v: interface %v, want %v", jailed, nics[0], want)
+		}
 	}
 }
