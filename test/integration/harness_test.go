@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -171,38 +172,76 @@ func startSupervisor(t *testing.T, extraEnv ...string) *supervisor {
 	)
 	s.env = append(s.env, extraEnv...)
 	s.cli("runtime", "add", runtimeFile, "--default")
-
-	s.cmd = exec.Command(filepath.Join(binDir, "vm-supervisor"), "-vv")
-	s.cmd.Env = s.env
-	s.cmd.Dir = dir
-	s.cmd.Stdout = s.logs
-	s.cmd.Stderr = s.logs
-	if err := s.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { s.waitErr <- s.cmd.Wait() }()
 	t.Cleanup(func() {
 		s.shutdown()
 		if t.Failed() {
 			t.Logf("supervisor log:\n%s", tail(s.logs.String(), 200))
 		}
 	})
+	s.launch()
+	return s
+}
+
+// launch starts the supervisor process with s.env and waits until it
+// answers HTTP.
+func (s *supervisor) launch() {
+	t := s.t
+	t.Helper()
+	s.waitErr = make(chan error, 1)
+	s.cmd = exec.Command(filepath.Join(binDir, "vm-supervisor"), "-vv")
+	s.cmd.Env = s.env
+	s.cmd.Dir = filepath.Dir(s.execRoot)
+	s.cmd.Stdout = s.logs
+	s.cmd.Stderr = s.logs
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ourPIDs.Store(s.cmd.Process.Pid, struct{}{})
+	cmd, waitErr := s.cmd, s.waitErr
+	go func() { waitErr <- cmd.Wait() }()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		resp, err := http.Get(s.base + "/status/check/version")
 		if err == nil {
 			resp.Body.Close()
-			return s
+			return
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("supervisor did not answer: %v\n%s", err, s.logs.String())
 		}
 		select {
-		case err := <-s.waitErr:
+		case err := <-waitErr:
+			s.cmd = nil
 			t.Fatalf("supervisor exited: %v\n%s", err, s.logs.String())
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// kill9 kills the supervisor as a crash would (SIGKILL): nothing of its
+// own clean-up runs. Its sandboxes, links and rules stay until a restart
+// sweeps them.
+func (s *supervisor) kill9() {
+	s.t.Helper()
+	if s.cmd == nil || s.cmd.Process == nil {
+		s.t.Fatal("kill9: supervisor not running")
+	}
+	_ = s.cmd.Process.Kill()
+	<-s.waitErr
+	s.cmd = nil
+}
+
+// restart starts the supervisor again on the same EXECUTION_ROOT,
+// CACHE_ROOT, port and Aleph API, after kill9 or shutdown; extraEnv
+// override earlier settings.
+func (s *supervisor) restart(extraEnv ...string) {
+	s.t.Helper()
+	if s.cmd != nil {
+		s.t.Fatal("restart: supervisor still running")
+	}
+	s.env = append(s.env, extraEnv...)
+	fmt.Fprintf(s.logs, "\n--- restart %v ---\n", extraEnv)
+	s.launch()
 }
 
 // cli runs a supervisor sub-command with this supervisor's settings and
@@ -274,6 +313,141 @@ func (s *supervisor) assertNothingLeft() {
 	if strings.TrimSpace(string(procs)) != "" {
 		t.Errorf("processes left behind: %s", procs)
 	}
+	left := ourNetworkState(t)
+	for _, l := range left.Links {
+		t.Errorf("network link left behind: %s", l)
+	}
+	for _, n := range left.Netns {
+		t.Errorf("network namespace left behind: %s", n)
+	}
+	for _, r := range left.Tables {
+		t.Errorf("nftables table left behind: %s", r)
+	}
+	for _, l := range left.Leases {
+		t.Errorf("network lease left behind: %s", l)
+	}
+}
+
+// Names of what the supervisor's networking creates on the host.
+const (
+	ourLinkPrefix  = "avm"           // every host-side link
+	ourNetnsPrefix = "avm-"          // every network namespace
+	ourTable       = "inet aleph_vm" // the nftables table (family and name)
+	leaseDir       = "/run/aleph-vm/network/leases"
+)
+
+// networkState is what of the supervisor's networking exists on the host.
+type networkState struct {
+	Links  []string // host links named avm*
+	Netns  []string // network namespaces named avm-*
+	Tables []string // our nftables table, when present
+	Leases []string // lease files
+}
+
+func (n networkState) empty() bool {
+	return len(n.Links)+len(n.Netns)+len(n.Tables)+len(n.Leases) == 0
+}
+
+// ourPIDs are the supervisors this package started, to tell their
+// networks from those of a supervisor someone else runs on this host.
+var ourPIDs sync.Map // pid → struct{}
+
+// foreignSupervisor reports whether pid is a live vm-supervisor this
+// package did not start.
+func foreignSupervisor(pid int) bool {
+	if _, ours := ourPIDs.Load(pid); ours || pid <= 0 {
+		return false
+	}
+	comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+	return err == nil && strings.TrimSpace(string(comm)) == "vm-supervisor"
+}
+
+// foreignSupervisors lists the live vm-supervisor processes this package
+// did not start.
+func foreignSupervisors() []int {
+	var out []int
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		if pid, err := strconv.Atoi(p.Name()); err == nil && foreignSupervisor(pid) {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// ourNetworkState lists the supervisor's links, namespaces, nftables
+// table and leases on this host. What belongs to a live supervisor that
+// this package did not start (a developer's, while the suite runs) is
+// left out: its lease names its owner, and its links and namespace carry
+// the lease's index; the shared table is then not looked at. Without the
+// ip or nft binary that part is not looked at, except in CI, where that
+// is an error.
+func ourNetworkState(t *testing.T) networkState {
+	t.Helper()
+	var st networkState
+	foreign := map[string]int{} // lease index → live foreign owner
+	leases, _ := os.ReadDir(leaseDir)
+	for _, e := range leases {
+		var l struct {
+			OwnerPID int `json:"owner_pid"`
+		}
+		if b, err := os.ReadFile(filepath.Join(leaseDir, e.Name())); err == nil && json.Unmarshal(b, &l) == nil && foreignSupervisor(l.OwnerPID) {
+			foreign[e.Name()] = l.OwnerPID
+			t.Logf("not counting network %s: it belongs to supervisor %d, which this test did not start", e.Name(), l.OwnerPID)
+			continue
+		}
+		st.Leases = append(st.Leases, filepath.Join(leaseDir, e.Name()))
+	}
+	isForeign := func(name, prefix string) bool {
+		_, ok := foreign[strings.TrimPrefix(name, prefix)]
+		return ok
+	}
+
+	var out []byte
+	if _, err := exec.LookPath("ip"); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Errorf("ip not installed (iproute2): cannot check for leftover links")
+		}
+	} else if out, err = exec.Command("ip", "-br", "link").Output(); err != nil {
+		t.Errorf("ip -br link: %v", err)
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 {
+			continue
+		}
+		name, _, _ := strings.Cut(f[0], "@")
+		if strings.HasPrefix(name, ourLinkPrefix) && !isForeign(name, ourLinkPrefix) {
+			st.Links = append(st.Links, name)
+		}
+	}
+	// ip netns list reads /run/netns; read it directly so that a missing
+	// directory (no namespace ever made) is not an error.
+	entries, _ := os.ReadDir("/run/netns")
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), ourNetnsPrefix) && !isForeign(e.Name(), ourNetnsPrefix) {
+			st.Netns = append(st.Netns, e.Name())
+		}
+	}
+
+	if others := foreignSupervisors(); len(others) > 0 {
+		t.Logf("not looking for nftables table %q: supervisors %v, which this test did not start, are running", ourTable, others)
+	} else if _, err := exec.LookPath("nft"); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Errorf("nft not installed (scripts/install-deps.sh installs nftables): cannot check for leftover rules")
+		}
+	} else {
+		out, err := exec.Command("nft", "list", "tables").CombinedOutput()
+		if err != nil {
+			t.Errorf("nft list tables: %v: %s", err, out)
+		}
+		for _, line := range strings.Split(string(out), "\n") {
+			if strings.TrimSpace(line) == "table "+ourTable {
+				st.Tables = append(st.Tables, ourTable)
+			}
+		}
+	}
+	return st
 }
 
 type response struct {
@@ -362,12 +536,19 @@ func decodeList(t *testing.T, resp *http.Response) []map[string]any {
 // operator page (pre-warmed spares are not executions).
 func (s *supervisor) runningExecutions() int {
 	s.t.Helper()
+	return len(s.executions(s.t))
+}
+
+// executions returns the operator page's list of running executions; t is
+// the (sub)test asking.
+func (s *supervisor) executions(t *testing.T) []map[string]any {
+	t.Helper()
 	req, _ := http.NewRequest("GET", s.base+"/about/executions", nil)
 	req.AddCookie(s.loginCookie())
 	resp, err := client.Do(req)
 	if err != nil {
-		s.t.Fatal(err)
+		t.Fatal(err)
 	}
 	defer resp.Body.Close()
-	return len(decodeList(s.t, resp))
+	return decodeList(t, resp)
 }

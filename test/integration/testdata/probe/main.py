@@ -5,7 +5,7 @@ import os
 import socket
 import uuid
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
 
 app = FastAPI()
@@ -52,6 +52,105 @@ async def connect(host: str, port: int):
             return {"connected": True}
     except OSError as e:
         return {"connected": False, "error": str(e)}
+
+
+@app.get("/connect-all")
+async def connect_all(to: list[str] = Query(...), read: bool = False):
+    """Tries every host:port in `to` at once (2 s each); with read, returns
+    the first line the other side sends."""
+
+    async def attempt(target: str):
+        host, _, port = target.rpartition(":")
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 2)
+        except Exception as e:
+            return {"connected": False, "error": f"{type(e).__name__}: {e}"}
+        received = ""
+        if read:
+            try:
+                received = (await asyncio.wait_for(reader.readline(), 2)).decode(errors="replace")
+            except Exception as e:
+                received = f"{type(e).__name__}: {e}"
+        writer.close()
+        return {"connected": True, "received": received}
+
+    results = await asyncio.gather(*(attempt(t) for t in to))
+    return dict(zip(to, results))
+
+
+listeners = {}
+
+
+@app.get("/listen")
+async def listen(port: int):
+    """Starts a TCP server on 0.0.0.0:port that says "pong" to whoever connects."""
+
+    async def pong(reader, writer):
+        writer.write(b"pong\n")
+        await writer.drain()
+        writer.close()
+
+    if port not in listeners:
+        listeners[port] = await asyncio.start_server(pong, "0.0.0.0", port)
+    return {"listening": True, "port": port}
+
+
+def _fetch(url: str):
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=3) as r:
+            return {"ok": True, "status": r.status, "body": r.read(4096).decode(errors="replace"), "error": None}
+    except urllib.error.HTTPError as e:
+        return {"ok": False, "status": e.code, "body": "", "error": str(e)}
+    except Exception as e:
+        return {"ok": False, "status": None, "body": "", "error": f"{type(e).__name__}: {e}"}
+
+
+@app.get("/fetch")
+async def fetch(url: str):
+    return await asyncio.get_running_loop().run_in_executor(None, _fetch, url)
+
+
+def _resolve(name: str):
+    try:
+        infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
+        return {"ok": True, "addresses": sorted({i[4][0] for i in infos}), "error": None}
+    except OSError as e:
+        return {"ok": False, "addresses": [], "error": f"{type(e).__name__}: {e}"}
+
+
+@app.get("/resolve")
+async def resolve(name: str):
+    return await asyncio.get_running_loop().run_in_executor(None, _resolve, name)
+
+
+@app.get("/ip")
+async def ip(target: str = "198.18.0.2"):
+    """The program's own IPv4 address (the source of a route to target), its
+    interfaces and its resolver configuration."""
+    address, error = None, None
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect((target, 9))
+        address = s.getsockname()[0]
+    except OSError as e:
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        s.close()
+    try:
+        with open("/etc/resolv.conf") as f:
+            resolv_conf = f.read()
+    except OSError as e:
+        resolv_conf = None
+    try:
+        interfaces = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        interfaces = None
+    return {"address": address, "error": error, "resolv_conf": resolv_conf,
+            "interfaces": interfaces, "hostname": socket.gethostname()}
 
 
 @app.get("/memory")
