@@ -114,6 +114,8 @@ func (a *agent) serve(ctx context.Context, ch io.ReadWriteCloser) (int, error) {
 		if err := a.setup(runCtx, cfg, log); err != nil {
 			return fail(err)
 		}
+	} else if err := writeResolvConf(cfg.DNS); err != nil {
+		return fail(fmt.Errorf("network: %w", err))
 	}
 
 	// The guest API listens before the program starts: programs may call

@@ -76,21 +76,32 @@ func configureNetwork(cfg guest.Config, log *slog.Logger) error {
 			return fmt.Errorf("default route via %s: %w", gw, err)
 		}
 	}
-	if len(cfg.DNS) > 0 {
-		var b strings.Builder
-		for _, ns := range cfg.DNS {
-			if _, err := netip.ParseAddr(ns); err != nil {
-				return fmt.Errorf("bad DNS server %q", ns)
-			}
-			fmt.Fprintf(&b, "nameserver %s\n", ns)
-		}
-		// The runtime may ship resolv.conf as a symlink into /run.
-		os.Remove("/etc/resolv.conf")
-		if err := os.WriteFile("/etc/resolv.conf", []byte(b.String()), 0o644); err != nil {
-			return err
-		}
+	if err := writeResolvConf(cfg.DNS); err != nil {
+		return err
 	}
 	log.Info("network configured", "interface", vmInterface, "address", prefix, "gateway", cfg.Gateway)
+	return nil
+}
+
+// writeResolvConf points the guest's resolver at the Config's nameservers.
+// Under gVisor it is all the agent does for the network: runsc's netstack
+// took the address and routes from the namespace the host prepared.
+func writeResolvConf(servers []string) error {
+	if len(servers) == 0 {
+		return nil
+	}
+	var b strings.Builder
+	for _, ns := range servers {
+		if _, err := netip.ParseAddr(ns); err != nil {
+			return fmt.Errorf("bad DNS server %q", ns)
+		}
+		fmt.Fprintf(&b, "nameserver %s\n", ns)
+	}
+	// The runtime may ship resolv.conf as a symlink into /run.
+	os.Remove("/etc/resolv.conf")
+	if err := os.WriteFile("/etc/resolv.conf", []byte(b.String()), 0o644); err != nil {
+		return fmt.Errorf("writing /etc/resolv.conf: %w", err)
+	}
 	return nil
 }
 

@@ -62,6 +62,19 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 			}
 		}
 	}
+	networks, netErr := newNetworks(ctx, s, be, log)
+	if netErr != nil {
+		log.Error("program networking unavailable: programs asking for the internet will be refused", "err", netErr)
+	}
+	var poolNetworks pool.Networks
+	if networks != nil {
+		poolNetworks = networks // a nil *Manager must not become a non-nil interface
+		defer func() {
+			if err := networks.Close(); err != nil {
+				log.Warn("removing the network firewall", "err", err)
+			}
+		}()
+	}
 	var spareRuntime pool.SpareRuntime
 	// Only gVisor sandboxes can receive their code after starting.
 	if s.Prewarm && be != nil && be.Name() == "gvisor" {
@@ -86,6 +99,8 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 		SpareRuntime:  spareRuntime,
 		PersistentDir: s.PersistentVolumesDir,
 		AlephEnv:      alephEnv(s),
+		Networks:      poolNetworks,
+		NetworkError:  netErr,
 		Logger:        log,
 	})
 

@@ -34,6 +34,7 @@ var Hypervisors = []Hypervisor{HypervisorAuto, HypervisorFirecracker, Hypervisor
 // DNS resolution modes of aleph-vm: where the host's nameservers are read
 // when DNS_NAMESERVERS is empty.
 const (
+	DNSDetect      = "detect"
 	DNSResolvConf  = "resolv.conf"
 	DNSResolvectl  = "resolvectl"
 	redactedString = "<redacted>"
@@ -85,6 +86,7 @@ type Settings struct {
 	DNSNameservers          []string
 	IPv4AddressPool         netip.Prefix
 	IPv4NetworkPrefixLength int
+	EgressAllow             []netip.Prefix
 
 	PrintSystemLogs     bool
 	FakeDataProgram     string
@@ -103,6 +105,18 @@ func defaultAgentPath() string {
 	return filepath.Join(filepath.Dir(exe), "vm-agent")
 }
 
+// defaultRunscPath prefers the runsc `make build` compiles beside the
+// running binary (a current gVisor, pinned in go.mod) over one on PATH.
+func defaultRunscPath() string {
+	if exe, err := os.Executable(); err == nil {
+		p := filepath.Join(filepath.Dir(exe), "runsc")
+		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() {
+			return p
+		}
+	}
+	return "runsc"
+}
+
 // Default returns aleph-vm's defaults, plus ours for the settings it lacks.
 func Default() *Settings {
 	s := &Settings{
@@ -119,8 +133,8 @@ func Default() *Settings {
 		FirecrackerPath:         "/opt/firecracker/firecracker",
 		JailerPath:              "/opt/firecracker/jailer",
 		LinuxPath:               "/opt/firecracker/vmlinux.bin",
-		RunscPath:               "runsc",
-		RuntimePlatform:         "ptrace",
+		RunscPath:               defaultRunscPath(),
+		RuntimePlatform:         "systrap",
 		QemuPath:                "qemu-system-x86_64",
 		AgentPath:               defaultAgentPath(),
 		InitTimeout:             20 * time.Second,
@@ -132,8 +146,8 @@ func Default() *Settings {
 		MaxRuntimeSize:          2 << 30,
 		MaxRequestBodySize:      10 << 20,
 		AllowVMNetworking:       true,
-		NetworkInterface:        "eth0",
-		DNSResolution:           DNSResolvConf,
+		NetworkInterface:        "",
+		DNSResolution:           DNSDetect,
 		IPv4AddressPool:         netip.MustParsePrefix("172.16.0.0/12"),
 		IPv4NetworkPrefixLength: 24,
 		AllocationTokenHash:     "151ba92f2eb90bce67e912af2f7a5c17d8654b3d29895b042107ea312a7eebda",

@@ -173,9 +173,10 @@ var table = []descriptor{
 		func(s *Settings) *int64 { return &s.MaxRequestBodySize }),
 
 	boolean("ALLOW_VM_NETWORKING", "give sandboxes network access", func(s *Settings) *bool { return &s.AllowVMNetworking }),
-	str("NETWORK_INTERFACE", "host interface that carries sandbox traffic", func(s *Settings) *string { return &s.NetworkInterface }),
-	str("DNS_RESOLUTION", "where host nameservers are read: resolv.conf or resolvectl", func(s *Settings) *string { return &s.DNSResolution },
-		oneOf(DNSResolvConf, DNSResolvectl)),
+	optional(str("NETWORK_INTERFACE", "host interface that carries programs' outbound traffic; empty = the default route's",
+		func(s *Settings) *string { return &s.NetworkInterface })),
+	str("DNS_RESOLUTION", "where host nameservers are read: detect, resolv.conf or resolvectl", func(s *Settings) *string { return &s.DNSResolution },
+		oneOf(DNSDetect, DNSResolvConf, DNSResolvectl)),
 	optional(descriptor{
 		name: "DNS_NAMESERVERS", help: "nameservers given to sandboxes (comma-separated or JSON list); empty = the host's",
 		set: func(s *Settings, v string) error {
@@ -205,6 +206,29 @@ var table = []descriptor{
 	},
 	smallInt("IPV4_NETWORK_PREFIX_LENGTH", "prefix length of each sandbox's network", 1, 30,
 		func(s *Settings) *int { return &s.IPv4NetworkPrefixLength }),
+	optional(descriptor{
+		name: "EGRESS_ALLOW",
+		help: "private IPv4 ranges programs may reach (comma-separated CIDRs); by default RFC 1918 and 100.64.0.0/10 are closed",
+		set: func(s *Settings, v string) error {
+			var out []netip.Prefix
+			for _, it := range strings.FieldsFunc(v, func(r rune) bool { return r == ',' || r == ' ' }) {
+				p, err := netip.ParsePrefix(it)
+				if err != nil || !p.Addr().Is4() {
+					return fmt.Errorf("%q is not an IPv4 CIDR such as 10.1.2.0/24", it)
+				}
+				out = append(out, p.Masked())
+			}
+			s.EgressAllow = out
+			return nil
+		},
+		get: func(s *Settings) any {
+			out := make([]string, len(s.EgressAllow))
+			for i, p := range s.EgressAllow {
+				out[i] = p.String()
+			}
+			return out
+		},
+	}),
 
 	boolean("PRINT_SYSTEM_LOGS", "show guest console output in the logs", func(s *Settings) *bool { return &s.PrintSystemLogs }),
 	optional(str("FAKE_DATA_PROGRAM", "serve this program directory for every request", func(s *Settings) *string { return &s.FakeDataProgram })),

@@ -189,8 +189,8 @@ func hostPrefixes() ([]netip.Prefix, error) {
 	return out, nil
 }
 
-// defaultRouteInterface is the interface of the host's IPv4 default route.
-func defaultRouteInterface() (string, error) {
+// DefaultRouteInterface is the interface of the host's IPv4 default route.
+func DefaultRouteInterface() (string, error) {
 	routes, err := netlink.RouteList(nil, netlink.FAMILY_V4)
 	if err != nil {
 		return "", fmt.Errorf("listing routes: %w", err)

@@ -117,7 +117,7 @@ func (m *Manager) Setup(ctx context.Context) error {
 		return fmt.Errorf("network: %w", err)
 	}
 	if m.opts.Outbound == "" {
-		name, err := defaultRouteInterface()
+		name, err := DefaultRouteInterface()
 		if err != nil {
 			return fmt.Errorf("network: NETWORK_INTERFACE is not set and %w", err)
 		}

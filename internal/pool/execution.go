@@ -21,6 +21,7 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
+	"github.com/aleph-vm-go/vm-supervisor/internal/network"
 	"github.com/aleph-vm-go/vm-supervisor/internal/records"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
 )
@@ -46,6 +47,7 @@ type Execution struct {
 	client    *guest.Client
 	transport *http.Transport
 	stateDir  string
+	net       *network.Network // nil: loopback only
 
 	defined, prepared, started time.Time
 
@@ -154,13 +156,16 @@ func (e *Execution) bootSteps(ctx context.Context) error {
 		}
 		e.log.Warn("could not use the spare sandbox; starting a fresh one", "err", err)
 		e.pool.discardSpare(sp, err.Error())
-		e.instance, e.stateDir = nil, ""
+		e.instance, e.stateDir, e.net = nil, "", nil
 	}
 	dir, err := e.pool.stateDir(e.id)
 	if err != nil {
 		return err
 	}
 	e.stateDir = dir
+	if e.net, err = e.pool.network(ctx, e.id, e.prog.Content.Environment.Internet); err != nil {
+		return err
+	}
 	spec := e.spec()
 	for _, v := range spec.Volumes {
 		if v.Kind == message.VolumePersistent && v.Path != "" {
@@ -187,7 +192,7 @@ func (e *Execution) bootSteps(ctx context.Context) error {
 // adoptSpare turns a pre-warmed sandbox into this execution: it takes the
 // spare's identity and gives it the program's code.
 func (e *Execution) adoptSpare(ctx context.Context, sp *spare) (io.ReadWriteCloser, error) {
-	e.id, e.stateDir, e.instance = sp.id, sp.stateDir, sp.inst
+	e.id, e.stateDir, e.instance, e.net = sp.id, sp.stateDir, sp.inst, sp.net
 	e.log = e.pool.log.With("program", e.hash, "execution", e.id)
 	sp.output.setLogger(e.log)
 	e.prepared = time.Now()
@@ -236,6 +241,9 @@ func (e *Execution) spec() backend.Spec {
 	spec.StateDir = e.stateDir
 	spec.ProgramOutput = newLineLogger(e.log)
 	spec.Logger = e.log
+	if e.net != nil {
+		spec.Network = &e.net.Network
+	}
 	return spec
 }
 
@@ -303,7 +311,7 @@ func (e *Execution) guestConfig() guest.Config {
 		env[k] = v
 	}
 	env["ALEPH_ADDRESS_TO_USE"] = c.Address
-	return guest.Config{
+	cfg := guest.Config{
 		ProgramHash: e.hash,
 		Interface:   iface,
 		Entrypoint:  c.Code.Entrypoint,
@@ -312,6 +320,14 @@ func (e *Execution) guestConfig() guest.Config {
 		AlephEnv:    env,
 		Hostname:    e.id[:8],
 	}
+	if n := e.net; n != nil {
+		cfg.IPv4 = n.Address.String()
+		cfg.Gateway = n.Gateway.String()
+		for _, ns := range n.DNS {
+			cfg.DNS = append(cfg.DNS, ns.String())
+		}
+	}
+	return cfg
 }
 
 // RequestTimeout is the program's per-request budget (resources.seconds).
@@ -390,6 +406,8 @@ func (e *Execution) finish(ctx context.Context, cause error) {
 			}
 			cancel()
 		}
+		// After the sandbox: its link must not vanish under a live guest.
+		e.pool.releaseNetwork(e.net, e.log)
 		if e.stateDir != "" {
 			if err := os.RemoveAll(e.stateDir); err != nil {
 				e.log.Warn("removing execution directory", "err", err)
@@ -427,6 +445,9 @@ func (e *Execution) writeRecord(ctx context.Context, stopping time.Time, u backe
 		VCPUs:         vcpus,
 		Memory:        memory,
 	}
+	if e.net != nil {
+		r.NetworkTap, r.IPv4 = e.net.Link, e.net.Address.String()
+	}
 	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	if err := e.pool.opts.Records.Insert(rctx, r); err != nil {
@@ -442,7 +463,15 @@ func (e *Execution) info() Info {
 		UUID: e.id, ProgramHash: e.hash, Backend: e.pool.BackendName(),
 		Defined: e.defined, Prepared: e.prepared, Started: e.started,
 		InFlight: e.inFlight, VCPUs: vcpus, MemoryMiB: memory,
+		IPv4: e.ipv4(),
 	}
+}
+
+func (e *Execution) ipv4() string {
+	if e.net == nil {
+		return ""
+	}
+	return e.net.Address.String()
 }
 
 // Died reports whether the execution ended (sandbox exit or stop); used to

@@ -17,6 +17,7 @@ import (
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
+	"github.com/aleph-vm-go/vm-supervisor/internal/network"
 	"github.com/aleph-vm-go/vm-supervisor/internal/records"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
 )
@@ -52,9 +53,22 @@ type Options struct {
 	// SpareRuntime, when set, keeps one pre-warmed sandbox ready for
 	// programs on that runtime with default resources.
 	SpareRuntime SpareRuntime
+	// Networks gives programs with environment.internet a network of
+	// their own; nil means they run with loopback only.
+	Networks Networks
+	// NetworkError explains why Networks is nil although networking is
+	// enabled: programs asking for the internet are then refused with it.
+	NetworkError error
 	// MaxExecutions bounds concurrently running sandboxes; 0 = unbounded.
 	MaxExecutions int
 	Logger        *slog.Logger
+}
+
+// Networks hands out and takes back execution networks
+// (*network.Manager).
+type Networks interface {
+	Allocate(ctx context.Context, execution string, kind backend.LinkKind) (*network.Network, error)
+	Release(n *network.Network) error
 }
 
 // Pool is safe for concurrent use.
@@ -69,8 +83,8 @@ type Pool struct {
 	draining bool
 	stopped  sync.WaitGroup
 
-	spare       *spare
-	makingSpare bool
+	spare       map[spareShape]*spare
+	makingSpare map[spareShape]bool
 	spares      sync.WaitGroup
 }
 
@@ -95,8 +109,11 @@ func New(opts Options) *Pool {
 		running:  map[string]*Execution{},
 		starting: map[string]*startCall{},
 		all:      map[*Execution]struct{}{},
+
+		spare:       map[spareShape]*spare{},
+		makingSpare: map[spareShape]bool{},
 	}
-	p.refillSpare()
+	p.refillSpare(spareShape{internet: opts.Networks != nil})
 	return p
 }
 
@@ -227,6 +244,34 @@ func (p *Pool) finished(e *Execution) {
 	p.stopped.Done()
 }
 
+// network gives an execution of a program with internet access its
+// network, or nil for a program without.
+func (p *Pool) network(ctx context.Context, id string, internet bool) (*network.Network, error) {
+	if !internet {
+		return nil, nil
+	}
+	if p.opts.Networks == nil {
+		if p.opts.NetworkError != nil {
+			return nil, errkind.Wrap(errkind.NoBackend, fmt.Errorf("the program needs the internet, which this node cannot give: %w", p.opts.NetworkError))
+		}
+		return nil, nil // networking turned off by the operator: loopback only
+	}
+	nw, ok := p.opts.Backend.(backend.Networker)
+	if !ok || nw.NetworkLink() == backend.LinkNone {
+		return nil, errkind.New(errkind.NoBackend, "the program needs the internet and backend %s cannot attach a network", p.opts.Backend.Name())
+	}
+	return p.opts.Networks.Allocate(ctx, id, nw.NetworkLink())
+}
+
+func (p *Pool) releaseNetwork(n *network.Network, log *slog.Logger) {
+	if n == nil || p.opts.Networks == nil {
+		return
+	}
+	if err := p.opts.Networks.Release(n); err != nil {
+		log.Error("releasing the execution's network", "err", err)
+	}
+}
+
 // Stop stops the running execution of hash, if any, after its in-flight
 // requests finish.
 func (p *Pool) Stop(ctx context.Context, hash string) error {
@@ -280,6 +325,7 @@ type Info struct {
 	Prepared    time.Time `json:"time_prepared"`
 	Started     time.Time `json:"time_started"`
 	InFlight    int       `json:"in_flight"`
+	IPv4        string    `json:"ipv4"` // the program's address/prefix; empty without network
 	VCPUs       int       `json:"vcpus"`
 	MemoryMiB   int       `json:"memory"`
 }

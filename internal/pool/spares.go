@@ -11,6 +11,7 @@ import (
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
+	"github.com/aleph-vm-go/vm-supervisor/internal/network"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
 )
 
@@ -22,79 +23,99 @@ import (
 type spare struct {
 	id       string
 	stateDir string
+	shape    spareShape
 	runtime  sources.File
 	inst     backend.Instance
 	ch       io.ReadWriteCloser
+	net      *network.Network // ready before any request, for internet programs
 	output   *lineLogger
 	created  time.Time
+}
+
+// spareShape is what a spare was made for besides the default runtime and
+// resources: a network is attached when the sandbox starts, so programs
+// with and without the internet need spares of their own. The pool keeps
+// one spare per shape it has seen asked for, starting with the internet
+// one when networking works (the official SDKs' default).
+type spareShape struct {
+	internet bool
+}
+
+func shapeOf(prog *sources.Program) spareShape {
+	return spareShape{internet: prog.Content.Environment.Internet}
 }
 
 // SpareRuntime names the runtime spares are made for: the one most
 // programs use (the local store's default).
 type SpareRuntime func(ctx context.Context) (sources.File, error)
 
-// spareMatches tells whether a program can run in a spare: same runtime,
+// spareFits tells whether a program can run in a spare: same runtime,
 // default resources, nothing to attach at start.
-func (p *Pool) spareMatches(prog *sources.Program, sp *spare) bool {
+func spareFits(prog *sources.Program, sp *spare) bool {
 	vcpus, mem := resources(prog.Content)
 	return prog.Runtime.Hash == sp.runtime.Hash && prog.Runtime.Hash != "" &&
 		vcpus == message.DefaultVCPUs && mem == message.DefaultMemory &&
 		prog.Data == nil && len(prog.Volumes) == 0
 }
 
-// takeSpare hands out the spare if the program fits it, and starts making
-// the next one.
+// takeSpare hands out the spare of the program's shape if the program fits
+// it, and starts making the next one.
 func (p *Pool) takeSpare(prog *sources.Program) *spare {
+	shape := shapeOf(prog)
 	p.mu.Lock()
-	sp := p.spare
+	sp := p.spare[shape]
 	if sp == nil {
 		p.mu.Unlock()
-		p.refillSpare() // the last attempt may have failed (no runtime yet)
+		p.refillSpare(shape) // never made, or the last attempt failed
 		return nil
 	}
-	if !p.spareMatches(prog, sp) {
+	if !spareFits(prog, sp) {
 		p.mu.Unlock()
 		return nil
 	}
-	p.spare = nil
+	delete(p.spare, shape)
 	p.mu.Unlock()
 	select {
 	case <-sp.inst.Done(): // died while waiting: not worth handing out
 		p.discardSpare(sp, "it exited while idle")
-		p.refillSpare()
+		p.refillSpare(shape)
 		return nil
 	default:
 	}
-	p.refillSpare()
+	p.refillSpare(shape)
 	return sp
 }
 
-// refillSpare starts making a spare unless one exists, is being made, or
-// spares are off.
-func (p *Pool) refillSpare() {
+// refillSpare starts making a spare of shape unless one exists, is being
+// made, or spares are off. Spares with the internet are made only when
+// the pool can give networks.
+func (p *Pool) refillSpare(shape spareShape) {
 	if p.opts.SpareRuntime == nil || p.opts.Backend == nil {
 		return
 	}
+	if shape.internet && p.opts.Networks == nil {
+		return
+	}
 	p.mu.Lock()
-	if p.draining || p.spare != nil || p.makingSpare {
+	if p.draining || p.spare[shape] != nil || p.makingSpare[shape] {
 		p.mu.Unlock()
 		return
 	}
-	p.makingSpare = true
+	p.makingSpare[shape] = true
 	p.spares.Add(1)
 	p.mu.Unlock()
 	go func() {
 		defer p.spares.Done()
-		sp, err := p.makeSpare()
+		sp, err := p.makeSpare(shape)
 		p.mu.Lock()
-		p.makingSpare = false
+		delete(p.makingSpare, shape)
 		if err == nil && !p.draining {
-			p.spare = sp
+			p.spare[shape] = sp
 			sp = nil
 		}
 		p.mu.Unlock()
 		if err != nil {
-			p.log.Info("no spare sandbox", "err", err)
+			p.log.Info("no spare sandbox", "internet", shape.internet, "err", err)
 			return
 		}
 		if sp != nil { // made while shutting down
@@ -103,7 +124,7 @@ func (p *Pool) refillSpare() {
 	}()
 }
 
-func (p *Pool) makeSpare() (*spare, error) {
+func (p *Pool) makeSpare(shape spareShape) (sp *spare, err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), p.opts.InitTimeout)
 	defer cancel()
 	rt, err := p.opts.SpareRuntime(ctx)
@@ -116,55 +137,71 @@ func (p *Pool) makeSpare() (*spare, error) {
 		return nil, err
 	}
 	log := p.log.With("execution", id, "spare", true)
-	output := &lineLogger{log: log}
-	inst, err := p.opts.Backend.Start(ctx, backend.Spec{
+	sp = &spare{id: id, stateDir: dir, shape: shape, runtime: rt, output: &lineLogger{log: log}}
+	defer func() {
+		if err != nil {
+			p.discardSpare(sp, err.Error())
+		}
+	}()
+	if sp.net, err = p.network(ctx, id, shape.internet); err != nil {
+		return nil, err
+	}
+	spec := backend.Spec{
 		ExecutionID:   id,
 		RuntimePath:   rt.Path,
 		RuntimeHash:   rt.Hash,
 		DeferCode:     true,
 		VCPUs:         message.DefaultVCPUs,
 		MemoryMiB:     message.DefaultMemory,
+		Internet:      shape.internet,
 		StateDir:      dir,
-		ProgramOutput: output,
+		ProgramOutput: sp.output,
 		Logger:        log,
-	})
-	if err != nil {
-		os.RemoveAll(dir)
+	}
+	if sp.net != nil {
+		spec.Network = &sp.net.Network
+	}
+	if sp.inst, err = p.opts.Backend.Start(ctx, spec); err != nil {
 		return nil, err
 	}
-	if _, ok := inst.(backend.CodeLoader); !ok {
-		_ = inst.Stop(ctx)
-		os.RemoveAll(dir)
+	if _, ok := sp.inst.(backend.CodeLoader); !ok {
 		return nil, errors.New("backend " + p.opts.Backend.Name() + " cannot load code into a running sandbox")
 	}
-	ch, err := inst.Channel(ctx)
-	if err != nil {
-		_ = inst.Stop(ctx)
-		os.RemoveAll(dir)
+	if sp.ch, err = sp.inst.Channel(ctx); err != nil {
 		return nil, err
 	}
-	log.Debug("spare sandbox ready")
-	return &spare{id: id, stateDir: dir, runtime: rt, inst: inst, ch: ch, output: output, created: time.Now()}, nil
+	sp.created = time.Now()
+	log.Debug("spare sandbox ready", "internet", shape.internet)
+	return sp, nil
 }
 
+// discardSpare frees whatever of the spare exists.
 func (p *Pool) discardSpare(sp *spare, why string) {
 	p.log.Debug("discarding spare sandbox", "execution", sp.id, "why", why)
-	sp.ch.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := sp.inst.Stop(ctx); err != nil {
-		p.log.Warn("stopping spare sandbox", "err", err)
+	if sp.ch != nil {
+		sp.ch.Close()
 	}
+	if sp.inst != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		if err := sp.inst.Stop(ctx); err != nil {
+			p.log.Warn("stopping spare sandbox", "err", err)
+		}
+		cancel()
+	}
+	p.releaseNetwork(sp.net, p.log)
 	os.RemoveAll(sp.stateDir)
 }
 
-// stopSpares ends the idle spare and waits for one being made.
+// stopSpares ends the idle spares and waits for those being made.
 func (p *Pool) stopSpares() {
 	p.mu.Lock()
-	sp := p.spare
-	p.spare = nil
+	idle := make([]*spare, 0, len(p.spare))
+	for shape, sp := range p.spare {
+		idle = append(idle, sp)
+		delete(p.spare, shape)
+	}
 	p.mu.Unlock()
-	if sp != nil {
+	for _, sp := range idle {
 		p.discardSpare(sp, "the supervisor is shutting down")
 	}
 	p.spares.Wait()

@@ -35,6 +35,7 @@ type Record struct {
 	VCPUs         int       `json:"vcpus"`
 	Memory        int       `json:"memory"` // MiB, as in the program's resources
 	NetworkTap    string    `json:"network_tap"`
+	IPv4          string    `json:"ipv4,omitempty"` // ours, beyond upstream: the program's address/prefix
 }
 
 // recordJSON shadows the fields whose zero value means "never happened",
@@ -125,6 +126,8 @@ var migrations = []string{
 		network_tap TEXT
 	)`,
 	`CREATE INDEX records_time_defined ON records (time_defined)`,
+	// The program's address/prefix, for operators tracing traffic.
+	`ALTER TABLE records ADD COLUMN ipv4 TEXT`,
 }
 
 // timeLayout is fixed-width UTC so that text order is time order and
@@ -222,11 +225,11 @@ func (d *DB) Insert(ctx context.Context, r Record) error {
 	_, err := d.db.ExecContext(ctx, `INSERT INTO records (
 		uuid, vm_hash, time_defined, time_prepared, time_started, time_stopping,
 		cpu_time_user, cpu_time_system, io_read_count, io_write_count,
-		io_read_bytes, io_write_bytes, vcpus, memory, network_tap
-	) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		io_read_bytes, io_write_bytes, vcpus, memory, network_tap, ipv4
+	) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 		r.UUID, r.VMHash, nullTime(r.TimeDefined), nullTime(r.TimePrepared), nullTime(r.TimeStarted), nullTime(r.TimeStopping),
 		r.CPUTimeUser, r.CPUTimeSystem, r.IOReadCount, r.IOWriteCount,
-		r.IOReadBytes, r.IOWriteBytes, r.VCPUs, r.Memory, nullString(r.NetworkTap))
+		r.IOReadBytes, r.IOWriteBytes, r.VCPUs, r.Memory, nullString(r.NetworkTap), nullString(r.IPv4))
 	if err != nil {
 		return fmt.Errorf("records: insert %s: %w", r.UUID, err)
 	}
@@ -242,7 +245,7 @@ func (d *DB) List(ctx context.Context, limit int) ([]Record, error) {
 	rows, err := d.db.QueryContext(ctx, `SELECT
 		uuid, vm_hash, time_defined, time_prepared, time_started, time_stopping,
 		cpu_time_user, cpu_time_system, io_read_count, io_write_count,
-		io_read_bytes, io_write_bytes, vcpus, memory, network_tap
+		io_read_bytes, io_write_bytes, vcpus, memory, network_tap, ipv4
 		FROM records ORDER BY time_defined DESC, rowid DESC LIMIT ?`, limit)
 	if err != nil {
 		return nil, fmt.Errorf("records: list: %w", err)
@@ -253,13 +256,13 @@ func (d *DB) List(ctx context.Context, limit int) ([]Record, error) {
 		var (
 			r                  Record
 			td, tp, ts, tstop  sql.NullString
-			tap                sql.NullString
+			tap, ipv4          sql.NullString
 			cpuUser, cpuSys    sql.NullFloat64
 			rc, wc, rb, wb, vc sql.NullInt64
 			mem                sql.NullInt64
 		)
 		if err := rows.Scan(&r.UUID, &r.VMHash, &td, &tp, &ts, &tstop,
-			&cpuUser, &cpuSys, &rc, &wc, &rb, &wb, &vc, &mem, &tap); err != nil {
+			&cpuUser, &cpuSys, &rc, &wc, &rb, &wb, &vc, &mem, &tap, &ipv4); err != nil {
 			return nil, fmt.Errorf("records: scan: %w", err)
 		}
 		for _, f := range []struct {
@@ -277,7 +280,7 @@ func (d *DB) List(ctx context.Context, limit int) ([]Record, error) {
 		}
 		r.CPUTimeUser, r.CPUTimeSystem = cpuUser.Float64, cpuSys.Float64
 		r.IOReadCount, r.IOWriteCount, r.IOReadBytes, r.IOWriteBytes = rc.Int64, wc.Int64, rb.Int64, wb.Int64
-		r.VCPUs, r.Memory, r.NetworkTap = int(vc.Int64), int(mem.Int64), tap.String
+		r.VCPUs, r.Memory, r.NetworkTap, r.IPv4 = int(vc.Int64), int(mem.Int64), tap.String, ipv4.String
 		out = append(out, r)
 	}
 	if err := rows.Err(); err != nil {

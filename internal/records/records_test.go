@@ -166,6 +166,14 @@ func TestJSONShape(t *testing.T) {
 			t.Errorf("missing %s in %s", c, b)
 		}
 	}
+	// An execution with a network adds its address, and only then.
+	r.IPv4 = "172.16.3.2/24"
+	b, _ = json.Marshal(r)
+	var withNet map[string]any
+	_ = json.Unmarshal(b, &withNet)
+	if len(withNet) != len(cols)+1 || withNet["ipv4"] != "172.16.3.2/24" {
+		t.Errorf("with a network: %s", b)
+	}
 	if m["time_defined"] != "2024-05-01T10:00:00.0000005Z" {
 		t.Errorf("time_defined = %v", m["time_defined"])
 	}

@@ -32,7 +32,7 @@ import (
 
 // Defaults for Options fields left at zero.
 const (
-	DefaultPlatform          = "ptrace"
+	DefaultPlatform          = "systrap"
 	DefaultCgroupParent      = "aleph-vm"
 	DefaultPidsLimit         = 512
 	DefaultMemoryOverheadMiB = 32
@@ -163,6 +163,10 @@ func New(opts Options) (*Backend, error) {
 	}
 	return &Backend{opts: opts, runsc: runsc, log: opts.Logger.With("backend", "gvisor")}, nil
 }
+
+// NetworkLink implements backend.Networker: runsc's netstack runs in a
+// network namespace the host prepared.
+func (b *Backend) NetworkLink() backend.LinkKind { return backend.LinkNamespace }
 
 // Name implements backend.Backend.
 func (b *Backend) Name() string { return "gvisor" }

@@ -261,6 +261,7 @@ func (i *instance) writeBundle(context.Context) error {
 		pids:     i.b.opts.PidsLimit,
 		cgroup:   i.cg.ociPath(),
 		mounts:   i.mounts,
+		netns:    netnsPath(i.spec.Network),
 	})
 	return writeSpec(i.bundleDir, s)
 }
@@ -276,7 +277,14 @@ func (i *instance) startRunsc(ctx context.Context) error {
 		return err
 	}
 	o := i.b.opts
-	args := []string{"--root", o.RootDir, "--platform", o.Platform, "--network", "none",
+	// With a network, runsc's netstack takes over the eth0 the host set up
+	// in the execution's namespace (address and routes included); without
+	// one the sandbox has only its own loopback.
+	netMode := "none"
+	if i.spec.Network != nil {
+		netMode = "sandbox"
+	}
+	args := []string{"--root", o.RootDir, "--platform", o.Platform, "--network", netMode,
 		// Only the root gets the memory overlay: with --overlay (all
 		// mounts) writes to persistent volumes would also stay in memory
 		// and never reach the host (measured).

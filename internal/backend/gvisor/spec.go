@@ -13,6 +13,7 @@ import (
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
+	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
 )
 
@@ -67,6 +68,14 @@ type specParams struct {
 	pids     int64
 	cgroup   string
 	mounts   []mountPlan
+	netns    string // path of the execution's network namespace; empty: a new, empty one
+}
+
+func netnsPath(n *backend.Network) string {
+	if n == nil {
+		return ""
+	}
+	return n.NetnsPath
 }
 
 func buildSpec(p specParams) *specs.Spec {
@@ -116,12 +125,12 @@ func buildSpec(p specParams) *specs.Spec {
 			Resources: &specs.LinuxResources{
 				Memory: &specs.LinuxMemory{Limit: &memBytes},
 				CPU:    &specs.LinuxCPU{Quota: &quota, Period: &period},
-				Pids:   &specs.LinuxPids{Limit: &pids},
+				Pids:   &specs.LinuxPids{Limit: pids},
 			},
 			CgroupsPath: p.cgroup,
 			Namespaces: []specs.LinuxNamespace{
 				{Type: specs.PIDNamespace},
-				{Type: specs.NetworkNamespace},
+				{Type: specs.NetworkNamespace, Path: p.netns},
 				{Type: specs.IPCNamespace},
 				{Type: specs.UTSNamespace},
 				{Type: specs.MountNamespace},

@@ -150,6 +150,13 @@ func (i *instance) qemuArgs() []string {
 			"-drive", fmt.Sprintf("id=%s,if=none,file=%s,format=raw,readonly=%s", d.ID, qemuEscape(d.HostPath), ro),
 			"-device", "virtio-blk-device,drive="+d.ID)
 	}
+	if n := i.spec.Network; n != nil {
+		// The tap exists already (the host made it, with the gateway
+		// address); QEMU only opens it.
+		args = append(args,
+			"-netdev", "tap,id=net0,ifname="+n.TapName+",script=no,downscript=no",
+			"-device", "virtio-net-device,netdev=net0,mac="+n.GuestMAC)
+	}
 	switch b.channel {
 	case ChannelVsock:
 		args = append(args, "-device", fmt.Sprintf("vhost-vsock-device,guest-cid=%d", i.cid))

@@ -230,6 +230,10 @@ func New(opts Options) (*Backend, error) {
 }
 
 // Name implements backend.Backend.
+// NetworkLink implements backend.Networker: a VM gets a virtio-net card
+// on a host tap.
+func (b *Backend) NetworkLink() backend.LinkKind { return backend.LinkTap }
+
 func (b *Backend) Name() string { return "qemu" }
 
 // Accel tells which accelerator VMs use.
