@@ -70,11 +70,14 @@ func selectBackend(s *config.Settings, log *slog.Logger) (backend.Backend, error
 // hostReport checks the host with the configured paths.
 func hostReport(s *config.Settings) *hostcheck.Report {
 	return hostcheck.Check(hostcheck.Paths{
-		Firecracker: s.FirecrackerPath,
-		Jailer:      s.JailerPath,
-		Qemu:        s.QemuPath,
-		Runsc:       s.RunscPath,
-		Kernel:      s.LinuxPath,
+		Firecracker:   s.FirecrackerPath,
+		Jailer:        s.JailerPath,
+		Qemu:          s.QemuPath,
+		Runsc:         s.RunscPath,
+		RunscPlatform: s.RuntimePlatform,
+		Kernel:        s.LinuxPath,
+		Networking:    s.AllowVMNetworking,
+		Outbound:      s.NetworkInterface,
 	})
 }
 

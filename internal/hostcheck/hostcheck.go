@@ -6,9 +6,14 @@ package hostcheck
 import (
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"strings"
+
+	"github.com/google/nftables"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/network"
 )
 
 // Paths of the binaries and devices to look at; zero values use defaults.
@@ -19,7 +24,13 @@ type Paths struct {
 	Jailer      string
 	Qemu        string
 	Runsc       string
-	Kernel      string // LINUX_PATH
+	// RunscPlatform is RUNSC_PLATFORM, shown with why it is used.
+	RunscPlatform string
+	Kernel        string // LINUX_PATH
+	// Networking is ALLOW_VM_NETWORKING; Outbound is NETWORK_INTERFACE
+	// (empty: the default route's).
+	Networking bool
+	Outbound   string
 }
 
 // Item is one line of the report.
@@ -76,12 +87,18 @@ func Check(p Paths) *Report {
 	add(binItem("firecracker", p.Firecracker, "install Firecracker v1.x at FIRECRACKER_PATH (it is not packaged by Debian)"))
 	add(binItem("jailer", p.Jailer, "install Firecracker's jailer at JAILER_PATH, or run with --no-jailer"))
 	add(binItem("qemu", p.Qemu, "apt-get install qemu-system-x86"))
-	add(binItem("runsc", p.Runsc, "apt-get install runsc"))
+	runsc := binItem("runsc", p.Runsc, "make build (compiles runsc from the gVisor module pinned in go.mod)")
+	if runsc.OK && p.RunscPlatform != "" {
+		runsc.Detail += ", platform " + p.RunscPlatform + ": " + platformWhy[p.RunscPlatform]
+	}
+	add(runsc)
 	if p.Kernel != "" {
 		add(fileItem("guest kernel", p.Kernel, "make kernel (Debian cloud kernel, for qemu) or make kernel-custom (for firecracker)"))
 	}
 	add(cgroupItem())
 	add(netnsItem())
+	add(networkingItem(p.Networking, p.Outbound))
+	add(fileItem("tun device", "/dev/net/tun", "modprobe tun (VM backends attach programs to taps)"))
 	add(filesystemItem("squashfs", "modprobe squashfs"))
 	add(fileItem("loop devices", "/dev/loop-control", "modprobe loop"))
 
@@ -142,6 +159,37 @@ func netnsItem() Item {
 		return Item{"network namespaces", true, "supported (iproute2 missing: apt-get install iproute2)", ""}
 	}
 	return Item{"network namespaces", true, "supported", ""}
+}
+
+var platformWhy = map[string]string{
+	"systrap": "the fastest without KVM (seccomp traps, no ptrace stops); the default",
+	"ptrace":  "the slowest, for kernels where systrap fails (RUNSC_PLATFORM=ptrace)",
+	"kvm":     "needs a usable /dev/kvm",
+}
+
+// networkingItem tells whether programs can get the internet here: our
+// firewall needs nftables, NAT needs an outbound interface.
+func networkingItem(enabled bool, outbound string) Item {
+	const name = "program network"
+	if !enabled {
+		return Item{name, true, "off (ALLOW_VM_NETWORKING=false): programs get loopback only", ""}
+	}
+	c, err := nftables.New()
+	if err == nil {
+		_, err = c.ListTablesOfFamily(nftables.TableFamilyINet)
+	}
+	if err != nil {
+		return Item{name, false, fmt.Sprintf("nftables unusable: %v", err), "run as root on a kernel with nf_tables (CONFIG_NF_TABLES, NFT_MASQ, NFT_CT)"}
+	}
+	if outbound == "" {
+		if outbound, err = network.DefaultRouteInterface(); err != nil {
+			return Item{name, false, err.Error(), "set ALEPH_VM_NETWORK_INTERFACE to the interface that reaches the internet"}
+		}
+	}
+	if _, err := net.InterfaceByName(outbound); err != nil {
+		return Item{name, false, fmt.Sprintf("outbound interface %q: %v", outbound, err), "set ALEPH_VM_NETWORK_INTERFACE to an existing interface"}
+	}
+	return Item{name, true, "nftables usable, NAT through " + outbound, ""}
 }
 
 func filesystemItem(fs, hint string) Item {
