@@ -71,7 +71,7 @@ vet:
 # image and the kernels; with CI=true a missing prerequisite fails them
 # instead of skipping. The end-to-end suite runs once per backend that runs
 # here: gVisor, then qemu under TCG with each kernel (slow: emulation).
-TEST_ENV := ALEPH_TEST_RUNTIME=$(CURDIR)/$(RUNTIME) ALEPH_TEST_BIN=$(CURDIR)/bin \
+TEST_ENV := PATH=$(CURDIR)/bin:$$PATH ALEPH_TEST_RUNTIME=$(CURDIR)/$(RUNTIME) ALEPH_TEST_BIN=$(CURDIR)/bin \
 	ALEPH_TEST_KERNEL=$(KERNEL_DIR)/vmlinuz ALEPH_TEST_KERNEL_CUSTOM=$(CUSTOM_KERNEL_DIR)/vmlinux
 test: deps build $(RUNTIME) kernel kernel-custom vet
 	$(TEST_ENV) $(GO) test -count=1 -timeout 45m ./...

@@ -15,6 +15,7 @@ import (
 	"runtime/pprof"
 	"time"
 
+	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
 	"github.com/aleph-vm-go/vm-supervisor/internal/config"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guestapi"
 	"github.com/aleph-vm-go/vm-supervisor/internal/httpapi"
@@ -65,6 +66,13 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 	networks, netErr := newNetworks(ctx, s, be, log)
 	if netErr != nil {
 		log.Error("program networking unavailable: programs asking for the internet will be refused", "err", netErr)
+	}
+	if c, ok := be.(backend.Closer); ok {
+		defer func() {
+			if err := c.Close(); err != nil {
+				log.Warn("closing the backend", "err", err)
+			}
+		}()
 	}
 	var poolNetworks pool.Networks
 	if networks != nil {

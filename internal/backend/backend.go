@@ -95,6 +95,12 @@ type Networker interface {
 	NetworkLink() LinkKind
 }
 
+// Closer is implemented by backends that hold host state shared by all
+// their sandboxes; the supervisor calls Close after the last one stopped.
+type Closer interface {
+	Close() error
+}
+
 // Usage is the resource usage of an instance, for execution records.
 type Usage struct {
 	CPUTimeUser   time.Duration

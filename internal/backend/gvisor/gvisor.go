@@ -25,6 +25,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend/codeprep"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
@@ -188,7 +190,24 @@ func (b *Backend) Reap(ctx context.Context) error {
 		}
 		_ = newCgroup(b.opts.CgroupParent, id).remove(ctx)
 	}
+	unmountNullNetns(b.opts.RootDir)
 	return errors.Join(errs...)
+}
+
+// Close releases what runsc keeps for all sandboxes: the empty network
+// namespace its gofers share, bind-mounted under RootDir. Call it once
+// every sandbox is stopped.
+func (b *Backend) Close() error {
+	unmountNullNetns(b.opts.RootDir)
+	return nil
+}
+
+// unmountNullNetns removes runsc's shared "null" network namespace mounts
+// (concurrent runsc starts may stack several on the same file).
+func unmountNullNetns(rootDir string) {
+	path := filepath.Join(rootDir, "null-netns")
+	for unix.Unmount(path, unix.MNT_DETACH) == nil {
+	}
 }
 
 // runscCmd is a short-lived runsc management command (not `run`).

@@ -147,6 +147,11 @@ func newEnv(t *testing.T, command ...string) *testEnv {
 		t.Fatalf("New: %v", err)
 	}
 	env.b = b
+	t.Cleanup(func() {
+		if err := b.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	})
 	return env
 }
 
