@@ -16,6 +16,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -25,6 +26,9 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
+	"github.com/aleph-vm-go/vm-supervisor/internal/network"
 )
 
 type figures struct {
@@ -43,7 +47,17 @@ type result struct {
 	// program); NoSpare is the same with PREWARM=false, cold starts only.
 	Supervisor figures `json:"supervisor"`
 	NoSpare    figures `json:"supervisor_no_spare"`
-	Native     figures `json:"native"`
+	// The same with environment.internet: each execution gets its own
+	// namespace, veth, address and firewall chain.
+	Internet        figures `json:"supervisor_internet"`
+	InternetNoSpare figures `json:"supervisor_internet_no_spare"`
+	// NetworkSetupMs is the host side of one execution's network (lease,
+	// namespace, veth, addresses, route, nftables chain), allocate to
+	// ready, measured in-process; NetworkReleaseMs its teardown.
+	NetworkSetupMs   []float64 `json:"network_setup_ms"`
+	NetworkSetupP50  float64   `json:"network_setup_p50_ms"`
+	NetworkReleaseMs float64   `json:"network_release_p50_ms"`
+	Native           figures   `json:"native"`
 }
 
 var (
@@ -85,17 +99,28 @@ func run(ctx context.Context) error {
 	}
 	res.Native = native
 	fmt.Fprintln(os.Stderr, "== supervisor: the same app through vm-supervisor (pre-warmed spare)")
-	sup, err := benchSupervisor(ctx, true)
-	if err != nil {
-		return fmt.Errorf("supervisor: %w", err)
+	runs := []struct {
+		title             string
+		prewarm, internet bool
+		into              *figures
+	}{
+		{"supervisor: the same app through vm-supervisor (pre-warmed spare)", true, false, &res.Supervisor},
+		{"supervisor without spares (PREWARM=false)", false, false, &res.NoSpare},
+		{"supervisor, program with internet (pre-warmed spare)", true, true, &res.Internet},
+		{"supervisor, program with internet, without spares", false, true, &res.InternetNoSpare},
 	}
-	res.Supervisor = sup
-	fmt.Fprintln(os.Stderr, "== supervisor without spares (PREWARM=false)")
-	noSpare, err := benchSupervisor(ctx, false)
-	if err != nil {
-		return fmt.Errorf("supervisor without spares: %w", err)
+	for _, r := range runs {
+		fmt.Fprintln(os.Stderr, "== "+r.title)
+		f, err := benchSupervisor(ctx, r.prewarm, r.internet)
+		if err != nil {
+			return fmt.Errorf("%s: %w", r.title, err)
+		}
+		*r.into = f
 	}
-	res.NoSpare = noSpare
+	fmt.Fprintln(os.Stderr, "== host side of an execution's network, in-process")
+	if err := benchNetworkSetup(ctx, &res); err != nil {
+		return fmt.Errorf("network setup: %w", err)
+	}
 
 	printTable(os.Stdout, res)
 	if err := os.MkdirAll(*outDir, 0o755); err != nil {
@@ -122,10 +147,16 @@ func printTable(w io.Writer, r result) {
 	fmt.Fprintf(w, "|%s|%s|%s|%s|\n", strings.Repeat("-", 30), strings.Repeat("-", 19), strings.Repeat("-", 19), strings.Repeat("-", 10))
 	row("cold start, spare (p50)", r.Supervisor.ColdMedianMs, r.Native.ColdMedianMs, "ms")
 	row("cold start, no spare (p50)", r.NoSpare.ColdMedianMs, r.Native.ColdMedianMs, "ms")
+	row("cold, internet, spare (p50)", r.Internet.ColdMedianMs, r.Native.ColdMedianMs, "ms")
+	row("cold, internet, no spare", r.InternetNoSpare.ColdMedianMs, r.Native.ColdMedianMs, "ms")
 	row("warm latency p50 (c=1)", r.Supervisor.WarmP50Ms, r.Native.WarmP50Ms, "ms")
 	row("warm latency p90 (c=1)", r.Supervisor.WarmP90Ms, r.Native.WarmP90Ms, "ms")
 	row("throughput (c=8)", r.Supervisor.ThroughputRPS, r.Native.ThroughputRPS, "rq/s")
 	fmt.Fprintln(w)
+	fmt.Fprintf(w, "network's share of a cold start (p50): %.1f ms host-side set-up (release %.1f ms);\n",
+		r.NetworkSetupP50, r.NetworkReleaseMs)
+	fmt.Fprintf(w, "internet vs none, no spare: %+.0f ms; with spare: %+.0f ms\n\n",
+		r.InternetNoSpare.ColdMedianMs-r.NoSpare.ColdMedianMs, r.Internet.ColdMedianMs-r.Supervisor.ColdMedianMs)
 }
 
 // --- native baseline -------------------------------------------------
@@ -207,7 +238,7 @@ func benchNative(ctx context.Context) (figures, error) {
 
 // --- through the supervisor -------------------------------------------
 
-func benchSupervisor(ctx context.Context, prewarm bool) (figures, error) {
+func benchSupervisor(ctx context.Context, prewarm, internet bool) (figures, error) {
 	var f figures
 	dir, err := os.MkdirTemp("", "bench-supervisor-")
 	if err != nil {
@@ -236,7 +267,11 @@ func benchSupervisor(ctx context.Context, prewarm bool) (figures, error) {
 	if _, err := cli("runtime", "add", *runtime, "--default"); err != nil {
 		return f, fmt.Errorf("runtime add: %w", err)
 	}
-	out, err := cli("program", "upload", *app, "main:app")
+	upload := []string{"program", "upload", *app, "main:app"}
+	if internet {
+		upload = append(upload, "--internet")
+	}
+	out, err := cli(upload...)
 	if err != nil {
 		return f, fmt.Errorf("upload: %w", err)
 	}
@@ -276,7 +311,7 @@ func benchSupervisor(ctx context.Context, prewarm bool) (figures, error) {
 		f.ColdStartMs = append(f.ColdStartMs, ms(time.Since(t0)))
 		fmt.Fprintf(os.Stderr, "   cold start %d: %.0f ms\n", i+1, f.ColdStartMs[i])
 	}
-	if !prewarm {
+	if !prewarm || internet {
 		f.ColdMedianMs = median(f.ColdStartMs)
 		return f, nil
 	}
@@ -403,4 +438,48 @@ func freePort() int {
 	}
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// benchNetworkSetup times the host side of execution networks with the
+// same code the supervisor runs, under names of its own so that it never
+// meets a running supervisor's.
+func benchNetworkSetup(ctx context.Context, res *result) error {
+	leases, err := os.MkdirTemp("", "bench-leases-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(leases)
+	m, err := network.New(network.Options{
+		Pool:       netip.MustParsePrefix("10.214.0.0/16"),
+		PrefixLen:  24,
+		Outbound:   "lo",
+		LeaseDir:   leases,
+		Table:      "aleph_vm_bench",
+		LinkPrefix: "bvm",
+	})
+	if err != nil {
+		return err
+	}
+	if err := m.Setup(ctx); err != nil {
+		return err
+	}
+	defer m.Close()
+	var release []float64
+	for i := range 30 {
+		t0 := time.Now()
+		n, err := m.Allocate(ctx, fmt.Sprintf("bench-%d", i), backend.LinkNamespace)
+		if err != nil {
+			return err
+		}
+		res.NetworkSetupMs = append(res.NetworkSetupMs, ms(time.Since(t0)))
+		t1 := time.Now()
+		if err := m.Release(n); err != nil {
+			return err
+		}
+		release = append(release, ms(time.Since(t1)))
+	}
+	res.NetworkSetupP50 = median(res.NetworkSetupMs)
+	res.NetworkReleaseMs = median(release)
+	fmt.Fprintf(os.Stderr, "   set-up p50 %.2f ms, release p50 %.2f ms\n", res.NetworkSetupP50, res.NetworkReleaseMs)
+	return nil
 }
