@@ -11,10 +11,12 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -104,6 +106,10 @@ func ipCmd(t *testing.T, args ...string) string {
 func newTestInternet(t *testing.T) *testInternet {
 	t.Helper()
 	requireNetworkTools(t)
+	// One test internet per host at a time (its addresses and routes are
+	// fixed): a second test process, e.g. the suite under another
+	// backend, waits for the first's to go.
+	lock := lockTestInternet(t)
 	sweepStaleTestInternets(t)
 	pid := os.Getpid()
 	n := &testInternet{
@@ -115,11 +121,17 @@ func newTestInternet(t *testing.T) *testInternet {
 		Private:  netip.MustParseAddr("10.99.0.2"),
 		Metadata: netip.MustParseAddr("169.254.169.254"),
 	}
-	// Fixed addresses: two test internets at once would fight over them.
-	if out, _ := exec.Command("ip", "-br", "-4", "addr", "show", "to", "198.18.0.0/24").Output(); strings.TrimSpace(string(out)) != "" {
-		t.Fatalf("198.18.0.0/24 is already on a host link (another test internet?):\n%s", out)
-	}
+	n.stops = append(n.stops, func() { lock.Close() })
 	t.Cleanup(n.close)
+	// Fixed addresses: anything else holding them would take the traffic.
+	if out, _ := exec.Command("ip", "-br", "-4", "addr", "show", "to", "198.18.0.0/24").Output(); strings.TrimSpace(string(out)) != "" {
+		t.Fatalf("198.18.0.0/24 is already on a host link (not a test internet of this suite):\n%s", out)
+	}
+	for _, dst := range []string{"10.99.0.0/24", n.Metadata.String()} {
+		if out := ipCmd(t, "route", "show", "exact", dst); strings.TrimSpace(out) != "" {
+			t.Fatalf("the host already routes %s (not through a test internet of this suite): %s", dst, out)
+		}
+	}
 
 	ipCmd(t, "netns", "add", n.NS)
 	n.stops = append(n.stops, func() { _ = exec.Command("ip", "netns", "del", n.NS).Run() })
@@ -141,6 +153,41 @@ func newTestInternet(t *testing.T) *testInternet {
 	n.serveHTTP()
 	n.serveDNS()
 	return n
+}
+
+// testInternetLock is held by the process whose test internet is up.
+const testInternetLock = "/run/lock/aleph-vm-test-internet.lock"
+
+// lockTestInternet takes the host-wide test internet lock, waiting up to
+// 30 minutes for another test process to release it. The lock goes with
+// the process, so a killed test never holds it.
+func lockTestInternet(t *testing.T) *os.File {
+	t.Helper()
+	_ = os.MkdirAll(filepath.Dir(testInternetLock), 0o755)
+	f, err := os.OpenFile(testInternetLock, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatalf("test internet lock: %v", err)
+	}
+	deadline := time.Now().Add(30 * time.Minute)
+	for logged := false; ; {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return f
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) {
+			f.Close()
+			t.Fatalf("test internet lock: %v", err)
+		}
+		if time.Now().After(deadline) {
+			f.Close()
+			t.Fatalf("another test process has held %s for 30 minutes", testInternetLock)
+		}
+		if !logged {
+			t.Logf("waiting for another test process's test internet to go (%s)", testInternetLock)
+			logged = true
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
 }
 
 // sweepStaleTestInternets removes the test internets of test processes
