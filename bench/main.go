@@ -467,7 +467,7 @@ func benchNetworkSetup(ctx context.Context, res *result) error {
 	var release []float64
 	for i := range 30 {
 		t0 := time.Now()
-		n, err := m.Allocate(ctx, fmt.Sprintf("bench-%d", i), backend.LinkNamespace)
+		n, err := m.Allocate(ctx, fmt.Sprintf("bench-%d", i), network.Link{Kind: backend.LinkNamespace})
 		if err != nil {
 			return err
 		}

@@ -95,6 +95,13 @@ type Networker interface {
 	NetworkLink() LinkKind
 }
 
+// TapOwner is implemented by VM backends whose VMM opens its tap as
+// another user than the supervisor (Firecracker under its jailer): the
+// tap must belong to that user.
+type TapOwner interface {
+	TapOwner() (uid, gid int)
+}
+
 // Closer is implemented by backends that hold host state shared by all
 // their sandboxes; the supervisor calls Close after the last one stopped.
 type Closer interface {

@@ -108,11 +108,14 @@ func setupVeth(ns netns.NsHandle, hostLink, peerTemp string, n *Network) error {
 
 // setupTap creates a persistent tap for a VM, with the gateway address on
 // the host side. QEMU and Firecracker open it by name.
-func setupTap(name string, n *Network) error {
+func setupTap(name string, n *Network, uid, gid int) error {
+	// netlink always sets the owner: zero would make the tap root's only.
 	tap := &netlink.Tuntap{
 		LinkAttrs: netlink.LinkAttrs{Name: name},
 		Mode:      netlink.TUNTAP_MODE_TAP,
 		Flags:     netlink.TUNTAP_NO_PI,
+		Owner:     uint32(uid),
+		Group:     uint32(gid),
 	}
 	if err := netlink.LinkAdd(tap); err != nil {
 		return fmt.Errorf("creating tap %s: %w", name, err)

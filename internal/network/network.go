@@ -224,9 +224,17 @@ func (m *Manager) indexOf(link string) (int, bool) {
 	return idx, err == nil
 }
 
-// Allocate reserves a subnet for an execution and builds its link of the
-// given kind with its firewall rules. The caller must Release it.
-func (m *Manager) Allocate(ctx context.Context, execution string, kind backend.LinkKind) (*Network, error) {
+// Link says how an execution attaches to its network.
+type Link struct {
+	Kind backend.LinkKind
+	// UID and GID own a tap, for a VMM that opens it unprivileged.
+	UID, GID int
+}
+
+// Allocate reserves a subnet for an execution and builds its link with
+// its firewall rules. The caller must Release it.
+func (m *Manager) Allocate(ctx context.Context, execution string, link Link) (*Network, error) {
+	kind := link.Kind
 	if kind != backend.LinkNamespace && kind != backend.LinkTap {
 		return nil, errkind.New(errkind.Unsupported, "network: this backend cannot attach a network")
 	}
@@ -235,7 +243,7 @@ func (m *Manager) Allocate(ctx context.Context, execution string, kind backend.L
 		return nil, err
 	}
 	n := m.describe(idx, kind)
-	if err := m.build(ctx, n); err != nil {
+	if err := m.build(ctx, n, link); err != nil {
 		if terr := m.teardown(idx); terr != nil {
 			m.log.Error("undoing a failed network", "index", idx, "err", terr)
 		}
@@ -311,7 +319,7 @@ func (m *Manager) describe(idx int, kind backend.LinkKind) *Network {
 	return n
 }
 
-func (m *Manager) build(ctx context.Context, n *Network) error {
+func (m *Manager) build(ctx context.Context, n *Network, link Link) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -324,7 +332,7 @@ func (m *Manager) build(ctx context.Context, n *Network) error {
 		if err := setupVeth(ns, n.Link, m.opts.LinkPrefix+"p"+strconv.Itoa(n.Index), n); err != nil {
 			return err
 		}
-	} else if err := setupTap(n.Link, n); err != nil {
+	} else if err := setupTap(n.Link, n, link.UID, link.GID); err != nil {
 		return err
 	}
 	return m.withNft(func(c *nftables.Conn) error {

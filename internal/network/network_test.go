@@ -60,11 +60,11 @@ func TestAllocateReleaseAndFirewall(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = m.Close() })
 
-	a, err := m.Allocate(ctx, "exec-a", backend.LinkNamespace)
+	a, err := m.Allocate(ctx, "exec-a", Link{Kind: backend.LinkNamespace})
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := m.Allocate(ctx, "exec-b", backend.LinkTap)
+	b, err := m.Allocate(ctx, "exec-b", Link{Kind: backend.LinkTap, UID: 4242, GID: 4343})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,6 +76,12 @@ func TestAllocateReleaseAndFirewall(t *testing.T) {
 	}
 	if a.NetnsPath == "" || a.TapName != "" {
 		t.Errorf("namespace network: %+v", a)
+	}
+	// The tap belongs to the user its VMM runs as.
+	owner, _ := os.ReadFile("/sys/class/net/tvm1/owner")
+	group, _ := os.ReadFile("/sys/class/net/tvm1/group")
+	if strings.TrimSpace(string(owner)) != "4242" || strings.TrimSpace(string(group)) != "4343" {
+		t.Errorf("tap owner %q group %q, want 4242 4343", owner, group)
 	}
 
 	// Inside the namespace: eth0 with the program's address and a default
@@ -177,7 +183,7 @@ func TestSweepRemovesWhatADeadOwnerLeft(t *testing.T) {
 	if err := first.Setup(ctx); err != nil {
 		t.Fatal(err)
 	}
-	n, err := first.Allocate(ctx, "crashed", backend.LinkNamespace)
+	n, err := first.Allocate(ctx, "crashed", Link{Kind: backend.LinkNamespace})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -67,7 +67,7 @@ type Options struct {
 // Networks hands out and takes back execution networks
 // (*network.Manager).
 type Networks interface {
-	Allocate(ctx context.Context, execution string, kind backend.LinkKind) (*network.Network, error)
+	Allocate(ctx context.Context, execution string, link network.Link) (*network.Network, error)
 	Release(n *network.Network) error
 }
 
@@ -260,7 +260,11 @@ func (p *Pool) network(ctx context.Context, id string, internet bool) (*network.
 	if !ok || nw.NetworkLink() == backend.LinkNone {
 		return nil, errkind.New(errkind.NoBackend, "the program needs the internet and backend %s cannot attach a network", p.opts.Backend.Name())
 	}
-	return p.opts.Networks.Allocate(ctx, id, nw.NetworkLink())
+	link := network.Link{Kind: nw.NetworkLink(), UID: os.Geteuid(), GID: os.Getegid()}
+	if o, ok := p.opts.Backend.(backend.TapOwner); ok {
+		link.UID, link.GID = o.TapOwner()
+	}
+	return p.opts.Networks.Allocate(ctx, id, link)
 }
 
 func (p *Pool) releaseNetwork(n *network.Network, log *slog.Logger) {
