@@ -63,6 +63,9 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 			}
 		}
 	}
+	if err := pool.SweepExecutions(ctx, s.ExecutionRoot, log); err != nil {
+		log.Warn("removing what an earlier run left", "err", err)
+	}
 	networks, netErr := newNetworks(ctx, s, be, log)
 	if netErr != nil {
 		log.Error("program networking unavailable: programs asking for the internet will be refused", "err", netErr)

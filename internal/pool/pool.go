@@ -113,7 +113,10 @@ func New(opts Options) *Pool {
 		spare:       map[spareShape]*spare{},
 		makingSpare: map[spareShape]bool{},
 	}
-	p.refillSpare(spareShape{internet: opts.Networks != nil})
+	// Both shapes are common: the SDKs default to the internet, tests and
+	// simple functions go without.
+	p.refillSpare(spareShape{internet: false})
+	p.refillSpare(spareShape{internet: true})
 	return p
 }
 

@@ -35,8 +35,7 @@ type spare struct {
 // spareShape is what a spare was made for besides the default runtime and
 // resources: a network is attached when the sandbox starts, so programs
 // with and without the internet need spares of their own. The pool keeps
-// one spare per shape it has seen asked for, starting with the internet
-// one when networking works (the official SDKs' default).
+// one spare of each (the internet one only when networking works).
 type spareShape struct {
 	internet bool
 }

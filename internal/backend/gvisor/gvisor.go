@@ -30,6 +30,7 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend/codeprep"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
+	"github.com/aleph-vm-go/vm-supervisor/internal/mountinfo"
 )
 
 // Defaults for Options fields left at zero.
@@ -191,6 +192,11 @@ func (b *Backend) Reap(ctx context.Context) error {
 		_ = newCgroup(b.opts.CgroupParent, id).remove(ctx)
 	}
 	unmountNullNetns(b.opts.RootDir)
+	// No sandbox of ours runs any more: runtime mounts left by a crash
+	// serve nobody.
+	if err := mountinfo.DetachUnder(filepath.Join(b.opts.CacheRoot, "runtimes")); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
 }
 

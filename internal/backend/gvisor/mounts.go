@@ -1,19 +1,18 @@
 package gvisor
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/mountinfo"
 )
 
 // loopMount attaches image to a free loop device and mounts it at target.
@@ -128,43 +127,7 @@ func isMountPoint(path string) (bool, error) {
 }
 
 // mountPoints lists mount points from /proc/self/mountinfo.
-func mountPoints() (map[string]struct{}, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	out := map[string]struct{}{}
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64*1024), 1<<20)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) > 4 {
-			out[unescapeMountPath(fields[4])] = struct{}{}
-		}
-	}
-	return out, sc.Err()
-}
-
-// unescapeMountPath undoes the octal escapes (\040 for space, ...) the
-// kernel uses in mountinfo.
-func unescapeMountPath(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
-}
+func mountPoints() (map[string]struct{}, error) { return mountinfo.Points() }
 
 // runtimeMounts shares one read-only mount of each runtime image between
 // all sandboxes of this process. It is package-level so that two Backend
