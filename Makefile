@@ -82,7 +82,7 @@ test-qemu:
 	$(TEST_ENV) ALEPH_TEST_HYPERVISOR=qemu ALEPH_VM_LINUX_PATH=$(CUSTOM_KERNEL_DIR)/vmlinux \
 		$(GO) test -count=1 -timeout 40m ./test/integration
 	$(TEST_ENV) ALEPH_TEST_HYPERVISOR=qemu ALEPH_VM_LINUX_PATH=$(KERNEL_DIR)/vmlinuz \
-		$(GO) test -count=1 -timeout 40m -run 'TestEncodingsAndExecutable|TestSelfCheck|TestLimits' ./test/integration
+		$(GO) test -count=1 -timeout 40m -run 'TestEncodingsAndExecutable|TestSelfCheck|TestLimits|TestNetworkInternet' ./test/integration
 
 test-short: build
 	$(GO) test -count=1 -short ./...
