@@ -3,6 +3,7 @@ package network
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"strings"
 
@@ -290,9 +291,8 @@ func ipv4Field(offset uint32) []expr.Any {
 }
 
 func daddrIn(p netip.Prefix) []expr.Any {
-	mask := prefixMask(p.Bits())
 	return cat(ipv4Field(16), []expr.Any{
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: mask, Xor: []byte{0, 0, 0, 0}},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: net.CIDRMask(p.Bits(), 32), Xor: []byte{0, 0, 0, 0}},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: p.Masked().Addr().AsSlice()},
 	})
 }
@@ -301,14 +301,6 @@ func saddrNot(a netip.Addr) []expr.Any {
 	return cat(ipv4Field(12), []expr.Any{
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: a.AsSlice()},
 	})
-}
-
-func prefixMask(bits int) []byte {
-	m := uint32(0)
-	if bits > 0 {
-		m = ^uint32(0) << (32 - bits)
-	}
-	return []byte{byte(m >> 24), byte(m >> 16), byte(m >> 8), byte(m)}
 }
 
 func accept() []expr.Any { return []expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}} }

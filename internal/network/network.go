@@ -37,8 +37,8 @@ const (
 type Options struct {
 	Pool      netip.Prefix // IPV4_ADDRESS_POOL
 	PrefixLen int          // IPV4_NETWORK_PREFIX_LENGTH
-	// Outbound is NETWORK_INTERFACE; empty means the interface of the
-	// host's default route.
+	// Outbound is NETWORK_INTERFACE (the caller resolves an unset one,
+	// e.g. with DefaultRouteInterface, as it needs it for DNS too).
 	Outbound    string
 	Nameservers []netip.Addr   // what programs use for DNS
 	EgressAllow []netip.Prefix // private ranges the operator opens
@@ -86,6 +86,9 @@ func New(opts Options) (*Manager, error) {
 	if opts.LinkPrefix == "" {
 		opts.LinkPrefix = DefaultLinkPrefix
 	}
+	if opts.Outbound == "" {
+		return nil, errors.New("network: no outbound interface")
+	}
 	if !opts.Pool.IsValid() || !opts.Pool.Addr().Is4() {
 		return nil, fmt.Errorf("network: address pool %v is not an IPv4 range", opts.Pool)
 	}
@@ -107,21 +110,11 @@ func New(opts Options) (*Manager, error) {
 	}, nil
 }
 
-// Outbound is the interface outbound traffic leaves through.
-func (m *Manager) Outbound() string { return m.opts.Outbound }
-
-// Setup prepares the host: it finds the outbound interface, clears what a
-// crashed run left, enables IPv4 forwarding and installs the firewall.
+// Setup prepares the host: it clears what a crashed run left, enables
+// IPv4 forwarding and installs the firewall.
 func (m *Manager) Setup(ctx context.Context) error {
 	if err := os.MkdirAll(m.opts.LeaseDir, 0o700); err != nil {
 		return fmt.Errorf("network: %w", err)
-	}
-	if m.opts.Outbound == "" {
-		name, err := DefaultRouteInterface()
-		if err != nil {
-			return fmt.Errorf("network: NETWORK_INTERFACE is not set and %w", err)
-		}
-		m.opts.Outbound = name
 	}
 	if err := m.Sweep(ctx); err != nil {
 		return err
@@ -179,10 +172,8 @@ func (m *Manager) sweepUnleased(leased map[int]lease) error {
 		return err
 	}
 	for _, name := range links {
-		if idx, ok := m.indexOf(name); ok {
-			if _, mine := leased[idx]; mine && leased[idx].alive() {
-				continue
-			}
+		if idx, ok := m.indexOf(name); ok && leased[idx].alive() {
+			continue
 		}
 		m.log.Warn("removing a stray network link", "link", name)
 		errs = append(errs, deleteLink(name))
