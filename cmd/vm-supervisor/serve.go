@@ -12,8 +12,11 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"runtime/pprof"
 	"time"
+
+	"github.com/shirou/gopsutil/v4/mem"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
 	"github.com/aleph-vm-go/vm-supervisor/internal/config"
@@ -66,6 +69,17 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 	if err := pool.SweepExecutions(ctx, s.ExecutionRoot, log); err != nil {
 		log.Warn("removing what an earlier run left", "err", err)
 	}
+	// Executions of the earlier run ended with it; their rows say so.
+	if n, err := db.CloseUnfinished(ctx, time.Now()); err != nil {
+		log.Warn("closing the records of an earlier run", "err", err)
+	} else if n > 0 {
+		log.Warn("recorded the end of executions the earlier run left", "executions", n)
+	}
+	capacity, err := nodeCapacity(s)
+	if err != nil {
+		return err
+	}
+	log.Info("admission", "memory_mib", capacity.MemoryMiB, "vcpus", capacity.VCPUs, "max_executions", s.MaxExecutions)
 	networks, netErr := newNetworks(ctx, s, be, log)
 	if netErr != nil {
 		log.Error("program networking unavailable: programs asking for the internet will be refused", "err", netErr)
@@ -100,13 +114,21 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 				APIServer: s.APIServer,
 			})
 		},
-		Source:        source,
-		Backend:       be,
-		BackendError:  beErr,
-		Records:       db,
-		ReuseTimeout:  s.ReuseTimeout,
-		InitTimeout:   s.InitTimeout,
-		ExecutionRoot: s.ExecutionRoot,
+		Source:            source,
+		Backend:           be,
+		BackendError:      beErr,
+		Records:           db,
+		ReuseTimeout:      s.ReuseTimeout,
+		InitTimeout:       s.InitTimeout,
+		ExecutionRoot:     s.ExecutionRoot,
+		MaxExecutions:     s.MaxExecutions,
+		Capacity:          capacity,
+		MaxRequestTimeout: time.Duration(s.MaxProgramSeconds) * time.Second,
+		ProgramLogs: pool.LogLimits{
+			BytesPerSecond: s.ProgramLogBytesPerSec,
+			BurstBytes:     16 * s.ProgramLogBytesPerSec,
+			MaxBytes:       s.ProgramLogMaxBytes,
+		},
 		SpareRuntime:  spareRuntime,
 		PersistentDir: s.PersistentVolumesDir,
 		AlephEnv:      alephEnv(s),
@@ -219,4 +241,22 @@ func startProfile(dir string) (func(), error) {
 	}
 	slog.Info("CPU profile", "path", path)
 	return func() { pprof.StopCPUProfile(); f.Close() }, nil
+}
+
+// nodeCapacity is what executions may reserve on this host: physical
+// memory less the host's reserve, and cores times the overcommit factor.
+func nodeCapacity(s *config.Settings) (pool.Capacity, error) {
+	vm, err := mem.VirtualMemory()
+	if err != nil {
+		return pool.Capacity{}, fmt.Errorf("reading the host's memory: %w", err)
+	}
+	memory := int(vm.Total>>20) - s.HostMemoryReservedMiB
+	if memory < 1 {
+		return pool.Capacity{}, fmt.Errorf("HOST_MEMORY_RESERVED_MIB=%d leaves nothing of the host's %d MiB for programs",
+			s.HostMemoryReservedMiB, vm.Total>>20)
+	}
+	return pool.Capacity{
+		MemoryMiB: memory,
+		VCPUs:     max(1, int(float64(runtime.NumCPU())*s.VCPUOvercommitFactor)),
+	}, nil
 }

@@ -80,6 +80,14 @@ type Settings struct {
 	MaxRuntimeSize        int64
 	MaxRequestBodySize    int64
 
+	// Admission: what the node commits to executions at once.
+	MaxExecutions         int     // 0 = bounded by memory and vCPUs only
+	HostMemoryReservedMiB int     // HOST_MEMORY_RESERVED_MIB: kept for the host
+	VCPUOvercommitFactor  float64 // VCPU_OVERCOMMIT_FACTOR: vCPUs per core
+	MaxProgramSeconds     int     // MAX_PROGRAM_SECONDS: cap on resources.seconds
+	ProgramLogBytesPerSec int     // PROGRAM_LOG_RATE: bytes/s of program output logged
+	ProgramLogMaxBytes    int64   // PROGRAM_LOG_MAX_BYTES: per execution
+
 	AllowVMNetworking       bool
 	NetworkInterface        string
 	DNSResolution           string
@@ -145,6 +153,11 @@ func Default() *Settings {
 		MaxDataArchiveSize:      10_000_000,
 		MaxRuntimeSize:          2 << 30,
 		MaxRequestBodySize:      10 << 20,
+		HostMemoryReservedMiB:   2048,
+		VCPUOvercommitFactor:    4,
+		MaxProgramSeconds:       600,
+		ProgramLogBytesPerSec:   16 << 10,
+		ProgramLogMaxBytes:      8 << 20,
 		AllowVMNetworking:       true,
 		NetworkInterface:        "",
 		DNSResolution:           DNSDetect,

@@ -171,6 +171,28 @@ var table = []descriptor{
 	integer("MAX_RUNTIME_SIZE", "largest runtime image, in bytes", 1, math.MaxInt64, func(s *Settings) *int64 { return &s.MaxRuntimeSize }),
 	integer("MAX_REQUEST_BODY_SIZE", "largest HTTP request body forwarded to a program, in bytes", 1, math.MaxInt64,
 		func(s *Settings) *int64 { return &s.MaxRequestBodySize }),
+	smallInt("MAX_EXECUTIONS", "most executions at once; 0 = as many as memory and vCPUs allow", 0, 1<<20,
+		func(s *Settings) *int { return &s.MaxExecutions }),
+	smallInt("HOST_MEMORY_RESERVED_MIB", "physical memory (MiB) never committed to executions, kept for the host", 0, 1<<30,
+		func(s *Settings) *int { return &s.HostMemoryReservedMiB }),
+	{
+		name: "VCPU_OVERCOMMIT_FACTOR", help: "vCPUs committed per physical core at most",
+		set: func(s *Settings, v string) error {
+			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			if err != nil || f <= 0 || f > 1000 || math.IsNaN(f) {
+				return errors.New("must be a number above 0 (e.g. 4)")
+			}
+			s.VCPUOvercommitFactor = f
+			return nil
+		},
+		get: func(s *Settings) any { return s.VCPUOvercommitFactor },
+	},
+	smallInt("MAX_PROGRAM_SECONDS", "longest request a program may take, whatever its resources.seconds says", 1, 1<<30,
+		func(s *Settings) *int { return &s.MaxProgramSeconds }),
+	smallInt("PROGRAM_LOG_RATE", "bytes per second of a program's output copied to the supervisor's log (burst 16x)", 1, 1<<30,
+		func(s *Settings) *int { return &s.ProgramLogBytesPerSec }),
+	integer("PROGRAM_LOG_MAX_BYTES", "bytes of a program's output logged per execution at most", 1, math.MaxInt64,
+		func(s *Settings) *int64 { return &s.ProgramLogMaxBytes }),
 
 	boolean("ALLOW_VM_NETWORKING", "give sandboxes network access", func(s *Settings) *bool { return &s.AllowVMNetworking }),
 	optional(str("NETWORK_INTERFACE", "host interface that carries programs' outbound traffic; empty = the default route's",

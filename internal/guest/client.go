@@ -45,6 +45,21 @@ type Client struct {
 // Connect starts the multiplexer over ch, sends cfg and waits for the
 // agent's readiness, bounded by ctx. On error ch is closed.
 func Connect(ctx context.Context, ch io.ReadWriteCloser, cfg Config, log *slog.Logger) (*Client, error) {
+	c, err := Dial(ch, log)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.Start(ctx, cfg); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// Dial starts the multiplexer over ch without configuring the program
+// yet. The session answers the agent's keepalives from then on, so a
+// pre-warmed sandbox can wait for its program for as long as it likes;
+// Start sends the Config later. On error ch is closed.
+func Dial(ch io.ReadWriteCloser, log *slog.Logger) (*Client, error) {
 	if log == nil {
 		log = slog.Default()
 	}
@@ -65,11 +80,20 @@ func Connect(ctx context.Context, ch io.ReadWriteCloser, cfg Config, log *slog.L
 	// lifespan startup, before the caller had a chance to ServeGuestAPI,
 	// and an unaccepted stream would make the agent's yamux drop the session.
 	go c.acceptLoop()
+	return c, nil
+}
 
-	stream, err := OpenStream(ctx, sess, StreamControl)
+// Closed is closed as soon as the multiplexed session ends, whether or not
+// Start was called: how an idle spare's death is noticed.
+func (c *Client) Closed() <-chan struct{} { return c.sess.CloseChan() }
+
+// Start sends cfg and waits for the agent's readiness, bounded by ctx. On
+// error the session is closed.
+func (c *Client) Start(ctx context.Context, cfg Config) error {
+	stream, err := OpenStream(ctx, c.sess, StreamControl)
 	if err != nil {
-		sess.Close()
-		return nil, fmt.Errorf("open control stream: %w", err)
+		c.sess.Close()
+		return fmt.Errorf("open control stream: %w", err)
 	}
 	c.ctrl = NewControlConn(stream)
 	// As in Stop: an agent that fails at once may close the session before
@@ -78,7 +102,7 @@ func Connect(ctx context.Context, ch io.ReadWriteCloser, cfg Config, log *slog.L
 	go func() {
 		c.readControl()
 		// Without its control stream the session is of no use.
-		sess.Close()
+		c.sess.Close()
 		close(c.done)
 	}()
 
@@ -90,23 +114,23 @@ func Connect(ctx context.Context, ch io.ReadWriteCloser, cfg Config, log *slog.L
 		case st = <-c.first:
 		default:
 			if sendErr != nil {
-				return nil, fmt.Errorf("send config: %w", errors.Join(ErrClosed, sendErr))
+				return fmt.Errorf("send config: %w", errors.Join(ErrClosed, sendErr))
 			}
-			return nil, fmt.Errorf("waiting for program start: %w", ErrClosed)
+			return fmt.Errorf("waiting for program start: %w", ErrClosed)
 		}
 	case <-ctx.Done():
-		sess.Close()
-		return nil, fmt.Errorf("waiting for program start: %w", ctx.Err())
+		c.sess.Close()
+		return fmt.Errorf("waiting for program start: %w", ctx.Err())
 	}
 	if st.Error != "" {
-		sess.Close()
-		return nil, fmt.Errorf("program failed to start: %s", st.Error)
+		c.sess.Close()
+		return fmt.Errorf("program failed to start: %s", st.Error)
 	}
 	if !st.Ready {
-		sess.Close()
-		return nil, fmt.Errorf("unexpected first status %+v", st)
+		c.sess.Close()
+		return fmt.Errorf("unexpected first status %+v", st)
 	}
-	return c, nil
+	return nil
 }
 
 // readControl dispatches the agent's status lines for the session's life.
@@ -168,6 +192,9 @@ func (c *Client) ServeGuestAPI(h http.Handler) {
 
 // Stop asks the agent to stop the program and waits for its answer.
 func (c *Client) Stop(ctx context.Context) error {
+	if c.ctrl == nil {
+		return nil // never started: there is no program to stop
+	}
 	select {
 	case <-c.done:
 		return nil // the agent already ended, and with it the program

@@ -1,11 +1,8 @@
 package pool
 
 import (
-	"bytes"
 	"context"
-	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -18,6 +15,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
+	"github.com/aleph-vm-go/vm-supervisor/internal/backend/vmimage"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
@@ -51,9 +49,15 @@ type Execution struct {
 
 	defined, prepared, started time.Time
 
+	recordMu    sync.Mutex
+	recordFinal bool          // the row has its stop time: no more saves
+	stoppingAt  time.Time     // set by finish, for the final row
+	usage       backend.Usage // read by finish before the sandbox stops
+
 	mu       sync.Mutex
 	state    state
 	inFlight int
+	lastUsed time.Time // when the last request ended
 	idle     *time.Timer
 	drained  chan struct{} // closed when inFlight drops to 0 while stopping
 
@@ -93,6 +97,7 @@ func (e *Execution) Release() {
 	if e.inFlight > 0 {
 		return
 	}
+	e.lastUsed = time.Now()
 	switch e.state {
 	case stateRunning:
 		e.armIdleTimerLocked()
@@ -150,13 +155,18 @@ func (e *Execution) boot(ctx context.Context) error {
 
 func (e *Execution) bootSteps(ctx context.Context) error {
 	if sp := e.pool.takeSpare(e.prog); sp != nil {
-		ch, err := e.adoptSpare(ctx, sp)
+		err := e.adoptSpare(ctx, sp)
 		if err == nil {
-			return e.connect(ctx, ch)
+			err = e.connect(ctx, sp.client)
+			// A spare that ran a program is proof that starts work.
+			e.pool.spareOutcome(sp.shape, err != nil)
+			return err
 		}
 		e.log.Warn("could not use the spare sandbox; starting a fresh one", "err", err)
 		e.pool.discardSpare(sp, err.Error())
 		e.instance, e.stateDir, e.net = nil, "", nil
+		e.id = uuid.NewString()
+		e.log = e.pool.log.With("program", e.hash, "execution", e.id)
 	}
 	dir, err := e.pool.stateDir(e.id)
 	if err != nil {
@@ -184,36 +194,62 @@ func (e *Execution) bootSteps(ctx context.Context) error {
 	e.instance = inst
 	ch, err := inst.Channel(ctx)
 	if err != nil {
-		return errkind.Wrap(errkind.BadGateway, fmt.Errorf("connecting to the guest: %w", err))
+		return e.startFailure(fmt.Errorf("connecting to the guest: %w", err))
 	}
-	return e.connect(ctx, ch)
+	client, err := guest.Dial(ch, e.log)
+	if err != nil {
+		return e.startFailure(fmt.Errorf("connecting to the guest: %w", err))
+	}
+	return e.connect(ctx, client)
+}
+
+// startFailure names the cause of a failed start: when the sandbox itself
+// died (runsc refused the spec, the VM did not boot, the memory limit),
+// its exit is what the client needs to read, not "guest channel closed".
+func (e *Execution) startFailure(err error) error {
+	if e.instance != nil {
+		select {
+		case <-e.instance.Done():
+			if ierr := e.instance.Err(); ierr != nil {
+				err = fmt.Errorf("%w: %w", ierr, err)
+			}
+		case <-time.After(2 * time.Second):
+		}
+	}
+	if errkind.Of(err) == errkind.Unknown {
+		err = errkind.Wrap(errkind.BadGateway, err)
+	}
+	return err
 }
 
 // adoptSpare turns a pre-warmed sandbox into this execution: it takes the
 // spare's identity and gives it the program's code.
-func (e *Execution) adoptSpare(ctx context.Context, sp *spare) (io.ReadWriteCloser, error) {
+func (e *Execution) adoptSpare(ctx context.Context, sp *spare) error {
 	e.id, e.stateDir, e.instance, e.net = sp.id, sp.stateDir, sp.inst, sp.net
 	e.log = e.pool.log.With("program", e.hash, "execution", e.id)
 	sp.output.setLogger(e.log)
 	e.prepared = time.Now()
 	if err := sp.inst.(backend.CodeLoader).LoadCode(ctx, e.spec()); err != nil {
-		return nil, err
+		return err
 	}
 	e.log.Info("using a pre-warmed sandbox", "warm_for", e.prepared.Sub(sp.created).Round(time.Millisecond))
-	return sp.ch, nil
+	return nil
 }
 
 // connect hands the program to the agent and waits until it serves.
-func (e *Execution) connect(ctx context.Context, ch io.ReadWriteCloser) error {
+func (e *Execution) connect(ctx context.Context, client *guest.Client) error {
 	inst := e.instance
 	cfg := e.guestConfig()
 	// VM backends know which guest devices hold the code and volumes.
-	if gc, ok := inst.(interface{ ConfigureGuest(*guest.Config) }); ok {
+	if gc, ok := inst.(vmimage.GuestConfigurer); ok {
 		gc.ConfigureGuest(&cfg)
 	}
-	client, err := guest.Connect(ctx, ch, cfg, e.log)
-	if err != nil {
-		return errkind.Wrap(errkind.BadGateway, fmt.Errorf("program failed to start: %w", err))
+	// From here on the execution has a row, so a crash of the supervisor
+	// while the program boots or serves still leaves its trace.
+	e.saveRecord(ctx, false)
+	if err := client.Start(ctx, cfg); err != nil {
+		client.Close()
+		return e.startFailure(err)
 	}
 	e.client = client
 	if e.pool.opts.GuestAPI != nil {
@@ -227,8 +263,8 @@ func (e *Execution) connect(ctx context.Context, ch io.ReadWriteCloser) error {
 		IdleConnTimeout:     60 * time.Second, // below uvicorn's 75 s keep-alive: the host closes first
 		DisableCompression:  true,
 	}
-	e.started = time.Now()
 	e.mu.Lock()
+	e.started = time.Now()
 	e.state = stateRunning
 	e.mu.Unlock()
 	e.log.Info("program ready", "boot", e.started.Sub(e.prepared).Round(time.Millisecond))
@@ -239,7 +275,7 @@ func (e *Execution) spec() backend.Spec {
 	spec := SpecFor(e.prog, e.pool.opts.PersistentDir)
 	spec.ExecutionID = e.id
 	spec.StateDir = e.stateDir
-	spec.ProgramOutput = newLineLogger(e.log)
+	spec.ProgramOutput = newLineLogger(e.log, e.pool.opts.ProgramLogs)
 	spec.Logger = e.log
 	if e.net != nil {
 		spec.Network = &e.net.Network
@@ -336,7 +372,11 @@ func (e *Execution) RequestTimeout() time.Duration {
 	if s <= 0 {
 		s = message.DefaultSeconds
 	}
-	return time.Duration(s) * time.Second
+	d := time.Duration(s) * time.Second
+	if limit := e.pool.opts.MaxRequestTimeout; limit > 0 && d > limit {
+		d = limit
+	}
+	return d
 }
 
 // stopGracefully refuses new requests, waits for in-flight ones (until ctx
@@ -397,9 +437,8 @@ func (e *Execution) finish(ctx context.Context, cause error) {
 		if e.transport != nil {
 			e.transport.CloseIdleConnections()
 		}
-		var usage backend.Usage
 		if e.instance != nil {
-			usage = e.instance.Usage()
+			e.usage = e.instance.Usage()
 			sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 			if err := e.instance.Stop(sctx); err != nil {
 				e.log.Error("stopping sandbox", "err", err)
@@ -413,7 +452,8 @@ func (e *Execution) finish(ctx context.Context, cause error) {
 				e.log.Warn("removing execution directory", "err", err)
 			}
 		}
-		e.writeRecord(ctx, stopping, usage)
+		e.stoppingAt = stopping
+		e.saveRecord(ctx, true)
 		if cause != nil {
 			e.log.Info("execution ended", "cause", cause)
 		} else {
@@ -424,33 +464,45 @@ func (e *Execution) finish(ctx context.Context, cause error) {
 	<-e.finishDone
 }
 
-func (e *Execution) writeRecord(ctx context.Context, stopping time.Time, u backend.Usage) {
+// saveRecord writes the execution's row: at start (final false) with the
+// times known so far, and at the end (final true) with the stop time and
+// usage. Once the final row is written, earlier-phase saves are skipped so
+// a late one cannot reopen it.
+func (e *Execution) saveRecord(ctx context.Context, final bool) {
 	if e.pool.opts.Records == nil || e.instance == nil {
 		return
 	}
+	e.recordMu.Lock()
+	defer e.recordMu.Unlock()
+	if e.recordFinal {
+		return
+	}
 	vcpus, memory := resources(e.prog.Content)
+	e.mu.Lock()
 	r := records.Record{
-		UUID:          e.id,
-		VMHash:        e.hash,
-		TimeDefined:   e.defined,
-		TimePrepared:  e.prepared,
-		TimeStarted:   e.started,
-		TimeStopping:  stopping,
-		CPUTimeUser:   u.CPUTimeUser.Seconds(),
-		CPUTimeSystem: u.CPUTimeSystem.Seconds(),
-		IOReadCount:   int64(u.IOReadCount),
-		IOWriteCount:  int64(u.IOWriteCount),
-		IOReadBytes:   int64(u.IOReadBytes),
-		IOWriteBytes:  int64(u.IOWriteBytes),
-		VCPUs:         vcpus,
-		Memory:        memory,
+		UUID:         e.id,
+		VMHash:       e.hash,
+		TimeDefined:  e.defined,
+		TimePrepared: e.prepared,
+		TimeStarted:  e.started,
+		VCPUs:        vcpus,
+		Memory:       memory,
+	}
+	e.mu.Unlock()
+	if final {
+		u := e.usage
+		r.TimeStopping = e.stoppingAt
+		r.CPUTimeUser, r.CPUTimeSystem = u.CPUTimeUser.Seconds(), u.CPUTimeSystem.Seconds()
+		r.IOReadCount, r.IOWriteCount = int64(u.IOReadCount), int64(u.IOWriteCount)
+		r.IOReadBytes, r.IOWriteBytes = int64(u.IOReadBytes), int64(u.IOWriteBytes)
+		e.recordFinal = true
 	}
 	if e.net != nil {
 		r.NetworkTap, r.IPv4 = e.net.Link, e.net.Address.String()
 	}
-	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
-	if err := e.pool.opts.Records.Insert(rctx, r); err != nil {
+	if err := e.pool.opts.Records.Save(rctx, r); err != nil {
 		e.log.Error("writing execution record", "err", err)
 	}
 }
@@ -497,40 +549,4 @@ func (e *Execution) WaitDied(d time.Duration) bool {
 	case <-t.C:
 		return false
 	}
-}
-
-// lineLogger turns the guest's output into one log record per line,
-// tagged with the program hash by the logger it wraps.
-type lineLogger struct {
-	mu  sync.Mutex
-	log *slog.Logger
-	buf bytes.Buffer
-}
-
-func newLineLogger(l *slog.Logger) io.Writer { return &lineLogger{log: l} }
-
-// setLogger retags later lines, for a spare that became an execution.
-func (w *lineLogger) setLogger(l *slog.Logger) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.log = l
-}
-
-func (w *lineLogger) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.buf.Write(p)
-	for {
-		line, err := w.buf.ReadBytes('\n')
-		if errors.Is(err, io.EOF) {
-			w.buf.Write(line) // keep the partial line for the next write
-			break
-		}
-		w.log.Info("guest: " + strings.TrimRight(string(line), "\r\n"))
-	}
-	if w.buf.Len() > 64<<10 { // a program printing without newlines
-		w.log.Info("guest: " + w.buf.String())
-		w.buf.Reset()
-	}
-	return len(p), nil
 }

@@ -27,9 +27,10 @@ type ProgramSource interface {
 	Program(ctx context.Context, hash string) (*sources.Program, error)
 }
 
-// RecordWriter stores one row per finished execution.
+// RecordWriter stores one row per execution, saved when it starts and
+// again when it ends (*records.DB).
 type RecordWriter interface {
-	Insert(ctx context.Context, r records.Record) error
+	Save(ctx context.Context, r records.Record) error
 }
 
 // Options configure a Pool.
@@ -61,7 +62,13 @@ type Options struct {
 	NetworkError error
 	// MaxExecutions bounds concurrently running sandboxes; 0 = unbounded.
 	MaxExecutions int
-	Logger        *slog.Logger
+	// Capacity bounds the memory and vCPUs reserved by executions.
+	Capacity Capacity
+	// MaxRequestTimeout caps a program's resources.seconds (0: no cap).
+	MaxRequestTimeout time.Duration
+	// ProgramLogs bounds what programs may write to the supervisor's log.
+	ProgramLogs LogLimits
+	Logger      *slog.Logger
 }
 
 // Networks hands out and takes back execution networks
@@ -83,9 +90,12 @@ type Pool struct {
 	draining bool
 	stopped  sync.WaitGroup
 
-	spare       map[spareShape]*spare
-	makingSpare map[spareShape]bool
-	spares      sync.WaitGroup
+	spare        map[spareShape]*spare
+	makingSpare  map[spareShape]bool
+	spareBackoff map[spareShape]spareBackoff
+	spares       sync.WaitGroup
+	quit         chan struct{} // closed at Shutdown: spare backoffs end
+	quitOnce     sync.Once
 }
 
 // startCall lets concurrent cold requests for one hash share one start.
@@ -110,8 +120,10 @@ func New(opts Options) *Pool {
 		starting: map[string]*startCall{},
 		all:      map[*Execution]struct{}{},
 
-		spare:       map[spareShape]*spare{},
-		makingSpare: map[spareShape]bool{},
+		spare:        map[spareShape]*spare{},
+		makingSpare:  map[spareShape]bool{},
+		spareBackoff: map[spareShape]spareBackoff{},
+		quit:         make(chan struct{}),
 	}
 	// Both shapes are common: the SDKs default to the internet, tests and
 	// simple functions go without.
@@ -144,10 +156,6 @@ func (p *Pool) Acquire(ctx context.Context, hash string) (*Execution, error) {
 		}
 		call := p.starting[hash]
 		if call == nil {
-			if p.opts.MaxExecutions > 0 && len(p.all) >= p.opts.MaxExecutions {
-				p.mu.Unlock()
-				return nil, errkind.New(errkind.NoCapacity, "no capacity: %d executions already running", p.opts.MaxExecutions)
-			}
 			call = &startCall{done: make(chan struct{})}
 			p.starting[hash] = call
 			go p.start(hash, call)
@@ -189,6 +197,9 @@ func (p *Pool) start(hash string, call *startCall) {
 	if err == nil {
 		go p.watch(exec)
 		exec.armIdleTimer()
+		// After the waiting requests were let through: the row gains
+		// its start time off the request path.
+		exec.saveRecord(ctx, false)
 	}
 }
 
@@ -207,10 +218,9 @@ func (p *Pool) launch(ctx context.Context, hash string) (*Execution, error) {
 		return nil, errkind.Wrap(errkind.NoBackend, fmt.Errorf("no backend available: %w", err))
 	}
 	exec := newExecution(p, prog)
-	p.mu.Lock()
-	p.all[exec] = struct{}{}
-	p.stopped.Add(1)
-	p.mu.Unlock()
+	if err := p.admit(ctx, exec); err != nil {
+		return nil, err
+	}
 	if err := exec.boot(ctx); err != nil {
 		exec.finish(context.Background(), err)
 		return nil, err

@@ -3,13 +3,14 @@ package pool
 import (
 	"context"
 	"errors"
-	"io"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/google/uuid"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
+	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 	"github.com/aleph-vm-go/vm-supervisor/internal/network"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
@@ -26,10 +27,22 @@ type spare struct {
 	shape    spareShape
 	runtime  sources.File
 	inst     backend.Instance
-	ch       io.ReadWriteCloser
+	// client's session runs from the moment the sandbox is up, so the
+	// agent's keepalives are answered while the spare waits.
+	client   *guest.Client
 	net      *network.Network // ready before any request, for internet programs
 	output   *lineLogger
 	created  time.Time
+	taken    chan struct{} // closed when handed out or discarded
+	takeOnce sync.Once
+}
+
+// claim marks the spare as no longer idle; only the first caller wins, so
+// a spare is never both adopted and discarded by its watcher.
+func (sp *spare) claim() bool {
+	won := false
+	sp.takeOnce.Do(func() { close(sp.taken); won = true })
+	return won
 }
 
 // spareShape is what a spare was made for besides the default runtime and
@@ -74,20 +87,85 @@ func (p *Pool) takeSpare(prog *sources.Program) *spare {
 	}
 	delete(p.spare, shape)
 	p.mu.Unlock()
-	select {
-	case <-sp.inst.Done(): // died while waiting: not worth handing out
-		p.discardSpare(sp, "it exited while idle")
-		p.refillSpare(shape)
+	if !sp.claim() { // its watcher saw it die and is discarding it
 		return nil
-	default:
 	}
 	p.refillSpare(shape)
 	return sp
 }
 
+// watchSpare replaces an idle spare the moment it dies (sandbox exit or
+// guest session lost), instead of letting the next request find it dead.
+func (p *Pool) watchSpare(sp *spare) {
+	var why string
+	healthy := time.After(spareHealthyAfter)
+	for why == "" {
+		select {
+		case <-healthy:
+			p.spareOutcome(sp.shape, false) // it stays up: starts work again
+		case <-sp.taken:
+			return
+		case <-sp.inst.Done():
+			why = "the sandbox exited while idle"
+			if err := sp.inst.Err(); err != nil {
+				why += ": " + err.Error()
+			}
+		case <-sp.client.Closed():
+			why = "its guest session ended while idle"
+		}
+	}
+	if !sp.claim() {
+		return // handed out at the same moment: the execution sees the death
+	}
+	p.mu.Lock()
+	if p.spare[sp.shape] == sp {
+		delete(p.spare, sp.shape)
+	}
+	p.mu.Unlock()
+	p.log.Warn("spare sandbox died; replacing it", "execution", sp.id, "internet", sp.shape.internet,
+		"idle_for", time.Since(sp.created).Round(time.Millisecond), "why", why)
+	p.discardSpare(sp, why)
+	// A spare that dies soon after it was made counts as a failed start,
+	// so a sandbox that cannot stay up is not restarted in a tight loop.
+	p.spareOutcome(sp.shape, time.Since(sp.created) < spareHealthyAfter)
+	p.refillSpare(sp.shape)
+}
+
+// Spare start backoff: after a failed start the next attempt waits
+// sparesBackoffMin, doubling with each consecutive failure up to
+// sparesBackoffMax; a spare that stays up spareHealthyAfter resets it.
+const (
+	sparesBackoffMin  = time.Second
+	sparesBackoffMax  = 5 * time.Minute
+	spareHealthyAfter = 30 * time.Second
+)
+
+// spareBackoff is the per-shape failure streak.
+type spareBackoff struct {
+	failures  int
+	notBefore time.Time
+	lastErr   error
+}
+
+// spareOutcome records how a spare start went, for the backoff.
+func (p *Pool) spareOutcome(shape spareShape, failed bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	b := p.spareBackoff[shape]
+	if !failed {
+		b.failures, b.notBefore = 0, time.Time{}
+		p.spareBackoff[shape] = b
+		return
+	}
+	b.failures++
+	delay := sparesBackoffMin << min(b.failures-1, 16)
+	b.notBefore = time.Now().Add(min(delay, sparesBackoffMax))
+	p.spareBackoff[shape] = b
+}
+
 // refillSpare starts making a spare of shape unless one exists, is being
-// made, or spares are off. Spares with the internet are made only when
-// the pool can give networks.
+// made, is backing off after failures, or spares are off. Spares with the
+// internet are made only when the pool can give networks.
 func (p *Pool) refillSpare(shape spareShape) {
 	if p.opts.SpareRuntime == nil || p.opts.Backend == nil {
 		return
@@ -100,21 +178,38 @@ func (p *Pool) refillSpare(shape spareShape) {
 		p.mu.Unlock()
 		return
 	}
+	wait := time.Until(p.spareBackoff[shape].notBefore)
 	p.makingSpare[shape] = true
 	p.spares.Add(1)
 	p.mu.Unlock()
 	go func() {
 		defer p.spares.Done()
+		if wait > 0 {
+			select {
+			case <-time.After(wait):
+			case <-p.quit:
+				p.mu.Lock()
+				delete(p.makingSpare, shape)
+				p.mu.Unlock()
+				return
+			}
+		}
 		sp, err := p.makeSpare(shape)
+		if err != nil {
+			p.spareOutcome(shape, true)
+		}
 		p.mu.Lock()
 		delete(p.makingSpare, shape)
 		if err == nil && !p.draining {
 			p.spare[shape] = sp
+			go p.watchSpare(sp)
 			sp = nil
 		}
+		b := p.spareBackoff[shape]
 		p.mu.Unlock()
 		if err != nil {
-			p.log.Info("no spare sandbox", "internet", shape.internet, "err", err)
+			p.log.Warn("could not make a spare sandbox", "internet", shape.internet, "err", err,
+				"failures", b.failures, "next_attempt_in", time.Until(b.notBefore).Round(time.Second))
 			return
 		}
 		if sp != nil { // made while shutting down
@@ -136,7 +231,8 @@ func (p *Pool) makeSpare(shape spareShape) (sp *spare, err error) {
 		return nil, err
 	}
 	log := p.log.With("execution", id, "spare", true)
-	sp = &spare{id: id, stateDir: dir, shape: shape, runtime: rt, output: &lineLogger{log: log}}
+	sp = &spare{id: id, stateDir: dir, shape: shape, runtime: rt, output: newLineLogger(log, p.opts.ProgramLogs),
+		taken: make(chan struct{})}
 	defer func() {
 		if err != nil {
 			p.discardSpare(sp, err.Error())
@@ -166,7 +262,11 @@ func (p *Pool) makeSpare(shape spareShape) (sp *spare, err error) {
 	if _, ok := sp.inst.(backend.CodeLoader); !ok {
 		return nil, errors.New("backend " + p.opts.Backend.Name() + " cannot load code into a running sandbox")
 	}
-	if sp.ch, err = sp.inst.Channel(ctx); err != nil {
+	ch, err := sp.inst.Channel(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if sp.client, err = guest.Dial(ch, log); err != nil {
 		return nil, err
 	}
 	sp.created = time.Now()
@@ -177,8 +277,9 @@ func (p *Pool) makeSpare(shape spareShape) (sp *spare, err error) {
 // discardSpare frees whatever of the spare exists.
 func (p *Pool) discardSpare(sp *spare, why string) {
 	p.log.Debug("discarding spare sandbox", "execution", sp.id, "why", why)
-	if sp.ch != nil {
-		sp.ch.Close()
+	sp.claim()
+	if sp.client != nil {
+		sp.client.Close()
 	}
 	if sp.inst != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -193,6 +294,7 @@ func (p *Pool) discardSpare(sp *spare, why string) {
 
 // stopSpares ends the idle spares and waits for those being made.
 func (p *Pool) stopSpares() {
+	p.quitOnce.Do(func() { close(p.quit) })
 	p.mu.Lock()
 	idle := make([]*spare, 0, len(p.spare))
 	for shape, sp := range p.spare {

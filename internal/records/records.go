@@ -1,4 +1,4 @@
-// Package records keeps one row per finished execution in SQLite, with
+// Package records keeps one row per execution in SQLite, with
 // aleph-vm's `records` columns, so that /about/executions/records answers
 // with the same shape. The pure-Go driver keeps the supervisor static.
 package records
@@ -234,6 +234,51 @@ func (d *DB) Insert(ctx context.Context, r Record) error {
 		return fmt.Errorf("records: insert %s: %w", r.UUID, err)
 	}
 	return nil
+}
+
+// Save stores r, replacing the row of the same uuid. The pool saves an
+// execution's row when it starts and again when it ends, so a crash of
+// the supervisor loses no execution: the start-up sweep closes the rows
+// left open (CloseUnfinished).
+func (d *DB) Save(ctx context.Context, r Record) error {
+	if r.UUID == "" {
+		return ErrNoUUID
+	}
+	_, err := d.db.ExecContext(ctx, `INSERT INTO records (
+		uuid, vm_hash, time_defined, time_prepared, time_started, time_stopping,
+		cpu_time_user, cpu_time_system, io_read_count, io_write_count,
+		io_read_bytes, io_write_bytes, vcpus, memory, network_tap, ipv4
+	) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+	ON CONFLICT(uuid) DO UPDATE SET
+		vm_hash = excluded.vm_hash, time_defined = excluded.time_defined,
+		time_prepared = excluded.time_prepared, time_started = excluded.time_started,
+		time_stopping = excluded.time_stopping, cpu_time_user = excluded.cpu_time_user,
+		cpu_time_system = excluded.cpu_time_system, io_read_count = excluded.io_read_count,
+		io_write_count = excluded.io_write_count, io_read_bytes = excluded.io_read_bytes,
+		io_write_bytes = excluded.io_write_bytes, vcpus = excluded.vcpus,
+		memory = excluded.memory, network_tap = excluded.network_tap, ipv4 = excluded.ipv4`,
+		r.UUID, r.VMHash, nullTime(r.TimeDefined), nullTime(r.TimePrepared), nullTime(r.TimeStarted), nullTime(r.TimeStopping),
+		r.CPUTimeUser, r.CPUTimeSystem, r.IOReadCount, r.IOWriteCount,
+		r.IOReadBytes, r.IOWriteBytes, r.VCPUs, r.Memory, nullString(r.NetworkTap), nullString(r.IPv4))
+	if err != nil {
+		return fmt.Errorf("records: save %s: %w", r.UUID, err)
+	}
+	return nil
+}
+
+// CloseUnfinished sets time_stopping to at on every row that has none: the
+// executions of an earlier run that ended with it (crash, kill -9). It
+// returns how many rows it closed.
+func (d *DB) CloseUnfinished(ctx context.Context, at time.Time) (int, error) {
+	res, err := d.db.ExecContext(ctx, `UPDATE records SET time_stopping = ? WHERE time_stopping IS NULL`, nullTime(at))
+	if err != nil {
+		return 0, fmt.Errorf("records: close unfinished: %w", err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return 0, fmt.Errorf("records: close unfinished: %w", err)
+	}
+	return int(n), nil
 }
 
 // List returns up to limit records, newest (by time_defined) first;

@@ -273,3 +273,43 @@ func TestConcurrentOpenMigratesOnce(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// An execution's row is written when it starts and completed when it
+// ends; rows a crash left open are closed by the next start-up.
+func TestSaveUpdatesAndCloseUnfinished(t *testing.T) {
+	ctx := context.Background()
+	db, _ := openTemp(t)
+	base := time.Date(2024, 5, 1, 12, 0, 0, 0, time.UTC)
+	open := sample(1, base)
+	open.TimeStarted, open.TimeStopping, open.CPUTimeUser = time.Time{}, time.Time{}, 0
+	if err := db.Save(ctx, open); err != nil {
+		t.Fatal(err)
+	}
+	finished := sample(1, base)
+	if err := db.Save(ctx, finished); err != nil {
+		t.Fatal(err)
+	}
+	crashed := sample(2, base.Add(time.Minute))
+	crashed.TimeStopping = time.Time{}
+	if err := db.Save(ctx, crashed); err != nil {
+		t.Fatal(err)
+	}
+	sweep := base.Add(2 * time.Hour)
+	n, err := db.CloseUnfinished(ctx, sweep)
+	if err != nil || n != 1 {
+		t.Fatalf("CloseUnfinished = %d, %v; want 1 row", n, err)
+	}
+	got, err := db.List(ctx, 0)
+	if err != nil || len(got) != 2 {
+		t.Fatalf("List = %v, %v", got, err)
+	}
+	if !got[0].TimeStopping.Equal(sweep) || got[0].UUID != crashed.UUID {
+		t.Errorf("crashed row: %+v, want stopping %v", got[0], sweep)
+	}
+	if !got[1].TimeStopping.Equal(finished.TimeStopping) || got[1].CPUTimeUser != finished.CPUTimeUser || !got[1].TimeStarted.Equal(finished.TimeStarted) {
+		t.Errorf("updated row: %+v, want %+v", got[1], finished)
+	}
+	if n, _ := db.CloseUnfinished(ctx, sweep); n != 0 {
+		t.Errorf("second CloseUnfinished closed %d rows", n)
+	}
+}

@@ -3,6 +3,7 @@
 package tailbuf
 
 import (
+	"bytes"
 	"strings"
 	"sync"
 )
@@ -38,4 +39,32 @@ func (t *Buffer) String() string {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return strings.Join(t.lines, "\n")
+}
+
+// Writer returns an io.Writer that splits what it receives into lines and
+// adds them to t; a line without its newline yet waits (cut at maxLine).
+func (t *Buffer) Writer() *LineWriter { return &LineWriter{t: t} }
+
+// LineWriter feeds a Buffer from a stream. It is not safe for concurrent
+// use (one stream, one writer).
+type LineWriter struct {
+	t       *Buffer
+	partial []byte
+}
+
+func (w *LineWriter) Write(p []byte) (int, error) {
+	n := len(p)
+	for len(p) > 0 {
+		i := bytes.IndexByte(p, '\n')
+		if i < 0 {
+			room := w.t.maxLine + 1 - len(w.partial)
+			w.partial = append(w.partial, p[:max(0, min(len(p), room))]...)
+			break
+		}
+		w.partial = append(w.partial, p[:min(i, max(0, w.t.maxLine+1-len(w.partial)))]...)
+		w.t.Add(w.partial)
+		w.partial = w.partial[:0]
+		p = p[i+1:]
+	}
+	return n, nil
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend/codeprep"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
+	"github.com/aleph-vm-go/vm-supervisor/internal/tailbuf"
 )
 
 // ErrMemoryLimit tells that the sandbox was killed for exceeding its
@@ -52,6 +53,7 @@ type instance struct {
 	stdin     *os.File // our end: writes reach the agent's stdin
 	stdout    *os.File // our end: reads come from the agent's stdout
 	stderrEnd chan struct{}
+	stderr    *tailbuf.Buffer // runsc's last words, for an exit by itself
 
 	done     chan struct{}
 	watchEnd chan struct{}
@@ -342,7 +344,8 @@ func (i *instance) startRunsc(ctx context.Context) error {
 	go func() {
 		defer close(i.stderrEnd)
 		defer errR.Close()
-		_, _ = io.Copy(out, errR)
+		i.stderr = tailbuf.New(3, 300)
+		_, _ = io.Copy(io.MultiWriter(out, i.stderr.Writer()), errR)
 	}()
 
 	watchCtx, cancel := context.WithCancel(context.Background())
@@ -390,6 +393,7 @@ func (i *instance) wait() {
 		}
 	}
 	i.refreshUsage()
+	last := i.lastWords()
 	i.mu.Lock()
 	defer i.mu.Unlock()
 	switch {
@@ -398,7 +402,11 @@ func (i *instance) wait() {
 	case i.oomKilled:
 		i.exitErr = errkind.Wrap(errkind.BadGateway, fmt.Errorf("sandbox %s: %w (%d MiB)", i.id, ErrMemoryLimit, i.spec.MemoryMiB))
 	default:
-		i.exitErr = errkind.Wrap(errkind.BadGateway, fmt.Errorf("sandbox %s exited by itself: %s", i.id, describeExit(werr, i.cmd.ProcessState)))
+		msg := describeExit(werr, i.cmd.ProcessState)
+		if last != "" {
+			msg += "; last output: " + last
+		}
+		i.exitErr = errkind.Wrap(errkind.BadGateway, fmt.Errorf("sandbox %s exited by itself: %s", i.id, msg))
 	}
 	if !i.haveUsage && i.cmd.ProcessState != nil {
 		// Without a cgroup sample, runsc's own rusage is the best we have.
@@ -406,6 +414,18 @@ func (i *instance) wait() {
 		i.usage.CPUTimeSystem = i.cmd.ProcessState.SystemTime()
 	}
 	close(i.done)
+}
+
+// lastWords is the tail of runsc's stderr once it was read to its end
+// (runsc exited, so the end comes soon): what names a failed start, e.g.
+// a spec runsc refused.
+func (i *instance) lastWords() string {
+	select {
+	case <-i.stderrEnd:
+	case <-time.After(time.Second):
+		return ""
+	}
+	return strings.ReplaceAll(i.stderr.String(), "\n", " | ")
 }
 
 func describeExit(werr error, ps *os.ProcessState) string {

@@ -1,0 +1,135 @@
+package pool
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
+	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
+)
+
+// Capacity is what the node may commit to executions at once. Each
+// execution reserves its program's memory and vCPUs from the moment its
+// start is admitted until it stopped; a start that would go over is
+// refused with errkind.NoCapacity after idle executions were evicted,
+// least recently used first. Zero fields are unbounded.
+type Capacity struct {
+	MemoryMiB int // physical memory less the host's reserve
+	VCPUs     int // cores times the overcommit factor
+}
+
+// insufficientCapacity is what clients read when the node is full, as
+// aleph-vm words its 503 "Insufficient capacity".
+const insufficientCapacity = "This CRN cannot host the requested workload at this time."
+
+// committedLocked sums the reservations of every execution not yet fully
+// stopped. p.mu must be held.
+func (p *Pool) committedLocked() (memoryMiB, vcpus, count int) {
+	for e := range p.all {
+		v, m := resources(e.prog.Content)
+		memoryMiB += m
+		vcpus += v
+		count++
+	}
+	return memoryMiB, vcpus, count
+}
+
+// shortfallLocked says why prog cannot be admitted now, or "" if it can.
+func (p *Pool) shortfallLocked(prog *sources.Program) string {
+	vcpus, mem := resources(prog.Content)
+	cm, cv, n := p.committedLocked()
+	c := p.opts.Capacity
+	switch {
+	case p.opts.MaxExecutions > 0 && n+1 > p.opts.MaxExecutions:
+		return fmt.Sprintf("executions: %d running, limit %d", n, p.opts.MaxExecutions)
+	case c.MemoryMiB > 0 && cm+mem > c.MemoryMiB:
+		return fmt.Sprintf("memory: required %d MiB, committed %d MiB, capacity %d MiB", mem, cm, c.MemoryMiB)
+	case c.VCPUs > 0 && cv+vcpus > c.VCPUs:
+		return fmt.Sprintf("vCPUs: required %d, committed %d, capacity %d", vcpus, cv, c.VCPUs)
+	}
+	return ""
+}
+
+// neverFits tells a program that no amount of eviction can admit.
+func (p *Pool) neverFits(prog *sources.Program) string {
+	vcpus, mem := resources(prog.Content)
+	c := p.opts.Capacity
+	switch {
+	case c.MemoryMiB > 0 && mem > c.MemoryMiB:
+		return fmt.Sprintf("memory: required %d MiB, capacity %d MiB", mem, c.MemoryMiB)
+	case c.VCPUs > 0 && vcpus > c.VCPUs:
+		return fmt.Sprintf("vCPUs: required %d, capacity %d", vcpus, c.VCPUs)
+	}
+	return ""
+}
+
+// admit reserves prog's resources for exec, evicting idle executions
+// (least recently used first) when the node is full. It returns an
+// errkind.NoCapacity error when even that is not enough.
+func (p *Pool) admit(ctx context.Context, exec *Execution) error {
+	if why := p.neverFits(exec.prog); why != "" {
+		return p.refuse(exec, why)
+	}
+	for attempt := 0; ; attempt++ {
+		p.mu.Lock()
+		if p.draining {
+			p.mu.Unlock()
+			return errkind.New(errkind.NoCapacity, "supervisor is shutting down")
+		}
+		why := p.shortfallLocked(exec.prog)
+		if why == "" {
+			p.all[exec] = struct{}{}
+			p.stopped.Add(1)
+			p.mu.Unlock()
+			return nil
+		}
+		victim := p.idlestLocked()
+		p.mu.Unlock()
+		if victim == nil || attempt >= 64 {
+			return p.refuse(exec, why)
+		}
+		victim.log.Info("evicting idle execution to make room", "for", exec.hash, "short_of", why)
+		victim.stopGracefully(ctx)
+	}
+}
+
+func (p *Pool) refuse(exec *Execution, why string) error {
+	p.log.Warn("refusing program: insufficient capacity", "program", exec.hash, "short_of", why)
+	return errkind.New(errkind.NoCapacity, "Insufficient capacity: %s (%s)", insufficientCapacity, why)
+}
+
+// idlestLocked returns the running execution without requests in flight
+// that was used least recently, or nil. p.mu must be held.
+func (p *Pool) idlestLocked() *Execution {
+	var idle []*Execution
+	for _, e := range p.running {
+		if _, ok := e.idleSince(); ok {
+			idle = append(idle, e)
+		}
+	}
+	if len(idle) == 0 {
+		return nil
+	}
+	sort.Slice(idle, func(i, j int) bool {
+		a, _ := idle[i].idleSince()
+		b, _ := idle[j].idleSince()
+		return a.Before(b)
+	})
+	return idle[0]
+}
+
+// idleSince tells when the execution's last request ended, if it is
+// running with none in flight.
+func (e *Execution) idleSince() (time.Time, bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.state != stateRunning || e.inFlight > 0 {
+		return time.Time{}, false
+	}
+	if e.lastUsed.IsZero() {
+		return e.started, true
+	}
+	return e.lastUsed, true
+}

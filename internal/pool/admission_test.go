@@ -1,0 +1,89 @@
+package pool
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
+	"github.com/aleph-vm-go/vm-supervisor/internal/message"
+	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
+)
+
+func programWith(hash string, memory, vcpus int) *sources.Program {
+	c := &message.ProgramContent{}
+	c.Resources.Memory, c.Resources.VCPUs = memory, vcpus
+	return &sources.Program{Hash: hash, Content: c}
+}
+
+// running puts an execution that serves (without a sandbox: admission only
+// looks at reservations and idleness) into the pool.
+func running(p *Pool, prog *sources.Program, lastUsed time.Time, inFlight int) *Execution {
+	e := newExecution(p, prog)
+	e.state, e.lastUsed, e.inFlight = stateRunning, lastUsed, inFlight
+	p.mu.Lock()
+	p.all[e] = struct{}{}
+	p.running[prog.Hash] = e
+	p.stopped.Add(1)
+	p.mu.Unlock()
+	return e
+}
+
+func TestAdmission(t *testing.T) {
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	ctx := context.Background()
+	now := time.Now()
+
+	t.Run("never fits", func(t *testing.T) {
+		p := New(Options{Capacity: Capacity{MemoryMiB: 1024, VCPUs: 8}, Logger: quiet})
+		for _, prog := range []*sources.Program{programWith("huge", message.MaxMemoryMiB, 1), programWith("wide", 128, 256)} {
+			err := p.admit(ctx, newExecution(p, prog))
+			if errkind.Of(err) != errkind.NoCapacity || !strings.Contains(err.Error(), "Insufficient capacity") {
+				t.Errorf("%s: admit = %v, want NoCapacity", prog.Hash, err)
+			}
+		}
+	})
+
+	t.Run("evicts the least recently used idle execution", func(t *testing.T) {
+		p := New(Options{Capacity: Capacity{MemoryMiB: 384, VCPUs: 8}, Logger: quiet})
+		older := running(p, programWith("older", 128, 1), now.Add(-time.Hour), 0)
+		newer := running(p, programWith("newer", 128, 1), now.Add(-time.Minute), 0)
+		busy := running(p, programWith("busy", 128, 1), now.Add(-2*time.Hour), 1)
+		if err := p.admit(ctx, newExecution(p, programWith("next", 128, 1))); err != nil {
+			t.Fatalf("admit: %v", err)
+		}
+		if !older.WaitDied(time.Second) {
+			t.Error("the least recently used idle execution was not evicted")
+		}
+		if newer.WaitDied(0) || busy.WaitDied(0) {
+			t.Error("an execution was evicted that did not need to be (or had a request in flight)")
+		}
+	})
+
+	t.Run("full of busy executions", func(t *testing.T) {
+		p := New(Options{Capacity: Capacity{MemoryMiB: 256, VCPUs: 8}, Logger: quiet})
+		running(p, programWith("a", 128, 1), now, 1)
+		running(p, programWith("b", 128, 1), now, 2)
+		err := p.admit(ctx, newExecution(p, programWith("c", 128, 1)))
+		if errkind.Of(err) != errkind.NoCapacity || !strings.Contains(err.Error(), "memory: required 128 MiB, committed 256 MiB") {
+			t.Errorf("admit = %v, want NoCapacity naming memory", err)
+		}
+	})
+
+	t.Run("vCPUs and MAX_EXECUTIONS", func(t *testing.T) {
+		p := New(Options{Capacity: Capacity{MemoryMiB: 1 << 20, VCPUs: 3}, MaxExecutions: 2, Logger: quiet})
+		running(p, programWith("a", 128, 2), now, 1)
+		if err := p.admit(ctx, newExecution(p, programWith("b", 128, 2))); !strings.Contains(err.Error(), "vCPUs: required 2, committed 2, capacity 3") {
+			t.Errorf("admit = %v, want a vCPU shortfall", err)
+		}
+		if err := p.admit(ctx, newExecution(p, programWith("c", 128, 1))); err != nil {
+			t.Fatalf("admit within capacity: %v", err)
+		}
+		if err := p.admit(ctx, newExecution(p, programWith("d", 1, 0))); !strings.Contains(err.Error(), "executions: 2 running, limit 2") {
+			t.Errorf("admit = %v, want the execution limit", err)
+		}
+	})
+}

@@ -1,0 +1,355 @@
+package integration
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// Faults: what happens to the node when the supervisor is killed, its
+// sandbox runtime fails, its API server is gone or its disk is full.
+
+// cgroupsNamed lists the cgroup directories, in any hierarchy, named after
+// one of ids (gVisor sandboxes' cgroups are named by execution).
+func cgroupsNamed(ids []string) []string {
+	var out []string
+	roots, _ := filepath.Glob("/sys/fs/cgroup/*")
+	roots = append(roots, "/sys/fs/cgroup")
+	for _, root := range roots {
+		for _, id := range ids {
+			matches, _ := filepath.Glob(filepath.Join(root, "*", id))
+			out = append(out, matches...)
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
+}
+
+// loopDevicesUnder lists loop devices whose backing file is under dir.
+func loopDevicesUnder(dir string) []string {
+	var out []string
+	files, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err == nil && strings.HasPrefix(strings.TrimSpace(string(b)), dir) {
+			out = append(out, strings.Split(f, "/")[3]+" -> "+strings.TrimSpace(string(b)))
+		}
+	}
+	return out
+}
+
+func (s *supervisor) records(t *testing.T) []map[string]any {
+	t.Helper()
+	resp, err := client.Get(s.base + "/about/executions/records")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var body struct {
+		Records []map[string]any `json:"records"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&body); err != nil {
+		t.Fatalf("records: %v", err)
+	}
+	return body.Records
+}
+
+// kill -9 of a supervisor with warm programs, then a restart: nothing of
+// the old run is left (mounts, loop devices, cgroups, directories,
+// sandboxes) and every execution has its record, closed.
+func TestKill9WithWarmProgramsLeavesNothingAndLosesNoRecord(t *testing.T) {
+	if hypervisor != "gvisor" {
+		t.Skip("the VM backends' start-up sweep is covered by TestNetworkNothingLeaksAfterKill9")
+	}
+	s := startSupervisor(t)
+	const programs = 8
+	var hashes []string
+	for i := range programs {
+		hashes = append(hashes, s.upload("testdata/probe", "main:app", "--env", fmt.Sprintf("ROLE=warm%d", i)))
+	}
+	var wg sync.WaitGroup
+	for _, h := range hashes {
+		wg.Go(func() { expect(t, s.get("/vm/"+h+"/"), http.StatusOK) })
+	}
+	wg.Wait()
+	var ids []string
+	for _, e := range s.executions(t) {
+		ids = append(ids, e["uuid"].(string))
+	}
+	if len(ids) != programs {
+		t.Fatalf("%d executions running, want %d", len(ids), programs)
+	}
+	if got := cgroupsNamed(ids); len(got) == 0 {
+		t.Fatalf("no cgroup named after the running executions %v: the leak check looks in the wrong place", ids)
+	}
+	// Rows exist while the programs run, before anything ended.
+	open := 0
+	for _, r := range s.records(t) {
+		if slices.Contains(ids, r["uuid"].(string)) && r["time_stopping"] == nil {
+			open++
+		}
+	}
+	if open != programs {
+		t.Errorf("%d open records for %d running executions", open, programs)
+	}
+
+	s.kill9()
+	s.restart("ALEPH_VM_PREWARM=false")
+
+	root := filepath.Dir(s.execRoot)
+	mounts, _ := os.ReadFile("/proc/mounts")
+	for _, line := range strings.Split(string(mounts), "\n") {
+		if strings.Contains(line, root) {
+			t.Errorf("mount of the killed run left: %s", line)
+		}
+	}
+	if left := loopDevicesUnder(root); len(left) > 0 {
+		t.Errorf("loop devices of the killed run left: %v", left)
+	}
+	if left := cgroupsNamed(ids); len(left) > 0 {
+		t.Errorf("cgroups of the killed run left: %v", left)
+	}
+	if entries, _ := os.ReadDir(filepath.Join(s.execRoot, "executions")); len(entries) > 0 {
+		t.Errorf("%d execution directories of the killed run left", len(entries))
+	}
+	if c := s.runscContainers(); len(c) > 0 {
+		t.Errorf("sandboxes of the killed run left: %v", c)
+	}
+	closed := 0
+	for _, r := range s.records(t) {
+		if slices.Contains(ids, r["uuid"].(string)) {
+			if r["time_stopping"] == nil || r["time_started"] == nil {
+				t.Errorf("record of a killed execution: %v", r)
+			}
+			closed++
+		}
+	}
+	if closed != programs {
+		t.Errorf("%d records for the %d executions of the killed run", closed, programs)
+	}
+	expect(t, s.get("/vm/"+hashes[0]+"/"), http.StatusOK)
+}
+
+// An idle spare outlives the agent's keepalive timeout (it died at 25 s
+// when the host ran no session until adoption) and still serves.
+func TestIdleSpareStaysAlive(t *testing.T) {
+	if hypervisor != "gvisor" {
+		t.Skip("spares are a gVisor feature")
+	}
+	s := startSupervisor(t)
+	hash := s.upload("testdata/probe", "main:app")
+	var spares []string
+	for deadline := time.Now().Add(60 * time.Second); len(spares) != 2; time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("want 2 spares after 60 s, have %v", spares)
+		}
+		spares = s.runscContainers()
+	}
+	time.Sleep(40 * time.Second)
+	if now := s.runscContainers(); !slices.Equal(now, spares) {
+		t.Errorf("spares changed while idle: %v, then %v", spares, now)
+	}
+	if strings.Contains(s.logs.String(), "spare sandbox died") {
+		t.Errorf("a spare died while idle:\n%s", tail(s.logs.String(), 30))
+	}
+	expect(t, s.get("/vm/"+hash+"/"), http.StatusOK)
+	if ids := s.executions(t); len(ids) != 1 || !slices.Contains(spares, ids[0]["uuid"].(string)) {
+		t.Errorf("the request did not run in an idle spare %v: %v", spares, ids)
+	}
+}
+
+// With a sandbox runtime that fails every start, spares are retried with
+// growing delays (not in a tight loop), and a client reads the runtime's
+// own words instead of "guest channel closed".
+func TestFailingRuntimeBacksOffAndNamesTheCause(t *testing.T) {
+	if hypervisor != "gvisor" {
+		t.Skip("runsc-specific")
+	}
+	requirePrerequisites(t)
+	real, err := exec.LookPath("runsc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrapper := filepath.Join(t.TempDir(), "runsc")
+	// Only sandbox starts fail; listing, killing and deleting still work.
+	script := "#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = run ] && { echo 'simulated runsc failure: cannot create the sandbox' >&2; exit 3; }; done\nexec " + real + " \"$@\"\n"
+	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	s := startSupervisor(t, "ALEPH_VM_RUNSC_PATH="+wrapper)
+	hash := s.upload("testdata/probe", "main:app")
+	start := time.Now()
+	time.Sleep(10 * time.Second)
+	attempts := strings.Count(s.logs.String(), "spare sandbox died") + strings.Count(s.logs.String(), "could not make a spare sandbox")
+	// Two shapes, waits of 1, 2, 4 s: about 4 attempts each in 10 s. A
+	// tight loop makes dozens.
+	if attempts < 2 || attempts > 12 {
+		t.Errorf("%d failed spare starts in %s, want a few with backoff:\n%s", attempts, time.Since(start).Round(time.Second), tail(s.logs.String(), 40))
+	}
+	r := s.get("/vm/" + hash + "/")
+	expect(t, r, http.StatusBadGateway)
+	if !strings.Contains(string(r.Body), "simulated runsc failure") {
+		t.Errorf("the client does not read the cause: %s", r.Body)
+	}
+}
+
+// With the Aleph API unreachable, programs in the local store still run,
+// and an unknown hash gets a clear error naming the API, promptly.
+func TestAPIServerDown(t *testing.T) {
+	s := startSupervisor(t, "ALEPH_VM_PREWARM=false")
+	local := s.upload("testdata/probe", "main:app")
+	s.api.srv.Close()
+	begin := time.Now()
+	r := s.get("/vm/" + strings.Repeat("cd", 32) + "/")
+	if r.Status < 500 || !strings.Contains(strings.ToLower(string(r.Body)), "api") {
+		t.Errorf("unknown hash with the API down: %d %s", r.Status, r.Body)
+	}
+	if d := time.Since(begin); d > 30*time.Second {
+		t.Errorf("the answer took %s", d)
+	}
+	expect(t, s.get("/vm/"+local+"/"), http.StatusOK)
+}
+
+// A full disk under EXECUTION_ROOT (a small filesystem made by the test):
+// starts fail with a clear error, the supervisor stays up, and once space
+// is back programs run again.
+func TestFullDisk(t *testing.T) {
+	requirePrerequisites(t)
+	if hypervisor != "gvisor" {
+		t.Skip("the disk path is backend-independent; gVisor is the quick one")
+	}
+	dir := t.TempDir()
+	img, mnt := filepath.Join(dir, "small.img"), filepath.Join(dir, "mnt")
+	for _, c := range [][]string{
+		{"truncate", "-s", "192M", img},
+		{"mkfs.ext4", "-q", "-F", img},
+		{"mkdir", "-p", mnt},
+		{"mount", "-o", "loop", img, mnt},
+	} {
+		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v %s", c, err, out)
+		}
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", mnt).Run() })
+	execRoot := filepath.Join(mnt, "exec")
+	s := startSupervisor(t, "ALEPH_VM_EXECUTION_ROOT="+execRoot, "ALEPH_VM_PREWARM=false")
+	s.execRoot = execRoot
+	hash := s.upload("testdata/probe", "main:app")
+	other := s.upload("testdata/probe", "main:app", "--env", "ROLE=other")
+
+	filler := filepath.Join(mnt, "filler")
+	out, _ := exec.Command("dd", "if=/dev/zero", "of="+filler, "bs=1M").CombinedOutput()
+	if !strings.Contains(string(out), "No space left") {
+		t.Fatalf("dd did not fill the disk: %s", out)
+	}
+	r := s.get("/vm/" + hash + "/")
+	if r.Status == http.StatusOK {
+		t.Logf("a program started on a full disk (its code needed no space): %s", r.Body)
+	} else if !strings.Contains(strings.ToLower(string(r.Body)), "space") {
+		t.Errorf("start on a full disk: %d %s; want the cause named", r.Status, r.Body)
+	}
+	if r := s.get("/status/check/version"); r.Status != http.StatusOK {
+		t.Errorf("supervisor not answering on a full disk: %d", r.Status)
+	}
+	os.Remove(filler)
+	expect(t, s.get("/vm/"+other+"/"), http.StatusOK)
+}
+
+// Load: 500 requests over 20 programs at concurrency 50 are all answered,
+// with the supervisor's memory and descriptors bounded.
+func TestLoadManyProgramsBounded(t *testing.T) {
+	s := startSupervisor(t, "ALEPH_VM_INIT_TIMEOUT=300")
+	const programs, requests, concurrency = 20, 500, 50
+	var hashes []string
+	for i := range programs {
+		hashes = append(hashes, s.upload("testdata/probe", "main:app", "--env", fmt.Sprintf("ROLE=load%d", i)))
+	}
+	pid := s.cmd.Process.Pid
+	rssBefore, fdsBefore := rssKiB(t, pid), fdCount(pid)
+	var (
+		next, failed atomic.Int64
+		peakRSS      atomic.Int64
+		peakFDs      atomic.Int64
+		wg           sync.WaitGroup
+		firstErr     sync.Once
+	)
+	stop := make(chan struct{})
+	go func() { // sample while the load runs
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(200 * time.Millisecond):
+			}
+			if v := rssKiB(t, pid); v > peakRSS.Load() {
+				peakRSS.Store(v)
+			}
+			if v := fdCount(pid); v > peakFDs.Load() {
+				peakFDs.Store(v)
+			}
+		}
+	}()
+	begin := time.Now()
+	for range concurrency {
+		wg.Go(func() {
+			for {
+				i := next.Add(1) - 1
+				if i >= requests {
+					return
+				}
+				r := s.get("/vm/" + hashes[i%programs] + "/")
+				if r.Status != http.StatusOK {
+					failed.Add(1)
+					firstErr.Do(func() { t.Errorf("request %d: %d %s", i, r.Status, r.Body) })
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(stop)
+	t.Logf("%d requests over %d programs at c=%d in %s; %d failed; supervisor RSS %d -> peak %d KiB; fds %d -> peak %d",
+		requests, programs, concurrency, time.Since(begin).Round(time.Millisecond), failed.Load(),
+		rssBefore, peakRSS.Load(), fdsBefore, peakFDs.Load())
+	// Bounds with room for noise: the supervisor itself, not the sandboxes
+	// (they are other processes), must not grow with the load.
+	if peakRSS.Load() > 400<<10 {
+		t.Errorf("supervisor RSS peaked at %d KiB", peakRSS.Load())
+	}
+	if peakFDs.Load() > 2000 {
+		t.Errorf("supervisor used %d descriptors", peakFDs.Load())
+	}
+	if n := s.runningExecutions(); n != programs {
+		t.Errorf("%d executions after the load, want one per program (%d)", n, programs)
+	}
+}
+
+var vmRSS = regexp.MustCompile(`VmRSS:\s+(\d+) kB`)
+
+func rssKiB(t *testing.T, pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	m := vmRSS.FindSubmatch(b)
+	if m == nil {
+		return 0
+	}
+	n, _ := strconv.ParseInt(string(m[1]), 10, 64)
+	return n
+}
+
+func fdCount(pid int) int64 {
+	entries, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	return int64(len(entries))
+}
