@@ -20,6 +20,10 @@ type Capacity struct {
 	VCPUs     int // cores times the overcommit factor
 }
 
+// DefaultCapacityWait is how long a start waits for room before it is
+// refused, unless Options say otherwise.
+const DefaultCapacityWait = 5 * time.Second
+
 // insufficientCapacity is what clients read when the node is full, as
 // aleph-vm words its 503 "Insufficient capacity".
 const insufficientCapacity = "This CRN cannot host the requested workload at this time."
@@ -72,7 +76,10 @@ func (p *Pool) admit(ctx context.Context, exec *Execution) error {
 	if why := p.neverFits(exec.prog); why != "" {
 		return p.refuse(exec, why)
 	}
-	for attempt := 0; ; attempt++ {
+	// A node full of busy executions may have room a moment later (a
+	// request ends, an execution idles out): wait a little before 503.
+	deadline := time.Now().Add(p.opts.CapacityWait)
+	for {
 		p.mu.Lock()
 		if p.draining {
 			p.mu.Unlock()
@@ -87,11 +94,19 @@ func (p *Pool) admit(ctx context.Context, exec *Execution) error {
 		}
 		victim := p.idlestLocked()
 		p.mu.Unlock()
-		if victim == nil || attempt >= 64 {
+		if victim != nil {
+			victim.log.Info("evicting idle execution to make room", "for", exec.hash, "short_of", why)
+			victim.stopGracefully(ctx)
+			continue
+		}
+		if time.Now().After(deadline) {
 			return p.refuse(exec, why)
 		}
-		victim.log.Info("evicting idle execution to make room", "for", exec.hash, "short_of", why)
-		victim.stopGracefully(ctx)
+		select {
+		case <-ctx.Done():
+			return p.refuse(exec, why)
+		case <-time.After(50 * time.Millisecond):
+		}
 	}
 }
 

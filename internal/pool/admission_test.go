@@ -38,7 +38,7 @@ func TestAdmission(t *testing.T) {
 	now := time.Now()
 
 	t.Run("never fits", func(t *testing.T) {
-		p := New(Options{Capacity: Capacity{MemoryMiB: 1024, VCPUs: 8}, Logger: quiet})
+		p := New(Options{Capacity: Capacity{MemoryMiB: 1024, VCPUs: 8}, Logger: quiet, CapacityWait: 100 * time.Millisecond})
 		for _, prog := range []*sources.Program{programWith("huge", message.MaxMemoryMiB, 1), programWith("wide", 128, 256)} {
 			err := p.admit(ctx, newExecution(p, prog))
 			if errkind.Of(err) != errkind.NoCapacity || !strings.Contains(err.Error(), "Insufficient capacity") {
@@ -48,7 +48,7 @@ func TestAdmission(t *testing.T) {
 	})
 
 	t.Run("evicts the least recently used idle execution", func(t *testing.T) {
-		p := New(Options{Capacity: Capacity{MemoryMiB: 384, VCPUs: 8}, Logger: quiet})
+		p := New(Options{Capacity: Capacity{MemoryMiB: 384, VCPUs: 8}, Logger: quiet, CapacityWait: 100 * time.Millisecond})
 		older := running(p, programWith("older", 128, 1), now.Add(-time.Hour), 0)
 		newer := running(p, programWith("newer", 128, 1), now.Add(-time.Minute), 0)
 		busy := running(p, programWith("busy", 128, 1), now.Add(-2*time.Hour), 1)
@@ -64,7 +64,7 @@ func TestAdmission(t *testing.T) {
 	})
 
 	t.Run("full of busy executions", func(t *testing.T) {
-		p := New(Options{Capacity: Capacity{MemoryMiB: 256, VCPUs: 8}, Logger: quiet})
+		p := New(Options{Capacity: Capacity{MemoryMiB: 256, VCPUs: 8}, Logger: quiet, CapacityWait: 100 * time.Millisecond})
 		running(p, programWith("a", 128, 1), now, 1)
 		running(p, programWith("b", 128, 1), now, 2)
 		err := p.admit(ctx, newExecution(p, programWith("c", 128, 1)))
@@ -74,7 +74,7 @@ func TestAdmission(t *testing.T) {
 	})
 
 	t.Run("vCPUs and MAX_EXECUTIONS", func(t *testing.T) {
-		p := New(Options{Capacity: Capacity{MemoryMiB: 1 << 20, VCPUs: 3}, MaxExecutions: 2, Logger: quiet})
+		p := New(Options{Capacity: Capacity{MemoryMiB: 1 << 20, VCPUs: 3}, MaxExecutions: 2, Logger: quiet, CapacityWait: 100 * time.Millisecond})
 		running(p, programWith("a", 128, 2), now, 1)
 		if err := p.admit(ctx, newExecution(p, programWith("b", 128, 2))); !strings.Contains(err.Error(), "vCPUs: required 2, committed 2, capacity 3") {
 			t.Errorf("admit = %v, want a vCPU shortfall", err)
@@ -84,6 +84,18 @@ func TestAdmission(t *testing.T) {
 		}
 		if err := p.admit(ctx, newExecution(p, programWith("d", 1, 0))); !strings.Contains(err.Error(), "executions: 2 running, limit 2") {
 			t.Errorf("admit = %v, want the execution limit", err)
+		}
+	})
+
+	t.Run("waits for a request to end", func(t *testing.T) {
+		p := New(Options{Capacity: Capacity{MemoryMiB: 128, VCPUs: 8}, Logger: quiet, CapacityWait: 5 * time.Second})
+		busy := running(p, programWith("busy", 128, 1), now, 1)
+		time.AfterFunc(100*time.Millisecond, busy.Release)
+		if err := p.admit(ctx, newExecution(p, programWith("next", 128, 1))); err != nil {
+			t.Fatalf("admit after the busy execution idled: %v", err)
+		}
+		if !busy.WaitDied(time.Second) {
+			t.Error("the execution that idled was not evicted")
 		}
 	})
 }

@@ -64,6 +64,9 @@ type Options struct {
 	MaxExecutions int
 	// Capacity bounds the memory and vCPUs reserved by executions.
 	Capacity Capacity
+	// CapacityWait is how long a start waits for room on a full node
+	// before it is refused (0: DefaultCapacityWait).
+	CapacityWait time.Duration
 	// MaxRequestTimeout caps a program's resources.seconds (0: no cap).
 	MaxRequestTimeout time.Duration
 	// ProgramLogs bounds what programs may write to the supervisor's log.
@@ -109,6 +112,9 @@ type startCall struct {
 func New(opts Options) *Pool {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
+	}
+	if opts.CapacityWait <= 0 {
+		opts.CapacityWait = DefaultCapacityWait
 	}
 	if opts.InitTimeout <= 0 {
 		opts.InitTimeout = 20 * time.Second

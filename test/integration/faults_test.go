@@ -269,7 +269,9 @@ func TestFullDisk(t *testing.T) {
 // Load: 500 requests over 20 programs at concurrency 50 are all answered,
 // with the supervisor's memory and descriptors bounded.
 func TestLoadManyProgramsBounded(t *testing.T) {
-	s := startSupervisor(t, "ALEPH_VM_INIT_TIMEOUT=300")
+	// 20 programs of 1 vCPU on 2 cores: an operator running this many
+	// mostly idle programs raises the overcommit factor (default 4).
+	s := startSupervisor(t, "ALEPH_VM_INIT_TIMEOUT=300", "ALEPH_VM_VCPU_OVERCOMMIT_FACTOR=16")
 	const programs, requests, concurrency = 20, 500, 50
 	var hashes []string
 	for i := range programs {
@@ -352,4 +354,46 @@ func rssKiB(t *testing.T, pid int) int64 {
 func fdCount(pid int) int64 {
 	entries, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
 	return int64(len(entries))
+}
+
+// Admission: over capacity a request gets 503 with a clear JSON error;
+// idle executions are evicted (least recently used first) to make room.
+func TestAdmissionEvictsIdleAndRefusesWhenBusy(t *testing.T) {
+	s := startSupervisor(t, "ALEPH_VM_MAX_EXECUTIONS=2", "ALEPH_VM_PREWARM=false")
+	a := s.upload("testdata/probe", "main:app", "--env", "ROLE=a")
+	b := s.upload("testdata/probe", "main:app", "--env", "ROLE=b")
+	c := s.upload("testdata/probe", "main:app", "--env", "ROLE=c")
+	huge := s.upload("testdata/probe", "main:app", "--memory", "1048576")
+	expect(t, s.get("/vm/"+a+"/"), http.StatusOK)
+	expect(t, s.get("/vm/"+b+"/"), http.StatusOK)
+	// Full, both idle: a (least recently used) makes room for c.
+	expect(t, s.get("/vm/"+c+"/"), http.StatusOK)
+	var running []string
+	for _, e := range s.executions(t) {
+		running = append(running, e["vm_hash"].(string))
+	}
+	slices.Sort(running)
+	want := []string{b, c}
+	slices.Sort(want)
+	if !slices.Equal(running, want) {
+		t.Errorf("running after eviction: %v, want b and c %v", running, want)
+	}
+	// Full and both busy: a waits briefly, then is refused.
+	var wg sync.WaitGroup
+	for _, h := range []string{b, c} {
+		wg.Go(func() { expect(t, s.get("/vm/"+h+"/sleep?seconds=12"), http.StatusOK) })
+	}
+	time.Sleep(time.Second)
+	r := s.get("/vm/" + a + "/")
+	expect(t, r, http.StatusServiceUnavailable)
+	if msg, _ := r.json(t)["error"].(string); !strings.Contains(msg, "Insufficient capacity") || !strings.Contains(msg, "executions: 2 running, limit 2") {
+		t.Errorf("503 body: %s", r.Body)
+	}
+	wg.Wait()
+	// A program larger than the whole node is refused at once.
+	r = s.get("/vm/" + huge + "/")
+	expect(t, r, http.StatusServiceUnavailable)
+	if !strings.Contains(string(r.Body), "memory: required 1048576 MiB") {
+		t.Errorf("503 body for a program larger than the node: %s", r.Body)
+	}
 }
