@@ -82,6 +82,9 @@ func (s *Server) classifyProxyError(ctx context.Context, exec *pool.Execution, t
 	// for the pool to see that, so the next request gets a fresh sandbox
 	// rather than the dying one.
 	if exec.WaitDied(3 * time.Second) {
+		if cause := exec.Cause(); cause != nil {
+			return errkind.Wrap(errkind.BadGateway, fmt.Errorf("program %s ended: %w", exec.Hash(), cause))
+		}
 		return errkind.Wrap(errkind.BadGateway, fmt.Errorf("program %s crashed: %w", exec.Hash(), err))
 	}
 	return errkind.Wrap(errkind.BadGateway, fmt.Errorf("program %s gave no response: %w", exec.Hash(), err))

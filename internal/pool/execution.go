@@ -58,6 +58,7 @@ type Execution struct {
 	state    state
 	inFlight int
 	lastUsed time.Time // when the last request ended
+	cause    error     // why it ended by itself; set by finish
 	idle     *time.Timer
 	drained  chan struct{} // closed when inFlight drops to 0 while stopping
 
@@ -415,6 +416,7 @@ func (e *Execution) finish(ctx context.Context, cause error) {
 		defer close(e.finishDone)
 		e.mu.Lock()
 		e.state = stateStopped
+		e.cause = cause
 		if e.idle != nil {
 			e.idle.Stop()
 		}
@@ -535,6 +537,14 @@ func (e *Execution) Died() bool {
 	default:
 		return false
 	}
+}
+
+// Cause is why the execution ended by itself (sandbox exit, memory limit,
+// lost channel); nil while it runs or after a requested stop.
+func (e *Execution) Cause() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.cause
 }
 
 // WaitDied waits up to d for the execution to end and reports whether it

@@ -241,8 +241,18 @@ func (p *Pool) watch(e *Execution) {
 		e.log.Warn("sandbox exited", "err", e.instance.Err())
 		e.finish(context.Background(), fmt.Errorf("sandbox exited: %w", e.instance.Err()))
 	case <-e.client.Done():
-		e.log.Warn("guest channel closed")
-		e.finish(context.Background(), errors.New("guest channel closed"))
+		// The channel usually closes because the sandbox is going down:
+		// its exit (the memory limit, a crash) is the cause to report.
+		cause := errors.New("guest channel closed")
+		select {
+		case <-e.instance.Done():
+			if err := e.instance.Err(); err != nil {
+				cause = err
+			}
+		case <-time.After(time.Second):
+		}
+		e.log.Warn("guest channel closed", "cause", cause)
+		e.finish(context.Background(), cause)
 	case <-e.stopping:
 	}
 }

@@ -218,3 +218,80 @@ async def guest_api(method: str = "GET", path: str = "/properties", body: str = 
         None, _guest_api, method, path, body.encode()
     )
     return {"status": status, "body": text}
+
+
+# Hostile behaviour, for the containment tests.
+
+@app.get("/fork-bomb")
+async def fork_bomb(n: int = 100000):
+    """Forks children that sleep until told to go, up to n or the limit."""
+    children, error = [], None
+    try:
+        for _ in range(n):
+            pid = os.fork()
+            if pid == 0:
+                import time
+                time.sleep(30)
+                os._exit(0)
+            children.append(pid)
+    except OSError as e:
+        error = str(e)
+    for pid in children:
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except OSError:
+            pass
+    return {"forked": len(children), "error": error}
+
+
+@app.get("/cpu-burn")
+def cpu_burn(seconds: float = 5, processes: int = 8):
+    """Spins every core it can get for a while."""
+    import multiprocessing
+    import time
+
+    def spin(until):
+        while time.time() < until:
+            pass
+
+    until = time.time() + seconds
+    procs = [multiprocessing.Process(target=spin, args=(until,)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return {"burned": seconds, "processes": processes}
+
+
+@app.get("/log-flood")
+def log_flood(mib: int = 100):
+    """Prints mib MiB of lines to stdout and stderr."""
+    import sys
+    line = "x" * 1023 + "\n"
+    for i in range(mib * 1024):
+        (sys.stdout if i % 2 else sys.stderr).write(line)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return {"printed_mib": mib}
+
+
+@app.get("/big-response")
+async def big_response(mib: int = 512):
+    chunk = b"y" * (1024 * 1024)
+
+    async def gen():
+        for _ in range(mib):
+            yield chunk
+
+    return StreamingResponse(gen(), media_type="application/octet-stream")
+
+
+@app.get("/write-file")
+async def write_file(path: str, content: str):
+    try:
+        with open(path, "w") as f:
+            f.write(content)
+        return {"ok": True}
+    except OSError as e:
+        return {"ok": False, "error": str(e)}
