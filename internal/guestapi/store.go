@@ -90,18 +90,19 @@ func ValidPattern(p string) bool {
 	return len(p) <= maxKeyLength && patternRE.MatchString(p)
 }
 
-// RunSweeper removes expired entries every interval until ctx ends.
+// RunSweeper removes expired entries at once (the supervisor may have
+// been down for days) and then every interval, until ctx ends.
 func RunSweeper(ctx context.Context, s Store, interval time.Duration, log *slog.Logger) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
+		if err := s.Sweep(ctx); err != nil && ctx.Err() == nil {
+			log.Warn("sweeping the guest cache", "err", err)
+		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			if err := s.Sweep(ctx); err != nil && ctx.Err() == nil {
-				log.Warn("sweeping the guest cache", "err", err)
-			}
 		}
 	}
 }
