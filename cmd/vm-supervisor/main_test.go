@@ -81,3 +81,18 @@ func TestSecretsRedacted(t *testing.T) {
 		t.Errorf("secret printed:\n%s", out)
 	}
 }
+
+// `check` and /about/config say where the guest cache lives, never with
+// Redis's password.
+func TestGuestCacheStoreShown(t *testing.T) {
+	dir := t.TempDir()
+	env := map[string]string{"ALEPH_VM_EXECUTION_ROOT": dir}
+	if _, out, _ := runIn(t, dir, env, "check"); !strings.Contains(out, "guest cache: embedded "+filepath.Join(dir, "guest-cache.sqlite3")+"\n") {
+		t.Errorf("check without REDIS_URL:\n%s", out)
+	}
+	env["ALEPH_VM_REDIS_URL"] = "redis://u:hunter2@127.0.0.1:6379/0"
+	_, out, _ := runIn(t, dir, env, "check")
+	if !strings.Contains(out, "guest cache: redis redis://u:<redacted>@127.0.0.1:6379/0\n") || strings.Contains(out, "hunter2") {
+		t.Errorf("check with REDIS_URL:\n%s", out)
+	}
+}

@@ -105,7 +105,11 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 	if s.Prewarm && be != nil && be.Name() == "gvisor" {
 		spareRuntime = defaultRuntimeFile(st)
 	}
-	guestCache := guestapi.NewCache(guestapi.DefaultExpiry)
+	guestCache, closeGuestCache, err := openGuestCache(ctx, s, log)
+	if err != nil {
+		return err
+	}
+	defer closeGuestCache()
 	p := pool.New(pool.Options{
 		GuestAPI: func(prog *sources.Program) http.Handler {
 			return guestapi.New(guestapi.Options{
@@ -150,7 +154,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 		DomainName:         s.DomainName,
 		Pool:               p,
 		Records:            db,
-		Config:             func() any { return s.Redacted() },
+		Config:             func() any { return configPage(s) },
 		LoginToken:         token,
 		Resolver:           net.DefaultResolver,
 		MaxRequestBodySize: s.MaxRequestBodySize,

@@ -18,6 +18,7 @@ import (
 
 	"github.com/aleph-vm-go/vm-supervisor/examples"
 	"github.com/aleph-vm-go/vm-supervisor/internal/config"
+	"github.com/aleph-vm-go/vm-supervisor/internal/guestapi"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 	"github.com/aleph-vm-go/vm-supervisor/internal/pool"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
@@ -193,4 +194,51 @@ func summarize(durations []time.Duration) string {
 		fmt.Sprintf("warm mean:       %v", (total/time.Duration(len(warm))).Round(time.Microsecond)),
 	)
 	return strings.Join(lines, "\n")
+}
+
+// openGuestCache opens the guest API cache where settings put it: Redis
+// with REDIS_URL, as aleph-vm does, else the embedded file under
+// EXECUTION_ROOT. Expired entries are swept until ctx ends.
+func openGuestCache(ctx context.Context, s *config.Settings, log *slog.Logger) (*guestapi.Cache, func(), error) {
+	limits := guestapi.Limits{
+		Expiry:        guestapi.DefaultExpiry,
+		MaxKeys:       s.GuestCacheMaxKeys,
+		MaxBytes:      s.GuestCacheMaxBytes,
+		MaxTotalBytes: s.GuestCacheMaxTotalBytes,
+	}
+	var store guestapi.Store
+	if s.RedisURL != "" {
+		rs, err := guestapi.OpenRedis(ctx, s.RedisURL, limits)
+		if err != nil {
+			return nil, nil, err
+		}
+		if err := rs.Ping(ctx); err != nil {
+			log.Warn("guest cache: Redis does not answer yet; cache calls answer 503 until it does", "err", err)
+		}
+		store = rs
+	} else {
+		ds, err := guestapi.OpenDisk(ctx, s.GuestCachePath(), limits)
+		if err != nil {
+			return nil, nil, err
+		}
+		store = ds
+	}
+	log.Info("guest cache", "store", s.GuestCacheStore())
+	sctx, stop := context.WithCancel(ctx)
+	go guestapi.RunSweeper(sctx, store, 10*time.Minute, log)
+	closeFn := func() {
+		stop()
+		if err := store.Close(); err != nil {
+			log.Warn("closing the guest cache", "err", err)
+		}
+	}
+	return guestapi.NewCache(store, s.GuestCacheMaxValueSize, log), closeFn, nil
+}
+
+// configPage is /about/config: the settings, secrets redacted, and where
+// the guest cache lives.
+func configPage(s *config.Settings) map[string]any {
+	m := s.Redacted()
+	m["GUEST_CACHE_STORE"] = s.GuestCacheStore()
+	return m
 }

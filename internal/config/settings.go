@@ -101,6 +101,13 @@ type Settings struct {
 	CheckFastAPIVMID    string // CHECK_FASTAPI_VM_ID; empty = bundled example
 	AllocationTokenHash string // secret
 	RedisURL            string // password part is secret
+
+	// The guest API cache (GUEST_CACHE_*): the largest value, each
+	// program's caps, and the embedded store's cap on all values.
+	GuestCacheMaxValueSize  int64
+	GuestCacheMaxKeys       int64
+	GuestCacheMaxBytes      int64
+	GuestCacheMaxTotalBytes int64
 }
 
 // defaultAgentPath finds vm-agent beside the running binary, where `make
@@ -164,6 +171,11 @@ func Default() *Settings {
 		IPv4AddressPool:         netip.MustParsePrefix("172.16.0.0/12"),
 		IPv4NetworkPrefixLength: 24,
 		AllocationTokenHash:     "151ba92f2eb90bce67e912af2f7a5c17d8654b3d29895b042107ea312a7eebda",
+		// aleph-vm's aiohttp refuses bodies of 1 MiB or more.
+		GuestCacheMaxValueSize:  1<<20 - 1,
+		GuestCacheMaxKeys:       1000,
+		GuestCacheMaxBytes:      64 << 20,
+		GuestCacheMaxTotalBytes: 1 << 30,
 	}
 	s.deriveFromExecutionRoot(nil)
 	return s
@@ -179,6 +191,20 @@ func (s *Settings) deriveFromExecutionRoot(given map[string]bool) {
 	if !given["PERSISTENT_VOLUMES_DIR"] || s.PersistentVolumesDir == "" {
 		s.PersistentVolumesDir = filepath.Join(s.ExecutionRoot, "volumes", "persistent")
 	}
+}
+
+// GuestCachePath is the embedded guest cache's file, used without
+// REDIS_URL.
+func (s *Settings) GuestCachePath() string {
+	return filepath.Join(s.ExecutionRoot, "guest-cache.sqlite3")
+}
+
+// GuestCacheStore says where the guest cache lives, without secrets.
+func (s *Settings) GuestCacheStore() string {
+	if s.RedisURL != "" {
+		return "redis " + redactURL(s.RedisURL)
+	}
+	return "embedded " + s.GuestCachePath()
 }
 
 // Addr is the host:port the HTTP service listens on.

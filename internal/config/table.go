@@ -194,6 +194,15 @@ var table = []descriptor{
 	integer("PROGRAM_LOG_MAX_BYTES", "bytes of a program's output logged per execution at most", 1, math.MaxInt64,
 		func(s *Settings) *int64 { return &s.ProgramLogMaxBytes }),
 
+	integer("GUEST_CACHE_MAX_VALUE_SIZE", "largest value a program may put in the guest cache, in bytes (aleph-vm: under 1 MiB)", 1, 64<<20,
+		func(s *Settings) *int64 { return &s.GuestCacheMaxValueSize }),
+	integer("GUEST_CACHE_MAX_KEYS", "keys each program may keep in the guest cache", 1, math.MaxInt64,
+		func(s *Settings) *int64 { return &s.GuestCacheMaxKeys }),
+	integer("GUEST_CACHE_MAX_BYTES", "bytes of values each program may keep in the guest cache", 1, math.MaxInt64,
+		func(s *Settings) *int64 { return &s.GuestCacheMaxBytes }),
+	integer("GUEST_CACHE_MAX_TOTAL_BYTES", "bytes of values all programs may keep in the embedded guest cache (not Redis)", 1, math.MaxInt64,
+		func(s *Settings) *int64 { return &s.GuestCacheMaxTotalBytes }),
+
 	boolean("ALLOW_VM_NETWORKING", "give sandboxes network access", func(s *Settings) *bool { return &s.AllowVMNetworking }),
 	optional(str("NETWORK_INTERFACE", "host interface that carries programs' outbound traffic; empty = the default route's",
 		func(s *Settings) *string { return &s.NetworkInterface })),

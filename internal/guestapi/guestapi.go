@@ -2,16 +2,27 @@
 // through ALEPH_API_UNIX_SOCKET (DESIGN §6), served by the host once per
 // execution over the guest channel: the program's properties, a small
 // key-value cache namespaced by program, and a proxy to the Aleph API.
+//
+// The cache routes answer exactly as aleph-vm's guest API (aiohttp) does:
+// the same bodies, statuses and content types.
 package guestapi
 
 import (
+	"bytes"
+	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
-	"regexp"
+	"strconv"
 	"strings"
+	"unicode/utf16"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 )
 
 // Program is what the guest API needs to know about the caller.
@@ -21,23 +32,51 @@ type Program struct {
 	Chain   string
 }
 
+// DefaultMaxValueSize is the largest value aleph-vm accepts: aiohttp's
+// client_max_size of 1 MiB refuses a body of 1 MiB or more.
+const DefaultMaxValueSize = 1<<20 - 1
+
+// Cache is the guest cache shared by every execution's handler: a store
+// and the bounds on what requests may hold in memory.
+type Cache struct {
+	Store Store
+	// MaxValueSize bounds one value, in bytes.
+	MaxValueSize int64
+	// values limits how many values are in the supervisor's memory at
+	// once across all programs (read from a request or from the store).
+	values chan struct{}
+	log    *slog.Logger
+}
+
+// Concurrency bounds: every value in flight holds at most MaxValueSize
+// bytes (plus the driver's copy), so the supervisor holds at most
+// globalValues of them whatever programs do.
+const (
+	globalValues     = 16
+	perProgramValues = 4
+)
+
+// NewCache wraps a store. maxValueSize ≤ 0 means DefaultMaxValueSize.
+func NewCache(store Store, maxValueSize int64, log *slog.Logger) *Cache {
+	if maxValueSize <= 0 {
+		maxValueSize = DefaultMaxValueSize
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Cache{Store: store, MaxValueSize: maxValueSize, values: make(chan struct{}, globalValues), log: log}
+}
+
 // Options configure the handler of one execution.
 type Options struct {
 	Program Program
 	Cache   *Cache
 	// APIServer is the Aleph API that /api/ proxies to; empty disables it.
 	APIServer string
-	// MaxValueSize bounds a cached value.
-	MaxValueSize int64
 }
-
-var cacheKey = regexp.MustCompile(`^\w+$`)
 
 // New returns the handler for one program's guest API.
 func New(o Options) http.Handler {
-	if o.MaxValueSize <= 0 {
-		o.MaxValueSize = 1 << 20
-	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /properties", func(w http.ResponseWriter, r *http.Request) {
 		chain := o.Program.Chain
@@ -53,48 +92,11 @@ func New(o Options) http.Handler {
 			"error": "message signing is not available on this node",
 		})
 	})
-	mux.HandleFunc("GET /cache/{$}", func(w http.ResponseWriter, r *http.Request) {
-		pattern := r.URL.Query().Get("pattern")
-		if pattern == "" {
-			pattern = "*"
-		}
-		keys, err := o.Cache.Keys(o.Program.Hash, pattern)
-		if err != nil {
-			writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
-			return
-		}
-		writeJSON(w, http.StatusOK, keys)
-	})
-	mux.HandleFunc("/cache/{key}", func(w http.ResponseWriter, r *http.Request) {
-		key := r.PathValue("key")
-		if !cacheKey.MatchString(key) {
-			writeJSON(w, http.StatusBadRequest, map[string]string{"error": "cache keys may only contain letters, digits and underscores"})
-			return
-		}
-		switch r.Method {
-		case http.MethodGet:
-			v, ok := o.Cache.Get(o.Program.Hash, key)
-			if !ok {
-				writeJSON(w, http.StatusNotFound, map[string]string{"error": "no such key"})
-				return
-			}
-			w.Header().Set("Content-Type", "application/octet-stream")
-			_, _ = w.Write(v)
-		case http.MethodPut, http.MethodPost:
-			v, err := io.ReadAll(http.MaxBytesReader(w, r.Body, o.MaxValueSize))
-			if err != nil {
-				writeJSON(w, http.StatusRequestEntityTooLarge, map[string]string{"error": err.Error()})
-				return
-			}
-			o.Cache.Set(o.Program.Hash, key, v)
-			writeJSON(w, http.StatusOK, map[string]string{"status": "stored"})
-		case http.MethodDelete:
-			o.Cache.Delete(o.Program.Hash, key)
-			writeJSON(w, http.StatusOK, map[string]string{"status": "deleted"})
-		default:
-			writeJSON(w, http.StatusMethodNotAllowed, map[string]string{"error": "use GET, PUT or DELETE"})
-		}
-	})
+	if o.Cache != nil {
+		h := &cacheHandler{c: o.Cache, ns: namespace(o.Program.Hash), mine: make(chan struct{}, perProgramValues)}
+		mux.HandleFunc("GET /cache/{$}", h.list)
+		mux.HandleFunc("/cache/{key...}", h.entry)
+	}
 	if target, err := url.Parse(o.APIServer); err == nil && o.APIServer != "" {
 		proxy := &httputil.ReverseProxy{Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(target)
@@ -107,6 +109,206 @@ func New(o Options) http.Handler {
 		writeJSON(w, http.StatusNotFound, map[string]string{"error": "no such guest API route: " + strings.TrimSpace(r.URL.Path)})
 	})
 	return mux
+}
+
+// namespace is aleph-vm's: the program's hash, or "_" without one.
+func namespace(hash string) string {
+	if hash == "" {
+		return "_"
+	}
+	return hash
+}
+
+type cacheHandler struct {
+	c    *Cache
+	ns   string
+	mine chan struct{} // this execution's share of values in flight
+}
+
+// acquire takes one of this program's value slots, then a global one.
+func (h *cacheHandler) acquire(ctx context.Context) (release func(), err error) {
+	select {
+	case h.mine <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	select {
+	case h.c.values <- struct{}{}:
+	case <-ctx.Done():
+		<-h.mine
+		return nil, ctx.Err()
+	}
+	return func() { <-h.c.values; <-h.mine }, nil
+}
+
+func (h *cacheHandler) list(w http.ResponseWriter, r *http.Request) {
+	pattern := "*"
+	if q := r.URL.Query(); q.Has("pattern") {
+		pattern = q.Get("pattern")
+	}
+	if !ValidPattern(pattern) {
+		writeText(w, http.StatusBadRequest, "Invalid key")
+		return
+	}
+	keys, err := h.c.Store.Keys(r.Context(), h.ns, pattern)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	_, _ = w.Write(pythonJSONStrings(keys))
+}
+
+func (h *cacheHandler) entry(w http.ResponseWriter, r *http.Request) {
+	switch r.Method {
+	case http.MethodGet, http.MethodHead, http.MethodPut, http.MethodDelete:
+	default:
+		w.Header().Set("Allow", "DELETE,GET,PUT")
+		writeText(w, http.StatusMethodNotAllowed, "405: Method Not Allowed")
+		return
+	}
+	key := r.PathValue("key")
+	if !ValidKey(key) {
+		writeText(w, http.StatusBadRequest, "Invalid key")
+		return
+	}
+	ctx := r.Context()
+	switch r.Method {
+	case http.MethodGet, http.MethodHead:
+		release, err := h.acquire(ctx)
+		if err != nil {
+			h.fail(w, r, err)
+			return
+		}
+		defer release()
+		v, ok, err := h.c.Store.Get(ctx, h.ns, key)
+		if err != nil {
+			h.fail(w, r, err)
+			return
+		}
+		// aleph-vm answers `if body:`, so an empty value reads as absent.
+		if !ok || len(v) == 0 {
+			writeText(w, http.StatusNotFound, "No such key in cache")
+			return
+		}
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.Header().Set("Content-Length", strconv.Itoa(len(v)))
+		_, _ = w.Write(v)
+	case http.MethodPut:
+		h.put(w, r, key)
+	case http.MethodDelete:
+		n, err := h.c.Store.Delete(ctx, h.ns, key)
+		if err != nil {
+			h.fail(w, r, err)
+			return
+		}
+		writeJSONText(w, strconv.Itoa(n))
+	}
+}
+
+func (h *cacheHandler) put(w http.ResponseWriter, r *http.Request, key string) {
+	limit := h.c.MaxValueSize
+	tooLarge := func(actual int64) {
+		// aiohttp's words; its limit is the first size refused.
+		writeText(w, http.StatusRequestEntityTooLarge,
+			fmt.Sprintf("Maximum request body size %d exceeded, actual body size %d", limit+1, actual))
+	}
+	if r.ContentLength > limit {
+		tooLarge(r.ContentLength)
+		return
+	}
+	release, err := h.acquire(r.Context())
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	defer release()
+	var buf bytes.Buffer
+	if r.ContentLength > 0 {
+		buf.Grow(int(r.ContentLength))
+	}
+	n, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, limit))
+	var mbe *http.MaxBytesError
+	if errors.As(err, &mbe) {
+		tooLarge(n + 1)
+		return
+	}
+	if err != nil {
+		h.fail(w, r, errkind.Wrap(errkind.InvalidInput, fmt.Errorf("reading the value: %w", err)))
+		return
+	}
+	if err := h.c.Store.Set(r.Context(), h.ns, key, buf.Bytes()); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSONText(w, "true")
+}
+
+// fail answers a store or request error with its kind's status and a
+// plain-text reason, as aiohttp's error responses are.
+func (h *cacheHandler) fail(w http.ResponseWriter, r *http.Request, err error) {
+	code := errkind.HTTPStatus(err)
+	msg := err.Error()
+	switch {
+	case code == http.StatusInternalServerError:
+		h.c.log.Error("guest cache", "program", h.ns, "method", r.Method, "path", r.URL.Path, "err", err)
+		msg = "500: Internal Server Error"
+	case code == http.StatusServiceUnavailable:
+		h.c.log.Warn("guest cache", "program", h.ns, "method", r.Method, "path", r.URL.Path, "err", err)
+	default:
+		// Refusals are a program's doing: debug, so that a flood of them
+		// cannot flood the supervisor's log.
+		h.c.log.Debug("guest cache refused", "program", h.ns, "method", r.Method, "path", r.URL.Path, "status", code, "err", err)
+	}
+	writeText(w, code, msg)
+}
+
+// writeText answers as aiohttp's web.Response(text=...) does.
+func writeText(w http.ResponseWriter, code int, text string) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(code)
+	_, _ = io.WriteString(w, text)
+}
+
+// writeJSONText answers as aiohttp's web.json_response does, with an
+// already encoded body.
+func writeJSONText(w http.ResponseWriter, body string) {
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.WriteHeader(http.StatusOK)
+	_, _ = io.WriteString(w, body)
+}
+
+// pythonJSONStrings encodes a list of strings byte for byte as Python's
+// json.dumps does by default: ", " between items and non-ASCII escaped
+// as \uXXXX (surrogate pairs beyond the BMP).
+func pythonJSONStrings(items []string) []byte {
+	var b bytes.Buffer
+	b.WriteByte('[')
+	for i, s := range items {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteByte('"')
+		for _, r := range s {
+			switch {
+			case r == '"' || r == '\\':
+				b.WriteByte('\\')
+				b.WriteRune(r)
+			case r < 0x20 || r > 0x7f:
+				if r > 0xffff {
+					r1, r2 := utf16.EncodeRune(r)
+					fmt.Fprintf(&b, `\u%04x\u%04x`, r1, r2)
+				} else {
+					fmt.Fprintf(&b, `\u%04x`, r)
+				}
+			default:
+				b.WriteRune(r)
+			}
+		}
+		b.WriteByte('"')
+	}
+	b.WriteByte(']')
+	return b.Bytes()
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

@@ -1,56 +1,102 @@
 package guestapi
 
 import (
+	"bytes"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
-	"time"
 )
 
-func do(t *testing.T, h http.Handler, method, path, body string) (int, string) {
-	t.Helper()
-	var r io.Reader
-	if body != "" {
-		r = strings.NewReader(body)
-	}
-	rec := httptest.NewRecorder()
-	h.ServeHTTP(rec, httptest.NewRequest(method, path, r))
-	return rec.Code, rec.Body.String()
+type reply struct {
+	code        int
+	body        string
+	contentType string
 }
 
-func TestCacheIsNamespacedAndExpires(t *testing.T) {
-	cache := NewCache(time.Hour)
-	clock := time.Now()
-	cache.now = func() time.Time { return clock }
+func do(t *testing.T, h http.Handler, method, path string, body io.Reader) reply {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest(method, path, body))
+	return reply{rec.Code, rec.Body.String(), rec.Header().Get("Content-Type")}
+}
+
+func (r reply) is(t *testing.T, what string, code int, contentType, body string) {
+	t.Helper()
+	if r.code != code || r.contentType != contentType || r.body != body {
+		t.Errorf("%s: %d %q %q, want %d %q %q", what, r.code, r.contentType, r.body, code, contentType, body)
+	}
+}
+
+const (
+	textType = "text/plain; charset=utf-8"
+	jsonType = "application/json; charset=utf-8"
+)
+
+// The cache routes answer byte for byte as aleph-vm's guest API does.
+func TestCacheShapesAreAlephVMs(t *testing.T) {
+	store, _ := openTestDisk(t, "", Limits{MaxKeys: 4, MaxBytes: 3 << 20})
+	cache := NewCache(store, 0, nil)
 	a := New(Options{Program: Program{Hash: "a"}, Cache: cache})
 	b := New(Options{Program: Program{Hash: "b"}, Cache: cache})
+	s := strings.NewReader
 
-	if code, _ := do(t, a, "PUT", "/cache/greeting", "hello"); code != 200 {
-		t.Fatalf("put: %d", code)
+	do(t, a, "PUT", "/cache/greeting", s("hello")).is(t, "put", 200, jsonType, "true")
+	do(t, a, "GET", "/cache/greeting", nil).is(t, "get", 200, "application/octet-stream", "hello")
+	do(t, b, "GET", "/cache/greeting", nil).is(t, "other program", 404, textType, "No such key in cache")
+	do(t, a, "PUT", "/cache/café", s("x")).is(t, "unicode key", 200, jsonType, "true")
+	do(t, a, "GET", "/cache/", nil).is(t, "list", 200, jsonType, `["caf\u00e9", "greeting"]`)
+	do(t, a, "GET", "/cache/?pattern=gr*", nil).is(t, "list gr*", 200, jsonType, `["greeting"]`)
+	do(t, a, "GET", "/cache/?pattern=zz*", nil).is(t, "list none", 200, jsonType, `[]`)
+	do(t, a, "GET", "/cache/?pattern=[a]*", nil).is(t, "bad pattern", 400, textType, "Invalid key")
+	do(t, a, "GET", "/cache/?pattern=", nil).is(t, "empty pattern", 400, textType, "Invalid key")
+	do(t, a, "DELETE", "/cache/greeting", nil).is(t, "delete", 200, jsonType, "1")
+	do(t, a, "DELETE", "/cache/greeting", nil).is(t, "delete again", 200, jsonType, "0")
+	do(t, a, "GET", "/cache/greeting", nil).is(t, "deleted", 404, textType, "No such key in cache")
+	for _, bad := range []string{"/cache/bad-key", "/cache/a%20b", "/cache/a/b", "/cache/a:b"} {
+		for _, m := range []string{"GET", "PUT", "DELETE"} {
+			do(t, a, m, bad, s("x")).is(t, m+" "+bad, 400, textType, "Invalid key")
+		}
 	}
-	if code, body := do(t, a, "GET", "/cache/greeting", ""); code != 200 || body != "hello" {
-		t.Errorf("get own key: %d %q", code, body)
+	do(t, a, "PUT", "/cache/", s("x")).is(t, "empty key", 400, textType, "Invalid key")
+	do(t, a, "POST", "/cache/k", s("x")).is(t, "POST", 405, textType, "405: Method Not Allowed")
+	// aleph-vm answers `if body:`: an empty value reads as absent.
+	do(t, a, "PUT", "/cache/empty", s("")).is(t, "put empty", 200, jsonType, "true")
+	do(t, a, "GET", "/cache/empty", nil).is(t, "get empty", 404, textType, "No such key in cache")
+
+	// Values: aiohttp's client_max_size (1 MiB) refuses 1 MiB itself.
+	big := bytes.Repeat([]byte("v"), DefaultMaxValueSize)
+	do(t, a, "PUT", "/cache/big", bytes.NewReader(big)).is(t, "largest value", 200, jsonType, "true")
+	if r := do(t, a, "GET", "/cache/big", nil); r.code != 200 || len(r.body) != len(big) {
+		t.Errorf("largest value read back: %d, %d bytes", r.code, len(r.body))
 	}
-	if code, _ := do(t, b, "GET", "/cache/greeting", ""); code != 404 {
-		t.Errorf("another program read the key: %d", code)
+	do(t, a, "PUT", "/cache/big2", bytes.NewReader(append(big, 'v'))).is(t, "1 MiB", 413, textType,
+		"Maximum request body size 1048576 exceeded, actual body size 1048576")
+	// Without Content-Length (chunked), the reader stops at the limit.
+	r := do(t, a, "PUT", "/cache/big2", io.MultiReader(bytes.NewReader(big), strings.NewReader("vvvv")))
+	r.is(t, "chunked over 1 MiB", 413, textType, "Maximum request body size 1048576 exceeded, actual body size 1048576")
+
+	// Program caps: 4 keys (big, café, empty, k4), then refusals.
+	do(t, a, "PUT", "/cache/k4", s("1")).is(t, "fourth key", 200, jsonType, "true")
+	r = do(t, a, "PUT", "/cache/k5", s("1"))
+	if r.code != 413 || r.contentType != textType || !strings.Contains(r.body, "cache quota exceeded") {
+		t.Errorf("fifth key: %+v", r)
 	}
-	do(t, a, "PUT", "/cache/other", "x")
-	if code, body := do(t, a, "GET", "/cache/?pattern=gr*", ""); code != 200 || strings.TrimSpace(body) != `["greeting"]` {
-		t.Errorf("list: %d %s", code, body)
+	do(t, b, "PUT", "/cache/k5", s("1")).is(t, "a neighbour still writes", 200, jsonType, "true")
+}
+
+func TestCacheStoreDown(t *testing.T) {
+	url := startRedis(t)
+	store, err := OpenRedis(t.Context(), url, Limits{})
+	if err != nil {
+		t.Fatal(err)
 	}
-	if code, _ := do(t, a, "PUT", "/cache/bad-key!", "x"); code != 400 {
-		t.Errorf("bad key accepted: %d", code)
-	}
-	clock = clock.Add(2 * time.Hour)
-	if code, _ := do(t, a, "GET", "/cache/greeting", ""); code != 404 {
-		t.Errorf("expired key still served: %d", code)
-	}
-	do(t, b, "PUT", "/cache/k", "v")
-	do(t, b, "DELETE", "/cache/k", "")
-	if code, _ := do(t, b, "GET", "/cache/k", ""); code != 404 {
-		t.Errorf("deleted key still served: %d", code)
+	h := New(Options{Program: Program{Hash: "a"}, Cache: NewCache(store, 0, nil)})
+	do(t, h, "PUT", "/cache/k", strings.NewReader("v")).is(t, "put", 200, jsonType, "true")
+	store.Close()
+	if r := do(t, h, "GET", "/cache/k", nil); r.code != 503 || r.contentType != textType {
+		t.Errorf("with Redis gone: %+v, want 503", r)
 	}
 }
 
@@ -59,14 +105,12 @@ func TestPropertiesSignAndProxy(t *testing.T) {
 		_, _ = io.WriteString(w, "upstream saw "+r.URL.Path+"?"+r.URL.RawQuery)
 	}))
 	defer api.Close()
-	h := New(Options{Program: Program{Hash: "h", Address: "0xabc"}, Cache: NewCache(0), APIServer: api.URL})
-	if code, body := do(t, h, "GET", "/properties", ""); code != 200 || !strings.Contains(body, `"address":"0xabc"`) {
-		t.Errorf("properties: %d %s", code, body)
+	h := New(Options{Program: Program{Hash: "h", Address: "0xabc"}, APIServer: api.URL})
+	if r := do(t, h, "GET", "/properties", nil); r.code != 200 || !strings.Contains(r.body, `"address":"0xabc"`) {
+		t.Errorf("properties: %+v", r)
 	}
-	if code, _ := do(t, h, "POST", "/sign", "{}"); code != http.StatusNotImplemented {
-		t.Errorf("sign: %d", code)
+	if r := do(t, h, "POST", "/sign", strings.NewReader("{}")); r.code != http.StatusNotImplemented {
+		t.Errorf("sign: %d", r.code)
 	}
-	if code, body := do(t, h, "GET", "/api/v0/messages.json?hashes=x", ""); code != 200 || body != "upstream saw /api/v0/messages.json?hashes=x" {
-		t.Errorf("proxy: %d %q", code, body)
-	}
+	do(t, h, "GET", "/api/v0/messages.json?hashes=x", nil).is(t, "proxy", 200, "text/plain; charset=utf-8", "upstream saw /api/v0/messages.json?hashes=x")
 }

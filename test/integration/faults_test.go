@@ -7,9 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -336,19 +334,13 @@ func TestLoadManyProgramsBounded(t *testing.T) {
 	}
 }
 
-var vmRSS = regexp.MustCompile(`VmRSS:\s+(\d+) kB`)
-
-func rssKiB(t *testing.T, pid int) int64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+// rssKiB is a process's resident set in KiB, 0 once it is gone.
+func rssKiB(_ *testing.T, pid int) int64 {
+	rss, err := readVmRSS(pid)
 	if err != nil {
 		return 0
 	}
-	m := vmRSS.FindSubmatch(b)
-	if m == nil {
-		return 0
-	}
-	n, _ := strconv.ParseInt(string(m[1]), 10, 64)
-	return n
+	return rss >> 10
 }
 
 func fdCount(pid int) int64 {

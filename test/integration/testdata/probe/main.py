@@ -295,3 +295,27 @@ async def write_file(path: str, content: str):
         return {"ok": True}
     except OSError as e:
         return {"ok": False, "error": str(e)}
+def _guest_api_put(path: str, size: int):
+    """PUTs size bytes to the guest API; returns (status, body) or (None, error)."""
+    try:
+        return _guest_api("PUT", path, b"v" * size)
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
+@app.get("/cache-flood")
+async def cache_flood(n: int = 100, size: int = 1024 * 1024 - 1, concurrency: int = 8, prefix: str = "flood"):
+    """PUTs n values of size bytes into the guest cache (keys prefix_0…),
+    concurrency at a time; counts the answers by status."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = await asyncio.gather(
+            *(loop.run_in_executor(pool, _guest_api_put, f"/cache/{prefix}_{i}", size) for i in range(n))
+        )
+    counts, samples = {}, {}
+    for status, body in results:
+        counts[str(status)] = counts.get(str(status), 0) + 1
+        samples.setdefault(str(status), body[:300])
+    return {"counts": counts, "samples": samples}
