@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"syscall"
 )
 
 // HTTPStatus is the one place where error kinds become HTTP status codes,
@@ -15,6 +16,9 @@ func HTTPStatus(err error) int {
 		return http.StatusRequestEntityTooLarge
 	case errors.Is(err, context.DeadlineExceeded) && Of(err) == Unknown:
 		return http.StatusGatewayTimeout
+	case errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT):
+		// The node's disk, not the request, is at fault.
+		return http.StatusInsufficientStorage
 	}
 	switch Of(err) {
 	case InvalidInput, Unsupported, ResourceMissing:

@@ -15,10 +15,15 @@ func statusFor(err error) int { return errkind.HTTPStatus(err) }
 func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	code := statusFor(err)
 	msg := err.Error()
-	if code == http.StatusInternalServerError {
+	switch code {
+	case http.StatusInternalServerError:
 		s.log.Error("internal error", "method", r.Method, "path", r.URL.Path, "err", err)
 		msg = "internal error"
-	} else {
+	case http.StatusInsufficientStorage:
+		// The details name host paths: for the operator's log only.
+		s.log.Error("out of disk space", "method", r.Method, "path", r.URL.Path, "err", err)
+		msg = "insufficient storage: no space left on device on this node"
+	default:
 		s.log.Info("request failed", "method", r.Method, "path", r.URL.Path, "status", code, "err", err)
 	}
 	writeJSON(w, code, map[string]string{"error": msg})

@@ -240,27 +240,37 @@ func TestFullDisk(t *testing.T) {
 		}
 	}
 	t.Cleanup(func() { exec.Command("umount", "-l", mnt).Run() })
-	execRoot := filepath.Join(mnt, "exec")
-	s := startSupervisor(t, "ALEPH_VM_EXECUTION_ROOT="+execRoot, "ALEPH_VM_PREWARM=false")
-	s.execRoot = execRoot
+	execRoot, cache := filepath.Join(mnt, "exec"), filepath.Join(mnt, "cache")
+	s := startSupervisor(t, "ALEPH_VM_EXECUTION_ROOT="+execRoot, "ALEPH_VM_CACHE_ROOT="+cache, "ALEPH_VM_PREWARM=false")
+	s.execRoot, s.cache = execRoot, cache
 	hash := s.upload("testdata/probe", "main:app")
 	other := s.upload("testdata/probe", "main:app", "--env", "ROLE=other")
 
 	filler := filepath.Join(mnt, "filler")
-	out, _ := exec.Command("dd", "if=/dev/zero", "of="+filler, "bs=1M").CombinedOutput()
-	if !strings.Contains(string(out), "No space left") {
-		t.Fatalf("dd did not fill the disk: %s", out)
+	out, err := exec.Command("dd", "if=/dev/zero", "of="+filler, "bs=1M").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "No space left") {
+		t.Fatalf("dd did not fill the disk: %v %s", err, out)
 	}
+	// The last partial megabyte, block by block.
+	exec.Command("dd", "if=/dev/zero", "of="+filler+".tail", "bs=4096").Run()
+	// Running a stored program needs little room: it runs, or fails
+	// naming the cause.
 	r := s.get("/vm/" + hash + "/")
-	if r.Status == http.StatusOK {
-		t.Logf("a program started on a full disk (its code needed no space): %s", r.Body)
-	} else if !strings.Contains(strings.ToLower(string(r.Body)), "space") {
-		t.Errorf("start on a full disk: %d %s; want the cause named", r.Status, r.Body)
+	if r.Status != http.StatusOK && !strings.Contains(strings.ToLower(string(r.Body)), "no space left") {
+		t.Errorf("start on a full disk: %d %s; want 200 or an error naming the cause", r.Status, r.Body)
+	}
+	// Publishing new code needs room: refused, saying why, nothing half-written.
+	cmd := exec.Command(filepath.Join(binDir, "vm-supervisor"), "program", "upload", "testdata/vendored", "main:app")
+	cmd.Env = s.env
+	out, err = cmd.CombinedOutput()
+	if err == nil || !strings.Contains(strings.ToLower(string(out)), "no space left") {
+		t.Errorf("upload on a full disk: %v %s; want a failure naming the cause", err, out)
 	}
 	if r := s.get("/status/check/version"); r.Status != http.StatusOK {
 		t.Errorf("supervisor not answering on a full disk: %d", r.Status)
 	}
 	os.Remove(filler)
+	os.Remove(filler + ".tail")
 	expect(t, s.get("/vm/"+other+"/"), http.StatusOK)
 }
 
