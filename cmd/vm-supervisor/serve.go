@@ -66,6 +66,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 	if err := pool.SweepExecutions(ctx, s.ExecutionRoot, log); err != nil {
 		log.Warn("removing what an earlier run left", "err", err)
 	}
+	pool.SweepLoopDevices(log, s.ExecutionRoot, s.PersistentVolumesDir)
 	networks, netErr := newNetworks(ctx, s, be, log)
 	if netErr != nil {
 		log.Error("program networking unavailable: programs asking for the internet will be refused", "err", netErr)
