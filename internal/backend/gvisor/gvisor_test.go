@@ -415,6 +415,13 @@ func TestIsolationAndMounts(t *testing.T) {
 	}
 	stop(t, inst)
 
+	// The immutable volume's and the persistent volume's loop devices went
+	// with their mounts (autoclear).
+	for _, img := range []string{immutable, persistent} {
+		if devs, err := loopdev.BackedBy(img); err != nil || len(devs) > 0 {
+			t.Errorf("loop devices left on %s: %v %v", img, devs, err)
+		}
+	}
 	if got := imageFile(t, persistent, "/f"); got != "persisted\n" {
 		t.Errorf("persistent volume write did not reach its image: %q", got)
 	}
