@@ -4,7 +4,7 @@
 # runs `apt-get update` at most once.
 set -eu
 
-PACKAGES="debootstrap squashfs-tools qemu-system-x86 redis-server iproute2 nftables busybox-static cpio zip unzip ca-certificates wrk"
+PACKAGES="debootstrap squashfs-tools e2fsprogs qemu-system-x86 redis-server iproute2 nftables busybox-static cpio zip unzip ca-certificates wrk"
 
 missing=""
 for p in $PACKAGES; do

@@ -91,8 +91,10 @@ func newGVisor(s *config.Settings, log *slog.Logger) (backend.Backend, error) {
 		AgentPath: s.AgentPath,
 		CacheRoot: s.CacheRoot,
 		RootDir:   filepath.Join(s.ExecutionRoot, "runsc"),
-		Logger:    log,
-		Debug:     s.PrintSystemLogs,
+		// Persistent volumes: the same ext4 images as the VM backends.
+		PersistentDir: s.PersistentVolumesDir,
+		Logger:        log,
+		Debug:         s.PrintSystemLogs,
 	})
 	if err != nil {
 		return nil, err // not b: a nil *Backend in an interface is not nil

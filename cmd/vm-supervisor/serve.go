@@ -69,6 +69,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 	if err := pool.SweepExecutions(ctx, s.ExecutionRoot, log); err != nil {
 		log.Warn("removing what an earlier run left", "err", err)
 	}
+	pool.SweepLoopDevices(log, s.ExecutionRoot, s.PersistentVolumesDir)
 	// Executions of the earlier run ended with it; their rows say so.
 	if n, err := db.CloseUnfinished(ctx, time.Now()); err != nil {
 		log.Warn("closing the records of an earlier run", "err", err)

@@ -163,7 +163,7 @@ var table = []descriptor{
 	str("EXECUTION_ROOT", "directory of executions, local store and login token", func(s *Settings) *string { return &s.ExecutionRoot }),
 	optional(str("EXECUTION_DATABASE", "SQLite file of execution records (default EXECUTION_ROOT/executions.sqlite3)",
 		func(s *Settings) *string { return &s.ExecutionDatabase })),
-	optional(str("PERSISTENT_VOLUMES_DIR", "persistent volumes (default EXECUTION_ROOT/volumes/persistent)",
+	optional(str("PERSISTENT_VOLUMES_DIR", "persistent volume images, <program hash>/<volume name>.ext4, shared by every backend (default EXECUTION_ROOT/volumes/persistent)",
 		func(s *Settings) *string { return &s.PersistentVolumesDir })),
 
 	integer("MAX_PROGRAM_ARCHIVE_SIZE", "largest code archive, in bytes", 1, math.MaxInt64, func(s *Settings) *int64 { return &s.MaxProgramArchiveSize }),

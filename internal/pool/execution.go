@@ -7,7 +7,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -16,9 +15,11 @@ import (
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend/vmimage"
+	"github.com/aleph-vm-go/vm-supervisor/internal/backend/volimage"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
+	"github.com/aleph-vm-go/vm-supervisor/internal/mountinfo"
 	"github.com/aleph-vm-go/vm-supervisor/internal/network"
 	"github.com/aleph-vm-go/vm-supervisor/internal/records"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
@@ -178,13 +179,6 @@ func (e *Execution) bootSteps(ctx context.Context) error {
 		return err
 	}
 	spec := e.spec()
-	for _, v := range spec.Volumes {
-		if v.Kind == message.VolumePersistent && v.Path != "" {
-			if err := os.MkdirAll(v.Path, 0o700); err != nil {
-				return fmt.Errorf("persistent volume %s: %w", v.Mount, err)
-			}
-		}
-	}
 	e.prepared = time.Now()
 	e.log.Info("starting sandbox", "backend", e.pool.opts.Backend.Name())
 
@@ -318,7 +312,7 @@ func SpecFor(prog *sources.Program, persistentDir string) backend.Spec {
 			spec.DataMount = c.Data.Mount
 		}
 	}
-	for _, v := range prog.Volumes {
+	for n, v := range prog.Volumes {
 		bv := backend.Volume{Mount: v.Volume.Mount, Kind: v.Kind, SizeMiB: v.Volume.SizeMiB}
 		switch v.Kind {
 		case message.VolumeImmutable:
@@ -327,9 +321,13 @@ func SpecFor(prog *sources.Program, persistentDir string) backend.Spec {
 				bv.Path, bv.Encoding = v.File.Path, v.File.Encoding
 			}
 		case message.VolumePersistent:
-			// One directory per program and volume name, kept across runs.
-			if persistentDir != "" && v.Volume.Name != "" {
-				bv.Path = filepath.Join(persistentDir, prog.Hash, v.Volume.Name)
+			// One ext4 image per program and volume name, kept across
+			// runs and shared by every backend (volimage). The backend
+			// creates it at its size the first time.
+			if persistentDir != "" {
+				if p, err := volimage.PersistentPath(persistentDir, prog.Hash, n, v.Volume.Name, v.Volume.Mount); err == nil {
+					bv.Path = p
+				}
 			}
 		}
 		spec.Volumes = append(spec.Volumes, bv)
@@ -450,9 +448,7 @@ func (e *Execution) finish(ctx context.Context, cause error) {
 		// After the sandbox: its link must not vanish under a live guest.
 		e.pool.releaseNetwork(e.net, e.log)
 		if e.stateDir != "" {
-			if err := os.RemoveAll(e.stateDir); err != nil {
-				e.log.Warn("removing execution directory", "err", err)
-			}
+			removeStateDir(e.stateDir, e.log)
 		}
 		e.stoppingAt = stopping
 		e.saveRecord(ctx, true)
@@ -464,6 +460,24 @@ func (e *Execution) finish(ctx context.Context, cause error) {
 		e.pool.finished(e)
 	})
 	<-e.finishDone
+}
+
+// removeStateDir removes an execution's directory. A mount the backend
+// failed to undo (a persistent volume's file system, say) is detached
+// first, and the directory is kept if one remains: removing recursively
+// through it would delete the volume's contents.
+func removeStateDir(dir string, log *slog.Logger) {
+	if left, err := mountinfo.Under(dir); err == nil && len(left) > 0 {
+		log.Warn("mounts left in the execution directory; detaching them", "mounts", left)
+		_ = mountinfo.DetachUnder(dir)
+		if left, err := mountinfo.Under(dir); err != nil || len(left) > 0 {
+			log.Error("execution directory kept: mounts remain", "mounts", left, "err", err)
+			return
+		}
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		log.Warn("removing execution directory", "err", err)
+	}
 }
 
 // saveRecord writes the execution's row: at start (final false) with the

@@ -14,6 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/aleph-vm-go/vm-supervisor/internal/loopdev"
 	"github.com/aleph-vm-go/vm-supervisor/internal/mountinfo"
 )
 
@@ -38,6 +39,13 @@ func SweepExecutions(ctx context.Context, executionRoot string, log *slog.Logger
 	}
 	if err := mountinfo.DetachUnder(dir); err != nil {
 		return fmt.Errorf("sweeping executions: %w", err)
+	}
+	// Removing through a mount that did not go would delete what is
+	// inside (a persistent volume's data): refuse instead.
+	if left, err := mountinfo.Under(dir); err != nil {
+		return fmt.Errorf("sweeping executions: %w", err)
+	} else if len(left) > 0 {
+		return fmt.Errorf("sweeping executions: mounts remain under %s: %v", dir, left)
 	}
 	var errs []error
 	for _, e := range entries {
@@ -85,4 +93,36 @@ func processesMentioning(prefix string) []int {
 		}
 	}
 	return out
+}
+
+// SweepLoopDevices detaches loop devices bound to image files under dirs
+// (EXECUTION_ROOT, PERSISTENT_VOLUMES_DIR): what a crash left attached.
+// Every loop device the supervisor binds has autoclear set, so once
+// SweepExecutions detached the mounts the kernel frees them by itself;
+// this catches what escaped that (a device bound without autoclear, a
+// mount that lived on). A device still in use is not torn away: the
+// kernel then only turns its autoclear on. Call it at start-up, after
+// SweepExecutions.
+func SweepLoopDevices(log *slog.Logger, dirs ...string) {
+	seen := map[string]bool{}
+	for _, dir := range dirs {
+		if dir == "" {
+			continue
+		}
+		devs, err := loopdev.BackedUnder(dir)
+		if err != nil {
+			log.Warn("listing loop devices", "err", err)
+			return
+		}
+		for _, d := range devs {
+			if seen[d.Name] {
+				continue
+			}
+			seen[d.Name] = true
+			log.Warn("detaching a loop device an earlier run left", "device", d.Name, "file", d.Backing, "autoclear", d.Autoclear)
+			if err := loopdev.Detach(d.Name); err != nil {
+				log.Warn("detaching loop device", "device", d.Name, "err", err)
+			}
+		}
+	}
 }

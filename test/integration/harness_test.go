@@ -22,6 +22,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/loopdev"
 )
 
 var (
@@ -308,6 +310,17 @@ func (s *supervisor) assertNothingLeft() {
 	entries, _ := os.ReadDir(filepath.Join(s.execRoot, "executions"))
 	if len(entries) > 0 {
 		t.Errorf("execution directories left behind: %d", len(entries))
+	}
+	// Loop devices bound to files of this supervisor (runtime, volume
+	// images): each would pin its file and a device number forever.
+	for _, dir := range []string{s.execRoot, s.cache} {
+		devs, err := loopdev.BackedUnder(dir)
+		if err != nil {
+			t.Errorf("listing loop devices: %v", err)
+		}
+		for _, d := range devs {
+			t.Errorf("loop device left behind: /dev/%s on %s", d.Name, d.Backing)
+		}
 	}
 	procs, _ := exec.Command("pgrep", "-f", s.execRoot).Output()
 	if strings.TrimSpace(string(procs)) != "" {

@@ -68,6 +68,13 @@ type Options struct {
 	// RootDir is runsc's --root (container state), under EXECUTION_ROOT.
 	// Required.
 	RootDir string
+	// PersistentDir holds the ext4 images of persistent volumes that have
+	// no path of their own (volimage.PersistentPath).
+	PersistentDir string
+	// MkfsExt4Path and E2fsckPath default to the names in PATH
+	// (e2fsprogs).
+	MkfsExt4Path string
+	E2fsckPath   string
 	// CgroupParent groups the sandboxes' cgroups; DefaultCgroupParent when
 	// empty.
 	CgroupParent string

@@ -20,6 +20,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
+	"github.com/aleph-vm-go/vm-supervisor/internal/loopdev"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 )
 
@@ -239,6 +240,15 @@ func (e *testEnv) assertNothingLeft(t *testing.T, spec backend.Spec) {
 	for _, en := range entries {
 		t.Errorf("file left in state dir: %s", en.Name())
 	}
+	for _, dir := range []string{spec.StateDir, e.cacheRoot} {
+		devs, err := loopdev.BackedUnder(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range devs {
+			t.Errorf("loop device left: /dev/%s on %s", d.Name, d.Backing)
+		}
+	}
 	if dirs := newCgroup(DefaultCgroupParent, spec.ExecutionID).existingDirs(); len(dirs) > 0 {
 		t.Errorf("cgroups left: %v", dirs)
 	}
@@ -328,7 +338,7 @@ func TestIsolationAndMounts(t *testing.T) {
 	if err := os.WriteFile(secret, []byte("secret"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	persistent := t.TempDir()
+	persistent := filepath.Join(t.TempDir(), "prog", "persist.ext4")
 	immutable := filepath.Join(t.TempDir(), "vol.squashfs")
 	volSrc := t.TempDir()
 	if err := os.WriteFile(filepath.Join(volSrc, "data.txt"), []byte("immutable data"), 0o644); err != nil {
@@ -361,7 +371,7 @@ func TestIsolationAndMounts(t *testing.T) {
 	spec.Volumes = []backend.Volume{
 		{Mount: "/data/imm", Kind: message.VolumeImmutable, Path: immutable, ReadOnly: true},
 		{Mount: "/data/eph", Kind: message.VolumeEphemeral, SizeMiB: 8},
-		{Mount: "/data/persist", Kind: message.VolumePersistent, Path: persistent},
+		{Mount: "/data/persist", Kind: message.VolumePersistent, Path: persistent, SizeMiB: 8},
 	}
 	imageSum := fileSum(t, spec.RuntimePath)
 	inst := env.start(t, spec)
@@ -405,8 +415,15 @@ func TestIsolationAndMounts(t *testing.T) {
 	}
 	stop(t, inst)
 
-	if b, err := os.ReadFile(filepath.Join(persistent, "f")); err != nil || string(b) != "persisted\n" {
-		t.Errorf("persistent volume write did not reach the host: %q, %v", b, err)
+	// The immutable volume's and the persistent volume's loop devices went
+	// with their mounts (autoclear).
+	for _, img := range []string{immutable, persistent} {
+		if devs, err := loopdev.BackedBy(img); err != nil || len(devs) > 0 {
+			t.Errorf("loop devices left on %s: %v %v", img, devs, err)
+		}
+	}
+	if got := imageFile(t, persistent, "/f"); got != "persisted\n" {
+		t.Errorf("persistent volume write did not reach its image: %q", got)
 	}
 	if got := fileSum(t, spec.RuntimePath); got != imageSum {
 		t.Error("runtime image changed")
@@ -427,7 +444,9 @@ func TestMemoryHogIsKilled(t *testing.T) {
 	env := newEnv(t, "/bin/sh", "-c", "cat")
 	neighbour := env.start(t, env.spec(t))
 
-	hogEnv := newEnv(t, "/bin/sh", "-c", "head -c 400000000 /dev/zero > /tmp/hog; echo survived")
+	// In the shell's own memory: /tmp is a tmpfs of bounded size now, which
+	// would stop the hog with ENOSPC before the memory limit.
+	hogEnv := newEnv(t, "/bin/sh", "-c", "hog=$(head -c 400000000 /dev/zero | tr '\\0' x); echo survived")
 	spec := hogEnv.spec(t)
 	spec.MemoryMiB = 32
 	hog := hogEnv.start(t, spec)
@@ -467,7 +486,7 @@ func TestSharedRuntimeMount(t *testing.T) {
 	if err := os.MkdirAll(mp, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := loopMount(specA.RuntimePath, mp, "squashfs", true, 0); err != nil {
+	if err := loopdev.Mount(specA.RuntimePath, mp, "squashfs", true, 0, ""); err != nil {
 		t.Fatal(err)
 	}
 
@@ -532,13 +551,20 @@ func TestStopKillsUnresponsiveSandbox(t *testing.T) {
 func TestStartFailureCleansUp(t *testing.T) {
 	env := newEnv(t, "/bin/true")
 	spec := env.spec(t)
-	spec.Volumes = []backend.Volume{{Mount: "/data/missing", Kind: message.VolumePersistent, Path: "/nonexistent/volume"}}
+	// The persistent volume is mounted and locked before the missing one
+	// fails the start: both must be undone.
+	img := filepath.Join(t.TempDir(), "p.ext4")
+	spec.Volumes = []backend.Volume{
+		{Mount: "/data/p", Kind: message.VolumePersistent, Path: img, SizeMiB: 4},
+		{Mount: "/data/missing", Kind: message.VolumeImmutable, Path: "/nonexistent/volume.squashfs", ReadOnly: true},
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if _, err := env.b.Start(ctx, spec); err == nil {
 		t.Fatal("Start with a missing volume succeeded")
 	}
 	env.assertNothingLeft(t, spec)
+	assertImageFree(t, img)
 	mp := filepath.Join(env.cacheRoot, "runtimes")
 	if entries, _ := os.ReadDir(mp); len(entries) > 0 {
 		t.Errorf("runtime mount left after failed start: %v", entries)

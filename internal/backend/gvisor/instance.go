@@ -19,7 +19,9 @@ import (
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend/codeprep"
+	"github.com/aleph-vm-go/vm-supervisor/internal/backend/volimage"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
+	"github.com/aleph-vm-go/vm-supervisor/internal/loopdev"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 	"github.com/aleph-vm-go/vm-supervisor/internal/tailbuf"
 )
@@ -42,6 +44,8 @@ type instance struct {
 	codeDir      string
 	runtimeMount string // shared mount point, refcounted
 	volumeMounts []string
+	volumeLocks  []*volimage.Lock // persistent images, held until their unmount
+	volumeImages []string         // their paths
 	mounts       []mountPlan
 	skelDir      string
 	bundleDir    string
@@ -151,6 +155,11 @@ func (i *instance) mountRuntime(ctx context.Context) error {
 // mountVolumes prepares the host side of each volume and records the OCI
 // mounts; data archives (spec.DataPath) are not attached by this backend
 // yet.
+//
+// Immutable volumes are squashfs images loop-mounted read-only; ephemeral
+// ones are tmpfs inside the sandbox, bounded by their size (and, being the
+// Sentry's memory, by the sandbox's memory limit); persistent ones are the
+// ext4 images every backend shares (volimage), loop-mounted on the host.
 func (i *instance) mountVolumes(ctx context.Context) error {
 	if i.spec.DataPath != "" {
 		i.log.Warn("data archives are not supported by the gvisor backend yet; ignored", "mount", i.spec.DataMount)
@@ -168,7 +177,7 @@ func (i *instance) mountVolumes(ctx context.Context) error {
 			if err := os.MkdirAll(mp, 0o755); err != nil {
 				return err
 			}
-			if err := loopMount(v.Path, mp, "squashfs", true, unix.MS_NODEV|unix.MS_NOSUID); err != nil {
+			if err := loopdev.Mount(v.Path, mp, "squashfs", true, unix.MS_NODEV|unix.MS_NOSUID, ""); err != nil {
 				os.Remove(mp)
 				return fmt.Errorf("volume %s: %w", v.Mount, err)
 			}
@@ -187,19 +196,16 @@ func (i *instance) mountVolumes(ctx context.Context) error {
 				Options: []string{"nosuid", "nodev", "mode=1777", fmt.Sprintf("size=%dm", size)},
 			}})
 		case message.VolumePersistent:
-			fi, err := os.Stat(v.Path)
+			mp, err := i.mountPersistent(ctx, n, v)
 			if err != nil {
-				return errkind.Wrap(errkind.ResourceMissing, fmt.Errorf("volume %s: %w", v.Mount, err))
-			}
-			if !fi.IsDir() {
-				return errkind.New(errkind.Unsupported, "volume %s: persistent volumes must be host directories under gvisor", v.Mount)
+				return err
 			}
 			opt := "rw"
 			if v.ReadOnly {
 				opt = "ro"
 			}
 			i.mounts = append(i.mounts, mountPlan{spec: specs.Mount{
-				Destination: v.Mount, Type: "bind", Source: v.Path,
+				Destination: v.Mount, Type: "bind", Source: mp,
 				Options: []string{"rbind", opt, "nosuid", "nodev"},
 			}})
 		default:
@@ -207,6 +213,80 @@ func (i *instance) mountVolumes(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// mountPersistent loop-mounts the ext4 image of a persistent volume (made
+// at its size_mib the first time) under the state directory, for runsc to
+// bind into the sandbox, and returns the mount point. The execution holds
+// the image's lock until cleanup. The host mount is nosuid and nodev, so
+// set-user-id files and device nodes a program leaves there are inert on
+// the host, and no host code looks inside: symbolic links in it are only
+// ever resolved by the sandbox.
+func (i *instance) mountPersistent(ctx context.Context, n int, v backend.Volume) (string, error) {
+	img := v.Path
+	if img == "" {
+		p, err := volimage.PersistentPath(i.b.opts.PersistentDir, i.spec.ProgramHash, n, "", v.Mount)
+		if err != nil {
+			return "", err
+		}
+		img = p
+	}
+	if err := volimage.EnsurePersistent(ctx, i.b.opts.MkfsExt4Path, img, v.Mount, v.SizeMiB, v.ReadOnly); err != nil {
+		return "", err
+	}
+	lock, err := volimage.Acquire(ctx, img)
+	if err != nil {
+		return "", fmt.Errorf("volume %s: %w", v.Mount, err)
+	}
+	i.volumeLocks = append(i.volumeLocks, lock)
+	i.volumeImages = append(i.volumeImages, img)
+	// A loop device still bound to the image is a mount of it that lives
+	// on (a sandbox a crash left, a lazy unmount still in use): mounting
+	// the file system a second time would corrupt it.
+	if err := waitLoopFree(ctx, img, 2*time.Second); err != nil {
+		return "", errkind.Wrap(errkind.Conflict, fmt.Errorf("volume %s: %w", v.Mount, err))
+	}
+	if !v.ReadOnly {
+		if err := volimage.Check(ctx, i.b.opts.E2fsckPath, img); err != nil {
+			return "", fmt.Errorf("volume %s: %w", v.Mount, err)
+		}
+	}
+	mp := filepath.Join(i.spec.StateDir, "volumes", fmt.Sprint(n))
+	if err := os.MkdirAll(mp, 0o700); err != nil {
+		return "", err
+	}
+	// errors=remount-ro overrides what the image's superblock asks for
+	// (a VM could have set errors=panic).
+	if err := loopdev.Mount(img, mp, "ext4", v.ReadOnly, unix.MS_NODEV|unix.MS_NOSUID|unix.MS_NOATIME, "errors=remount-ro"); err != nil {
+		os.Remove(mp)
+		return "", fmt.Errorf("volume %s: %w", v.Mount, err)
+	}
+	i.volumeMounts = append(i.volumeMounts, mp)
+	return mp, nil
+}
+
+// waitLoopFree waits (at most d) until no loop device is bound to image:
+// with autoclear, the kernel lets a device go shortly after its last
+// unmount.
+func waitLoopFree(ctx context.Context, image string, d time.Duration) error {
+	deadline := time.Now().Add(d)
+	for {
+		devs, err := loopdev.BackedBy(image)
+		if err != nil {
+			return err
+		}
+		if len(devs) == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s is still attached to /dev/%s", image, devs[0].Name)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 // assembleRoot lays a skeleton of mount points over the shared runtime
@@ -218,7 +298,7 @@ func (i *instance) assembleRoot(context.Context) error {
 	if len(i.b.opts.Command) == 0 {
 		i.mounts = append(i.mounts, agentMount(i.b.opts.AgentPath))
 	}
-	i.mounts = append(i.mounts, runMount())
+	i.mounts = append(i.mounts, runMount(), tmpMount(RootOverlayMiB(i.spec.MemoryMiB)))
 
 	i.skelDir = filepath.Join(i.spec.StateDir, "skel")
 	i.bundleDir = filepath.Join(i.spec.StateDir, "bundle")
@@ -268,6 +348,16 @@ func (i *instance) writeBundle(context.Context) error {
 	return writeSpec(i.bundleDir, s)
 }
 
+// RootOverlayMiB is the size of the writable layer over a sandbox's root,
+// and of its /tmp, for a program of memoryMiB. Both live in the Sentry's
+// memory, charged to the sandbox's cgroup.
+func RootOverlayMiB(memoryMiB int) int {
+	if memoryMiB <= 0 {
+		memoryMiB = 128
+	}
+	return max(memoryMiB/2, 8)
+}
+
 func (i *instance) prepareCgroup(context.Context) error {
 	return i.cg.prepare(i.memLimit)
 }
@@ -289,8 +379,13 @@ func (i *instance) startRunsc(ctx context.Context) error {
 	args := []string{"--root", o.RootDir, "--platform", o.Platform, "--network", netMode,
 		// Only the root gets the memory overlay: with --overlay (all
 		// mounts) writes to persistent volumes would also stay in memory
-		// and never reach the host (measured).
-		"--overlay2", "root:memory"}
+		// and never reach the host (measured). The overlay's upper layer
+		// is a tmpfs in the Sentry's memory, charged to the sandbox's
+		// cgroup: writes to / and /tmp never reach the host's disk. Its
+		// size is half the program's memory, as tmpfs(5) defaults to half
+		// of RAM, so a program filling / gets ENOSPC while it still has
+		// memory left to handle it, instead of being killed.
+		"--overlay2", fmt.Sprintf("root:memory,size=%dm", RootOverlayMiB(i.spec.MemoryMiB))}
 	if o.Debug {
 		dir := filepath.Join(o.DebugLogDir, i.id)
 		if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -615,6 +710,19 @@ func (i *instance) cleanup(ctx context.Context) error {
 	}
 	if mountsGone {
 		i.volumeMounts = nil
+		// The images are free once their loop devices are: only then may
+		// another execution mount them.
+		for _, img := range i.volumeImages {
+			if err := waitLoopFree(ctx, img, 5*time.Second); err != nil {
+				i.log.Warn("persistent volume image still attached after unmount", "err", err)
+			}
+		}
+		for _, l := range i.volumeLocks {
+			if err := l.Release(); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		i.volumeLocks, i.volumeImages = nil, nil
 		for _, d := range []string{i.bundleDir, i.skelDir, filepath.Join(i.spec.StateDir, "volumes")} {
 			if d == "" {
 				continue

@@ -12,84 +12,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/aleph-vm-go/vm-supervisor/internal/loopdev"
 	"github.com/aleph-vm-go/vm-supervisor/internal/mountinfo"
 )
-
-// loopMount attaches image to a free loop device and mounts it at target.
-// The device is configured to detach itself when the mount goes away
-// (autoclear), so unmounting is the only cleanup needed, even after a
-// crash of the supervisor.
-func loopMount(image, target, fstype string, readOnly bool, flags uintptr) error {
-	openFlags := os.O_RDWR
-	if readOnly {
-		openFlags = os.O_RDONLY
-		flags |= unix.MS_RDONLY
-	}
-	backing, err := os.OpenFile(image, openFlags|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("loop mount: %w", err)
-	}
-	defer backing.Close()
-
-	ctl, err := os.OpenFile("/dev/loop-control", os.O_RDWR|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("loop mount: %w", err)
-	}
-	defer ctl.Close()
-
-	// Another process can take the free device between GET_FREE and
-	// CONFIGURE; that shows as EBUSY and we simply ask again.
-	for attempt := 0; ; attempt++ {
-		n, err := unix.IoctlRetInt(int(ctl.Fd()), unix.LOOP_CTL_GET_FREE)
-		if err != nil {
-			return fmt.Errorf("loop mount: no free loop device: %w", err)
-		}
-		dev := fmt.Sprintf("/dev/loop%d", n)
-		if err := ensureLoopNode(dev, n); err != nil {
-			return err
-		}
-		loop, err := os.OpenFile(dev, openFlags|unix.O_CLOEXEC, 0)
-		if err != nil {
-			return fmt.Errorf("loop mount: %w", err)
-		}
-		cfg := unix.LoopConfig{Fd: uint32(backing.Fd())}
-		cfg.Info.Flags = unix.LO_FLAGS_AUTOCLEAR
-		if readOnly {
-			cfg.Info.Flags |= unix.LO_FLAGS_READ_ONLY
-		}
-		copy(cfg.Info.File_name[:], image)
-		err = unix.IoctlLoopConfigure(int(loop.Fd()), &cfg)
-		if errors.Is(err, unix.EBUSY) && attempt < 16 {
-			loop.Close()
-			continue
-		}
-		if err != nil {
-			loop.Close()
-			return fmt.Errorf("loop mount: configure %s: %w", dev, err)
-		}
-		err = unix.Mount(dev, target, fstype, flags, "")
-		// Closing our descriptor lets autoclear detach the device as soon
-		// as the mount (if any) is gone.
-		loop.Close()
-		if err != nil {
-			return fmt.Errorf("mount %s (%s) on %s: %w", image, fstype, target, err)
-		}
-		return nil
-	}
-}
-
-// ensureLoopNode creates /dev/loopN when the kernel handed out a number
-// for which this /dev (often a static one in containers) has no node.
-func ensureLoopNode(dev string, n int) error {
-	if _, err := os.Stat(dev); err == nil {
-		return nil
-	}
-	const loopMajor = 7
-	if err := unix.Mknod(dev, unix.S_IFBLK|0o660, int(unix.Mkdev(loopMajor, uint32(n)))); err != nil && !errors.Is(err, unix.EEXIST) {
-		return fmt.Errorf("loop mount: create %s: %w", dev, err)
-	}
-	return nil
-}
 
 // unmountAll removes every mount stacked on path. It first tries a normal
 // unmount and falls back to a lazy one, so that a stuck user (e.g. a
@@ -161,7 +86,7 @@ func acquireRuntime(ctx context.Context, log *slog.Logger, image, mountPoint str
 	if err := os.MkdirAll(mountPoint, 0o755); err != nil {
 		return fmt.Errorf("runtime mount point: %w", err)
 	}
-	if err := loopMount(image, mountPoint, "squashfs", true, unix.MS_NODEV|unix.MS_NOSUID); err != nil {
+	if err := loopdev.Mount(image, mountPoint, "squashfs", true, unix.MS_NODEV|unix.MS_NOSUID, ""); err != nil {
 		return fmt.Errorf("runtime %s: %w", image, err)
 	}
 	runtimeMounts.refs[mountPoint] = 1

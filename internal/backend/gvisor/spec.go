@@ -246,6 +246,17 @@ func agentMount(hostPath string) mountPlan {
 	}}
 }
 
+// tmpMount is /tmp, a tmpfs of sizeMiB. Without it runsc mounts its own
+// tmpfs on an empty /tmp, sized at half the host's memory (measured: 11.7
+// GiB on a 24 GiB host), which only the memory cgroup would bound, by
+// killing the sandbox.
+func tmpMount(sizeMiB int) mountPlan {
+	return mountPlan{spec: specs.Mount{
+		Destination: "/tmp", Type: "tmpfs", Source: "tmpfs",
+		Options: []string{"nosuid", "nodev", "mode=1777", fmt.Sprintf("size=%dm", sizeMiB)},
+	}}
+}
+
 func runMount() mountPlan {
 	return mountPlan{spec: specs.Mount{
 		Destination: runDir, Type: "tmpfs", Source: "tmpfs",

@@ -13,7 +13,8 @@
 //   - ephemeral volumes: a sparse ext4 file in the execution's StateDir,
 //     gone with the execution;
 //   - persistent volumes: an ext4 file that outlives executions, created
-//     the first time it is needed;
+//     the first time it is needed and locked while the VM runs (volimage,
+//     shared with the gVisor backend);
 //   - the optional data archive, as one more read-only squashfs volume.
 //
 // Drive order decides guest device names (virtio-blk devices are named in
@@ -39,6 +40,7 @@ import (
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend/codeprep"
+	"github.com/aleph-vm-go/vm-supervisor/internal/backend/volimage"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
@@ -87,10 +89,14 @@ type Prepared struct {
 	Code    *Image // nil when the program has no code file
 	Volumes []VolumeImage
 	Data    *VolumeImage // the data archive, read-only at its mount
+
+	// locks hold this execution's persistent images until Cleanup.
+	locks []*volimage.Lock
 }
 
-// Cleanup removes the execution's temporary images. Cache and persistent
-// images stay. Safe to call more than once.
+// Cleanup removes the execution's temporary images and lets go of its
+// persistent ones, which stay, like cache images. Call it once the VMM is
+// gone. Safe to call more than once.
 func (p *Prepared) Cleanup() error {
 	if p == nil {
 		return nil
@@ -103,6 +109,12 @@ func (p *Prepared) Cleanup() error {
 			}
 		}
 	}
+	for _, l := range p.locks {
+		if err := l.Release(); err != nil {
+			errs = append(errs, fmt.Errorf("vmimage: %w", err))
+		}
+	}
+	p.locks = nil
 	return errors.Join(errs...)
 }
 
@@ -201,7 +213,7 @@ type Options struct {
 	// hash. Required.
 	CacheDir string
 	// PersistentDir holds persistent volume images that have no path of
-	// their own: <PersistentDir>/<program hash>/<mount-derived name>.ext4.
+	// their own (volimage.PersistentPath, with a mount-derived name).
 	PersistentDir string
 	// MksquashfsPath and MkfsExt4Path default to the names in PATH.
 	MksquashfsPath string
@@ -303,12 +315,12 @@ func (p *Preparer) prepare(ctx context.Context, spec backend.Spec, create bool) 
 				if size <= 0 {
 					size = DefaultEphemeralMiB
 				}
-				if err := p.makeExt4(ctx, vi.Path, size, false); err != nil {
+				if err := volimage.MakeExt4(ctx, p.opts.MkfsExt4Path, vi.Path, size, false); err != nil {
 					return nil, fmt.Errorf("volume %s: %w", v.Mount, err)
 				}
 			}
 		case message.VolumePersistent:
-			img, err := p.persistent(ctx, spec, n, v, create)
+			img, err := p.persistent(ctx, spec, n, v, create, out)
 			if err != nil {
 				return nil, err
 			}
@@ -469,101 +481,29 @@ func (p *Preparer) convert(ctx context.Context, src source, dst string) error {
 	return nil
 }
 
-// persistent returns the ext4 image of a persistent volume, creating it
-// the first time. A Path naming a regular file is used as it is; an empty
-// Path puts the image under PersistentDir.
-func (p *Preparer) persistent(ctx context.Context, spec backend.Spec, n int, v backend.Volume, create bool) (Image, error) {
-	img := Image{FSType: FSExt4, ReadOnly: v.ReadOnly}
-	switch {
-	case v.Path != "":
-		fi, err := os.Stat(v.Path)
-		switch {
-		case err == nil && fi.IsDir():
-			return Image{}, errkind.New(errkind.Unsupported,
-				"volume %s: %s is a directory; VM backends need an ext4 image file", v.Mount, v.Path)
-		case err == nil && !fi.Mode().IsRegular():
-			return Image{}, errkind.New(errkind.Unsupported, "volume %s: %s is not a regular file", v.Mount, v.Path)
+// persistent returns the ext4 image of a persistent volume (see
+// volimage), creating it the first time, and takes its lock for this
+// execution. A Path names the image (the pool gives
+// volimage.PersistentPath); an empty Path puts it under PersistentDir.
+func (p *Preparer) persistent(ctx context.Context, spec backend.Spec, n int, v backend.Volume, create bool, out *Prepared) (Image, error) {
+	img := Image{Path: v.Path, FSType: FSExt4, ReadOnly: v.ReadOnly}
+	if img.Path == "" {
+		path, err := volimage.PersistentPath(p.opts.PersistentDir, spec.ProgramHash, n, "", v.Mount)
+		if err != nil {
+			return Image{}, err
 		}
-		img.Path = v.Path
-	case p.opts.PersistentDir != "":
-		if !hashPattern.MatchString(spec.ProgramHash) {
-			return Image{}, errkind.New(errkind.InvalidInput, "volume %s: program hash %q is not usable as a directory name", v.Mount, spec.ProgramHash)
-		}
-		img.Path = filepath.Join(p.opts.PersistentDir, spec.ProgramHash, persistentName(n, v.Mount)+".ext4")
-	default:
-		return Image{}, errkind.New(errkind.InvalidInput, "volume %s: persistent volume has no image path and no PersistentDir is configured", v.Mount)
+		img.Path = path
 	}
 	if !create {
 		return img, nil
 	}
-	if _, err := os.Stat(img.Path); err == nil {
-		return img, nil
+	if err := volimage.EnsurePersistent(ctx, p.opts.MkfsExt4Path, img.Path, v.Mount, v.SizeMiB, v.ReadOnly); err != nil {
+		return Image{}, err
 	}
-	if v.ReadOnly {
-		return Image{}, errkind.New(errkind.ResourceMissing, "volume %s: read-only persistent volume %s does not exist", v.Mount, img.Path)
-	}
-	size := v.SizeMiB
-	if size <= 0 {
-		return Image{}, errkind.New(errkind.InvalidInput, "volume %s: persistent volume needs a size", v.Mount)
-	}
-	if err := p.makeExt4(ctx, img.Path, size, true); err != nil {
+	lock, err := volimage.Acquire(ctx, img.Path)
+	if err != nil {
 		return Image{}, fmt.Errorf("volume %s: %w", v.Mount, err)
 	}
+	out.locks = append(out.locks, lock)
 	return img, nil
-}
-
-var nonName = regexp.MustCompile(`[^A-Za-z0-9_.-]+`)
-
-// persistentName derives a stable file name from the mount point, so that
-// the same program finds the same volume at every execution.
-func persistentName(n int, mount string) string {
-	name := strings.Trim(nonName.ReplaceAllString(strings.Trim(path.Clean(mount), "/"), "_"), "._-")
-	if mount == "" || name == "" {
-		return fmt.Sprintf("volume-%d", n)
-	}
-	return name
-}
-
-// makeExt4 makes a sparse ext4 image of sizeMiB at dst. Persistent images
-// are built beside dst and published with link(2), which fails when dst
-// appeared meanwhile: an existing volume is never formatted over.
-func (p *Preparer) makeExt4(ctx context.Context, dst string, sizeMiB int, keepExisting bool) error {
-	if err := os.MkdirAll(filepath.Dir(dst), 0o700); err != nil {
-		return err
-	}
-	tmp := dst + ".tmp"
-	if keepExisting {
-		f, err := os.CreateTemp(filepath.Dir(dst), "."+filepath.Base(dst)+"-*")
-		if err != nil {
-			return err
-		}
-		tmp = f.Name()
-		f.Close()
-	}
-	defer os.Remove(tmp)
-	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	err = f.Truncate(int64(sizeMiB) << 20)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("size image: %w", err)
-	}
-	cmd := exec.CommandContext(ctx, p.opts.MkfsExt4Path, "-q", "-F", tmp)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("mkfs.ext4: %w: %s", err, strings.TrimSpace(string(out)))
-	}
-	if keepExisting {
-		if err := os.Link(tmp, dst); err != nil {
-			if errors.Is(err, os.ErrExist) {
-				return nil
-			}
-			return fmt.Errorf("publish %s: %w", dst, err)
-		}
-		return nil
-	}
-	return os.Rename(tmp, dst)
 }

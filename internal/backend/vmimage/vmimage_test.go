@@ -12,6 +12,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
@@ -378,22 +379,19 @@ func TestPrepareVolumes(t *testing.T) {
 		t.Errorf("data = %+v", got.Data)
 	}
 
+	// While this execution holds them, no other can have its persistent
+	// volumes.
+	short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	_, err = p.Prepare(short, spec)
+	cancel()
+	if !errkind.Is(err, errkind.Conflict) {
+		t.Errorf("second Prepare while the first holds the volume: %v, want a conflict", err)
+	}
+
 	// The persistent image is created once: data written survives.
 	f, _ := os.OpenFile(pers.Path, os.O_WRONLY, 0)
 	f.WriteAt([]byte("MARK"), 4<<20-4)
 	f.Close()
-	again, err := p.Prepare(ctx, spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	buf := make([]byte, 4)
-	f, _ = os.Open(again.Volumes[3].Path)
-	f.ReadAt(buf, 4<<20-4)
-	f.Close()
-	if string(buf) != "MARK" {
-		t.Error("persistent volume was recreated")
-	}
-
 	if err := got.Cleanup(); err != nil {
 		t.Fatal(err)
 	}
@@ -404,6 +402,17 @@ func TestPrepareVolumes(t *testing.T) {
 		if _, err := os.Stat(keep); err != nil {
 			t.Errorf("Cleanup removed %s", keep)
 		}
+	}
+	again, err := p.Prepare(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4)
+	f, _ = os.Open(again.Volumes[3].Path)
+	f.ReadAt(buf, 4<<20-4)
+	f.Close()
+	if string(buf) != "MARK" {
+		t.Error("persistent volume was recreated")
 	}
 	if err := again.Cleanup(); err != nil {
 		t.Fatal(err)
@@ -438,23 +447,5 @@ func TestPrepareErrors(t *testing.T) {
 				t.Errorf("kind = %v, want %v (%v)", got, tc.kind, err)
 			}
 		})
-	}
-}
-
-func TestPersistentName(t *testing.T) {
-	for _, tc := range []struct {
-		n     int
-		mount string
-		want  string
-	}{
-		{0, "/var/lib/sqlite", "var_lib_sqlite"},
-		{1, "/data/", "data"},
-		{2, "", "volume-2"},
-		{3, "/a b/c", "a_b_c"},
-		{4, "/..", "volume-4"},
-	} {
-		if got := persistentName(tc.n, tc.mount); got != tc.want {
-			t.Errorf("persistentName(%d, %q) = %q, want %q", tc.n, tc.mount, got, tc.want)
-		}
 	}
 }

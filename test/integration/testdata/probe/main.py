@@ -319,3 +319,54 @@ async def cache_flood(n: int = 100, size: int = 1024 * 1024 - 1, concurrency: in
         counts[str(status)] = counts.get(str(status), 0) + 1
         samples.setdefault(str(status), body[:300])
     return {"counts": counts, "samples": samples}
+
+
+@app.get("/fill")
+async def fill(path: str, mib: int):
+    """Writes up to mib MiB of zeros to path and reports how much went in
+    and the error (errno name) that stopped it, if any."""
+    import errno
+
+    chunk = b"\0" * (1 << 20)
+    written, error = 0, None
+    fd = None
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        for _ in range(mib):
+            view = memoryview(chunk)
+            while view:
+                n = os.write(fd, view)
+                written += n
+                view = view[n:]
+        os.fsync(fd)
+    except OSError as e:
+        error = errno.errorcode.get(e.errno, str(e.errno))
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return {"written": written, "error": error}
+
+
+@app.get("/remove")
+async def remove(path: str):
+    try:
+        os.remove(path)
+        return {"ok": True}
+    except OSError as e:
+        return {"ok": False, "error": str(e)}
+
+
+@app.get("/plant")
+async def plant(dir: str):
+    """Leaves what a hostile program would for the host to trip on: a
+    set-user-id root executable, a symbolic link to a host secret and a
+    marker file."""
+    import shutil
+
+    shutil.copy("/bin/sh", f"{dir}/suid")
+    os.chmod(f"{dir}/suid", 0o4755)
+    if not os.path.lexists(f"{dir}/link"):
+        os.symlink("/etc/shadow", f"{dir}/link")
+    with open(f"{dir}/marker", "w") as f:
+        f.write("kept")
+    return {"suid_mode": oct(os.stat(f"{dir}/suid").st_mode), "link": os.readlink(f"{dir}/link")}

@@ -1,0 +1,220 @@
+// Package volimage keeps the ext4 images of volumes, the same for every
+// backend: VMs attach them as drives, gVisor loop-mounts them on the host.
+//
+// A persistent volume is one sparse ext4 file of the volume's size_mib,
+// laid out as aleph-vm lays them out:
+//
+//	<PERSISTENT_VOLUMES_DIR>/<program hash>/<volume name>.ext4
+//
+// so that the same volume keeps its data across executions, supervisor
+// restarts and a change of backend. The file system bounds what a program
+// can write (ENOSPC at size_mib); the host never reads what is inside.
+//
+// Earlier versions kept gVisor's persistent volumes as plain host
+// directories (<program hash>/<volume name>/). Those are refused with a
+// message telling how to convert them (mkfs.ext4 -d), never converted by
+// the supervisor: that would have host code walk a tree a program wrote.
+package volimage
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
+)
+
+// Suffix ends the file name of every persistent volume image.
+const Suffix = ".ext4"
+
+var (
+	hashPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$`)
+	// namePattern is what message validation lets through as a volume
+	// name (a single file name).
+	namePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+	nonName     = regexp.MustCompile(`[^A-Za-z0-9_.-]+`)
+)
+
+// PersistentPath is where persistent volume n of a program lives. name is
+// the volume's name from the message; without one (or with one unusable
+// as a file name) a name is derived from the mount point, so that the same
+// program still finds the same volume at every execution.
+func PersistentPath(dir, programHash string, n int, name, mount string) (string, error) {
+	if dir == "" {
+		return "", errkind.New(errkind.InvalidInput, "volume %s: no PERSISTENT_VOLUMES_DIR configured", mount)
+	}
+	if !hashPattern.MatchString(programHash) {
+		return "", errkind.New(errkind.InvalidInput, "volume %s: program hash %q is not usable as a directory name", mount, programHash)
+	}
+	if !namePattern.MatchString(name) {
+		name = nameFromMount(n, mount)
+	}
+	return filepath.Join(dir, programHash, name+Suffix), nil
+}
+
+func nameFromMount(n int, mount string) string {
+	name := strings.Trim(nonName.ReplaceAllString(strings.Trim(path.Clean(mount), "/"), "_"), "._-")
+	if mount == "" || name == "" {
+		return fmt.Sprintf("volume-%d", n)
+	}
+	return name
+}
+
+// EnsurePersistent makes sure the image of a persistent volume exists at
+// image: an existing regular file is used as it is; a missing one is
+// created with sizeMiB (refused for a read-only volume, which would stay
+// empty). A directory there, or beside it where earlier versions kept the
+// volume, is refused with a message explaining the migration.
+func EnsurePersistent(ctx context.Context, mkfs, image, mount string, sizeMiB int, readOnly bool) error {
+	fi, err := os.Lstat(image)
+	switch {
+	case err == nil && fi.Mode().IsRegular():
+		return nil
+	case err == nil && fi.IsDir():
+		return legacy(mount, image, image)
+	case err == nil:
+		return errkind.New(errkind.Unsupported, "volume %s: %s is not a regular file", mount, image)
+	case !errors.Is(err, fs.ErrNotExist):
+		return fmt.Errorf("volume %s: %w", mount, err)
+	}
+	if old := strings.TrimSuffix(image, Suffix); old != image {
+		if fi, err := os.Lstat(old); err == nil && fi.IsDir() {
+			return legacy(mount, old, image)
+		}
+	}
+	if readOnly {
+		return errkind.New(errkind.ResourceMissing, "volume %s: read-only persistent volume %s does not exist", mount, image)
+	}
+	if sizeMiB <= 0 {
+		return errkind.New(errkind.InvalidInput, "volume %s: persistent volume needs a size", mount)
+	}
+	if err := MakeExt4(ctx, mkfs, image, sizeMiB, true); err != nil {
+		return fmt.Errorf("volume %s: %w", mount, err)
+	}
+	return nil
+}
+
+func legacy(mount, dir, image string) error {
+	return errkind.New(errkind.Unsupported,
+		"volume %s: %s is a host directory (the layout of earlier versions); persistent volumes are now "+
+			"size-limited ext4 images. An operator can convert it, while the program is stopped, with "+
+			"`truncate -s <size_mib>M %s.new && mkfs.ext4 -q -d %s %s.new && mv %s.new %s`, "+
+			"then remove the directory", mount, dir, image, dir, image, image, image)
+}
+
+// MakeExt4 makes a sparse ext4 image of sizeMiB at dst. With keepExisting
+// (persistent volumes) the image is built beside dst and published with
+// link(2), which fails when dst appeared meanwhile: an existing volume is
+// never formatted over. Without it, dst is replaced.
+func MakeExt4(ctx context.Context, mkfs, dst string, sizeMiB int, keepExisting bool) error {
+	if mkfs == "" {
+		mkfs = "mkfs.ext4"
+	}
+	if err := os.MkdirAll(filepath.Dir(dst), 0o700); err != nil {
+		return err
+	}
+	f, err := os.CreateTemp(filepath.Dir(dst), "."+filepath.Base(dst)+"-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	defer os.Remove(tmp)
+	err = f.Chmod(0o600)
+	if err == nil {
+		err = f.Truncate(int64(sizeMiB) << 20)
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("size image: %w", err)
+	}
+	// Root may use the reserved blocks and every execution writes as
+	// root: reserving none keeps size_mib what the program gets.
+	cmd := exec.CommandContext(ctx, mkfs, "-q", "-F", "-m", "0", tmp)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("mkfs.ext4: %w: %s", err, strings.TrimSpace(string(out)))
+	}
+	if keepExisting {
+		if err := os.Link(tmp, dst); err != nil {
+			if errors.Is(err, os.ErrExist) {
+				return nil
+			}
+			return fmt.Errorf("publish %s: %w", dst, err)
+		}
+		return nil
+	}
+	return os.Rename(tmp, dst)
+}
+
+// Check runs a full e2fsck on an image before the host kernel mounts it,
+// repairing what it safely can. A VM had raw access to the image's blocks,
+// so its file system may be anything: a full check keeps the host's ext4
+// driver from meeting most crafted or torn metadata (it narrows, it does
+// not remove, that exposure). An image e2fsck cannot repair is refused.
+func Check(ctx context.Context, e2fsck, image string) error {
+	if e2fsck == "" {
+		e2fsck = "e2fsck"
+	}
+	out, err := exec.CommandContext(ctx, e2fsck, "-f", "-p", image).CombinedOutput()
+	var ee *exec.ExitError
+	// Exit status bits: 1 errors corrected, 2 "reboot" (only meaningful
+	// for a mounted root); 4 and above: left uncorrected or failed.
+	if errors.As(err, &ee) && ee.ExitCode() > 0 && ee.ExitCode() < 4 {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("e2fsck %s: %w: %s", filepath.Base(image), err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// Lock is one execution's exclusive hold on an image.
+type Lock struct{ f *os.File }
+
+// Acquire takes the image's exclusive lock (flock(2), released by the
+// kernel if the supervisor dies), waiting until ctx ends while another
+// execution holds it: an execution of the same program that is still
+// stopping lets go within its stop.
+func Acquire(ctx context.Context, image string) (*Lock, error) {
+	f, err := os.Open(image)
+	if err != nil {
+		return nil, fmt.Errorf("lock %s: %w", image, err)
+	}
+	for {
+		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			return &Lock{f: f}, nil
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w", image, err)
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, errkind.Wrap(errkind.Conflict, fmt.Errorf("volume %s is in use by another execution: %w", image, ctx.Err()))
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// Release lets the image go. Safe on a nil Lock and more than once.
+func (l *Lock) Release() error {
+	if l == nil || l.f == nil {
+		return nil
+	}
+	err := l.f.Close()
+	l.f = nil
+	return err
+}
