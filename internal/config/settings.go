@@ -80,6 +80,20 @@ type Settings struct {
 	MaxRuntimeSize        int64
 	MaxRequestBodySize    int64
 
+	// HTTP service limits against hostile clients (HTTP_*); a timeout of
+	// zero disables its bound.
+	HTTPReadHeaderTimeout time.Duration // accept (or end of the previous request) to end of headers
+	HTTPIdleTimeout       time.Duration // keep-alive connection with no request in flight
+	HTTPBodyTimeout       time.Duration // grace for a request body before HTTP_BODY_MIN_RATE applies
+	HTTPBodyMinRate       int64         // bytes/s a request body must average beyond the grace
+	HTTPWriteTimeout      time.Duration // one write of a response to a client that does not read
+	HTTPMaxHeaderBytes    int           // request line and headers
+	HTTPMaxConnections    int           // open client connections, all clients together
+	// HTTPMaxConnectionsPerClient: open connections from one IP address
+	// outside HTTPUnlimitedClients (a local reverse proxy); 0 = no limit.
+	HTTPMaxConnectionsPerClient int
+	HTTPUnlimitedClients        []netip.Prefix
+
 	AllowVMNetworking       bool
 	NetworkInterface        string
 	DNSResolution           string
@@ -151,6 +165,19 @@ func Default() *Settings {
 		IPv4AddressPool:         netip.MustParsePrefix("172.16.0.0/12"),
 		IPv4NetworkPrefixLength: 24,
 		AllocationTokenHash:     "151ba92f2eb90bce67e912af2f7a5c17d8654b3d29895b042107ea312a7eebda",
+
+		// Ours: nginx's and Apache's defaults where they have one.
+		HTTPReadHeaderTimeout: 10 * time.Second,
+		HTTPIdleTimeout:       75 * time.Second,
+		HTTPBodyTimeout:       20 * time.Second,
+		HTTPBodyMinRate:       500,
+		HTTPWriteTimeout:      60 * time.Second,
+		HTTPMaxHeaderBytes:    64 << 10,
+		HTTPMaxConnections:    4096,
+		// The default SUPERVISOR_HOST is loopback, behind a reverse proxy
+		// that carries every client: limit clients there, not here.
+		HTTPMaxConnectionsPerClient: 256,
+		HTTPUnlimitedClients:        []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")},
 	}
 	s.deriveFromExecutionRoot(nil)
 	return s

@@ -15,6 +15,8 @@ func statusFor(err error) int {
 	switch {
 	case errors.As(err, &maxBytes):
 		return http.StatusRequestEntityTooLarge
+	case errors.Is(err, errBodyTooSlow):
+		return http.StatusRequestTimeout
 	case errors.Is(err, context.DeadlineExceeded) && errkind.Of(err) == errkind.Unknown:
 		return http.StatusGatewayTimeout
 	}

@@ -53,8 +53,12 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, hash, path stri
 			pr.Out.URL.RawQuery = r.URL.RawQuery
 			pr.Out.Host = r.Host
 			pr.SetXForwarded()
+			// Programs share the operator pages' origin: nothing of the
+			// operator's credentials may reach them.
+			scrubForProgram(pr.Out.Header, s.opts.LoginToken)
 		},
 		ModifyResponse: func(resp *http.Response) error {
+			dropOperatorSetCookie(resp.Header)
 			resp.Header.Set("Aleph-Program-ItemHash", hash)
 			resp.Header.Set("Aleph-Program-Code-Ref", codeRef)
 			return nil
@@ -70,7 +74,12 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, hash, path stri
 // "body too large" (413).
 func (s *Server) classifyProxyError(ctx context.Context, exec *pool.Execution, timeout time.Duration, err error) error {
 	var maxBytes *http.MaxBytesError
+	var tooSlow *BodyTooSlowError
 	switch {
+	case errors.As(err, &tooSlow):
+		return err
+	case bodyTooSlow(ctx) != nil:
+		return bodyTooSlow(ctx)
 	case errors.As(err, &maxBytes):
 		return errkind.New(errkind.TooLarge, "request body exceeds the limit of %d bytes", maxBytes.Limit)
 	case errors.Is(ctx.Err(), context.DeadlineExceeded):
