@@ -298,7 +298,8 @@ func (b *rateBody) Read(p []byte) (int, error) {
 	case errors.Is(err, io.EOF):
 		b.done.Store(true)
 		// The connection now waits for the next request or the client's
-		// hang-up; a deadline left here would cancel long responses.
+		// hang-up; a deadline left here would cancel long responses
+		// (net/http clears it too, as it starts watching for a hang-up).
 		_ = b.rc.SetReadDeadline(time.Time{})
 	case err != nil && isTimeout(err):
 		return n, b.fail()
