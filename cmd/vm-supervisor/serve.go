@@ -235,7 +235,7 @@ func raiseFileLimit(connections uint64, log *slog.Logger) {
 		return
 	}
 	if lim.Cur >= need {
-		log.Debug("file descriptor limit", "soft", lim.Cur, "hard", lim.Max, "needed", need)
+		log.Info("file descriptor limit", "soft", lim.Cur, "hard", lim.Max, "needed", need)
 		return
 	}
 	want := lim

@@ -199,12 +199,17 @@ func (s *Server) guard(h http.Handler) http.Handler {
 		}
 		if l.BodyTimeout > 0 && r.Body != nil && r.Body != http.NoBody && r.ContentLength != 0 && !isUpgrade(r) {
 			rb := &rateBody{ReadCloser: r.Body, rc: rc, grace: l.BodyTimeout, rate: max(l.BodyMinRate, 1)}
-			r.Body = rb
+			// On a copy: net/http looks at its own request's body after the
+			// handler (what is left unread, whether it was closed) to decide
+			// whether to keep the connection.
 			r = r.WithContext(context.WithValue(r.Context(), rateBodyKey{}, rb))
+			r.Body = rb
+			// net/http reads what is left of an unread body (up to 256 KiB)
+			// before answering, to reuse the connection: bound that too, for
+			// handlers that answer without reading, now and after h.
+			_ = rc.SetReadDeadline(time.Now().Add(l.BodyTimeout))
 			defer func() {
 				if !rb.done.Load() {
-					// net/http reads what is left of an unread body (up to
-					// 256 KiB) to reuse the connection: bound that too.
 					_ = rc.SetReadDeadline(time.Now().Add(l.BodyTimeout))
 				}
 			}()

@@ -301,3 +301,22 @@ func TestConnectionCapAndHeaderSize(t *testing.T) {
 		t.Errorf("oversized header: %d, want 431", resp.StatusCode)
 	}
 }
+
+// TestOversizedBodyRefusedWithoutWaitingForIt: a body declared too large
+// is refused at once, even if the client never sends it.
+func TestOversizedBodyRefusedWithoutWaitingForIt(t *testing.T) {
+	api, hash := newTestServer(t)
+	api.opts.MaxRequestBodySize = 10
+	addr := startLimited(t, Limits{BodyTimeout: 5 * time.Second, BodyMinRate: 1}, api)
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	start := time.Now()
+	fmt.Fprintf(c, "POST /vm/%s/ HTTP/1.1\r\nHost: node.example\r\nContent-Length: 300000\r\n\r\n", hash)
+	closed, got := closedWithin(c, 3*time.Second)
+	if !closed || !strings.HasPrefix(got, "HTTP/1.1 413") || time.Since(start) > time.Second {
+		t.Errorf("closed %v after %s: %q", closed, time.Since(start), got)
+	}
+}
