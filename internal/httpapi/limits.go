@@ -209,7 +209,11 @@ func (s *Server) guard(h http.Handler) http.Handler {
 			// handlers that answer without reading, now and after h.
 			_ = rc.SetReadDeadline(time.Now().Add(l.BodyTimeout))
 			defer func() {
-				if !rb.done.Load() {
+				switch {
+				case rb.tooSlow.Load() != nil:
+					// No point reading more of it: answer and close now.
+					_ = rc.SetReadDeadline(time.Unix(1, 0))
+				case !rb.done.Load():
 					_ = rc.SetReadDeadline(time.Now().Add(l.BodyTimeout))
 				}
 			}()

@@ -105,7 +105,7 @@ func TestBodyMinimumRate(t *testing.T) {
 			t.Fatalf("closed %v, got %q", closed, got)
 		}
 		// 500 ms of grace, plus 1 s per 1000 bytes received (a few bytes).
-		if d := time.Since(start); d > 2*time.Second {
+		if d := time.Since(start); d > 1200*time.Millisecond {
 			t.Errorf("cut after %s", d)
 		}
 	})
