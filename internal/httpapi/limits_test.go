@@ -7,7 +7,10 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
 	"net/netip"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -318,5 +321,55 @@ func TestOversizedBodyRefusedWithoutWaitingForIt(t *testing.T) {
 	closed, got := closedWithin(c, 3*time.Second)
 	if !closed || !strings.HasPrefix(got, "HTTP/1.1 413") || time.Since(start) > time.Second {
 		t.Errorf("closed %v after %s: %q", closed, time.Since(start), got)
+	}
+}
+
+// TestUpgradedConnectionsOutliveTheTimeouts: a websocket-style upgrade
+// through a reverse proxy, as forward does, behind the guard, lives
+// longer than every per-request bound.
+func TestUpgradedConnectionsOutliveTheTimeouts(t *testing.T) {
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer c.Close()
+		fmt.Fprintf(brw, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
+		brw.Flush()
+		for {
+			line, err := brw.ReadString('\n')
+			if err != nil {
+				return
+			}
+			brw.WriteString("echo " + line)
+			brw.Flush()
+		}
+	}))
+	defer backend.Close()
+	target, _ := url.Parse(backend.URL)
+	l := Limits{WriteTimeout: 200 * time.Millisecond, BodyTimeout: 200 * time.Millisecond, BodyMinRate: 1 << 20,
+		ReadHeaderTimeout: 200 * time.Millisecond, IdleTimeout: 200 * time.Millisecond}
+	addr := startLimited(t, l, httputil.NewSingleHostReverseProxy(target))
+
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade: %v %v", resp, err)
+	}
+	for i := range 4 {
+		time.Sleep(300 * time.Millisecond)
+		fmt.Fprintf(c, "ping %d\n", i)
+		_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		line, err := br.ReadString('\n')
+		if err != nil || line != fmt.Sprintf("echo ping %d\n", i) {
+			t.Fatalf("after %d pings: %q %v", i, line, err)
+		}
 	}
 }
