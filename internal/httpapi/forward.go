@@ -71,15 +71,15 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, hash, path stri
 }
 
 // classifyProxyError tells "too slow" (504) from "crashed" (502) from
-// "body too large" (413).
+// "body too large" (413) from "client too slow" (408).
 func (s *Server) classifyProxyError(ctx context.Context, exec *pool.Execution, timeout time.Duration, err error) error {
+	// A body cut for arriving too slowly cancels the request: the proxy
+	// may see that cancellation rather than the body's error.
+	if slow := bodyTooSlow(ctx); slow != nil {
+		return slow
+	}
 	var maxBytes *http.MaxBytesError
-	var tooSlow *BodyTooSlowError
 	switch {
-	case errors.As(err, &tooSlow):
-		return err
-	case bodyTooSlow(ctx) != nil:
-		return bodyTooSlow(ctx)
 	case errors.As(err, &maxBytes):
 		return errkind.New(errkind.TooLarge, "request body exceeds the limit of %d bytes", maxBytes.Limit)
 	case errors.Is(ctx.Err(), context.DeadlineExceeded):
