@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/pprof"
+	"syscall"
 	"time"
 
 	"github.com/shirou/gopsutil/v4/mem"
@@ -146,7 +147,10 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 	if err != nil {
 		return err
 	}
-	log.Debug("operator login", "url", "/about/login?token="+token)
+	// Never the token itself, at any level: logs travel further than
+	// EXECUTION_ROOT.
+	log.Info("operator login: open /about/login?token=<the token in this file>",
+		"token_file", filepath.Join(s.ExecutionRoot, "login_token"))
 
 	// One instance: it uploads the bundled example once and remembers it.
 	selfTest := selfTestProgram(s, st)
@@ -161,7 +165,18 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 		MaxRequestBodySize: s.MaxRequestBodySize,
 		SelfTestProgram:    selfTest,
 		DiskPath:           s.ExecutionRoot,
-		Logger:             log,
+		Limits: httpapi.Limits{
+			ReadHeaderTimeout:       s.HTTPReadHeaderTimeout,
+			IdleTimeout:             s.HTTPIdleTimeout,
+			BodyTimeout:             s.HTTPBodyTimeout,
+			BodyMinRate:             s.HTTPBodyMinRate,
+			WriteTimeout:            s.HTTPWriteTimeout,
+			MaxHeaderBytes:          s.HTTPMaxHeaderBytes,
+			MaxConnections:          s.HTTPMaxConnections,
+			MaxConnectionsPerClient: s.HTTPMaxConnectionsPerClient,
+			UnlimitedClients:        s.HTTPUnlimitedClients,
+		},
+		Logger: log,
 	})
 
 	if opts.Benchmark > 0 {
@@ -175,14 +190,11 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 		shutdownPool(p, log)
 		return fmt.Errorf("listening on %s: %w", s.Addr(), err)
 	}
-	srv := &http.Server{
-		Handler:           api,
-		ReadHeaderTimeout: 30 * time.Second,
-		BaseContext:       func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
-	}
+	raiseFileLimit(uint64(s.HTTPMaxConnections), log)
+	srv := api.NewHTTPServer(context.WithoutCancel(ctx))
 	fmt.Fprintf(stdout, "vm-supervisor %s listening on http://%s/ (backend: %s)\n", version, ln.Addr(), p.BackendName())
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
+	go func() { errc <- srv.Serve(api.Listener(ln)) }()
 
 	select {
 	case err = <-errc:
@@ -232,6 +244,41 @@ func writeLoginToken(root string) (string, error) {
 		return "", fmt.Errorf("writing login token: %w", err)
 	}
 	return token, nil
+}
+
+// fdReserve is what the supervisor needs besides client connections:
+// sandboxes' pipes and sockets, stores, the records database.
+const fdReserve = 1024
+
+// raiseFileLimit makes room in RLIMIT_NOFILE for connections client
+// connections plus fdReserve, so that the connection cap, not the
+// kernel, is what refuses clients. Go already lifts the soft limit to the
+// hard one at start-up; root may lift the hard one too.
+func raiseFileLimit(connections uint64, log *slog.Logger) {
+	need := connections + fdReserve
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		log.Warn("reading the file descriptor limit", "err", err)
+		return
+	}
+	if lim.Cur >= need {
+		log.Info("file descriptor limit", "soft", lim.Cur, "hard", lim.Max, "needed", need)
+		return
+	}
+	want := lim
+	want.Cur = need
+	want.Max = max(lim.Max, need)
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &want); err != nil {
+		// Without privilege, at least up to the hard limit.
+		want = syscall.Rlimit{Cur: min(need, lim.Max), Max: lim.Max}
+		if err2 := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &want); err2 != nil {
+			want = lim
+		}
+		log.Warn("file descriptor limit is below what HTTP_MAX_CONNECTIONS needs",
+			"soft", want.Cur, "hard", want.Max, "needed", need, "err", err)
+		return
+	}
+	log.Info("raised the file descriptor limit", "from", lim.Cur, "to", want.Cur, "hard", want.Max, "needed", need)
 }
 
 func startProfile(dir string) (func(), error) {

@@ -87,6 +87,19 @@ type Settings struct {
 	MaxProgramSeconds     int     // MAX_PROGRAM_SECONDS: cap on resources.seconds
 	ProgramLogBytesPerSec int     // PROGRAM_LOG_RATE: bytes/s of program output logged
 	ProgramLogMaxBytes    int64   // PROGRAM_LOG_MAX_BYTES: per execution
+	// HTTP service limits against hostile clients (HTTP_*); a timeout of
+	// zero disables its bound.
+	HTTPReadHeaderTimeout time.Duration // accept (or end of the previous request) to end of headers
+	HTTPIdleTimeout       time.Duration // keep-alive connection with no request in flight
+	HTTPBodyTimeout       time.Duration // grace for a request body before HTTP_BODY_MIN_RATE applies
+	HTTPBodyMinRate       int64         // bytes/s a request body must average beyond the grace
+	HTTPWriteTimeout      time.Duration // one write of a response to a client that does not read
+	HTTPMaxHeaderBytes    int           // request line and headers
+	HTTPMaxConnections    int           // open client connections, all clients together
+	// HTTPMaxConnectionsPerClient: open connections from one IP address
+	// outside HTTPUnlimitedClients (a local reverse proxy); 0 = no limit.
+	HTTPMaxConnectionsPerClient int
+	HTTPUnlimitedClients        []netip.Prefix
 
 	AllowVMNetworking       bool
 	NetworkInterface        string
@@ -176,6 +189,19 @@ func Default() *Settings {
 		GuestCacheMaxKeys:       1000,
 		GuestCacheMaxBytes:      64 << 20,
 		GuestCacheMaxTotalBytes: 1 << 30,
+
+		// Ours: nginx's and Apache's defaults where they have one.
+		HTTPReadHeaderTimeout: 10 * time.Second,
+		HTTPIdleTimeout:       75 * time.Second,
+		HTTPBodyTimeout:       20 * time.Second,
+		HTTPBodyMinRate:       500,
+		HTTPWriteTimeout:      60 * time.Second,
+		HTTPMaxHeaderBytes:    64 << 10,
+		HTTPMaxConnections:    4096,
+		// The default SUPERVISOR_HOST is loopback, behind a reverse proxy
+		// that carries every client: limit clients there, not here.
+		HTTPMaxConnectionsPerClient: 256,
+		HTTPUnlimitedClients:        []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")},
 	}
 	s.deriveFromExecutionRoot(nil)
 	return s

@@ -202,6 +202,49 @@ var table = []descriptor{
 		func(s *Settings) *int64 { return &s.GuestCacheMaxBytes }),
 	integer("GUEST_CACHE_MAX_TOTAL_BYTES", "bytes of values all programs may keep in the embedded guest cache (not Redis)", 1, math.MaxInt64,
 		func(s *Settings) *int64 { return &s.GuestCacheMaxTotalBytes }),
+	seconds("HTTP_READ_HEADER_TIMEOUT", "seconds a client has to send a request's headers (slowloris); 0 = no limit", true,
+		func(s *Settings) *time.Duration { return &s.HTTPReadHeaderTimeout }),
+	seconds("HTTP_IDLE_TIMEOUT", "seconds an idle keep-alive connection stays open; 0 = no limit", true,
+		func(s *Settings) *time.Duration { return &s.HTTPIdleTimeout }),
+	seconds("HTTP_BODY_TIMEOUT", "seconds a request body may take before HTTP_BODY_MIN_RATE applies; 0 = no limit", true,
+		func(s *Settings) *time.Duration { return &s.HTTPBodyTimeout }),
+	integer("HTTP_BODY_MIN_RATE", "bytes per second a request body must average beyond HTTP_BODY_TIMEOUT", 1, math.MaxInt64,
+		func(s *Settings) *int64 { return &s.HTTPBodyMinRate }),
+	seconds("HTTP_WRITE_TIMEOUT", "seconds one write of a response may wait for a client that does not read; 0 = no limit", true,
+		func(s *Settings) *time.Duration { return &s.HTTPWriteTimeout }),
+	smallInt("HTTP_MAX_HEADER_BYTES", "largest request line and headers, in bytes (431 beyond)", 1024, 16<<20,
+		func(s *Settings) *int { return &s.HTTPMaxHeaderBytes }),
+	smallInt("HTTP_MAX_CONNECTIONS", "open client connections, all clients together; more wait to be accepted", 1, 1<<20,
+		func(s *Settings) *int { return &s.HTTPMaxConnections }),
+	smallInt("HTTP_MAX_CONNECTIONS_PER_CLIENT", "open connections from one IP address, more are closed at once; 0 = no limit", 0, 1<<20,
+		func(s *Settings) *int { return &s.HTTPMaxConnectionsPerClient }),
+	optional(descriptor{
+		name: "HTTP_UNLIMITED_CLIENTS",
+		help: "addresses exempt from HTTP_MAX_CONNECTIONS_PER_CLIENT (comma-separated CIDRs), such as a local reverse proxy",
+		set: func(s *Settings, v string) error {
+			out := []netip.Prefix{}
+			for _, it := range strings.FieldsFunc(v, func(r rune) bool { return r == ',' || r == ' ' }) {
+				p, err := netip.ParsePrefix(it)
+				if err != nil {
+					a, aerr := netip.ParseAddr(it)
+					if aerr != nil {
+						return fmt.Errorf("%q is not an IP address or CIDR such as 127.0.0.0/8", it)
+					}
+					p = netip.PrefixFrom(a, a.BitLen())
+				}
+				out = append(out, p.Masked())
+			}
+			s.HTTPUnlimitedClients = out
+			return nil
+		},
+		get: func(s *Settings) any {
+			out := make([]string, len(s.HTTPUnlimitedClients))
+			for i, p := range s.HTTPUnlimitedClients {
+				out[i] = p.String()
+			}
+			return out
+		},
+	}),
 
 	boolean("ALLOW_VM_NETWORKING", "give sandboxes network access", func(s *Settings) *bool { return &s.AllowVMNetworking }),
 	optional(str("NETWORK_INTERFACE", "host interface that carries programs' outbound traffic; empty = the default route's",

@@ -2,13 +2,20 @@ package httpapi
 
 import (
 	"encoding/json"
+	"errors"
 	"net/http"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 )
 
-// statusFor maps error kinds to status codes (errkind.HTTPStatus).
-func statusFor(err error) int { return errkind.HTTPStatus(err) }
+// statusFor maps errors to status codes: errkind.HTTPStatus, plus the
+// slow-body refusal that only this server makes.
+func statusFor(err error) int {
+	if errors.Is(err, errBodyTooSlow) {
+		return http.StatusRequestTimeout
+	}
+	return errkind.HTTPStatus(err)
+}
 
 // writeError answers with a JSON {"error": ...} body. Internal errors are
 // logged in full but shown to the client without detail.

@@ -53,8 +53,12 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, hash, path stri
 			pr.Out.URL.RawQuery = r.URL.RawQuery
 			pr.Out.Host = r.Host
 			pr.SetXForwarded()
+			// Programs share the operator pages' origin: nothing of the
+			// operator's credentials may reach them.
+			scrubForProgram(pr.Out.Header, s.opts.LoginToken)
 		},
 		ModifyResponse: func(resp *http.Response) error {
+			dropOperatorSetCookie(resp.Header)
 			resp.Header.Set("Aleph-Program-ItemHash", hash)
 			resp.Header.Set("Aleph-Program-Code-Ref", codeRef)
 			return nil
@@ -67,8 +71,13 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, hash, path stri
 }
 
 // classifyProxyError tells "too slow" (504) from "crashed" (502) from
-// "body too large" (413).
+// "body too large" (413) from "client too slow" (408).
 func (s *Server) classifyProxyError(ctx context.Context, exec *pool.Execution, timeout time.Duration, err error) error {
+	// A body cut for arriving too slowly cancels the request: the proxy
+	// may see that cancellation rather than the body's error.
+	if slow := bodyTooSlow(ctx); slow != nil {
+		return slow
+	}
 	var maxBytes *http.MaxBytesError
 	switch {
 	case errors.As(err, &maxBytes):

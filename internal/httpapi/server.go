@@ -37,7 +37,7 @@ type Options struct {
 	Records    RecordLister
 	// Config returns the redacted settings for /about/config.
 	Config func() any
-	// LoginToken grants the operator cookie at /about/login?token=.
+	// LoginToken opens an operator session at /about/login?token=.
 	LoginToken string
 	// Resolver for `_aleph-id.<host>` TXT lookups; nil disables them.
 	Resolver TXTResolver
@@ -48,17 +48,18 @@ type Options struct {
 	SelfTestProgram func(ctx context.Context) (string, error)
 	// DiskPath is the filesystem reported by /about/usage/system.
 	DiskPath string
-	Logger   *slog.Logger
+	// Limits bound what clients can hold (NewHTTPServer, Listener).
+	Limits Limits
+	Logger *slog.Logger
 }
 
 // Server implements http.Handler.
 type Server struct {
-	opts Options
-	log  *slog.Logger
-	mux  *http.ServeMux
+	opts     Options
+	log      *slog.Logger
+	mux      *http.ServeMux
+	sessions *sessions
 }
-
-const authCookie = "aleph-vm-operator"
 
 // New builds the route table.
 func New(opts Options) *Server {
@@ -68,10 +69,11 @@ func New(opts Options) *Server {
 	if opts.MaxRequestBodySize <= 0 {
 		opts.MaxRequestBodySize = 10 << 20
 	}
-	s := &Server{opts: opts, log: opts.Logger, mux: http.NewServeMux()}
+	s := &Server{opts: opts, log: opts.Logger, mux: http.NewServeMux(), sessions: newSessions()}
 	s.mux.HandleFunc("/vm/{ref}", s.handleVM)
 	s.mux.HandleFunc("/vm/{ref}/{rest...}", s.handleVM)
 	s.mux.HandleFunc("GET /about/login", s.handleLogin)
+	s.mux.HandleFunc("/about/logout", s.handleLogout)
 	s.mux.Handle("GET /about/config", s.operatorOnly(s.handleConfig))
 	s.mux.Handle("GET /about/executions", s.operatorOnly(s.handleExecutions))
 	s.mux.HandleFunc("GET /about/executions/records", s.handleRecords)
@@ -160,8 +162,7 @@ func hostOnly(hostport string) string {
 func (s *Server) operatorOnly(h http.HandlerFunc) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		c, err := r.Cookie(authCookie)
-		if err != nil || s.opts.LoginToken == "" ||
-			subtle.ConstantTimeCompare([]byte(c.Value), []byte(s.opts.LoginToken)) != 1 {
+		if err != nil || !s.sessions.valid(c.Value) {
 			s.writeError(w, r, errkind.New(errkind.Unauthorized,
 				"authentication required: open /about/login?token=<token from EXECUTION_ROOT/login_token>"))
 			return
@@ -170,17 +171,28 @@ func (s *Server) operatorOnly(h http.HandlerFunc) http.Handler {
 	})
 }
 
+// handleLogin trades the login token for a session cookie. The token
+// itself never leaves the request: neither the cookie nor any log holds it.
 func (s *Server) handleLogin(w http.ResponseWriter, r *http.Request) {
+	// The token is in this URL: keep it out of Referer headers and caches.
+	w.Header().Set("Referrer-Policy", "no-referrer")
+	w.Header().Set("Cache-Control", "no-store")
 	token := r.URL.Query().Get("token")
 	if s.opts.LoginToken == "" || subtle.ConstantTimeCompare([]byte(token), []byte(s.opts.LoginToken)) != 1 {
 		s.writeError(w, r, errkind.New(errkind.Unauthorized, "invalid token"))
 		return
 	}
-	http.SetCookie(w, &http.Cookie{
-		Name: authCookie, Value: s.opts.LoginToken, Path: "/",
-		HttpOnly: true, SameSite: http.SameSiteStrictMode, Secure: r.TLS != nil,
-	})
+	http.SetCookie(w, sessionCookie(r, s.sessions.create()))
 	writeJSON(w, http.StatusOK, map[string]string{"status": "logged in"})
+}
+
+// handleLogout ends the session of the cookie, if any, and clears it.
+func (s *Server) handleLogout(w http.ResponseWriter, r *http.Request) {
+	if c, err := r.Cookie(authCookie); err == nil {
+		s.sessions.remove(c.Value)
+	}
+	http.SetCookie(w, sessionCookie(r, ""))
+	writeJSON(w, http.StatusOK, map[string]string{"status": "logged out"})
 }
 
 func (s *Server) handleConfig(w http.ResponseWriter, r *http.Request) {
