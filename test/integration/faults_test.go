@@ -205,6 +205,7 @@ func TestFailingRuntimeBacksOffAndNamesTheCause(t *testing.T) {
 // With the Aleph API unreachable, programs in the local store still run,
 // and an unknown hash gets a clear error naming the API, promptly.
 func TestAPIServerDown(t *testing.T) {
+	backendIndependent(t)
 	s := startSupervisor(t, "ALEPH_VM_PREWARM=false")
 	local := s.upload("testdata/probe", "main:app")
 	s.api.srv.Close()
@@ -277,6 +278,7 @@ func TestFullDisk(t *testing.T) {
 // Load: 500 requests over 20 programs at concurrency 50 are all answered,
 // with the supervisor's memory and descriptors bounded.
 func TestLoadManyProgramsBounded(t *testing.T) {
+	backendIndependent(t)
 	// 20 programs of 1 vCPU on 2 cores: an operator running this many
 	// mostly idle programs raises the overcommit factor (default 4).
 	s := startSupervisor(t, "ALEPH_VM_INIT_TIMEOUT=300", "ALEPH_VM_VCPU_OVERCOMMIT_FACTOR=16")
@@ -361,6 +363,7 @@ func fdCount(pid int) int64 {
 // Admission: over capacity a request gets 503 with a clear JSON error;
 // idle executions are evicted (least recently used first) to make room.
 func TestAdmissionEvictsIdleAndRefusesWhenBusy(t *testing.T) {
+	backendIndependent(t)
 	s := startSupervisor(t, "ALEPH_VM_MAX_EXECUTIONS=2", "ALEPH_VM_PREWARM=false")
 	a := s.upload("testdata/probe", "main:app", "--env", "ROLE=a")
 	b := s.upload("testdata/probe", "main:app", "--env", "ROLE=b")

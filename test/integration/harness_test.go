@@ -99,6 +99,17 @@ func requirePrerequisites(t *testing.T) {
 	t.Skipf("prerequisite missing: %v", prereqErr)
 }
 
+// backendIndependent skips a test when the suite runs under a VM backend:
+// what it attacks (the HTTP front, the guest cache, admission, the pool)
+// is the same code whatever the backend, and under TCG emulation each of
+// its many cold starts takes 10–35 s. The gVisor pass of `make test` runs it.
+func backendIndependent(t *testing.T) {
+	t.Helper()
+	if hypervisor != "gvisor" {
+		t.Skipf("backend-independent: covered by the gVisor pass (this pass: %s)", hypervisor)
+	}
+}
+
 // supervisor is one running vm-supervisor process with private state.
 type supervisor struct {
 	t        *testing.T

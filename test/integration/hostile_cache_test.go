@@ -91,6 +91,7 @@ const mib = 1 << 20
 // cap with 503, the supervisor's memory stays bounded, and a neighbour
 // still answers.
 func TestHostileCacheFlood(t *testing.T) {
+	backendIndependent(t)
 	const perProgram, total = 64 * mib, 100 * mib
 	s := startSupervisor(t,
 		fmt.Sprintf("ALEPH_VM_GUEST_CACHE_MAX_BYTES=%d", perProgram),
@@ -197,6 +198,7 @@ func startRedisServer(t *testing.T) string {
 // A value a program cached is still there after the supervisor restarts,
 // after a clean stop and after kill -9: in the embedded store and in Redis.
 func TestCacheSurvivesRestart(t *testing.T) {
+	backendIndependent(t)
 	for _, store := range []string{"embedded", "redis"} {
 		t.Run(store, func(t *testing.T) {
 			var env []string

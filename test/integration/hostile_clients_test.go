@@ -35,6 +35,7 @@ const (
 // request smuggling, oversized headers and bodies, and attempts to
 // obtain the operator's credentials through a program.
 func TestHostileClients(t *testing.T) {
+	backendIndependent(t)
 	s := startSupervisor(t,
 		fmt.Sprintf("ALEPH_VM_HTTP_READ_HEADER_TIMEOUT=%g", hostileHeaderTimeout.Seconds()),
 		fmt.Sprintf("ALEPH_VM_HTTP_IDLE_TIMEOUT=%g", hostileIdleTimeout.Seconds()),

@@ -15,6 +15,9 @@ import (
 // neighbour program keeps answering throughout. (Cache floods and disk
 // fills have tests of their own, beside the guest API and volumes.)
 func TestHostileProgramsAreContained(t *testing.T) {
+	if hypervisor != "gvisor" {
+		t.Skip("VM limits (memory, crash, timeout) are TestLimits'; these attacks target gVisor's sandbox")
+	}
 	const logBudget = 1 << 20
 	s := startSupervisor(t, fmt.Sprintf("ALEPH_VM_PROGRAM_LOG_MAX_BYTES=%d", logBudget))
 	hostile := s.upload("testdata/probe", "main:app", "--timeout-seconds", "120", "--env", "ROLE=hostile")
