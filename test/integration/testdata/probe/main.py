@@ -292,6 +292,8 @@ async def write_file(path: str, content: str):
     try:
         with open(path, "w") as f:
             f.write(content)
+            f.flush()
+            os.fsync(f.fileno())  # durable as a careful program makes it: a VM may be killed
         return {"ok": True}
     except OSError as e:
         return {"ok": False, "error": str(e)}
@@ -369,4 +371,5 @@ async def plant(dir: str):
         os.symlink("/etc/shadow", f"{dir}/link")
     with open(f"{dir}/marker", "w") as f:
         f.write("kept")
+    os.sync()  # durable before the test kills the VM
     return {"suid_mode": oct(os.stat(f"{dir}/suid").st_mode), "link": os.readlink(f"{dir}/link")}
