@@ -91,8 +91,11 @@ func newGVisor(s *config.Settings, log *slog.Logger) (backend.Backend, error) {
 		AgentPath: s.AgentPath,
 		CacheRoot: s.CacheRoot,
 		RootDir:   filepath.Join(s.ExecutionRoot, "runsc"),
-		Logger:    log,
-		Debug:     s.PrintSystemLogs,
+		// The program archive is at most MAX_PROGRAM_ARCHIVE_SIZE; what it
+		// unpacks to is bounded by codeprep's limits.
+		CodeCacheMaxBytes: s.CodeCacheMaxMiB << 20,
+		Logger:            log,
+		Debug:             s.PrintSystemLogs,
 	})
 	if err != nil {
 		return nil, err // not b: a nil *Backend in an interface is not nil

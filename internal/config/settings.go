@@ -79,6 +79,7 @@ type Settings struct {
 	MaxDataArchiveSize    int64
 	MaxRuntimeSize        int64
 	MaxRequestBodySize    int64
+	CodeCacheMaxMiB       int64 // CODE_CACHE_MAX_MIB: extracted code kept on disk
 
 	AllowVMNetworking       bool
 	NetworkInterface        string
@@ -145,6 +146,7 @@ func Default() *Settings {
 		MaxDataArchiveSize:      10_000_000,
 		MaxRuntimeSize:          2 << 30,
 		MaxRequestBodySize:      10 << 20,
+		CodeCacheMaxMiB:         4096,
 		AllowVMNetworking:       true,
 		NetworkInterface:        "",
 		DNSResolution:           DNSDetect,

@@ -58,7 +58,8 @@ func spareFits(prog *sources.Program, sp *spare) bool {
 }
 
 // takeSpare hands out the spare of the program's shape if the program fits
-// it, and starts making the next one.
+// it. The caller then either uses it and calls refillSpare, or gives it
+// back with returnSpare.
 func (p *Pool) takeSpare(prog *sources.Program) *spare {
 	shape := shapeOf(prog)
 	p.mu.Lock()
@@ -81,8 +82,26 @@ func (p *Pool) takeSpare(prog *sources.Program) *spare {
 		return nil
 	default:
 	}
-	p.refillSpare(shape)
 	return sp
+}
+
+// returnSpare puts back a spare that was taken but not changed (its
+// program's code was refused), unless another took its place meanwhile.
+func (p *Pool) returnSpare(sp *spare) {
+	sp.output.setLogger(p.log.With("execution", sp.id, "spare", true))
+	p.mu.Lock()
+	if !p.draining && p.spare[sp.shape] == nil && !p.makingSpare[sp.shape] {
+		select {
+		case <-sp.inst.Done():
+		default:
+			p.spare[sp.shape] = sp
+			p.mu.Unlock()
+			return
+		}
+	}
+	p.mu.Unlock()
+	p.discardSpare(sp, "it could not be put back")
+	p.refillSpare(sp.shape)
 }
 
 // refillSpare starts making a spare of shape unless one exists, is being
