@@ -29,10 +29,7 @@ func LinkTree(ctx context.Context, src, dst string) error {
 	}
 	defer droot.Close()
 	n := 0
-	return fs.WalkDir(sroot.FS(), ".", func(name string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return fmt.Errorf("code: %w", err)
-		}
+	return walk(sroot, func(_ *os.File, name string, fi fs.FileInfo) error {
 		if n++; n%256 == 0 {
 			if err := ctx.Err(); err != nil {
 				return err
@@ -41,7 +38,7 @@ func LinkTree(ctx context.Context, src, dst string) error {
 		if name == "." {
 			return nil
 		}
-		switch t := d.Type(); {
+		switch t := fi.Mode().Type(); {
 		case t.IsDir():
 			return droot.Mkdir(name, 0o755)
 		case t&fs.ModeSymlink != 0:

@@ -4,9 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
+	"path"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 )
@@ -29,10 +33,7 @@ func normalise(ctx context.Context, dir string, lim Limits) (int64, error) {
 	asRoot := os.Geteuid() == 0
 	var apparent, disk int64
 	entries := 0
-	err = fs.WalkDir(root.FS(), ".", func(name string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return fmt.Errorf("code: %w", err)
-		}
+	err = walk(root, func(at *os.File, name string, fi fs.FileInfo) error {
 		if entries%1024 == 0 {
 			if err := ctx.Err(); err != nil {
 				return err
@@ -47,18 +48,24 @@ func normalise(ctx context.Context, dir string, lim Limits) (int64, error) {
 				return tooMany(lim.MaxFiles)
 			}
 		}
-		fi, err := d.Info()
-		if err != nil {
-			return fmt.Errorf("code: %w", err)
-		}
-		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		st, _ := fi.Sys().(*syscall.Stat_t)
+		if st != nil {
 			disk += st.Blocks * 512
 		}
 		apparent += entryCost
-		if asRoot {
+		// Changes go through the open parent directory (the tree is
+		// private to this process until published, so the entry seen by
+		// the walk is the one changed); "." goes through the root.
+		if asRoot && (st == nil || st.Uid != 0 || st.Gid != 0) {
 			// Before Chmod: a change of owner clears set-id bits anyway.
-			if err := root.Lchown(name, 0, 0); err != nil {
-				return fmt.Errorf("code: %w", err)
+			var err error
+			if at == nil {
+				err = root.Lchown(name, 0, 0)
+			} else {
+				err = unix.Fchownat(int(at.Fd()), path.Base(name), 0, 0, unix.AT_SYMLINK_NOFOLLOW)
+			}
+			if err != nil {
+				return fmt.Errorf("code: chown %s: %w", name, err)
 			}
 		}
 		var perm fs.FileMode
@@ -79,9 +86,16 @@ func normalise(ctx context.Context, dir string, lim Limits) (int64, error) {
 		if apparent > lim.MaxBytes {
 			return tooLarge(lim.MaxBytes)
 		}
-		if fi.Mode()&(fs.ModePerm|fs.ModeSetuid|fs.ModeSetgid|fs.ModeSticky) != perm {
-			if err := root.Chmod(name, perm); err != nil {
-				return fmt.Errorf("code: %w", err)
+		if fi.Mode()&(fs.ModePerm|fs.ModeSetuid|fs.ModeSetgid|fs.ModeSticky) != perm || asRoot && st != nil && st.Uid != 0 {
+			var err error
+			if at == nil {
+				err = root.Chmod(name, perm)
+			} else {
+				// Not a link (checked above): fchmodat has nothing to follow.
+				err = unix.Fchmodat(int(at.Fd()), path.Base(name), uint32(perm), 0)
+			}
+			if err != nil {
+				return fmt.Errorf("code: chmod %s: %w", name, err)
 			}
 		}
 		return nil
@@ -107,4 +121,51 @@ func checkResolvedLink(root *os.Root, name string) error {
 		return unsafe(errkind.InvalidInput, "link %q -> %q does not resolve inside the code directory: %v", name, target, err)
 	}
 	return nil
+}
+
+// walk calls fn for every entry beneath root ("." first), parents before
+// their children, without following links; at is the entry's open parent
+// directory (nil for "."). Directories are read in batches, so memory
+// stays small however many entries one holds.
+func walk(root *os.Root, fn func(at *os.File, name string, fi fs.FileInfo) error) error {
+	fi, err := root.Lstat(".")
+	if err != nil {
+		return fmt.Errorf("code: %w", err)
+	}
+	if err := fn(nil, ".", fi); err != nil {
+		return err
+	}
+	return walkDir(root, ".", fn)
+}
+
+func walkDir(root *os.Root, dir string, fn func(at *os.File, name string, fi fs.FileInfo) error) error {
+	f, err := root.Open(dir)
+	if err != nil {
+		return fmt.Errorf("code: %w", err)
+	}
+	defer f.Close()
+	for {
+		ents, err := f.ReadDir(256)
+		for _, e := range ents {
+			name := path.Join(dir, e.Name())
+			fi, err := e.Info()
+			if err != nil {
+				return fmt.Errorf("code: %w", err)
+			}
+			if err := fn(f, name, fi); err != nil {
+				return err
+			}
+			if fi.IsDir() {
+				if err := walkDir(root, name, fn); err != nil {
+					return err
+				}
+			}
+		}
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("code: %w", err)
+		}
+	}
 }
