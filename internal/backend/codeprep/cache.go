@@ -267,7 +267,20 @@ func (c *Cache) extract(ctx context.Context, key string, src Source) (int64, err
 	if err != nil {
 		return 0, fmt.Errorf("code cache: %w", err)
 	}
-	defer os.RemoveAll(tmp)
+	published := false
+	defer func() {
+		if published {
+			os.Remove(tmp) // empty
+			return
+		}
+		// A refused tree may hold many entries: the answer need not wait
+		// for their removal.
+		go func() {
+			if err := os.RemoveAll(tmp); err != nil {
+				c.log.Warn("removing a refused extraction", "path", tmp, "err", err)
+			}
+		}()
+	}()
 	// The tree lives one level below the (0700) temp dir: unsquashfs
 	// creates its destination itself, and nobody else can reach the tree
 	// before it is normalised.
@@ -280,6 +293,7 @@ func (c *Cache) extract(ctx context.Context, key string, src Source) (int64, err
 	if err := os.Rename(tree, dst); err != nil {
 		return 0, fmt.Errorf("code cache: publish %s: %w", key, err)
 	}
+	published = true
 	return size, nil
 }
 

@@ -233,7 +233,7 @@ func TestZipHonoursContext(t *testing.T) {
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("want the deadline, got %v", err)
 	}
-	if d := time.Since(start); d > time.Second {
+	if d := time.Since(start); d > 3*time.Second {
 		t.Errorf("extraction went on for %s after a 50ms deadline", d)
 	}
 }
@@ -414,7 +414,7 @@ func TestSquashfsListingBomb(t *testing.T) {
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("want the deadline, got %v", err)
 	}
-	if d := time.Since(start); d > 2*time.Second {
+	if d := time.Since(start); d > 5*time.Second {
 		t.Errorf("went on for %s after a 20ms deadline", d)
 	}
 }

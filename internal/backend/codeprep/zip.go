@@ -10,6 +10,9 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"strings"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 )
@@ -34,8 +37,12 @@ func extractZip(ctx context.Context, dst, file string, lim Limits) error {
 		return fmt.Errorf("code: %w", err)
 	}
 	defer root.Close()
-
-	x := &zipExtraction{root: root, lim: lim, remaining: lim.MaxBytes, dirs: map[string]struct{}{}}
+	top, err := os.Open(dst)
+	if err != nil {
+		return fmt.Errorf("code: %w", err)
+	}
+	x := &zipExtraction{lim: lim, remaining: lim.MaxBytes, dirs: map[string]struct{}{}, open: []*os.File{top}}
+	defer x.closeAll()
 	type link struct{ name, target string }
 	var links []link
 	for _, zf := range zr.File {
@@ -55,11 +62,11 @@ func extractZip(ctx context.Context, dst, file string, lim Limits) error {
 		mode := zf.Mode()
 		switch {
 		case mode.IsDir():
-			if err := x.mkdirAll(name); err != nil {
+			if _, err := x.enter(name); err != nil {
 				return err
 			}
 		case mode&fs.ModeSymlink != 0:
-			if err := x.mkdirAll(path.Dir(name)); err != nil {
+			if _, err := x.enter(path.Dir(name)); err != nil {
 				return err
 			}
 			if err := x.count(); err != nil {
@@ -77,21 +84,30 @@ func extractZip(ctx context.Context, dst, file string, lim Limits) error {
 			}
 			links = append(links, link{name, lt})
 		case mode.IsRegular():
-			if err := x.mkdirAll(path.Dir(name)); err != nil {
+			parent, err := x.enter(path.Dir(name))
+			if err != nil {
 				return err
 			}
 			if err := x.count(); err != nil {
 				return err
 			}
-			perm := os.FileMode(0o644)
+			perm := uint32(0o644)
 			if mode&0o111 != 0 {
 				perm = 0o755
 			}
+			fd, err := unix.Openat(int(parent.Fd()), path.Base(name), unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, perm)
+			if err != nil {
+				if errors.Is(err, unix.EEXIST) {
+					return unsafe(errkind.InvalidInput, "entry %q appears twice", name)
+				}
+				return errkind.Wrap(errkind.InvalidInput, fmt.Errorf("code: create %s: %w", name, err))
+			}
 			rc, err := zf.Open()
 			if err != nil {
+				unix.Close(fd)
 				return errkind.Wrap(errkind.InvalidInput, fmt.Errorf("code: zip entry %q: %w", zf.Name, err))
 			}
-			err = writeFile(ctx, root, name, rc, perm, &x.remaining, lim.MaxBytes)
+			err = writeFile(ctx, os.NewFile(uintptr(fd), name), name, rc, &x.remaining, lim.MaxBytes)
 			rc.Close()
 			if err != nil {
 				return err
@@ -112,13 +128,19 @@ func extractZip(ctx context.Context, dst, file string, lim Limits) error {
 }
 
 type zipExtraction struct {
-	root      *os.Root
 	lim       Limits
 	remaining int64
 	entries   int
 	// dirs made so far; keys are substrings of entry names, so the map
 	// costs no more than the names the zip reader already holds.
 	dirs map[string]struct{}
+	// open holds the directories of the last path entered, the tree's
+	// root first: entries of one directory follow each other in most
+	// archives, so each directory is opened once, not once per entry.
+	// Each is opened beneath its parent without following links, so the
+	// chain stays beneath the root.
+	open  []*os.File
+	names []string // path components of open[1:]
 }
 
 // count accounts for one more entry.
@@ -134,30 +156,54 @@ func (x *zipExtraction) count() error {
 	return nil
 }
 
-// mkdirAll creates dir and its missing parents, counting each one made.
-func (x *zipExtraction) mkdirAll(dir string) error {
-	if dir == "." {
-		return nil
+// enter creates dir and its missing parents, counting each one made, and
+// returns it open.
+func (x *zipExtraction) enter(dir string) (*os.File, error) {
+	var comps []string
+	if dir != "." {
+		comps = strings.Split(dir, "/")
 	}
-	if _, ok := x.dirs[dir]; ok {
-		return nil
+	common := 0
+	for common < len(comps) && common < len(x.names) && comps[common] == x.names[common] {
+		common++
 	}
-	if err := x.mkdirAll(path.Dir(dir)); err != nil {
-		return err
+	for len(x.names) > common {
+		x.open[len(x.open)-1].Close()
+		x.open = x.open[:len(x.open)-1]
+		x.names = x.names[:len(x.names)-1]
 	}
-	if err := x.count(); err != nil {
-		return err
-	}
-	if err := x.root.Mkdir(dir, 0o755); err != nil {
-		if !errors.Is(err, fs.ErrExist) {
-			return errkind.Wrap(errkind.InvalidInput, fmt.Errorf("code: %w", err))
+	for i := common; i < len(comps); i++ {
+		parent := x.open[len(x.open)-1]
+		sub := strings.Join(comps[:i+1], "/")
+		if _, ok := x.dirs[sub]; !ok {
+			if err := x.count(); err != nil {
+				return nil, err
+			}
+			if err := unix.Mkdirat(int(parent.Fd()), comps[i], 0o755); err != nil {
+				if errors.Is(err, unix.EEXIST) {
+					// Only a file or link can be there: directories are
+					// all in x.dirs.
+					return nil, unsafe(errkind.InvalidInput, "entry %q is both a file and a directory", sub)
+				}
+				return nil, errkind.Wrap(errkind.InvalidInput, fmt.Errorf("code: mkdir %s: %w", sub, err))
+			}
+			x.dirs[sub] = struct{}{}
 		}
-		// Only a file or link of that name can exist: directories are all
-		// in x.dirs.
-		return unsafe(errkind.InvalidInput, "entry %q is both a file and a directory", dir)
+		fd, err := unix.Openat(int(parent.Fd()), comps[i], unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return nil, errkind.Wrap(errkind.InvalidInput, fmt.Errorf("code: open %s: %w", sub, err))
+		}
+		x.open = append(x.open, os.NewFile(uintptr(fd), sub))
+		x.names = append(x.names, comps[i])
 	}
-	x.dirs[dir] = struct{}{}
-	return nil
+	return x.open[len(x.open)-1], nil
+}
+
+func (x *zipExtraction) closeAll() {
+	for _, f := range x.open {
+		f.Close()
+	}
+	x.open, x.names = nil, nil
 }
 
 func readSmall(zf *zip.File, max int64) (string, error) {
