@@ -64,8 +64,8 @@ type Cache struct {
 }
 
 type keyLock struct {
-	mu      sync.Mutex
-	waiters int // guarded by Cache.mu
+	held    chan struct{} // a lock that a waiter can give up on
+	waiters int           // guarded by Cache.mu
 }
 
 type cachedTree struct {
@@ -93,7 +93,7 @@ func OpenCache(dir string, opts CacheOptions) (*Cache, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("code cache: %w", err)
 	}
 	c := &Cache{
@@ -175,20 +175,24 @@ func (c *Cache) Acquire(ctx context.Context, src Source) (*Lease, error) {
 	c.mu.Lock()
 	kl := c.preparing[key]
 	if kl == nil {
-		kl = &keyLock{}
+		kl = &keyLock{held: make(chan struct{}, 1)}
 		c.preparing[key] = kl
 	}
 	kl.waiters++
 	c.mu.Unlock()
-	kl.mu.Lock()
 	defer func() {
-		kl.mu.Unlock()
 		c.mu.Lock()
 		if kl.waiters--; kl.waiters == 0 {
 			delete(c.preparing, key)
 		}
 		c.mu.Unlock()
 	}()
+	select {
+	case kl.held <- struct{}{}:
+		defer func() { <-kl.held }()
+	case <-ctx.Done():
+		return nil, fmt.Errorf("code: waiting for another extraction of %s: %w", key, ctx.Err())
+	}
 	// Another caller may have finished meanwhile.
 	if l, err, ok := c.lookup(key); ok {
 		return l, err
