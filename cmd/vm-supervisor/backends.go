@@ -93,8 +93,11 @@ func newGVisor(s *config.Settings, log *slog.Logger) (backend.Backend, error) {
 		RootDir:   filepath.Join(s.ExecutionRoot, "runsc"),
 		// Persistent volumes: the same ext4 images as the VM backends.
 		PersistentDir: s.PersistentVolumesDir,
-		Logger:        log,
-		Debug:         s.PrintSystemLogs,
+		// The program archive is at most MAX_PROGRAM_ARCHIVE_SIZE; what it
+		// unpacks to is bounded by codeprep's limits.
+		CodeCacheMaxBytes: s.CodeCacheMaxMiB << 20,
+		Logger:            log,
+		Debug:             s.PrintSystemLogs,
 	})
 	if err != nil {
 		return nil, err // not b: a nil *Backend in an interface is not nil

@@ -139,7 +139,10 @@ type Instance interface {
 // starting (see Spec.DeferCode).
 type CodeLoader interface {
 	// LoadCode makes the code of spec (CodePath, CodeHash, CodeEncoding,
-	// Entrypoint) appear at the guest's code directory.
+	// Entrypoint) appear at the guest's code directory. An error of kind
+	// errkind.InvalidInput, TooLarge or ResourceMissing (the code itself
+	// refused or missing) leaves the instance as it was: it can take other
+	// code later.
 	LoadCode(ctx context.Context, spec Spec) error
 }
 

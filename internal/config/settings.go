@@ -79,6 +79,7 @@ type Settings struct {
 	MaxDataArchiveSize    int64
 	MaxRuntimeSize        int64
 	MaxRequestBodySize    int64
+	CodeCacheMaxMiB       int64 // CODE_CACHE_MAX_MIB: extracted code kept on disk
 
 	// Admission: what the node commits to executions at once.
 	MaxExecutions         int     // 0 = bounded by memory and vCPUs only
@@ -178,6 +179,7 @@ func Default() *Settings {
 		MaxProgramSeconds:       600,
 		ProgramLogBytesPerSec:   16 << 10,
 		ProgramLogMaxBytes:      8 << 20,
+		CodeCacheMaxMiB:         4096,
 		AllowVMNetworking:       true,
 		NetworkInterface:        "",
 		DNSResolution:           DNSDetect,

@@ -159,16 +159,26 @@ func (e *Execution) bootSteps(ctx context.Context) error {
 	if sp := e.pool.takeSpare(e.prog); sp != nil {
 		err := e.adoptSpare(ctx, sp)
 		if err == nil {
+			e.pool.refillSpare(sp.shape)
 			err = e.connect(ctx, sp.client)
-			// A spare that ran a program is proof that starts work.
-			e.pool.spareOutcome(sp.shape, err != nil)
+			if err == nil {
+				// A spare that runs a program is proof that starts work.
+				e.pool.spareOutcome(sp.shape, false)
+			}
+			return err
+		}
+		e.instance, e.stateDir, e.net = nil, "", nil
+		if codeRefused(err) {
+			// The code was refused before anything reached the spare, and
+			// a fresh sandbox would meet the same refusal: keep the spare.
+			e.pool.returnSpare(sp)
 			return err
 		}
 		e.log.Warn("could not use the spare sandbox; starting a fresh one", "err", err)
 		e.pool.discardSpare(sp, err.Error())
-		e.instance, e.stateDir, e.net = nil, "", nil
 		e.id = uuid.NewString()
 		e.log = e.pool.log.With("program", e.hash, "execution", e.id)
+		e.pool.refillSpare(sp.shape)
 	}
 	dir, err := e.pool.stateDir(e.id)
 	if err != nil {
@@ -184,7 +194,13 @@ func (e *Execution) bootSteps(ctx context.Context) error {
 
 	inst, err := e.pool.opts.Backend.Start(ctx, spec)
 	if err != nil {
-		return errkind.Wrap(errkind.BadGateway, fmt.Errorf("starting sandbox: %w", err))
+		// A kind the backend gave (e.g. an unsafe code archive: 400) says
+		// more than "the sandbox failed".
+		err = fmt.Errorf("starting sandbox: %w", err)
+		if errkind.Of(err) == errkind.Unknown {
+			err = errkind.Wrap(errkind.BadGateway, err)
+		}
+		return err
 	}
 	e.instance = inst
 	ch, err := inst.Channel(ctx)
@@ -229,6 +245,13 @@ func (e *Execution) adoptSpare(ctx context.Context, sp *spare) error {
 	}
 	e.log.Info("using a pre-warmed sandbox", "warm_for", e.prepared.Sub(sp.created).Round(time.Millisecond))
 	return nil
+}
+
+// codeRefused tells errors of LoadCode caused by the program's code
+// itself (see backend.CodeLoader), after which the sandbox is unchanged.
+func codeRefused(err error) bool {
+	return errkind.Is(err, errkind.InvalidInput) || errkind.Is(err, errkind.TooLarge) ||
+		errkind.Is(err, errkind.ResourceMissing)
 }
 
 // connect hands the program to the agent and waits until it serves.

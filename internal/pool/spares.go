@@ -71,7 +71,8 @@ func spareFits(prog *sources.Program, sp *spare) bool {
 }
 
 // takeSpare hands out the spare of the program's shape if the program fits
-// it, and starts making the next one.
+// it. The caller then either uses it and calls refillSpare, or gives it
+// back with returnSpare.
 func (p *Pool) takeSpare(prog *sources.Program) *spare {
 	shape := shapeOf(prog)
 	p.mu.Lock()
@@ -90,7 +91,6 @@ func (p *Pool) takeSpare(prog *sources.Program) *spare {
 	if !sp.claim() { // its watcher saw it die and is discarding it
 		return nil
 	}
-	p.refillSpare(shape)
 	return sp
 }
 
@@ -144,7 +144,6 @@ const (
 type spareBackoff struct {
 	failures  int
 	notBefore time.Time
-	lastErr   error
 }
 
 // spareOutcome records how a spare start went, for the backoff.
@@ -161,6 +160,28 @@ func (p *Pool) spareOutcome(shape spareShape, failed bool) {
 	delay := sparesBackoffMin << min(b.failures-1, 16)
 	b.notBefore = time.Now().Add(min(delay, sparesBackoffMax))
 	p.spareBackoff[shape] = b
+}
+
+// returnSpare puts back a spare that was taken but not changed (its
+// program's code was refused), unless another took its place meanwhile.
+func (p *Pool) returnSpare(sp *spare) {
+	sp.output.setLogger(p.log.With("execution", sp.id, "spare", true))
+	p.mu.Lock()
+	if !p.draining && p.spare[sp.shape] == nil && !p.makingSpare[sp.shape] {
+		select {
+		case <-sp.inst.Done():
+		default:
+			// A fresh claim and watcher: the spare is idle again.
+			sp.taken, sp.takeOnce = make(chan struct{}), sync.Once{}
+			p.spare[sp.shape] = sp
+			p.mu.Unlock()
+			go p.watchSpare(sp)
+			return
+		}
+	}
+	p.mu.Unlock()
+	p.discardSpare(sp, "it could not be put back")
+	p.refillSpare(sp.shape)
 }
 
 // refillSpare starts making a spare of shape unless one exists, is being

@@ -15,6 +15,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
@@ -81,7 +82,24 @@ type Resolver struct {
 	limits Limits
 	log    *slog.Logger
 	fake   *fakeData
+
+	// notFound remembers hashes the API did not know, so that repeated
+	// requests for an unknown hash cost no API call for a while.
+	notFoundMu sync.Mutex
+	notFound   map[string]missing
 }
+
+type missing struct {
+	err   error
+	until time.Time
+}
+
+// NotFoundTTL is how long a hash the Aleph API did not know is answered
+// NotFound without asking again.
+const NotFoundTTL = 60 * time.Second
+
+// maxNotFound bounds the remembered unknown hashes.
+const maxNotFound = 4096
 
 // Option configures a Resolver.
 type Option func(*Resolver)
@@ -93,7 +111,7 @@ func WithLogger(l *slog.Logger) Option { return func(r *Resolver) { r.log = l } 
 // the download cache c. api and c may be nil to run offline (local store
 // only).
 func New(st *store.Store, api *alephapi.Client, c *cache.Cache, limits Limits, opts ...Option) *Resolver {
-	r := &Resolver{store: st, api: api, cache: c, limits: limits, log: slog.Default()}
+	r := &Resolver{store: st, api: api, cache: c, limits: limits, log: slog.Default(), notFound: map[string]missing{}}
 	for _, o := range opts {
 		o(r)
 	}
@@ -134,6 +152,9 @@ func (r *Resolver) message(ctx context.Context, hash string) (*message.Message, 
 	if r.api == nil {
 		return nil, errkind.New(errkind.NotFound, "message %s not in the local store (offline: no Aleph API)", hash)
 	}
+	if err := r.knownMissing(hash); err != nil {
+		return nil, err
+	}
 	var parsed *message.Message
 	parse := func(path string) error {
 		data, err := os.ReadFile(path)
@@ -155,6 +176,9 @@ func (r *Resolver) message(ctx context.Context, hash string) (*message.Message, 
 		return io.NopCloser(strings.NewReader(string(data))), nil
 	}, parse)
 	if err != nil {
+		if errkind.Is(err, errkind.NotFound) {
+			r.rememberMissing(hash, err)
+		}
 		return nil, err
 	}
 	if parsed == nil { // already cached: parse it now
@@ -311,4 +335,34 @@ func (r *Resolver) resolveFile(ctx context.Context, role, kind, ref string, useL
 	}
 	f.Path = path
 	return f, nil
+}
+
+// knownMissing returns the NotFound error of hash if the API did not know
+// it within NotFoundTTL.
+func (r *Resolver) knownMissing(hash string) error {
+	r.notFoundMu.Lock()
+	defer r.notFoundMu.Unlock()
+	m, ok := r.notFound[hash]
+	if !ok {
+		return nil
+	}
+	if time.Now().After(m.until) {
+		delete(r.notFound, hash)
+		return nil
+	}
+	return m.err
+}
+
+func (r *Resolver) rememberMissing(hash string, err error) {
+	r.notFoundMu.Lock()
+	defer r.notFoundMu.Unlock()
+	now := time.Now()
+	if len(r.notFound) >= maxNotFound {
+		for h, m := range r.notFound {
+			if now.After(m.until) || len(r.notFound) >= maxNotFound {
+				delete(r.notFound, h)
+			}
+		}
+	}
+	r.notFound[hash] = missing{err: err, until: now.Add(NotFoundTTL)}
 }

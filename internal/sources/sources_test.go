@@ -476,3 +476,22 @@ func TestFakeData(t *testing.T) {
 		t.Errorf("malformed hash in fake mode: %v", err)
 	}
 }
+
+// An unknown hash is asked of the API once; for NotFoundTTL the same
+// NotFound answers without another call.
+func TestUnknownHashRemembered(t *testing.T) {
+	e := newEnv(t, DefaultLimits())
+	hash := sum([]byte("nobody at all"))
+	_, err1 := e.r.Program(context.Background(), hash)
+	calls := e.api.msgCalls.Load()
+	_, err2 := e.r.Program(context.Background(), hash)
+	if !errkind.Is(err1, errkind.NotFound) || !errkind.Is(err2, errkind.NotFound) {
+		t.Fatalf("want NotFound twice, got %v / %v", err1, err2)
+	}
+	if err1.Error() != err2.Error() {
+		t.Errorf("different answers: %q / %q", err1, err2)
+	}
+	if calls != 1 || e.api.msgCalls.Load() != calls {
+		t.Errorf("API calls: %d after the first request, %d after the second; want 1, 1", calls, e.api.msgCalls.Load())
+	}
+}

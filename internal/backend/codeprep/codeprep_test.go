@@ -76,7 +76,11 @@ func TestPreparePlainAndCache(t *testing.T) {
 	if err := os.WriteFile(src, []byte("app = 1\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cache := t.TempDir()
+	cacheDir := t.TempDir()
+	cache, err := OpenCache(cacheDir, CacheOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
 	s := Source{Path: src, Hash: "h1", Encoding: message.EncodingPlain, Entrypoint: "pkg.main:app"}
 
 	// Concurrent cold starts share one extraction.
@@ -86,11 +90,12 @@ func TestPreparePlainAndCache(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			d, err := Prepare(context.Background(), cache, s, Limits{})
+			l, err := cache.Acquire(context.Background(), s)
 			if err != nil {
 				t.Error(err)
+				return
 			}
-			dirs[i] = d
+			dirs[i] = l.Path
 		}()
 	}
 	wg.Wait()
@@ -103,7 +108,7 @@ func TestPreparePlainAndCache(t *testing.T) {
 	if err != nil || string(b) != "app = 1\n" {
 		t.Fatalf("plain code: %q, %v", b, err)
 	}
-	entries, _ := os.ReadDir(cache)
+	entries, _ := os.ReadDir(cacheDir)
 	if len(entries) != 1 {
 		t.Errorf("cache holds %d entries, want 1 (no temp dirs left)", len(entries))
 	}
@@ -182,8 +187,8 @@ func TestSquashfs(t *testing.T) {
 	if out, err := exec.Command("mksquashfs", src, img, "-noappend", "-quiet", "-no-progress").CombinedOutput(); err != nil {
 		t.Fatalf("mksquashfs: %v: %s", err, out)
 	}
-	dir, err := Prepare(context.Background(), t.TempDir(), Source{Path: img, Hash: "sq1", Encoding: message.EncodingSquashfs}, Limits{})
-	if err != nil {
+	dir := filepath.Join(t.TempDir(), "out")
+	if err := Extract(context.Background(), dir, Source{Path: img, Hash: "sq1", Encoding: message.EncodingSquashfs}, Limits{}); err != nil {
 		t.Fatal(err)
 	}
 	fi, err := os.Stat(filepath.Join(dir, "pkg", "main.py"))
@@ -195,7 +200,7 @@ func TestSquashfs(t *testing.T) {
 	}
 
 	// Too big for the limit: refused before extraction.
-	_, err = Prepare(context.Background(), t.TempDir(), Source{Path: img, Hash: "sq2", Encoding: message.EncodingSquashfs}, Limits{MaxBytes: 4})
+	err = Extract(context.Background(), filepath.Join(t.TempDir(), "out"), Source{Path: img, Hash: "sq2", Encoding: message.EncodingSquashfs}, Limits{MaxBytes: 4})
 	if !errkind.Is(err, errkind.TooLarge) {
 		t.Errorf("want TooLarge, got %v", err)
 	}
@@ -208,7 +213,7 @@ func TestSquashfs(t *testing.T) {
 	if out, err := exec.Command("mksquashfs", src, img2, "-noappend", "-quiet", "-no-progress").CombinedOutput(); err != nil {
 		t.Fatalf("mksquashfs: %v: %s", err, out)
 	}
-	_, err = Prepare(context.Background(), t.TempDir(), Source{Path: img2, Hash: "sq3", Encoding: message.EncodingSquashfs}, Limits{})
+	err = Extract(context.Background(), filepath.Join(t.TempDir(), "out"), Source{Path: img2, Hash: "sq3", Encoding: message.EncodingSquashfs}, Limits{})
 	if !errors.Is(err, ErrUnsafeArchive) {
 		t.Errorf("want ErrUnsafeArchive for a fifo, got %v", err)
 	}

@@ -91,7 +91,10 @@ type Options struct {
 	StopGrace time.Duration
 	// CodeLimits bound code extraction.
 	CodeLimits codeprep.Limits
-	Logger     *slog.Logger
+	// CodeCacheMaxBytes bounds the extracted code kept in
+	// CacheRoot/code; codeprep.DefaultCacheMaxBytes when zero.
+	CodeCacheMaxBytes int64
+	Logger            *slog.Logger
 	// Debug adds runsc's --debug and --debug-log (into DebugLogDir, or a
 	// directory under the system's temp dir; kept after Stop on purpose).
 	Debug       bool
@@ -103,6 +106,7 @@ type Backend struct {
 	opts  Options
 	runsc string
 	log   *slog.Logger
+	code  *codeprep.Cache
 }
 
 var _ backend.Backend = (*Backend)(nil)
@@ -171,7 +175,14 @@ func New(opts Options) (*Backend, error) {
 	if opts.Debug && opts.DebugLogDir == "" {
 		opts.DebugLogDir = filepath.Join(os.TempDir(), "aleph-vm-runsc-debug")
 	}
-	return &Backend{opts: opts, runsc: runsc, log: opts.Logger.With("backend", "gvisor")}, nil
+	log := opts.Logger.With("backend", "gvisor")
+	code, err := codeprep.OpenCache(filepath.Join(opts.CacheRoot, "code"), codeprep.CacheOptions{
+		MaxBytes: opts.CodeCacheMaxBytes, Limits: opts.CodeLimits, Logger: log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("gvisor: %w", err)
+	}
+	return &Backend{opts: opts, runsc: runsc, log: log, code: code}, nil
 }
 
 // NetworkLink implements backend.Networker: runsc's netstack runs in a

@@ -42,7 +42,8 @@ type instance struct {
 
 	// Filled by the start steps.
 	codeDir      string
-	runtimeMount string // shared mount point, refcounted
+	codeLease    *codeprep.Lease // the cached tree bound at codeDir
+	runtimeMount string          // shared mount point, refcounted
 	volumeMounts []string
 	volumeLocks  []*volimage.Lock // persistent images, held until their unmount
 	volumeImages []string         // their paths
@@ -100,25 +101,30 @@ func (i *instance) prepareCode(ctx context.Context) error {
 	if i.spec.CodePath == "" {
 		return nil // an executable may live in the runtime or a volume
 	}
-	dir, err := i.extractCode(ctx, i.spec)
+	// The cached tree is bind-mounted: the lease keeps it from eviction
+	// until cleanup.
+	lease, err := i.extractCode(ctx, i.spec)
 	if err != nil {
 		return err
 	}
-	i.codeDir = dir
+	i.codeLease, i.codeDir = lease, lease.Path
 	return nil
 }
 
-func (i *instance) extractCode(ctx context.Context, spec backend.Spec) (string, error) {
-	return codeprep.Prepare(ctx, filepath.Join(i.b.opts.CacheRoot, "code"), codeprep.Source{
+func (i *instance) extractCode(ctx context.Context, spec backend.Spec) (*codeprep.Lease, error) {
+	return i.b.code.Acquire(ctx, codeprep.Source{
 		Path:       spec.CodePath,
 		Hash:       spec.CodeHash,
 		Encoding:   spec.CodeEncoding,
 		Entrypoint: spec.Entrypoint,
-	}, i.b.opts.CodeLimits)
+	})
 }
 
-// LoadCode implements backend.CodeLoader for spares: the program's code is
-// copied into the sandbox's (so far empty) read-only code directory.
+// LoadCode implements backend.CodeLoader for spares: the program's cached
+// tree is hard-linked (or, across file systems, copied with its holes)
+// into the sandbox's so far empty read-only code directory. Errors from
+// the code itself (errkind.InvalidInput, TooLarge, ResourceMissing) come
+// before anything is written there: the spare can still take other code.
 func (i *instance) LoadCode(ctx context.Context, spec backend.Spec) error {
 	if !i.spec.DeferCode {
 		return errors.New("gvisor: LoadCode on a sandbox that already has its code")
@@ -126,12 +132,15 @@ func (i *instance) LoadCode(ctx context.Context, spec backend.Spec) error {
 	if spec.CodePath == "" {
 		return nil
 	}
-	src, err := i.extractCode(ctx, spec)
+	lease, err := i.extractCode(ctx, spec)
 	if err != nil {
 		return err
 	}
-	if err := os.CopyFS(i.codeDir, os.DirFS(src)); err != nil {
-		return fmt.Errorf("gvisor: copying code into the sandbox: %w", err)
+	// The links keep the files alive once linked; the lease only has to
+	// last while they are made.
+	defer lease.Release()
+	if err := codeprep.LinkTree(ctx, lease.Path, i.codeDir); err != nil {
+		return fmt.Errorf("gvisor: putting code into the sandbox: %w", err)
 	}
 	return nil
 }
@@ -737,6 +746,12 @@ func (i *instance) cleanup(ctx context.Context) error {
 	}
 	// The overlay root pins the runtime mount; keep our reference while it
 	// could not be removed.
+	// The code tree is bound below the sandbox's root; once that is gone
+	// nothing uses it.
+	if i.codeLease != nil && !i.rootMounted {
+		i.codeLease.Release()
+		i.codeLease = nil
+	}
 	if i.runtimeMount != "" && !i.rootMounted {
 		if err := releaseRuntime(i.log, i.runtimeMount); err != nil {
 			errs = append(errs, err)
