@@ -23,3 +23,18 @@ func TestUnavailableBackendIsAClearError(t *testing.T) {
 		t.Errorf("took %v", d)
 	}
 }
+
+// Without runsc, gVisor cannot run: the same clear and prompt 503.
+func TestMissingRunscIsAClearError(t *testing.T) {
+	s := startSupervisor(t, "ALEPH_VM_HYPERVISOR=gvisor", "ALEPH_VM_RUNSC_PATH=/nonexistent/runsc")
+	hash := s.upload("testdata/probe", "main:app")
+	start := time.Now()
+	r := s.get("/vm/" + hash + "/")
+	expect(t, r, http.StatusServiceUnavailable)
+	if !strings.Contains(string(r.Body), "runsc") {
+		t.Errorf("error does not name runsc: %s", r.Body)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("took %v", d)
+	}
+}
