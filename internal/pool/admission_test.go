@@ -99,3 +99,17 @@ func TestAdmission(t *testing.T) {
 		}
 	})
 }
+
+// A program asking for a 10-year request budget gets the node's cap.
+func TestRequestTimeoutIsCapped(t *testing.T) {
+	p := New(Options{MaxRequestTimeout: 600 * time.Second, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	prog := programWith("slow", 128, 1)
+	prog.Content.Resources.Seconds = message.MaxSeconds
+	if got := newExecution(p, prog).RequestTimeout(); got != 600*time.Second {
+		t.Errorf("RequestTimeout = %s, want the 600 s cap", got)
+	}
+	prog.Content.Resources.Seconds = 30
+	if got := newExecution(p, prog).RequestTimeout(); got != 30*time.Second {
+		t.Errorf("RequestTimeout = %s, want the program's 30 s", got)
+	}
+}
