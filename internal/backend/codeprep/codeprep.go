@@ -32,6 +32,7 @@ import (
 	"regexp"
 	"strings"
 
+	"github.com/aleph-vm-go/vm-supervisor/internal/ctxio"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 )
@@ -191,7 +192,7 @@ func writePlain(ctx context.Context, dst string, src Source, lim Limits) error {
 // which it decreases; the limit is counted on what is actually written,
 // never on sizes an archive claims.
 func writeFile(ctx context.Context, f *os.File, name string, r io.Reader, remaining *int64, max int64) error {
-	n, err := io.Copy(f, io.LimitReader(ctxReader{ctx, r}, *remaining+1))
+	n, err := io.Copy(f, io.LimitReader(ctxio.Reader(ctx, r), *remaining+1))
 	*remaining -= n
 	if cerr := f.Close(); err == nil {
 		err = cerr
@@ -214,19 +215,6 @@ func tooLarge(max int64) error {
 
 func tooMany(max int) error {
 	return unsafe(errkind.TooLarge, "more than %d entries once extracted (directories included)", max)
-}
-
-// ctxReader stops a copy once ctx ends.
-type ctxReader struct {
-	ctx context.Context
-	r   io.Reader
-}
-
-func (c ctxReader) Read(p []byte) (int, error) {
-	if err := c.ctx.Err(); err != nil {
-		return 0, err
-	}
-	return c.r.Read(p)
 }
 
 // checkName refuses names an attacker could use to confuse listings, logs

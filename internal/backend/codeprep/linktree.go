@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/ctxio"
 )
 
 // LinkTree reproduces the tree at src (a cached tree, already checked and
@@ -105,7 +107,7 @@ func copyData(ctx context.Context, in, out *os.File, size int64) error {
 		if err != nil {
 			return err
 		}
-		if _, err := io.Copy(io.NewOffsetWriter(out, data), ctxReader{ctx, io.NewSectionReader(in, data, hole-data)}); err != nil {
+		if _, err := io.Copy(io.NewOffsetWriter(out, data), ctxio.Reader(ctx, io.NewSectionReader(in, data, hole-data))); err != nil {
 			return err
 		}
 		off = hole

@@ -22,6 +22,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/aleph-vm-go/vm-supervisor/internal/ctxio"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 )
 
@@ -239,7 +240,7 @@ func (c *Cache) download(ctx context.Context, path, kind, hash string, limit int
 	if limit > 0 {
 		src = io.LimitReader(body, limit+1)
 	}
-	n, err := io.Copy(w, ctxReader{ctx, src})
+	n, err := io.Copy(w, ctxio.Reader(ctx, src))
 	if err != nil {
 		return "", fmt.Errorf("downloading %s %s: %w", kind, hash, err)
 	}
@@ -290,16 +291,4 @@ func syncDir(dir string) {
 		_ = d.Sync()
 		d.Close()
 	}
-}
-
-type ctxReader struct {
-	ctx context.Context
-	r   io.Reader
-}
-
-func (c ctxReader) Read(p []byte) (int, error) {
-	if err := c.ctx.Err(); err != nil {
-		return 0, err
-	}
-	return c.r.Read(p)
 }

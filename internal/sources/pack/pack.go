@@ -19,6 +19,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/aleph-vm-go/vm-supervisor/internal/ctxio"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 )
 
@@ -119,7 +120,7 @@ func addZipEntry(ctx context.Context, zw *zip.Writer, path, name string, fi fs.F
 		if err != nil {
 			return err
 		}
-		_, err = io.Copy(ew, ctxReader{ctx, f})
+		_, err = io.Copy(ew, ctxio.Reader(ctx, f))
 		return err
 	default:
 		return errkind.New(errkind.InvalidInput, "pack: %s: unsupported file type %s", path, mode.Type())
@@ -141,7 +142,7 @@ func Plain(ctx context.Context, file string, w io.Writer) error {
 		return err
 	}
 	defer f.Close()
-	_, err = io.Copy(w, ctxReader{ctx, f})
+	_, err = io.Copy(w, ctxio.Reader(ctx, f))
 	return err
 }
 
@@ -178,16 +179,4 @@ func Squashfs(ctx context.Context, src, out string) error {
 		return fmt.Errorf("pack: mksquashfs %s: %w: %s", src, err, strings.TrimSpace(outBuf.String()))
 	}
 	return nil
-}
-
-type ctxReader struct {
-	ctx context.Context
-	r   io.Reader
-}
-
-func (c ctxReader) Read(p []byte) (int, error) {
-	if err := c.ctx.Err(); err != nil {
-		return 0, err
-	}
-	return c.r.Read(p)
 }

@@ -24,6 +24,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/aleph-vm-go/vm-supervisor/internal/ctxio"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 )
@@ -111,7 +112,7 @@ func (s *Store) AddFile(ctx context.Context, r io.Reader) (string, error) {
 		return "", fmt.Errorf("store: %w", err)
 	}
 	h := sha256.New()
-	if _, err := io.Copy(io.MultiWriter(tmp, h), ctxReader{ctx, r}); err != nil {
+	if _, err := io.Copy(io.MultiWriter(tmp, h), ctxio.Reader(ctx, r)); err != nil {
 		tmp.Close()
 		os.Remove(tmp.Name())
 		return "", fmt.Errorf("store: adding file: %w", err)
@@ -139,7 +140,7 @@ func (s *Store) addFilePath(ctx context.Context, path string) (hash string, size
 		return "", 0, errkind.New(errkind.InvalidInput, "store: %s is not a regular file", path)
 	}
 	h := sha256.New()
-	if _, err := io.Copy(h, ctxReader{ctx, f}); err != nil {
+	if _, err := io.Copy(h, ctxio.Reader(ctx, f)); err != nil {
 		return "", 0, fmt.Errorf("store: hashing %s: %w", path, err)
 	}
 	hash = hex.EncodeToString(h.Sum(nil))
@@ -392,16 +393,4 @@ func syncDir(dir string) {
 		_ = d.Sync()
 		d.Close()
 	}
-}
-
-type ctxReader struct {
-	ctx context.Context
-	r   io.Reader
-}
-
-func (c ctxReader) Read(p []byte) (int, error) {
-	if err := c.ctx.Err(); err != nil {
-		return 0, err
-	}
-	return c.r.Read(p)
 }
