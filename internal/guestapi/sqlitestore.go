@@ -67,7 +67,8 @@ func OpenDisk(ctx context.Context, path string, limits Limits) (*DiskStore, erro
 	// The WAL is truncated back to this after checkpoints.
 	q.Add("_pragma", "journal_size_limit(16777216)")
 	q.Set("_txlock", "immediate")
-	db, err := sql.Open("sqlite", "file:"+path+"?"+q.Encode())
+	dsn := (&url.URL{Scheme: "file", Path: path, RawQuery: q.Encode()}).String()
+	db, err := sql.Open("sqlite", dsn)
 	if err != nil {
 		return nil, fmt.Errorf("guest cache: open %s: %w", path, err)
 	}

@@ -218,29 +218,25 @@ func nullString(s string) sql.NullString {
 var ErrNoUUID = errors.New("records: record has no uuid")
 
 // Insert stores r. A uuid already present is an error.
-func (d *DB) Insert(ctx context.Context, r Record) error {
-	if r.UUID == "" {
-		return ErrNoUUID
-	}
-	_, err := d.db.ExecContext(ctx, `INSERT INTO records (
-		uuid, vm_hash, time_defined, time_prepared, time_started, time_stopping,
-		cpu_time_user, cpu_time_system, io_read_count, io_write_count,
-		io_read_bytes, io_write_bytes, vcpus, memory, network_tap, ipv4
-	) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-		r.UUID, r.VMHash, nullTime(r.TimeDefined), nullTime(r.TimePrepared), nullTime(r.TimeStarted), nullTime(r.TimeStopping),
-		r.CPUTimeUser, r.CPUTimeSystem, r.IOReadCount, r.IOWriteCount,
-		r.IOReadBytes, r.IOWriteBytes, r.VCPUs, r.Memory, nullString(r.NetworkTap), nullString(r.IPv4))
-	if err != nil {
-		return fmt.Errorf("records: insert %s: %w", r.UUID, err)
-	}
-	return nil
-}
+func (d *DB) Insert(ctx context.Context, r Record) error { return d.write(ctx, r, "") }
 
 // Save stores r, replacing the row of the same uuid. The pool saves an
 // execution's row when it starts and again when it ends, so a crash of
 // the supervisor loses no execution: the start-up sweep closes the rows
 // left open (CloseUnfinished).
 func (d *DB) Save(ctx context.Context, r Record) error {
+	return d.write(ctx, r, `ON CONFLICT(uuid) DO UPDATE SET
+		vm_hash = excluded.vm_hash, time_defined = excluded.time_defined,
+		time_prepared = excluded.time_prepared, time_started = excluded.time_started,
+		time_stopping = excluded.time_stopping, cpu_time_user = excluded.cpu_time_user,
+		cpu_time_system = excluded.cpu_time_system, io_read_count = excluded.io_read_count,
+		io_write_count = excluded.io_write_count, io_read_bytes = excluded.io_read_bytes,
+		io_write_bytes = excluded.io_write_bytes, vcpus = excluded.vcpus,
+		memory = excluded.memory, network_tap = excluded.network_tap, ipv4 = excluded.ipv4`)
+}
+
+// write inserts r; onConflict is Insert's (none: an error) or Save's.
+func (d *DB) write(ctx context.Context, r Record, onConflict string) error {
 	if r.UUID == "" {
 		return ErrNoUUID
 	}
@@ -248,20 +244,12 @@ func (d *DB) Save(ctx context.Context, r Record) error {
 		uuid, vm_hash, time_defined, time_prepared, time_started, time_stopping,
 		cpu_time_user, cpu_time_system, io_read_count, io_write_count,
 		io_read_bytes, io_write_bytes, vcpus, memory, network_tap, ipv4
-	) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-	ON CONFLICT(uuid) DO UPDATE SET
-		vm_hash = excluded.vm_hash, time_defined = excluded.time_defined,
-		time_prepared = excluded.time_prepared, time_started = excluded.time_started,
-		time_stopping = excluded.time_stopping, cpu_time_user = excluded.cpu_time_user,
-		cpu_time_system = excluded.cpu_time_system, io_read_count = excluded.io_read_count,
-		io_write_count = excluded.io_write_count, io_read_bytes = excluded.io_read_bytes,
-		io_write_bytes = excluded.io_write_bytes, vcpus = excluded.vcpus,
-		memory = excluded.memory, network_tap = excluded.network_tap, ipv4 = excluded.ipv4`,
+	) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) `+onConflict,
 		r.UUID, r.VMHash, nullTime(r.TimeDefined), nullTime(r.TimePrepared), nullTime(r.TimeStarted), nullTime(r.TimeStopping),
 		r.CPUTimeUser, r.CPUTimeSystem, r.IOReadCount, r.IOWriteCount,
 		r.IOReadBytes, r.IOWriteBytes, r.VCPUs, r.Memory, nullString(r.NetworkTap), nullString(r.IPv4))
 	if err != nil {
-		return fmt.Errorf("records: save %s: %w", r.UUID, err)
+		return fmt.Errorf("records: write %s: %w", r.UUID, err)
 	}
 	return nil
 }
