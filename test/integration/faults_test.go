@@ -288,30 +288,13 @@ func TestLoadManyProgramsBounded(t *testing.T) {
 		hashes = append(hashes, s.upload("testdata/probe", "main:app", "--env", fmt.Sprintf("ROLE=load%d", i)))
 	}
 	pid := s.cmd.Process.Pid
-	rssBefore, fdsBefore := rssKiB(t, pid), fdCount(pid)
+	rssBefore, fdsBefore := rssKiB(pid), fdCount(pid)
 	var (
 		next, failed atomic.Int64
-		peakRSS      atomic.Int64
-		peakFDs      atomic.Int64
 		wg           sync.WaitGroup
 		firstErr     sync.Once
 	)
-	stop := make(chan struct{})
-	go func() { // sample while the load runs
-		for {
-			select {
-			case <-stop:
-				return
-			case <-time.After(200 * time.Millisecond):
-			}
-			if v := rssKiB(t, pid); v > peakRSS.Load() {
-				peakRSS.Store(v)
-			}
-			if v := fdCount(pid); v > peakFDs.Load() {
-				peakFDs.Store(v)
-			}
-		}
-	}()
+	peaks := watchPeaks(pid, 200*time.Millisecond)
 	begin := time.Now()
 	for range concurrency {
 		wg.Go(func() {
@@ -329,17 +312,17 @@ func TestLoadManyProgramsBounded(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	close(stop)
+	peakRSS, peakFDs := peaks()
 	t.Logf("%d requests over %d programs at c=%d in %s; %d failed; supervisor RSS %d -> peak %d KiB; fds %d -> peak %d",
 		requests, programs, concurrency, time.Since(begin).Round(time.Millisecond), failed.Load(),
-		rssBefore, peakRSS.Load(), fdsBefore, peakFDs.Load())
+		rssBefore, peakRSS, fdsBefore, peakFDs)
 	// Bounds with room for noise: the supervisor itself, not the sandboxes
 	// (they are other processes), must not grow with the load.
-	if peakRSS.Load() > 400<<10 {
-		t.Errorf("supervisor RSS peaked at %d KiB", peakRSS.Load())
+	if peakRSS > 400<<10 {
+		t.Errorf("supervisor RSS peaked at %d KiB", peakRSS)
 	}
-	if peakFDs.Load() > 2000 {
-		t.Errorf("supervisor used %d descriptors", peakFDs.Load())
+	if peakFDs > 2000 {
+		t.Errorf("supervisor used %d descriptors", peakFDs)
 	}
 	if n := s.runningExecutions(); n != programs {
 		t.Errorf("%d executions after the load, want one per program (%d)", n, programs)
@@ -347,12 +330,36 @@ func TestLoadManyProgramsBounded(t *testing.T) {
 }
 
 // rssKiB is a process's resident set in KiB, 0 once it is gone.
-func rssKiB(_ *testing.T, pid int) int64 {
+func rssKiB(pid int) int64 {
 	rss, err := readVmRSS(pid)
 	if err != nil {
 		return 0
 	}
 	return rss >> 10
+}
+
+// watchPeaks samples a process's RSS (KiB) and descriptor count every
+// period until the returned function is called, which gives the peaks.
+func watchPeaks(pid int, period time.Duration) (stop func() (rss, fds int64)) {
+	var peakRSS, peakFDs int64
+	done, finished := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(finished)
+		for {
+			peakRSS = max(peakRSS, rssKiB(pid))
+			peakFDs = max(peakFDs, fdCount(pid))
+			select {
+			case <-done:
+				return
+			case <-time.After(period):
+			}
+		}
+	}()
+	return func() (int64, int64) {
+		close(done)
+		<-finished
+		return peakRSS, peakFDs
+	}
 }
 
 func fdCount(pid int) int64 {

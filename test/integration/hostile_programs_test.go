@@ -114,20 +114,7 @@ func TestHostileProgramsAreContained(t *testing.T) {
 	})
 
 	t.Run("huge response", func(t *testing.T) {
-		var peak atomic.Int64
-		stop := make(chan struct{})
-		go func() {
-			for {
-				select {
-				case <-stop:
-					return
-				case <-time.After(100 * time.Millisecond):
-				}
-				if v := rssKiB(t, pid); v > peak.Load() {
-					peak.Store(v)
-				}
-			}
-		}()
+		peaks := watchPeaks(pid, 100*time.Millisecond)
 		neighbourAnswers(t, func() {
 			resp, err := client.Get(s.base + "/vm/" + hostile + "/big-response?mib=512")
 			if err != nil {
@@ -139,10 +126,10 @@ func TestHostileProgramsAreContained(t *testing.T) {
 				t.Errorf("read %d bytes of 512 MiB: %v", n, err)
 			}
 		})
-		close(stop)
-		t.Logf("supervisor RSS peak while relaying 512 MiB: %d KiB", peak.Load())
-		if peak.Load() > 200<<10 {
-			t.Errorf("the supervisor held %d KiB while relaying a huge response", peak.Load())
+		peak, _ := peaks()
+		t.Logf("supervisor RSS peak while relaying 512 MiB: %d KiB", peak)
+		if peak > 200<<10 {
+			t.Errorf("the supervisor held %d KiB while relaying a huge response", peak)
 		}
 	})
 
