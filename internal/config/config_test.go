@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -40,7 +41,7 @@ func TestDefaults(t *testing.T) {
 	if filepath.Base(s.AgentPath) != "vm-agent" {
 		t.Errorf("AgentPath = %q", s.AgentPath)
 	}
-	if o.Verbosity != 0 || o.Jailer != nil || o.LogLevel().String() != "WARN" {
+	if o.Verbosity != 0 || o.LogLevel().String() != "WARN" {
 		t.Errorf("unexpected options: %+v", o)
 	}
 }
@@ -138,12 +139,12 @@ func TestFlags(t *testing.T) {
 			}
 		}},
 		{"no-jailer", []string{"--no-jailer"}, func(t *testing.T, s *Settings, o *Options) {
-			if s.UseJailer || o.Jailer == nil || *o.Jailer {
-				t.Errorf("UseJailer %v, Jailer %v", s.UseJailer, o.Jailer)
+			if s.UseJailer {
+				t.Errorf("UseJailer %v", s.UseJailer)
 			}
 		}},
 		{"jailer overrides env", []string{"--jailer"}, func(t *testing.T, s *Settings, o *Options) {
-			if !s.UseJailer || o.Jailer == nil || !*o.Jailer {
+			if !s.UseJailer {
 				t.Errorf("UseJailer %v", s.UseJailer)
 			}
 		}},
@@ -168,8 +169,8 @@ func TestFlags(t *testing.T) {
 			}
 		}},
 		{"fake data program", []string{"-f", prog}, func(t *testing.T, s *Settings, o *Options) {
-			if s.FakeDataProgram != prog || o.FakeDataProgram != prog {
-				t.Errorf("%q %q", s.FakeDataProgram, o.FakeDataProgram)
+			if s.FakeDataProgram != prog {
+				t.Errorf("FakeDataProgram %q, want %q", s.FakeDataProgram, prog)
 			}
 		}},
 		{"setting flags", []string{"--host", "0.0.0.0", "--hypervisor", "gvisor", "--domain-name", "vm.example",
@@ -335,21 +336,38 @@ func TestHelp(t *testing.T) {
 }
 
 func TestPrintAndRedaction(t *testing.T) {
-	s, _, err := Load(nil, []string{
+	s, opts, err := Load(nil, []string{
 		"ALEPH_VM_REDIS_URL=redis://user:hunter2@cache.example:6379/0",
 		"ALEPH_VM_ALLOCATION_TOKEN_HASH=" + strings.Repeat("ab", 32),
 	}, "")
 	if err != nil {
 		t.Fatal(err)
 	}
+	if !slices.Equal(opts.NotUsedYet, []string{"ALEPH_VM_ALLOCATION_TOKEN_HASH"}) {
+		t.Errorf("NotUsedYet = %q, want only the allocation token", opts.NotUsedYet)
+	}
 	var b bytes.Buffer
 	if err := s.Print(&b); err != nil {
 		t.Fatal(err)
 	}
 	out := b.String()
-	lines := strings.Split(strings.TrimSuffix(out, "\n"), "\n")
+	var lines []string
+	comments := 0
+	for _, l := range strings.Split(strings.TrimSuffix(out, "\n"), "\n") {
+		if strings.HasPrefix(l, "# ") {
+			comments++
+			if !strings.Contains(l, "not used yet") {
+				t.Errorf("comment %q does not say the setting is unused", l)
+			}
+			continue
+		}
+		lines = append(lines, l)
+	}
 	if len(lines) != len(table) {
 		t.Errorf("%d lines for %d settings", len(lines), len(table))
+	}
+	if !strings.Contains(out, "# ALEPH_VM_WATCH_FOR_MESSAGES is accepted but not used yet") || comments != 3 {
+		t.Errorf("%d not-used-yet comments, want 3 including WATCH_FOR_MESSAGES:\n%s", comments, out)
 	}
 	for _, want := range []string{
 		"ALEPH_VM_SUPERVISOR_PORT = 4020\n",

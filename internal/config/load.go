@@ -21,23 +21,21 @@ var ErrHelp = errors.New("help requested")
 // Options are command-line-only choices that are not settings.
 type Options struct {
 	// Verbosity counts -v: 0 warn, 1 info, 2 or more debug.
-	Verbosity  int
-	SystemLogs bool
-	NoNetwork  bool
-	// Jailer is nil unless --jailer or --no-jailer was given.
-	Jailer          *bool
-	PrintSettings   bool
-	DoNotRun        bool
-	Profile         bool
-	Benchmark       int
-	FakeDataProgram string
-	Help            bool
+	Verbosity     int
+	PrintSettings bool
+	DoNotRun      bool
+	Profile       bool
+	Benchmark     int
+	Help          bool
 	// Args are the words left after the flags (a sub-command and its own
 	// flags): parsing stops at the first non-flag word.
 	Args []string
 	// Unknown lists ALEPH_VM_* names from .env or the environment that are
 	// no setting of ours, so a typo can be logged instead of ignored.
 	Unknown []string
+	// NotUsedYet lists the settings given that are accepted but do nothing
+	// yet, for the caller to warn about once.
+	NotUsedYet []string
 }
 
 // LogLevel maps Verbosity to a slog level.
@@ -94,11 +92,16 @@ func (r *rawFlag) String() string     { return r.value }
 func (r *rawFlag) Set(v string) error { r.value = v; return nil }
 func (r *rawFlag) Type() string       { return r.typ }
 
+// flagValues holds the flags that only spell a setting (they are copied
+// into the settings, not kept in Options).
 type flagValues struct {
-	opts      *Options
-	jailer    bool
-	noJailer  bool
-	settingsV map[string]*rawFlag
+	opts            *Options
+	jailer          bool
+	noJailer        bool
+	systemLogs      bool
+	noNetwork       bool
+	fakeDataProgram string
+	settingsV       map[string]*rawFlag
 }
 
 func newFlagSet(fv *flagValues) *pflag.FlagSet {
@@ -109,16 +112,16 @@ func newFlagSet(fv *flagValues) *pflag.FlagSet {
 	fs.SetInterspersed(false)
 	o := fv.opts
 	fs.CountVarP(&o.Verbosity, "verbose", "v", "more logs: -v info, -vv debug (default: warnings)")
-	fs.BoolVar(&o.SystemLogs, "system-logs", false, "show guest console output (ALEPH_VM_PRINT_SYSTEM_LOGS)")
-	fs.BoolVar(&o.NoNetwork, "no-network", false, "give sandboxes no network (ALEPH_VM_ALLOW_VM_NETWORKING=false)")
+	fs.BoolVar(&fv.systemLogs, "system-logs", false, "show guest console output (ALEPH_VM_PRINT_SYSTEM_LOGS)")
+	fs.BoolVar(&fv.noNetwork, "no-network", false, "give sandboxes no network (ALEPH_VM_ALLOW_VM_NETWORKING=false)")
 	fs.BoolVar(&fv.jailer, "jailer", false, "run firecracker under its jailer (ALEPH_VM_USE_JAILER=true)")
 	fs.BoolVar(&fv.noJailer, "no-jailer", false, "run firecracker without its jailer (ALEPH_VM_USE_JAILER=false)")
 	fs.BoolVarP(&o.PrintSettings, "print-settings", "p", false, "print every setting (secrets redacted)")
 	fs.BoolVar(&o.PrintSettings, "print-config", false, "alias of --print-settings")
 	fs.BoolVarP(&o.DoNotRun, "do-not-run", "n", false, "exit after printing settings instead of serving")
-	fs.BoolVar(&o.Profile, "profile", false, "log timings of execution steps")
+	fs.BoolVar(&o.Profile, "profile", false, "write a CPU profile of the supervisor to EXECUTION_ROOT/cpu.pprof until it stops")
 	fs.IntVar(&o.Benchmark, "benchmark", 0, "run the fake-data program N times and report timings")
-	fs.StringVarP(&o.FakeDataProgram, "fake-data-program", "f", "", "serve this program directory for every request (ALEPH_VM_FAKE_DATA_PROGRAM)")
+	fs.StringVarP(&fv.fakeDataProgram, "fake-data-program", "f", "", "serve this program directory for every request (ALEPH_VM_FAKE_DATA_PROGRAM)")
 	fv.settingsV = make(map[string]*rawFlag, len(settingFlags))
 	for _, sf := range settingFlags {
 		rf := &rawFlag{typ: sf.typ}
@@ -130,10 +133,17 @@ func newFlagSet(fv *flagValues) *pflag.FlagSet {
 }
 
 // Usage writes the flag list, one flag a line with the setting it sets,
-// for the caller to frame with its synopsis.
+// then the settings that are accepted but not used yet, for the caller to
+// frame with its synopsis.
 func Usage(w io.Writer) {
 	fs := newFlagSet(&flagValues{opts: &Options{}})
 	fmt.Fprint(w, fs.FlagUsagesWrapped(100))
+	fmt.Fprint(w, "\nAccepted for compatibility with aleph-vm, but not used yet:\n")
+	for _, d := range table {
+		if d.notUsedYet != "" {
+			fmt.Fprintf(w, "  %s%s (%s): waits for %s\n", EnvPrefix, d.name, d.help, d.notUsedYet)
+		}
+	}
 }
 
 type rawValue struct {
@@ -202,23 +212,20 @@ func Load(args []string, environ []string, dotenvPath string) (*Settings, *Optio
 			raw[sf.setting] = rawValue{fv.settingsV[sf.flag].value, "--" + sf.flag}
 		}
 	}
-	if fs.Changed("system-logs") && opts.SystemLogs {
+	if fs.Changed("system-logs") && fv.systemLogs {
 		raw["PRINT_SYSTEM_LOGS"] = rawValue{"true", "--system-logs"}
 	}
-	if fs.Changed("no-network") && opts.NoNetwork {
+	if fs.Changed("no-network") && fv.noNetwork {
 		raw["ALLOW_VM_NETWORKING"] = rawValue{"false", "--no-network"}
 	}
 	switch {
 	case fs.Changed("jailer"):
-		opts.Jailer = &fv.jailer
 		raw["USE_JAILER"] = rawValue{strconv.FormatBool(fv.jailer), "--jailer"}
 	case fs.Changed("no-jailer"):
-		j := !fv.noJailer
-		opts.Jailer = &j
-		raw["USE_JAILER"] = rawValue{strconv.FormatBool(j), "--no-jailer"}
+		raw["USE_JAILER"] = rawValue{strconv.FormatBool(!fv.noJailer), "--no-jailer"}
 	}
 	if fs.Changed("fake-data-program") {
-		raw["FAKE_DATA_PROGRAM"] = rawValue{opts.FakeDataProgram, "-f/--fake-data-program"}
+		raw["FAKE_DATA_PROGRAM"] = rawValue{fv.fakeDataProgram, "-f/--fake-data-program"}
 	}
 
 	s := Default()
@@ -249,7 +256,11 @@ func Load(args []string, environ []string, dotenvPath string) (*Settings, *Optio
 		}
 		return nil, opts, serr
 	}
-	opts.FakeDataProgram = s.FakeDataProgram
+	for _, d := range table {
+		if given[d.name] && d.notUsedYet != "" {
+			opts.NotUsedYet = append(opts.NotUsedYet, EnvPrefix+d.name)
+		}
+	}
 	for k := range unknown {
 		opts.Unknown = append(opts.Unknown, k)
 	}
