@@ -65,6 +65,7 @@ run: deps build runtime
 
 vet:
 	$(GO) vet ./...
+	@$(GO) mod tidy -diff >/dev/null || (echo "go.mod/go.sum are not tidy: run go mod tidy"; $(GO) mod tidy -diff; exit 1)
 	@test -z "$$(gofmt -l cmd internal examples 2>/dev/null)" || (gofmt -l cmd internal examples; exit 1)
 
 # The whole suite. Integration tests need root, runsc, qemu, the runtime

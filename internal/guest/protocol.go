@@ -14,7 +14,7 @@
 //	StreamHTTP    ('H')  host→guest: the rest of the stream is one plain
 //	                     HTTP/1.1 connection to the program (keep-alive ok).
 //	StreamGuestAPI('A')  guest→host: the rest of the stream is one HTTP/1.1
-//	                     connection to the host's guest API (DESIGN §6).
+//	                     connection to the host's guest API (internal/guestapi).
 //
 // Control stream lifecycle, in order:
 //

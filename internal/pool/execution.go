@@ -565,17 +565,6 @@ func (e *Execution) ipv4() string {
 	return e.net.Address.String()
 }
 
-// Died reports whether the execution ended (sandbox exit or stop); used to
-// tell a crash (502) from a slow program.
-func (e *Execution) Died() bool {
-	select {
-	case <-e.stopping:
-		return true
-	default:
-		return false
-	}
-}
-
 // Cause is why the execution ended by itself (sandbox exit, memory limit,
 // lost channel); nil while it runs or after a requested stop.
 func (e *Execution) Cause() error {

@@ -56,14 +56,6 @@ func NewFakeData(dir, entrypoint string, st *store.Store, opts ...Option) (*Reso
 	return r, nil
 }
 
-// FakeDataDir returns the fake-data program directory, "" when not in that mode.
-func (r *Resolver) FakeDataDir() string {
-	if r.fake == nil {
-		return ""
-	}
-	return r.fake.dir
-}
-
 // message packs the directory and builds the program message.
 func (f *fakeData) message(ctx context.Context, hash string) (*message.Message, error) {
 	if err := message.ValidateItemHash(hash); err != nil {

@@ -139,7 +139,7 @@ const (
 )
 
 // BaseBootArgs are aleph-vm's kernel arguments for Firecracker guests
-// (DESIGN §3), without the console part.
+// (its firecracker controller), without the console part.
 const BaseBootArgs = "reboot=k panic=1 pci=off ro noapic nomodules random.trust_cpu=on"
 
 // BootArgs returns the kernel command line.

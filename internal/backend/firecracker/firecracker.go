@@ -42,7 +42,7 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
 )
 
-// Defaults for Options fields left at zero, as in the seed (aleph-vm).
+// Defaults for Options fields left at zero: aleph-vm's paths and user.
 const (
 	DefaultFirecrackerPath   = "/opt/firecracker/firecracker"
 	DefaultJailerPath        = "/opt/firecracker/jailer"
@@ -57,7 +57,7 @@ const (
 type Options struct {
 	FirecrackerPath string // DefaultFirecrackerPath when empty
 	JailerPath      string // DefaultJailerPath when empty
-	// UseJailer runs Firecracker under the jailer (the seed's default; its
+	// UseJailer runs Firecracker under the jailer (aleph-vm's default; its
 	// --no-jailer flag clears this).
 	UseJailer bool
 	// KernelPath is LINUX_PATH: an uncompressed ELF vmlinux built with
@@ -414,11 +414,6 @@ func Inspect(ctx context.Context, opts Options, spec backend.Spec) (*Plan, error
 	}
 	p.Warnings = append(p.Warnings, warnings...)
 	return p, nil
-}
-
-// Plan is Inspect with the backend's options.
-func (b *Backend) Plan(ctx context.Context, spec backend.Spec) (*Plan, error) {
-	return Inspect(ctx, b.opts, spec)
 }
 
 // Start implements backend.Backend.
