@@ -19,7 +19,7 @@ RUNTIME := $(RUNTIME_DIR)/rootfs.squashfs
 RUN_ENV := ALEPH_VM_EXECUTION_ROOT=$${ALEPH_VM_EXECUTION_ROOT:-/var/lib/aleph/vm} \
            ALEPH_VM_CACHE_ROOT=$${ALEPH_VM_CACHE_ROOT:-/var/cache/aleph/vm}
 
-.PHONY: all deps build runtime kernel kernel-custom run test test-short test-qemu bench fuzz vet fmt clean
+.PHONY: all deps build runtime kernel kernel-custom run test test-short test-qemu bench fuzz vet lint fmt clean
 
 all: build
 
@@ -62,6 +62,19 @@ run: deps build runtime
 	echo; echo "Example program: http://127.0.0.1:4020/vm/$$hash/"; \
 	echo "Self-test:       http://127.0.0.1:4020/status/check/fastapi"; echo; \
 	exec env $(RUN_ENV) bin/vm-supervisor -v
+
+# golangci-lint, pinned here and installed once into the build cache (a
+# tool line in go.mod would pull its hundreds of modules into ours).
+GOLANGCI_LINT_VERSION := v2.15.0
+GOLANGCI_LINT := $(BUILD_CACHE)/bin/golangci-lint-$(GOLANGCI_LINT_VERSION)
+$(GOLANGCI_LINT):
+	mkdir -p $(BUILD_CACHE)/bin/tmp-golangci
+	GOBIN=$(BUILD_CACHE)/bin/tmp-golangci $(GO) install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT_VERSION)
+	mv $(BUILD_CACHE)/bin/tmp-golangci/golangci-lint $@
+	rmdir $(BUILD_CACHE)/bin/tmp-golangci
+
+lint: $(GOLANGCI_LINT)
+	$(GOLANGCI_LINT) run ./...
 
 vet:
 	$(GO) vet ./...
