@@ -163,8 +163,20 @@ func (p *ProgramContent) validate(prefix string) error {
 		}
 	}
 
+	names := map[string]int{}
 	for i, vol := range p.Volumes {
-		v.volume(fmt.Sprintf("volumes[%d]", i), vol)
+		field := fmt.Sprintf("volumes[%d]", i)
+		v.volume(field, vol)
+		// Both entries would be the one image on the host
+		// (PERSISTENT_VOLUMES_DIR/<program>/<name>.ext4): attached twice
+		// read-write, or waiting forever for its own lock.
+		if vol.Kind() == VolumePersistent && vol.Name != "" {
+			if first, seen := names[vol.Name]; seen {
+				v.add(field+".name", fmt.Sprintf("persistent volume %s is already volumes[%d]", quoteShort(vol.Name), first))
+			} else {
+				names[vol.Name] = i
+			}
+		}
 	}
 	return invalid(v.errs)
 }
