@@ -189,6 +189,10 @@ var envName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 // the host: they end up in paths under PERSISTENT_VOLUMES_DIR.
 var volumeName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
 
+// ValidVolumeName reports whether name is usable as a persistent volume's
+// name (what validation accepts).
+func ValidVolumeName(name string) bool { return volumeName.MatchString(name) }
+
 type validator struct {
 	prefix string
 	errs   []error
