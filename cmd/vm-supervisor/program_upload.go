@@ -34,12 +34,17 @@ func cmdProgramUpload(ctx context.Context, st *store.Store, args []string, stdou
 	encoding := fs.String("encoding", "", "code encoding: zip, squashfs or plain (default: zip for a directory, plain for a file)")
 	runtime := fs.String("runtime", "", "item hash of the runtime's STORE message (default: the default runtime, see `make runtime`)")
 	envs := fs.StringArray("env", nil, "environment variable KEY=VALUE for the program (repeatable)")
+	immutableVols := fs.StringArray("immutable-volume", nil, "read-only volume mount=PATH,path=DIR|ref=HASH (repeatable)")
+	persistentVols := fs.StringArray("persistent-volume", nil, "volume kept across runs mount=PATH,name=NAME,size_mib=N (repeatable)")
+	ephemeralVols := fs.StringArray("ephemeral-volume", nil, "empty scratch volume mount=PATH,size_mib=N (repeatable)")
+	dataDir := fs.String("data", "", "directory packed as the program's data archive (zip, read-only)")
+	dataMount := fs.String("data-mount", store.DefaultDataMount, "where the data archive appears in the program")
 	fs.Usage = func() {
 		fmt.Fprintf(stdout, "Usage: vm-supervisor program upload PATH ENTRYPOINT [flags]\n\n"+
 			"Packs PATH (a directory, or one .py file) into the local store and prints\n"+
 			"the URL of the program, then its item hash alone on the last line.\n"+
 			"ENTRYPOINT is module:attribute for an ASGI app (e.g. main:app) or the\n"+
-			"relative path of an executable.\n\nFlags:\n%s", fs.FlagUsages())
+			"relative path of an executable.\n\nFlags:\n%s%s", fs.FlagUsages(), volumeFlagHelp)
 	}
 
 	bad := func(format string, a ...any) int {
@@ -77,6 +82,16 @@ func cmdProgramUpload(ctx context.Context, st *store.Store, args []string, stdou
 		}
 		vars[k] = v
 	}
+	volumes, err := parseVolumeFlags(*immutableVols, *persistentVols, *ephemeralVols)
+	if err != nil {
+		return bad("%v", err)
+	}
+	var data *store.UploadData
+	if *dataDir != "" {
+		data = &store.UploadData{Path: *dataDir, Mount: *dataMount}
+	} else if fs.Changed("data-mount") {
+		return bad("--data-mount needs --data DIR")
+	}
 
 	opts := store.UploadOptions{
 		Path:           pos[0],
@@ -89,6 +104,8 @@ func cmdProgramUpload(ctx context.Context, st *store.Store, args []string, stdou
 		Persistent:     *persistent,
 		RuntimeRef:     *runtime,
 		Variables:      vars,
+		Volumes:        volumes,
+		Data:           data,
 		Progress: func(format string, a ...any) {
 			fmt.Fprintf(stderr, format+"\n", a...)
 		},

@@ -21,6 +21,7 @@ type Volume struct {
 	Mount    string             // absolute path inside the guest
 	Kind     message.VolumeKind // immutable | ephemeral | persistent
 	Path     string             // host file (squashfs/ext4 image) or directory; empty for ephemeral
+	Hash     string             // immutable volumes: content hash of Path, for caching extractions
 	Encoding message.Encoding   // for immutable volumes: squashfs (default) or zip
 	SizeMiB  int                // ephemeral/persistent size
 	ReadOnly bool
@@ -43,7 +44,8 @@ type Spec struct {
 	DeferCode  bool
 	Entrypoint string // module:attr (ASGI) or executable name; plain code is written as <module>.py
 
-	DataPath     string // optional data archive
+	DataPath     string // optional data archive (zip or squashfs)
+	DataHash     string // content hash of DataPath, for caching extractions
 	DataEncoding message.Encoding
 	DataMount    string
 

@@ -188,6 +188,7 @@ func TestProgramMalformed(t *testing.T) {
 		{"ephemeral false", func(c map[string]any) { volume(c, 1)["ephemeral"] = false }, "content.volumes[1]"},
 		{"bad persistence", func(c map[string]any) { volume(c, 2)["persistence"] = "cloud" }, "content.volumes[2].persistence"},
 		{"traversing volume name", func(c map[string]any) { volume(c, 2)["name"] = "../../etc" }, "content.volumes[2].name"},
+		{"persistent volume named twice", func(c map[string]any) { volume(c, 3)["name"] = volume(c, 2)["name"] }, "content.volumes[3].name: persistent volume"},
 		{"persistent size missing", func(c map[string]any) { delete(volume(c, 3), "size_mib") }, "content.volumes[3].size_mib"},
 		{"bad variable name", func(c map[string]any) { obj(c, "variables")["A=B"] = "x" }, `content.variables["A=B"]`},
 		{"non-string variable", func(c map[string]any) { obj(c, "variables")["N"] = 32 }, "content.variables.N: must be a string"},

@@ -163,8 +163,20 @@ func (p *ProgramContent) validate(prefix string) error {
 		}
 	}
 
+	names := map[string]int{}
 	for i, vol := range p.Volumes {
-		v.volume(fmt.Sprintf("volumes[%d]", i), vol)
+		field := fmt.Sprintf("volumes[%d]", i)
+		v.volume(field, vol)
+		// Both entries would be the one image on the host
+		// (PERSISTENT_VOLUMES_DIR/<program>/<name>.ext4): attached twice
+		// read-write, or waiting forever for its own lock.
+		if vol.Kind() == VolumePersistent && vol.Name != "" {
+			if first, seen := names[vol.Name]; seen {
+				v.add(field+".name", fmt.Sprintf("persistent volume %s is already volumes[%d]", quoteShort(vol.Name), first))
+			} else {
+				names[vol.Name] = i
+			}
+		}
 	}
 	return invalid(v.errs)
 }
@@ -176,6 +188,10 @@ var envName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 // volumeName keeps persistent volume names usable as a single file name on
 // the host: they end up in paths under PERSISTENT_VOLUMES_DIR.
 var volumeName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+// ValidVolumeName reports whether name is usable as a persistent volume's
+// name (what validation accepts).
+func ValidVolumeName(name string) bool { return volumeName.MatchString(name) }
 
 type validator struct {
 	prefix string

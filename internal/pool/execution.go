@@ -330,7 +330,7 @@ func SpecFor(prog *sources.Program, persistentDir string) backend.Spec {
 	}
 	spec.VCPUs, spec.MemoryMiB = resources(c)
 	if d := prog.Data; d != nil {
-		spec.DataPath, spec.DataEncoding = d.Path, d.Encoding
+		spec.DataPath, spec.DataHash, spec.DataEncoding = d.Path, d.Hash, d.Encoding
 		if c.Data != nil {
 			spec.DataMount = c.Data.Mount
 		}
@@ -341,7 +341,7 @@ func SpecFor(prog *sources.Program, persistentDir string) backend.Spec {
 		case message.VolumeImmutable:
 			bv.ReadOnly = true
 			if v.File != nil {
-				bv.Path, bv.Encoding = v.File.Path, v.File.Encoding
+				bv.Path, bv.Hash, bv.Encoding = v.File.Path, v.File.Hash, v.File.Encoding
 			}
 		case message.VolumePersistent:
 			// One ext4 image per program and volume name, kept across

@@ -275,6 +275,17 @@ func (r *Resolver) resolveProgram(ctx context.Context, hash string, m *message.M
 	p.Code = *codeP
 	p.Runtime = *runtimeP
 	p.Data = dataP
+	for i, f := range volFiles {
+		if f == nil {
+			continue
+		}
+		// An immutable volume declares no encoding: its first bytes tell.
+		enc, err := VolumeEncoding(f.Path)
+		if err != nil {
+			return nil, fmt.Errorf("volume %s ref %s: %w", content.Volumes[i].Mount, f.Ref, err)
+		}
+		f.Encoding = enc
+	}
 	for i, v := range content.Volumes {
 		p.Volumes = append(p.Volumes, ResolvedVolume{Volume: v, Kind: v.Kind(), File: volFiles[i]})
 	}
@@ -365,4 +376,27 @@ func (r *Resolver) rememberMissing(hash string, err error) {
 		}
 	}
 	r.notFound[hash] = missing{err: err, until: now.Add(NotFoundTTL)}
+}
+
+// VolumeEncoding tells an immutable volume's format from its first bytes:
+// aleph-vm's volumes are squashfs images, and a zip archive is accepted
+// too (it is extracted like code). Anything else is InvalidInput, refused
+// before a backend would hand it to a kernel's file system driver.
+func VolumeEncoding(path string) (message.Encoding, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", errkind.Wrap(errkind.ResourceMissing, err)
+	}
+	defer f.Close()
+	head := make([]byte, 4)
+	if _, err := io.ReadFull(f, head); err != nil {
+		return "", errkind.New(errkind.InvalidInput, "file is too short to be a squashfs image or a zip archive")
+	}
+	switch string(head) {
+	case "hsqs": // squashfs superblock magic, little-endian
+		return message.EncodingSquashfs, nil
+	case "PK\x03\x04", "PK\x05\x06": // a zip's first local header, or an empty zip
+		return message.EncodingZip, nil
+	}
+	return "", errkind.New(errkind.InvalidInput, "file is neither a squashfs image nor a zip archive")
 }

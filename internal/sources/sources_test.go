@@ -174,7 +174,7 @@ func newEnv(t *testing.T, limits Limits) *env {
 func TestProgramFromAPI(t *testing.T) {
 	e := newEnv(t, DefaultLimits())
 	ctx := context.Background()
-	code, runtime, data, venv := []byte("zip bytes"), []byte("runtime bytes"), []byte("data bytes"), []byte("venv bytes")
+	code, runtime, data, venv := []byte("zip bytes"), []byte("runtime bytes"), []byte("data bytes"), []byte("hsqs: a squashfs venv")
 	codeRef := e.api.addFile(code, time.Unix(1700000000, 0), "")
 	runtimeRef := e.api.addFile(runtime, time.Unix(1700000000, 0), "")
 	dataRef := e.api.addFile(data, time.Unix(1700000000, 0), "")
@@ -217,6 +217,9 @@ func TestProgramFromAPI(t *testing.T) {
 		if b, _ := os.ReadFile(f.f.Path); string(b) != string(f.content) {
 			t.Errorf("%s content %q", f.name, b)
 		}
+	}
+	if p.Volumes[0].File.Encoding != message.EncodingSquashfs {
+		t.Errorf("squashfs volume resolved as %q", p.Volumes[0].File.Encoding)
 	}
 	if p.Volumes[1].Kind != message.VolumeEphemeral || p.Volumes[1].File != nil ||
 		p.Volumes[2].Kind != message.VolumePersistent || p.Volumes[2].File != nil {
@@ -493,5 +496,45 @@ func TestUnknownHashRemembered(t *testing.T) {
 	}
 	if calls != 1 || e.api.msgCalls.Load() != calls {
 		t.Errorf("API calls: %d after the first request, %d after the second; want 1, 1", calls, e.api.msgCalls.Load())
+	}
+}
+
+// Immutable volumes carry no encoding in the message: the resolver tells
+// squashfs from zip by their first bytes, and refuses anything else
+// before a backend would mount it.
+func TestImmutableVolumeEncoding(t *testing.T) {
+	e := newEnv(t, DefaultLimits())
+	ctx := context.Background()
+	codeRef := e.api.addFile([]byte("code"), time.Unix(1700000000, 0), "")
+	runtimeRef := e.api.addFile([]byte("runtime"), time.Unix(1700000000, 0), "")
+	for _, tc := range []struct {
+		name    string
+		content []byte
+		want    message.Encoding
+	}{
+		{"squashfs", []byte("hsqs\x00\x01rest of an image"), message.EncodingSquashfs},
+		{"zip", []byte("PK\x03\x04rest of an archive"), message.EncodingZip},
+		{"empty zip", []byte("PK\x05\x06" + strings.Repeat("\x00", 18)), message.EncodingZip},
+		{"ext4 image", append(make([]byte, 1080), 0x53, 0xef), ""},
+		{"too short", []byte("PK"), ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ref := e.api.addFile(tc.content, time.Unix(1700000000, 0), "")
+			c := programContent(codeRef, runtimeRef)
+			c.Volumes = []message.Volume{{Mount: "/opt/lib", Ref: ref}}
+			p, err := e.r.Program(ctx, e.api.addProgram(c))
+			if tc.want == "" {
+				if !errkind.Is(err, errkind.InvalidInput) || !strings.Contains(err.Error(), "volume /opt/lib ref "+ref) {
+					t.Fatalf("got %v, want an InvalidInput error naming the volume", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := p.Volumes[0].File.Encoding; got != tc.want {
+				t.Errorf("encoding %q, want %q", got, tc.want)
+			}
+		})
 	}
 }

@@ -129,6 +129,19 @@ func OpenCache(dir string, opts CacheOptions) (*Cache, error) {
 // Dir is the cache's directory.
 func (c *Cache) Dir() string { return c.dir }
 
+// InUse is the number of cached trees some execution holds a lease on.
+func (c *Cache) InUse() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, t := range c.trees {
+		if t.users > 0 {
+			n++
+		}
+	}
+	return n
+}
+
 // Size is the disk usage of the cached trees.
 func (c *Cache) Size() int64 {
 	c.mu.Lock()

@@ -42,8 +42,9 @@ type instance struct {
 
 	// Filled by the start steps.
 	codeDir      string
-	codeLease    *codeprep.Lease // the cached tree bound at codeDir
-	runtimeMount string          // shared mount point, refcounted
+	codeLease    *codeprep.Lease   // the cached tree bound at codeDir
+	treeLeases   []*codeprep.Lease // cached trees of the data archive and zip volumes
+	runtimeMount string            // shared mount point, refcounted
 	volumeMounts []string
 	volumeLocks  []*volimage.Lock // persistent images, held until their unmount
 	volumeImages []string         // their paths
@@ -161,26 +162,32 @@ func (i *instance) mountRuntime(ctx context.Context) error {
 	return nil
 }
 
-// mountVolumes prepares the host side of each volume and records the OCI
-// mounts; data archives (spec.DataPath) are not attached by this backend
-// yet.
+// mountVolumes prepares the host side of each volume and of the data
+// archive, and records the OCI mounts.
 //
-// Immutable volumes are squashfs images loop-mounted read-only; ephemeral
-// ones are tmpfs inside the sandbox, bounded by their size (and, being the
-// Sentry's memory, by the sandbox's memory limit); persistent ones are the
-// ext4 images every backend shares (volimage), loop-mounted on the host.
+// Immutable squashfs volumes are loop-mounted read-only; zip volumes and
+// the data archive (zip or squashfs) are extracted by codeprep, with the
+// limits and the cache code archives have, and bound read-only, as VMs
+// see them (vmimage packs the same trees as squashfs drives). Ephemeral
+// volumes are tmpfs inside the sandbox, bounded by their size (and, being
+// the Sentry's memory, by the sandbox's memory limit); persistent ones are
+// the ext4 images every backend shares (volimage), loop-mounted on the
+// host. The data archive comes last, as on VMs.
 func (i *instance) mountVolumes(ctx context.Context) error {
-	if i.spec.DataPath != "" {
-		i.log.Warn("data archives are not supported by the gvisor backend yet; ignored", "mount", i.spec.DataMount)
-	}
 	for n, v := range i.spec.Volumes {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
 		switch v.Kind {
 		case message.VolumeImmutable:
+			if v.Encoding == message.EncodingZip {
+				if err := i.bindTree(ctx, "volume "+v.Mount, v.Mount, codeprep.Source{Path: v.Path, Hash: v.Hash, Encoding: v.Encoding}); err != nil {
+					return err
+				}
+				continue
+			}
 			if v.Encoding != "" && v.Encoding != message.EncodingSquashfs {
-				return errkind.New(errkind.Unsupported, "volume %s: encoding %q not supported (squashfs only)", v.Mount, v.Encoding)
+				return errkind.New(errkind.Unsupported, "volume %s: encoding %q not supported (squashfs or zip)", v.Mount, v.Encoding)
 			}
 			mp := filepath.Join(i.spec.StateDir, "volumes", fmt.Sprint(n))
 			if err := os.MkdirAll(mp, 0o755); err != nil {
@@ -221,6 +228,33 @@ func (i *instance) mountVolumes(ctx context.Context) error {
 			return errkind.New(errkind.Unsupported, "volume %s: unknown kind %q", v.Mount, v.Kind)
 		}
 	}
+	if i.spec.DataPath != "" {
+		if i.spec.DataMount == "" {
+			return errkind.New(errkind.InvalidInput, "data archive without a mount point")
+		}
+		switch i.spec.DataEncoding {
+		case message.EncodingZip, message.EncodingSquashfs:
+		default:
+			return errkind.New(errkind.Unsupported, "data: encoding %q not supported (zip or squashfs)", i.spec.DataEncoding)
+		}
+		return i.bindTree(ctx, "data", i.spec.DataMount, codeprep.Source{Path: i.spec.DataPath, Hash: i.spec.DataHash, Encoding: i.spec.DataEncoding})
+	}
+	return nil
+}
+
+// bindTree extracts an archive into the shared tree cache (or finds it
+// there) and binds the tree read-only at mount; the lease keeps the tree
+// from eviction until cleanup.
+func (i *instance) bindTree(ctx context.Context, what, mount string, src codeprep.Source) error {
+	lease, err := i.b.code.Acquire(ctx, src)
+	if err != nil {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	i.treeLeases = append(i.treeLeases, lease)
+	i.mounts = append(i.mounts, mountPlan{spec: specs.Mount{
+		Destination: mount, Type: "bind", Source: lease.Path,
+		Options: []string{"rbind", "ro", "nosuid", "nodev"},
+	}})
 	return nil
 }
 
@@ -751,6 +785,12 @@ func (i *instance) cleanup(ctx context.Context) error {
 	if i.codeLease != nil && !i.rootMounted {
 		i.codeLease.Release()
 		i.codeLease = nil
+	}
+	if !i.rootMounted {
+		for _, l := range i.treeLeases {
+			l.Release()
+		}
+		i.treeLeases = nil
 	}
 	if i.runtimeMount != "" && !i.rootMounted {
 		if err := releaseRuntime(i.log, i.runtimeMount); err != nil {

@@ -297,7 +297,7 @@ func (p *Preparer) prepare(ctx context.Context, spec backend.Spec, create bool) 
 			if enc == "" {
 				enc = message.EncodingSquashfs
 			}
-			img, err := p.squashfsOf(ctx, source{path: v.Path, encoding: enc, what: "volume " + v.Mount}, create)
+			img, err := p.squashfsOf(ctx, source{path: v.Path, hash: v.Hash, encoding: enc, what: "volume " + v.Mount}, create)
 			if err != nil {
 				return nil, err
 			}
@@ -338,7 +338,7 @@ func (p *Preparer) prepare(ctx context.Context, spec backend.Spec, create bool) 
 		if spec.DataEncoding == message.EncodingPlain {
 			return nil, errkind.New(errkind.Unsupported, "vmimage: plain data archives are not supported (zip or squashfs)")
 		}
-		img, err := p.squashfsOf(ctx, source{path: spec.DataPath, encoding: spec.DataEncoding, what: "data"}, create)
+		img, err := p.squashfsOf(ctx, source{path: spec.DataPath, hash: spec.DataHash, encoding: spec.DataEncoding, what: "data"}, create)
 		if err != nil {
 			return nil, err
 		}

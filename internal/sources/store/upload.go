@@ -44,6 +44,10 @@ type UploadOptions struct {
 	// store's default runtime.
 	RuntimeRef string
 	Variables  map[string]string
+	// Volumes and Data are the message's volumes and data sections;
+	// directories they name are packed and stored beside the code.
+	Volumes []UploadVolume
+	Data    *UploadData
 
 	// Time stamps the messages. Zero keeps a fixed time, so that uploading
 	// the same code with the same options gives the same item hash.
@@ -221,6 +225,11 @@ func (s *Store) UploadProgram(ctx context.Context, o UploadOptions) (*UploadResu
 		at = epoch
 	}
 
+	volumes, data, err := s.uploadVolumes(ctx, o.Volumes, o.Data, at, progress)
+	if err != nil {
+		return nil, err
+	}
+
 	progress("packing %s (%s)", o.Path, enc)
 	codeHash, size, err := s.packAndAdd(ctx, o.Path, enc)
 	if err != nil {
@@ -254,7 +263,12 @@ func (s *Store) UploadProgram(ctx context.Context, o UploadOptions) (*UploadResu
 		},
 		Resources: message.Resources{VCPUs: o.VCPUs, Memory: o.MemoryMiB, Seconds: o.TimeoutSeconds},
 		Variables: o.Variables,
+		Volumes:   volumes,
+		Data:      data,
 		Metadata:  map[string]any{"name": filepath.Base(filepath.Clean(o.Path))},
+	}
+	if err := content.Validate(); err != nil {
+		return nil, err
 	}
 	pm, err := message.InlineMessage(message.TypeProgram, content, s.address, at)
 	if err != nil {
