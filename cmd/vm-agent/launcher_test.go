@@ -322,4 +322,3 @@ func TestLauncherPlainEntrypoint(t *testing.T) {
 		t.Error("a bare name is accepted for zip code")
 	}
 }
-
