@@ -95,7 +95,7 @@ if [ -d "$tree" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$key" ]; then
 		log "up to date: $output"
 		exit 0
 	fi
-	log "cached tree $tree is current; re-packing only"
+	[ "$without_uvicorn" = 1 ] || log "cached tree $tree is current; re-packing only"
 else
 	log "debootstrap $suite from $mirror into $cache (about 2 minutes)"
 	mkdir -p "$cache"
