@@ -39,8 +39,9 @@ build:
 $(RUNTIME): $(RUNTIME_DIR)/create.sh
 	$(RUNTIME_DIR)/create.sh $(RUNTIME)
 
-# Made from the cached tree of $(RUNTIME): a copy with uvicorn purged.
-$(RUNTIME_NO_UVICORN): $(RUNTIME_DIR)/create.sh $(RUNTIME)
+# Made from the cached tree of $(RUNTIME), a copy with uvicorn purged; after
+# it (order only), so that two builds never debootstrap the same cache.
+$(RUNTIME_NO_UVICORN): $(RUNTIME_DIR)/create.sh | $(RUNTIME)
 	$(RUNTIME_DIR)/create.sh --without-uvicorn $(RUNTIME_NO_UVICORN)
 
 runtime-no-uvicorn: deps $(RUNTIME_NO_UVICORN)
