@@ -134,10 +134,7 @@ func TestExampleWithoutUvicorn(t *testing.T) {
 // traceback as text, as aleph-vm does, with uvicorn and without.
 func TestStartFailureAnswersTraceback(t *testing.T) {
 	s := startSupervisor(t)
-	runtimes := map[string]string{"uvicorn": ""}
-	if hypervisor == "gvisor" {
-		runtimes["stdlib"] = s.addRuntime(noUvicornRuntime(t))
-	}
+	runtimes := map[string]string{"uvicorn": "", "stdlib": s.addRuntime(noUvicornRuntime(t))}
 	for name, ref := range runtimes {
 		for _, c := range []struct{ entry, want string }{
 			{"import_error:app", "ModuleNotFoundError: No module named 'module_that_is_not_installed'"},
