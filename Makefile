@@ -13,13 +13,16 @@ CUSTOM_KERNEL_DIR := $(BUILD_CACHE)/kernels/out/custom
 
 RUNTIME_DIR := runtimes/aleph-debian-12-python
 RUNTIME := $(RUNTIME_DIR)/rootfs.squashfs
+# The same without uvicorn, like aleph-vm's official runtimes: programs are
+# then served by the launcher's standard-library server (tests use it).
+RUNTIME_NO_UVICORN := $(RUNTIME_DIR)/rootfs-no-uvicorn.squashfs
 
 # Where `make run` keeps its state; the supervisor's own defaults are
 # /var/lib/aleph/vm and /var/cache/aleph/vm.
 RUN_ENV := ALEPH_VM_EXECUTION_ROOT=$${ALEPH_VM_EXECUTION_ROOT:-/var/lib/aleph/vm} \
            ALEPH_VM_CACHE_ROOT=$${ALEPH_VM_CACHE_ROOT:-/var/cache/aleph/vm}
 
-.PHONY: all deps build runtime kernel kernel-custom run test test-short test-qemu bench fuzz vet lint fmt clean
+.PHONY: all deps build runtime runtime-no-uvicorn kernel kernel-custom run test test-short test-qemu bench fuzz vet lint fmt clean
 
 all: build
 
@@ -35,6 +38,13 @@ build:
 
 $(RUNTIME): $(RUNTIME_DIR)/create.sh
 	$(RUNTIME_DIR)/create.sh $(RUNTIME)
+
+# Made from the cached tree of $(RUNTIME), a copy with uvicorn purged; after
+# it (order only), so that two builds never debootstrap the same cache.
+$(RUNTIME_NO_UVICORN): $(RUNTIME_DIR)/create.sh | $(RUNTIME)
+	$(RUNTIME_DIR)/create.sh --without-uvicorn $(RUNTIME_NO_UVICORN)
+
+runtime-no-uvicorn: deps $(RUNTIME_NO_UVICORN)
 
 # Builds the default runtime image and registers it in the local store as
 # the runtime `program upload` uses by default.
@@ -86,8 +96,9 @@ vet:
 # instead of skipping. The end-to-end suite runs once per backend that runs
 # here: gVisor, then qemu under TCG with each kernel (slow: emulation).
 TEST_ENV := PATH=$(CURDIR)/bin:$$PATH ALEPH_TEST_RUNTIME=$(CURDIR)/$(RUNTIME) ALEPH_TEST_BIN=$(CURDIR)/bin \
+	ALEPH_TEST_RUNTIME_NO_UVICORN=$(CURDIR)/$(RUNTIME_NO_UVICORN) \
 	ALEPH_TEST_KERNEL=$(KERNEL_DIR)/vmlinuz ALEPH_TEST_KERNEL_CUSTOM=$(CUSTOM_KERNEL_DIR)/vmlinux
-test: deps build $(RUNTIME) kernel kernel-custom vet
+test: deps build $(RUNTIME) $(RUNTIME_NO_UVICORN) kernel kernel-custom vet
 	$(TEST_ENV) $(GO) test -count=1 -timeout 45m ./...
 	$(MAKE) test-qemu
 	$(MAKE) fuzz FUZZTIME=10s

@@ -158,7 +158,11 @@ func (a *agent) serve(ctx context.Context, ch io.ReadWriteCloser) (int, error) {
 		// Stopped before answering: the host tears the sandbox down as
 		// soon as it reads the error.
 		prog.stop(a.o.stopTimeout)
-		return fail(err)
+		st := guest.Status{Error: err.Error(), Traceback: startError(a.programSpec())}
+		if serr := ctrl.Send(st); serr != nil {
+			log.Warn("could not report start failure", "err", serr)
+		}
+		return 1, err
 	}
 	log.Info("program ready", "after", time.Since(started).Round(time.Millisecond))
 	if err := ctrl.Send(guest.Status{Ready: true}); err != nil {

@@ -1,16 +1,23 @@
 # Written out and started by vm-agent as:
 #   python3 launcher.py ENTRYPOINT SOCKET CODE_DIR
 #
-# Imports the program's ASGI app and serves it with uvicorn on a unix
-# socket. The app is wrapped so that:
+# Imports the program's ASGI app and serves it on a unix socket: with
+# uvicorn when the runtime has it, else with asgi_server.py (written beside
+# this file), a standard-library server, as aleph-vm's official runtimes
+# have no uvicorn. The app is wrapped so that:
 #   - lifespan startup/shutdown run for apps that support them, and apps
 #     that do not are still served (like uvicorn's lifespan="auto", but
 #     decided here so the agent's behaviour does not depend on the uvicorn
 #     version of the runtime);
 #   - an unhandled exception answers 500 with the traceback as text/plain,
 #     which aleph-vm users rely on to debug programs they cannot log into.
+# A program that cannot start (its import raises, its lifespan startup
+# fails) leaves its traceback in START_ERROR beside the socket: the agent
+# hands it to the supervisor, which answers it, as aleph-vm does.
 import asyncio
 import importlib
+import importlib.machinery
+import importlib.util
 import inspect
 import logging
 import os
@@ -24,15 +31,58 @@ log = logging.getLogger("aleph.launcher")
 # replaced by the traceback. Past this size they are let through as is.
 HOLD_LIMIT = 1 << 20
 
+# Where a dependency volume is usually mounted; aleph-vm puts it on
+# sys.path right after the code, ahead of the runtime's own packages.
+PACKAGES_DIR = "/opt/packages"
+START_ERROR = "start-error.txt"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def report_start_failure(socket_path, text):
+    print(text, file=sys.stderr, flush=True)
+    path = os.path.join(os.path.dirname(socket_path), START_ERROR)
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        log.warning("could not record the start failure: %s", e)
+
+
+def set_import_path(code_dir):
+    # The launcher's own directory is not the program's business (a module
+    # of the program named like ours must win).
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+    sys.path[0:0] = [code_dir, PACKAGES_DIR]
+
 
 def load_app(entrypoint, code_dir):
-    module_name, _, attr = entrypoint.partition(":")
-    sys.path.insert(0, code_dir)
+    module_name, sep, attr = entrypoint.partition(":")
+    if not sep:
+        return load_plain(entrypoint, code_dir)
     module = importlib.import_module(module_name)
     app = module
     for part in (attr or "app").split("."):
         app = getattr(app, part)
     return app
+
+
+def load_plain(name, code_dir):
+    """Plain code with an entrypoint that names the app, as aleph-vm's
+    runtimes take it: the single source file (stored under that name) is
+    run as a module and the app is its attribute of that name."""
+    path = os.path.join(code_dir, name)
+    if not os.path.isfile(path):
+        files = [f for f in os.listdir(code_dir) if os.path.isfile(os.path.join(code_dir, f))]
+        if len(files) != 1:
+            raise FileNotFoundError("plain code: no file %s in %s" % (name, code_dir))
+        path = os.path.join(code_dir, files[0])
+    loader = importlib.machinery.SourceFileLoader("main", path)
+    spec = importlib.util.spec_from_loader("main", loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["main"] = module
+    loader.exec_module(module)
+    return getattr(module, name)
 
 
 def as_asgi3(app):
@@ -46,13 +96,17 @@ def as_asgi3(app):
         asgi3 = asyncio.iscoroutinefunction(getattr(app, "__call__", None))
     if asgi3:
         return app
-    from uvicorn.middleware.asgi2 import ASGI2Middleware
-    return ASGI2Middleware(app)
+
+    async def asgi2(scope, receive, send):
+        await app(scope)(receive, send)
+
+    return asgi2
 
 
 class Wrapper:
-    def __init__(self, app):
+    def __init__(self, app, on_startup_failed):
         self.app = app
+        self.on_startup_failed = on_startup_failed
         self.lifespan_queue = None
         self.lifespan_task = None
         self.lifespan_done = None
@@ -60,7 +114,7 @@ class Wrapper:
     async def __call__(self, scope, receive, send):
         kind = scope["type"]
         if kind == "lifespan":
-            await self.lifespan(receive, send)
+            await self.lifespan(scope, receive, send)
         elif kind == "http":
             await self.http(scope, receive, send)
         else:
@@ -111,22 +165,32 @@ class Wrapper:
         for m in held:
             await send(m)
 
-    async def lifespan(self, receive, send):
+    async def lifespan(self, outer_scope, receive, send):
         # Runs the app's own lifespan in a task fed through a queue, so an
-        # app that rejects the lifespan scope cannot stop the server.
+        # app that rejects the lifespan scope cannot stop the server. An
+        # app that raises before taking the startup event does not support
+        # lifespan; one that raises after it failed its startup.
         inner_queue = asyncio.Queue()
         answers = asyncio.Queue()
+        took_event = False
+
+        async def inner_receive():
+            nonlocal took_event
+            took_event = True
+            return await inner_queue.get()
 
         async def inner_send(message):
             await answers.put(message)
 
+        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"},
+                 "state": outer_scope.get("state", {})}
+
         async def run_app():
             try:
-                await self.app({"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}},
-                               inner_queue.get, inner_send)
+                await self.app(scope, inner_receive, inner_send)
             except BaseException as e:  # noqa: BLE001 - reported, never fatal
-                return e
-            return None
+                return e, traceback.format_exc()
+            return None, None
 
         task = None
         supported = True
@@ -136,13 +200,23 @@ class Wrapper:
             await inner_queue.put({"type": event})
             getter = asyncio.ensure_future(answers.get())
             done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            answer = None
             if getter in done:
                 answer = getter.result()
+            else:
+                # The app ended; what it sent just before is still queued.
+                getter.cancel()
+                try:
+                    answer = answers.get_nowait()
+                except asyncio.QueueEmpty:
+                    pass
+            if answer is not None:
                 if answer["type"] == failed:
                     return answer
                 return {"type": ok}
-            getter.cancel()
-            err = task.result()
+            err, text = task.result()
+            if err is not None and took_event:
+                return {"type": failed, "message": text}
             supported = False
             if err is not None:
                 log.info("ASGI lifespan not supported by the app (%s: %s); serving without it",
@@ -155,6 +229,8 @@ class Wrapper:
                 task = asyncio.ensure_future(run_app())
                 answer = await forward("lifespan.startup", "lifespan.startup.complete",
                                        "lifespan.startup.failed")
+                if answer["type"].endswith("failed"):
+                    self.on_startup_failed(answer.get("message") or "ASGI lifespan startup failed")
                 await send(answer)
                 if answer["type"].endswith("failed"):
                     return
@@ -187,9 +263,10 @@ def wait_for_job(socket_path, code_dir):
     # Code that ships its own copy of a module imported above (a vendored
     # FastAPI, say) must get its copy: start afresh, same process, same
     # pipes, with the program's environment.
-    shadowed = sorted(n for n in top_level_names(code_dir) if n in sys.modules)
+    shadowed = sorted(n for n in top_level_names(code_dir) | top_level_names(PACKAGES_DIR)
+                      if n in sys.modules)
     if shadowed:
-        print("launcher: the code provides %s; starting a fresh interpreter" % ", ".join(shadowed),
+        print("launcher: the program provides %s; starting a fresh interpreter" % ", ".join(shadowed),
               file=sys.stderr, flush=True)
         os.execv(sys.executable, [sys.executable, os.path.abspath(__file__),
                                   job["entrypoint"], socket_path, code_dir])
@@ -224,12 +301,31 @@ def main():
     log.setLevel(logging.INFO)
     log.propagate = False
     os.chdir(code_dir)
-    app = load_app(entrypoint, code_dir)
+    # First, so that a uvicorn the program ships is the one that serves.
+    set_import_path(code_dir)
+    try:
+        import uvicorn
+    except ImportError:
+        uvicorn = None
+    server_module = None
+    if uvicorn is None:
+        # Loaded by path and under a name of its own: the launcher's
+        # directory is no longer on sys.path.
+        spec = importlib.util.spec_from_file_location("_aleph_asgi_server", os.path.join(HERE, "asgi_server.py"))
+        server_module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(server_module)
+    try:
+        app = as_asgi3(load_app(entrypoint, code_dir))
+    except BaseException:
+        report_start_failure(socket_path, traceback.format_exc())
+        sys.exit(3)
+    wrapped = Wrapper(app, lambda text: report_start_failure(socket_path, text))
 
-    import uvicorn
+    if server_module is not None:
+        sys.exit(server_module.serve(wrapped, socket_path, lambda text: None))
 
     config = uvicorn.Config(
-        Wrapper(as_asgi3(app)),
+        wrapped,
         uds=socket_path,
         interface="asgi3",
         lifespan="on",

@@ -38,7 +38,8 @@ func startPreload(spec programSpec, r *reaper, log *slog.Logger) (*preloaded, er
 	}
 	cmd := exec.Command(spec.python, launcher, "--preload", spec.socket, spec.codeDir)
 	cmd.Dir = "/"
-	cmd.Env = []string{"PATH=" + basePath, "HOME=/root", "LANG=C.UTF-8", "PYTHONUNBUFFERED=1"}
+	// PYTHONPATH as the program will have it: it acts at start-up only.
+	cmd.Env = []string{"PATH=" + basePath, "HOME=/root", "LANG=C.UTF-8", "PYTHONUNBUFFERED=1", "PYTHONPATH=" + alephLibs}
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		return nil, err
@@ -79,8 +80,8 @@ func (p *preloaded) adopt(cfg guest.Config, spec programSpec, log *slog.Logger) 
 			return nil, nil
 		}
 	}
-	if module, attr, ok := strings.Cut(cfg.Entrypoint, ":"); !ok || module == "" || attr == "" {
-		return nil, fmt.Errorf("ASGI entrypoint %q is not module:attribute", cfg.Entrypoint)
+	if err := checkASGIEntrypoint(cfg); err != nil {
+		return nil, err
 	}
 	env := map[string]string{}
 	for _, kv := range programEnv(cfg, spec, log) {

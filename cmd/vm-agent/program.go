@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -28,6 +29,20 @@ import (
 
 //go:embed launcher.py
 var launcherSource string
+
+// asgiServerSource is the launcher's standard-library ASGI server, for
+// runtimes without uvicorn.
+//
+//go:embed asgi_server.py
+var asgiServerSource string
+
+// startErrorFile, beside the program socket, is where the launcher leaves
+// the traceback of a program that could not start.
+const startErrorFile = "start-error.txt"
+
+// Where aleph-vm's runtime installs its own Python libraries (its init
+// exports PYTHONPATH with it, so programs and their children see it).
+const alephLibs = "/opt/aleph/libs"
 
 // programSpec is what the agent's flags decide about how programs run.
 type programSpec struct {
@@ -77,6 +92,7 @@ func programEnv(cfg guest.Config, spec programSpec, log *slog.Logger) []string {
 		// of a program that is killed.
 		env["PYTHONUNBUFFERED"] = "1"
 	}
+	env["PYTHONPATH"] = alephLibs
 	for _, vars := range []map[string]string{cfg.Variables, cfg.AlephEnv} {
 		for k, v := range vars {
 			if k == "" || strings.ContainsAny(k, "=\x00") || strings.Contains(v, "\x00") {
@@ -102,19 +118,50 @@ func programEnv(cfg guest.Config, spec programSpec, log *slog.Logger) []string {
 // rather than -c: tracebacks and process listings then name it instead of
 // showing "<string>" or the whole source.
 func writeLauncher(spec programSpec) (string, error) {
-	launcher := filepath.Join(filepath.Dir(spec.socket), "launcher.py")
+	dir := filepath.Dir(spec.socket)
+	if err := os.WriteFile(filepath.Join(dir, "asgi_server.py"), []byte(asgiServerSource), 0o644); err != nil {
+		return "", fmt.Errorf("write launcher: %w", err)
+	}
+	launcher := filepath.Join(dir, "launcher.py")
 	if err := os.WriteFile(launcher, []byte(launcherSource), 0o644); err != nil {
+		return "", fmt.Errorf("write launcher: %w", err)
+	}
+	// One left by an earlier run would be taken for this one's.
+	if err := os.Remove(filepath.Join(dir, startErrorFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return "", fmt.Errorf("write launcher: %w", err)
 	}
 	return launcher, nil
 }
 
+// checkASGIEntrypoint: module:attribute, or with plain code the name of
+// the app in the file (aleph-vm's form).
+func checkASGIEntrypoint(cfg guest.Config) error {
+	module, attr, ok := strings.Cut(cfg.Entrypoint, ":")
+	if ok && module != "" && attr != "" {
+		return nil
+	}
+	if !ok && cfg.Encoding == "plain" && pyIdentifier.MatchString(cfg.Entrypoint) {
+		return nil
+	}
+	return fmt.Errorf("ASGI entrypoint %q is not module:attribute", cfg.Entrypoint)
+}
+
+var pyIdentifier = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+
+// startError is the traceback the launcher left for a failed start, if any.
+func startError(spec programSpec) string {
+	b, err := os.ReadFile(filepath.Join(filepath.Dir(spec.socket), startErrorFile))
+	if err != nil {
+		return ""
+	}
+	return string(b)
+}
+
 func programCommand(cfg guest.Config, spec programSpec) (cmd *exec.Cmd, network, address string, err error) {
 	switch cfg.Interface {
 	case guest.InterfaceASGI:
-		module, attr, ok := strings.Cut(cfg.Entrypoint, ":")
-		if !ok || module == "" || attr == "" {
-			return nil, "", "", fmt.Errorf("ASGI entrypoint %q is not module:attribute", cfg.Entrypoint)
+		if err := checkASGIEntrypoint(cfg); err != nil {
+			return nil, "", "", err
 		}
 		launcher, err := writeLauncher(spec)
 		if err != nil {

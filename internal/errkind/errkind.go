@@ -27,6 +27,7 @@ const (
 	Unsupported          // message kind recognised but not served here (INSTANCE on /vm): 400
 	Upstream             // remote API answered an error: 502
 	ResourceMissing      // a ref of the program (code, runtime, volume) cannot be obtained: 400
+	ProgramFailed        // the program's own code failed to start (traceback for the client): 500
 )
 
 var names = map[Kind]string{
@@ -35,6 +36,7 @@ var names = map[Kind]string{
 	Timeout: "timeout", BadGateway: "bad gateway", TooLarge: "too large",
 	Forbidden: "forbidden", Unauthorized: "unauthorized", Conflict: "conflict",
 	Unsupported: "unsupported", Upstream: "upstream error", ResourceMissing: "resource missing",
+	ProgramFailed: "program failed",
 }
 
 func (k Kind) String() string { return names[k] }

@@ -39,6 +39,9 @@ func HTTPStatus(err error) int {
 		return http.StatusGatewayTimeout
 	case BadGateway, Upstream:
 		return http.StatusBadGateway
+	case ProgramFailed:
+		// aleph-vm's status for a program whose start-up raised.
+		return http.StatusInternalServerError
 	}
 	return http.StatusInternalServerError
 }

@@ -19,6 +19,9 @@ func TestHTTPStatus(t *testing.T) {
 		{fmt.Errorf("extracting code: %w", full), http.StatusInsufficientStorage},
 		{Wrap(BadGateway, fmt.Errorf("starting: %w", full)), http.StatusInsufficientStorage},
 		{fmt.Errorf("plain"), http.StatusInternalServerError},
+		// A program's own start failure outranks the wrapping of the pool.
+		{fmt.Errorf("connect: %w", Wrap(ProgramFailed, fmt.Errorf("import error"))), http.StatusInternalServerError},
+		{Wrap(ProgramFailed, Wrap(BadGateway, fmt.Errorf("x"))), http.StatusInternalServerError},
 	} {
 		if got := HTTPStatus(c.err); got != c.want {
 			t.Errorf("HTTPStatus(%v) = %d, want %d", c.err, got, c.want)

@@ -12,10 +12,21 @@ import (
 	"time"
 
 	"github.com/hashicorp/yamux"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 )
 
 // ErrClosed is returned when the guest channel ended before an answer came.
 var ErrClosed = errors.New("guest channel closed")
+
+// StartError is a program that could not start by its own fault and said
+// why: Traceback is what clients read (aleph-vm answers it too).
+type StartError struct {
+	Detail    string // the agent's account: exit status, last output lines
+	Traceback string
+}
+
+func (e *StartError) Error() string { return "program failed to start: " + e.Detail }
 
 // hostCloseTimeout is short because net/http only closes a connection once
 // it is done with it entirely: a half-closed stream on the host side never
@@ -124,6 +135,9 @@ func (c *Client) Start(ctx context.Context, cfg Config) error {
 	}
 	if st.Error != "" {
 		c.sess.Close()
+		if st.Traceback != "" {
+			return errkind.Wrap(errkind.ProgramFailed, &StartError{Detail: st.Error, Traceback: st.Traceback})
+		}
 		return fmt.Errorf("program failed to start: %s", st.Error)
 	}
 	if !st.Ready {

@@ -111,6 +111,10 @@ type Status struct {
 	// Exited is sent unasked when the program ended by itself after it was
 	// ready; Error then holds the exit status and its last output lines.
 	Exited bool `json:"exited,omitempty"`
+	// Traceback, with Error, is the program's own account of why it could
+	// not start (a Python traceback: its import raised, its lifespan
+	// startup failed). The host answers it to the client, as aleph-vm does.
+	Traceback string `json:"traceback,omitempty"`
 }
 
 // Command is a later instruction on the control stream.

@@ -3,9 +3,11 @@ package httpapi
 import (
 	"encoding/json"
 	"errors"
+	"io"
 	"net/http"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
+	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
 )
 
 // statusFor maps errors to status codes: errkind.HTTPStatus, plus the
@@ -22,6 +24,17 @@ func statusFor(err error) int {
 func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	code := statusFor(err)
 	msg := err.Error()
+	// A program that could not start answers its own traceback as text,
+	// as aleph-vm does: that is how its author learns why.
+	var start *guest.StartError
+	if errors.As(err, &start) && errkind.Is(err, errkind.ProgramFailed) {
+		s.log.Info("program failed to start", "method", r.Method, "path", r.URL.Path, "status", code, "err", err)
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		w.WriteHeader(code)
+		_, _ = io.WriteString(w, start.Traceback)
+		return
+	}
 	switch code {
 	case http.StatusInternalServerError:
 		s.log.Error("internal error", "method", r.Method, "path", r.URL.Path, "err", err)

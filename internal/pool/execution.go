@@ -218,6 +218,9 @@ func (e *Execution) bootSteps(ctx context.Context) error {
 // died (runsc refused the spec, the VM did not boot, the memory limit),
 // its exit is what the client needs to read, not "guest channel closed".
 func (e *Execution) startFailure(err error) error {
+	if errkind.Is(err, errkind.ProgramFailed) {
+		return err // the program's own account says it all
+	}
 	if e.instance != nil {
 		select {
 		case <-e.instance.Done():
@@ -360,10 +363,7 @@ func SpecFor(prog *sources.Program, persistentDir string) backend.Spec {
 
 func (e *Execution) guestConfig() guest.Config {
 	c := e.prog.Content
-	iface := guest.InterfaceExecutable
-	if strings.Contains(c.Code.Entrypoint, ":") {
-		iface = guest.InterfaceASGI
-	}
+	iface := programInterface(c.Code)
 	env := map[string]string{}
 	for k, v := range e.pool.opts.AlephEnv {
 		env[k] = v
@@ -386,6 +386,22 @@ func (e *Execution) guestConfig() guest.Config {
 		}
 	}
 	return cfg
+}
+
+// programInterface is the message's code.interface when it gives one
+// ("binary" is aleph-message's word for an executable), else what the
+// entrypoint looks like: only Python ASGI entrypoints have a colon.
+func programInterface(code message.CodeContent) string {
+	switch code.Interface {
+	case "asgi":
+		return guest.InterfaceASGI
+	case "binary":
+		return guest.InterfaceExecutable
+	}
+	if strings.Contains(code.Entrypoint, ":") {
+		return guest.InterfaceASGI
+	}
+	return guest.InterfaceExecutable
 }
 
 // RequestTimeout is the program's per-request budget (resources.seconds).

@@ -3,7 +3,16 @@
 # minbase) with Python 3, uvicorn, FastAPI, aiohttp and msgpack, packed as a
 # read-only squashfs.
 #
-#   create.sh [OUTPUT_SQUASHFS]     (default: rootfs.squashfs next to this file)
+#   create.sh [--without-uvicorn] [OUTPUT_SQUASHFS]
+#       (default output: rootfs.squashfs next to this file, or
+#        rootfs-no-uvicorn.squashfs with --without-uvicorn)
+#
+# --without-uvicorn (or WITHOUT_UVICORN=1) builds the variant without
+# uvicorn (nor its uvloop/httptools speed-ups), like aleph-vm's official
+# runtimes, whose init serves ASGI itself: vm-agent's launcher then serves
+# with its standard-library server. Debian's python3-fastapi depends on
+# python3-uvicorn, so the variant is a copy of the cached tree with those
+# packages purged past the dependency, cached beside it.
 #
 # The debootstrap tree is cached outside the work tree, keyed on the package
 # list, so a rerun with nothing changed only re-packs (or does nothing when
@@ -14,7 +23,13 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-output=$(realpath -m "${1:-$here/rootfs.squashfs}")
+without_uvicorn=${WITHOUT_UVICORN:-0}
+if [ "${1:-}" = --without-uvicorn ]; then
+	without_uvicorn=1
+	shift
+fi
+[ "$without_uvicorn" = 1 ] && default_output=$here/rootfs-no-uvicorn.squashfs || default_output=$here/rootfs.squashfs
+output=$(realpath -m "${1:-$default_output}")
 suite=bookworm
 cache=${ALEPH_VM_BUILD_CACHE:-/var/cache/aleph-vm-build}/debian-12-python
 
@@ -76,11 +91,11 @@ tree=$cache/rootfs
 stamp=$cache/stamp
 
 if [ -d "$tree" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$key" ]; then
-	if [ -f "$output" ] && [ "$output" -nt "$stamp" ]; then
+	if [ "$without_uvicorn" != 1 ] && [ -f "$output" ] && [ "$output" -nt "$stamp" ]; then
 		log "up to date: $output"
 		exit 0
 	fi
-	log "cached tree $tree is current; re-packing only"
+	[ "$without_uvicorn" = 1 ] || log "cached tree $tree is current; re-packing only"
 else
 	log "debootstrap $suite from $mirror into $cache (about 2 minutes)"
 	mkdir -p "$cache"
@@ -111,6 +126,39 @@ else
 
 	mv "$tree.tmp" "$tree"
 	echo "$key" > "$stamp"
+fi
+
+if [ "$without_uvicorn" = 1 ]; then
+	# Bump when the removal below changes.
+	variant_version=1
+	variant_key=$(printf '%s\n' "$key" no-uvicorn "$variant_version" | sha256sum | cut -d' ' -f1)
+	vtree=$cache/rootfs-no-uvicorn
+	vstamp=$cache/stamp-no-uvicorn
+	if [ -d "$vtree" ] && [ "$(cat "$vstamp" 2>/dev/null)" = "$variant_key" ]; then
+		if [ -f "$output" ] && [ "$output" -nt "$vstamp" ]; then
+			log "up to date: $output"
+			exit 0
+		fi
+		log "cached tree $vtree is current; re-packing only"
+	else
+		log "copying $tree to $vtree without uvicorn"
+		rm -rf "$vtree" "$vtree.tmp" "$vstamp"
+		cp -a "$tree" "$vtree.tmp"
+		# dpkg keeps its database right; --force-depends because
+		# python3-fastapi declares uvicorn a dependency it never imports.
+		chroot "$vtree.tmp" dpkg --purge --force-depends \
+			python3-uvicorn python3-uvloop python3-httptools
+		find "$vtree.tmp"/usr/lib/python3/dist-packages -maxdepth 1 -iname '*uvicorn*' | grep . && die "uvicorn files left in the tree"
+		chroot "$vtree.tmp" /usr/bin/python3 -c 'import fastapi, starlette, pydantic' ||
+			die "fastapi no longer imports without uvicorn"
+		if chroot "$vtree.tmp" /usr/bin/python3 -c 'import uvicorn' 2>/dev/null; then
+			die "uvicorn still imports in the variant"
+		fi
+		rm -rf "$vtree.tmp"/var/log/* "$vtree.tmp"/tmp/*
+		mv "$vtree.tmp" "$vtree"
+		echo "$variant_key" > "$vstamp"
+	fi
+	tree=$vtree
 fi
 
 # Read the help once: `grep -q` quitting early would kill mksquashfs with
