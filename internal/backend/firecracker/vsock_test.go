@@ -82,7 +82,7 @@ func TestDialVsock(t *testing.T) {
 		check   func(t *testing.T, c net.Conn)
 	}{
 		{
-			name: "handshake then guest stream",
+			name:   "handshake then guest stream",
 			handle: echoPeer,
 			check: func(t *testing.T, c net.Conn) {
 				if _, err := c.Write([]byte("ping")); err != nil {
