@@ -168,6 +168,7 @@ func unmount(path string) {
 		fmt.Fprintf(os.Stderr, "bench: unmount %s: %v\n", path, err)
 	}
 }
+
 func benchNative(ctx context.Context) (figures, error) {
 	var f figures
 	dir, err := os.MkdirTemp("", "bench-native-")
