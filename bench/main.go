@@ -161,6 +161,14 @@ func printTable(w io.Writer, r result) {
 
 // --- native baseline -------------------------------------------------
 
+// unmount undoes one of the baseline's mounts; a failure leaves a mount
+// behind, which the operator should hear of.
+func unmount(path string) {
+	if err := syscall.Unmount(path, syscall.MNT_DETACH); err != nil {
+		fmt.Fprintf(os.Stderr, "bench: unmount %s: %v\n", path, err)
+	}
+}
+
 func benchNative(ctx context.Context) (figures, error) {
 	var f figures
 	dir, err := os.MkdirTemp("", "bench-native-")
@@ -177,22 +185,22 @@ func benchNative(ctx context.Context) (figures, error) {
 	if out, err := exec.Command("mount", "-o", "loop,ro", "-t", "squashfs", *runtime, lower).CombinedOutput(); err != nil {
 		return f, fmt.Errorf("mounting runtime: %v: %s", err, out)
 	}
-	defer syscall.Unmount(lower, syscall.MNT_DETACH)
+	defer unmount(lower)
 	if err := syscall.Mount("overlay", root, "overlay", 0, "lowerdir="+lower+",upperdir="+upper+",workdir="+work); err != nil {
 		return f, fmt.Errorf("overlay: %w", err)
 	}
-	defer syscall.Unmount(root, syscall.MNT_DETACH)
+	defer unmount(root)
 	for _, m := range []string{"dev", "proc"} {
 		_ = os.MkdirAll(filepath.Join(root, m), 0o755)
 	}
 	if err := syscall.Mount("/dev", filepath.Join(root, "dev"), "", syscall.MS_BIND|syscall.MS_REC, ""); err != nil {
 		return f, err
 	}
-	defer syscall.Unmount(filepath.Join(root, "dev"), syscall.MNT_DETACH)
+	defer unmount(filepath.Join(root, "dev"))
 	if err := syscall.Mount("proc", filepath.Join(root, "proc"), "proc", 0, ""); err != nil {
 		return f, err
 	}
-	defer syscall.Unmount(filepath.Join(root, "proc"), syscall.MNT_DETACH)
+	defer unmount(filepath.Join(root, "proc"))
 	if err := os.CopyFS(filepath.Join(root, "opt/code"), os.DirFS(*app)); err != nil {
 		return f, err
 	}

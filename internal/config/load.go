@@ -156,29 +156,64 @@ type rawValue struct {
 // strings, as os.Environ returns) and the command-line args (without the
 // program name), each overriding the previous.
 func Load(args []string, environ []string, dotenvPath string) (*Settings, *Options, error) {
-	opts := &Options{}
-	fv := &flagValues{opts: opts}
+	fs, fv, err := parseArgs(args)
+	opts := fv.opts
+	if err != nil {
+		return nil, opts, err
+	}
+	raw, unknown, err := gatherRaw(dotenvPath, environ)
+	if err != nil {
+		return nil, opts, err
+	}
+	addFlagSettings(raw, fs, fv)
+	s, given, err := apply(raw)
+	if err != nil {
+		return nil, opts, err
+	}
+	for _, d := range table {
+		if given[d.name] && d.notUsedYet != "" {
+			opts.NotUsedYet = append(opts.NotUsedYet, EnvPrefix+d.name)
+		}
+	}
+	for k := range unknown {
+		opts.Unknown = append(opts.Unknown, k)
+	}
+	sort.Strings(opts.Unknown)
+	return s, opts, nil
+}
+
+// parseArgs parses the command line; fv.opts holds the flag-only values
+// even on error (Help in particular).
+func parseArgs(args []string) (*pflag.FlagSet, *flagValues, error) {
+	fv := &flagValues{opts: &Options{}}
+	opts := fv.opts
 	fs := newFlagSet(fv)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
 			opts.Help = true
-			return nil, opts, ErrHelp
+			return fs, fv, ErrHelp
 		}
-		return nil, opts, fmt.Errorf("%s (see --help)", oneLine(err.Error()))
+		return fs, fv, fmt.Errorf("%s (see --help)", oneLine(err.Error()))
 	}
 	opts.Args = fs.Args()
 	if opts.Help {
-		return nil, opts, ErrHelp
+		return fs, fv, ErrHelp
 	}
 	if opts.Benchmark < 0 {
-		return nil, opts, fmt.Errorf("invalid --benchmark = %d: must not be negative", opts.Benchmark)
+		return fs, fv, fmt.Errorf("invalid --benchmark = %d: must not be negative", opts.Benchmark)
 	}
 	if fv.jailer && fv.noJailer {
-		return nil, opts, errors.New("--jailer and --no-jailer cannot be used together")
+		return fs, fv, errors.New("--jailer and --no-jailer cannot be used together")
 	}
+	return fs, fv, nil
+}
 
-	raw := map[string]rawValue{}
-	unknown := map[string]bool{}
+// gatherRaw collects the ALEPH_VM_* values of the .env file, then of
+// environ (which overrides it), by setting name; unknown holds the
+// ALEPH_VM_* keys that name no setting.
+func gatherRaw(dotenvPath string, environ []string) (raw map[string]rawValue, unknown map[string]bool, err error) {
+	raw = map[string]rawValue{}
+	unknown = map[string]bool{}
 	take := func(key, value, source string) {
 		name, ok := strings.CutPrefix(key, EnvPrefix)
 		if !ok {
@@ -194,7 +229,7 @@ func Load(args []string, environ []string, dotenvPath string) (*Settings, *Optio
 	if dotenvPath != "" {
 		file, err := readDotenv(dotenvPath)
 		if err != nil {
-			return nil, opts, err
+			return nil, nil, err
 		}
 		for k, v := range file {
 			take(k, v, dotenvPath)
@@ -206,7 +241,12 @@ func Load(args []string, environ []string, dotenvPath string) (*Settings, *Optio
 			take(k, v, "")
 		}
 	}
+	return raw, unknown, nil
+}
 
+// addFlagSettings lets the flags given on the command line override the
+// values of raw.
+func addFlagSettings(raw map[string]rawValue, fs *pflag.FlagSet, fv *flagValues) {
 	for _, sf := range settingFlags {
 		if fs.Changed(sf.flag) {
 			raw[sf.setting] = rawValue{fv.settingsV[sf.flag].value, "--" + sf.flag}
@@ -227,7 +267,11 @@ func Load(args []string, environ []string, dotenvPath string) (*Settings, *Optio
 	if fs.Changed("fake-data-program") {
 		raw["FAKE_DATA_PROGRAM"] = rawValue{fv.fakeDataProgram, "-f/--fake-data-program"}
 	}
+}
 
+// apply sets the raw values over the defaults and validates the result;
+// given tells which settings had a value.
+func apply(raw map[string]rawValue) (*Settings, map[string]bool, error) {
 	s := Default()
 	given := map[string]bool{}
 	// Table order, not map order, so that the first error reported is the
@@ -246,7 +290,7 @@ func Load(args []string, environ []string, dotenvPath string) (*Settings, *Optio
 			err = d.set(s, v)
 		}
 		if err != nil {
-			return nil, opts, &SettingError{Name: d.name, Value: rv.value, Source: rv.source, Reason: err.Error()}
+			return nil, nil, &SettingError{Name: d.name, Value: rv.value, Source: rv.source, Reason: err.Error()}
 		}
 	}
 	s.deriveFromExecutionRoot(given)
@@ -254,18 +298,9 @@ func Load(args []string, environ []string, dotenvPath string) (*Settings, *Optio
 		if rv, ok := raw[serr.Name]; ok {
 			serr.Source = rv.source
 		}
-		return nil, opts, serr
+		return nil, nil, serr
 	}
-	for _, d := range table {
-		if given[d.name] && d.notUsedYet != "" {
-			opts.NotUsedYet = append(opts.NotUsedYet, EnvPrefix+d.name)
-		}
-	}
-	for k := range unknown {
-		opts.Unknown = append(opts.Unknown, k)
-	}
-	sort.Strings(opts.Unknown)
-	return s, opts, nil
+	return s, given, nil
 }
 
 // readDotenv parses the file without touching the process environment. A

@@ -21,6 +21,7 @@ const EnvPrefix = "ALEPH_VM_"
 // Hypervisor names an isolation backend, or "auto" to pick one at start.
 type Hypervisor string
 
+// Values of ALEPH_VM_HYPERVISOR.
 const (
 	HypervisorAuto        Hypervisor = "auto"
 	HypervisorFirecracker Hypervisor = "firecracker"

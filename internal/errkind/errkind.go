@@ -11,6 +11,8 @@ import (
 // Kind says what class of failure an error belongs to.
 type Kind int
 
+// Kinds, with the HTTP status each usually maps to (see HTTPStatus);
+// Unknown is an error nobody classified.
 const (
 	Unknown         Kind = iota
 	InvalidInput         // malformed request or message: 400

@@ -96,7 +96,8 @@ func probeKVM(path string) error {
 	if err != nil {
 		return err
 	}
-	defer unix.Munmap(mem)
+	// Munmap fails only on a bad address.
+	defer func() { _ = unix.Munmap(mem) }()
 	mem[0x1000] = 0xf4 // hlt
 	region := struct {
 		slot, flags                    uint32
@@ -118,7 +119,7 @@ func probeKVM(path string) error {
 	if err != nil {
 		return err
 	}
-	defer unix.Munmap(run)
+	defer func() { _ = unix.Munmap(run) }()
 
 	// Real mode, code segment at 0, instruction pointer on the HLT.
 	var sregs [312]byte

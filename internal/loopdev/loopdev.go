@@ -134,9 +134,9 @@ func List() ([]Device, error) {
 // BackedUnder returns the loop devices whose backing file is at or below
 // dir (symbolic links in dir resolved, as the kernel reports real paths).
 func BackedUnder(dir string) ([]Device, error) {
-	real, err := filepath.EvalSymlinks(dir)
+	resolved, err := filepath.EvalSymlinks(dir)
 	if err != nil {
-		real = filepath.Clean(dir)
+		resolved = filepath.Clean(dir)
 	}
 	all, err := List()
 	if err != nil {
@@ -144,7 +144,7 @@ func BackedUnder(dir string) ([]Device, error) {
 	}
 	var out []Device
 	for _, d := range all {
-		if d.Backing == real || strings.HasPrefix(d.Backing, real+"/") {
+		if d.Backing == resolved || strings.HasPrefix(d.Backing, resolved+"/") {
 			out = append(out, d)
 		}
 	}
@@ -153,7 +153,7 @@ func BackedUnder(dir string) ([]Device, error) {
 
 // BackedBy returns the loop devices bound to the file at path.
 func BackedBy(path string) ([]Device, error) {
-	real, err := filepath.EvalSymlinks(path)
+	resolved, err := filepath.EvalSymlinks(path)
 	if err != nil {
 		return nil, err
 	}
@@ -163,7 +163,7 @@ func BackedBy(path string) ([]Device, error) {
 	}
 	var out []Device
 	for _, d := range all {
-		if d.Backing == real && !d.Deleted {
+		if d.Backing == resolved && !d.Deleted {
 			out = append(out, d)
 		}
 	}

@@ -198,9 +198,9 @@ func HashFromBase32Label(label string) (string, bool) {
 // quoteShort quotes untrusted input for an error message, cut short so a
 // hostile ref cannot flood logs or responses.
 func quoteShort(s string) string {
-	const max = 80
-	if len(s) > max {
-		return fmt.Sprintf("%q…", s[:max])
+	const maxLen = 80
+	if len(s) > maxLen {
+		return fmt.Sprintf("%q…", s[:maxLen])
 	}
 	return fmt.Sprintf("%q", s)
 }

@@ -8,6 +8,7 @@ import "encoding/json"
 // Type is the message type as served by the Aleph API.
 type Type string
 
+// Message types of the Aleph network.
 const (
 	TypeProgram   Type = "PROGRAM"
 	TypeInstance  Type = "INSTANCE"
@@ -20,6 +21,7 @@ const (
 // Encoding of code or data archives.
 type Encoding string
 
+// Encodings the reference schema allows.
 const (
 	EncodingPlain    Encoding = "plain"
 	EncodingZip      Encoding = "zip"
@@ -75,14 +77,14 @@ type ExportContent struct {
 	Mount    string   `json:"mount"`
 }
 
-// MessageFilter is one subscription filter of `on.message`; free-form.
-type MessageFilter = map[string]any
+// Filter is one subscription filter of `on.message`; free-form.
+type Filter = map[string]any
 
 // Triggers is the `on` section.
 type Triggers struct {
-	HTTP       bool            `json:"http"`
-	Persistent *bool           `json:"persistent,omitempty"`
-	Message    []MessageFilter `json:"message,omitempty"`
+	HTTP       bool     `json:"http"`
+	Persistent *bool    `json:"persistent,omitempty"`
+	Message    []Filter `json:"message,omitempty"`
 }
 
 // Environment is the `environment` section.
@@ -122,6 +124,7 @@ const (
 // VolumeKind tells immutable, ephemeral and persistent volumes apart.
 type VolumeKind string
 
+// Volume kinds, as Volume.Kind tells them.
 const (
 	VolumeImmutable  VolumeKind = "immutable"
 	VolumeEphemeral  VolumeKind = "ephemeral"

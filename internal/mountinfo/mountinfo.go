@@ -77,7 +77,11 @@ func DetachUnder(dir string) error {
 		return err
 	}
 	for _, mp := range mps {
-		for unix.Unmount(mp, unix.MNT_DETACH) == nil {
+		// Each unmount uncovers the mount stacked below, until none is left.
+		for {
+			if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil {
+				break
+			}
 		}
 	}
 	return nil

@@ -31,12 +31,14 @@ type Usage struct {
 	Active     bool       `json:"active"`
 }
 
+// CPUUsage is the host's core count and how busy the cores are.
 type CPUUsage struct {
 	Count           int             `json:"count"`
 	LoadAverage     LoadAverage     `json:"load_average"`
 	CoreFrequencies CoreFrequencies `json:"core_frequencies"`
 }
 
+// LoadAverage is the kernel's run-queue average over 1, 5 and 15 minutes.
 type LoadAverage struct {
 	Load1  float64 `json:"load1"`
 	Load5  float64 `json:"load5"`
@@ -56,6 +58,8 @@ type MemUsage struct {
 	AvailableKB uint64 `json:"available_kB"`
 }
 
+// DiskUsage is the room on the file system Collect is given (kB as
+// MemUsage).
 type DiskUsage struct {
 	TotalKB     uint64 `json:"total_kB"`
 	AvailableKB uint64 `json:"available_kB"`
@@ -67,10 +71,12 @@ type Period struct {
 	DurationSeconds float64   `json:"duration_seconds"`
 }
 
+// Properties are what does not change while the host runs.
 type Properties struct {
 	CPU CPUProperties `json:"cpu"`
 }
 
+// CPUProperties let a scheduler match programs to CPU kinds.
 type CPUProperties struct {
 	Architecture string `json:"architecture"`
 	Vendor       string `json:"vendor"`

@@ -17,8 +17,8 @@ type Buffer struct {
 	lines   []string
 }
 
-// New returns a buffer of the last max lines, each cut at maxLine bytes.
-func New(max, maxLine int) *Buffer { return &Buffer{max: max, maxLine: maxLine} }
+// New returns a buffer of the last maxLines lines, each cut at maxLine bytes.
+func New(maxLines, maxLine int) *Buffer { return &Buffer{max: maxLines, maxLine: maxLine} }
 
 // Add records one line (a trailing newline is dropped).
 func (t *Buffer) Add(line []byte) {

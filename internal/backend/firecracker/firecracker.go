@@ -376,10 +376,10 @@ func BuildPlan(opts Options, spec backend.Spec, drives []vmimage.Drive) (*Plan, 
 			CgroupVersion:   opts.CgroupVersion,
 			ParentCgroup:    opts.ParentCgroup,
 			Cgroups:         CgroupLimits(opts.CgroupVersion, cfg.MachineConfig.VCPUCount, cfg.MachineConfig.MemSizeMiB+opts.MemoryOverheadMiB),
-			FirecrackerArgs: FirecrackerArgs(JailConfigFile, JailAPISocket),
+			FirecrackerArgs: VMMArgs(JailConfigFile, JailAPISocket),
 		})
 	} else {
-		p.Command = append([]string{opts.FirecrackerPath}, FirecrackerArgs(p.ConfigFile, p.APISocket)...)
+		p.Command = append([]string{opts.FirecrackerPath}, VMMArgs(p.ConfigFile, p.APISocket)...)
 	}
 	return p, nil
 }

@@ -80,8 +80,11 @@ func fakeVMM(mode string) int {
 				if err != nil || line != "CONNECT 52" {
 					return
 				}
-				c.Write([]byte("OK 1073741824\n"))
-				io.Copy(c, c)
+				if _, err := c.Write([]byte("OK 1073741824\n")); err != nil {
+					return
+				}
+				_, _ = io.Copy(c, c) // echo until the test hangs up
+
 			}()
 		}
 	}()
@@ -91,10 +94,9 @@ func fakeVMM(mode string) int {
 	if err != nil {
 		return 1
 	}
-	go http.Serve(al, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	actions := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		var a InstanceAction
-		json.NewDecoder(r.Body).Decode(&a)
-		if r.Method != http.MethodPut || r.URL.Path != "/actions" || a.ActionType != ActionSendCtrlAltDel {
+		if err := json.NewDecoder(r.Body).Decode(&a); err != nil || r.Method != http.MethodPut || r.URL.Path != "/actions" || a.ActionType != ActionSendCtrlAltDel {
 			w.WriteHeader(http.StatusBadRequest)
 			return
 		}
@@ -102,10 +104,19 @@ func fakeVMM(mode string) int {
 		if mode != "stubborn" {
 			once.Do(func() { close(stop) })
 		}
-	}))
+	})
+	go func() { _ = http.Serve(al, actions) }() // ends when the process exits
 	<-stop
 	time.Sleep(50 * time.Millisecond)
 	return 0
+}
+
+// writeFile writes a test fixture; a failure here is the test's setup failing.
+func writeFile(t *testing.T, path, data string, mode os.FileMode) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(data), mode); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // fakeKernel returns an ELF file (the test binary) to stand for vmlinux.
@@ -121,13 +132,13 @@ func fakeKernel(t *testing.T) string {
 func TestNewErrors(t *testing.T) {
 	dir := t.TempDir()
 	exe := filepath.Join(dir, "firecracker")
-	os.WriteFile(exe, []byte("#!/bin/sh\n"), 0o755)
+	writeFile(t, exe, "#!/bin/sh\n", 0o755)
 	vmm := filepath.Join(dir, "vmm")
-	os.WriteFile(vmm, []byte("#!/bin/sh\n"), 0o755)
+	writeFile(t, vmm, "#!/bin/sh\n", 0o755)
 	notExe := filepath.Join(dir, "jailer-not-exec")
-	os.WriteFile(notExe, nil, 0o644)
+	writeFile(t, notExe, "", 0o644)
 	bzImage := filepath.Join(dir, "bzImage")
-	os.WriteFile(bzImage, []byte("MZ\x00\x00 not an ELF"), 0o644)
+	writeFile(t, bzImage, "MZ\x00\x00 not an ELF", 0o644)
 	kernel := fakeKernel(t)
 	ok := Options{KVMPath: "/dev/null", FirecrackerPath: exe, JailerPath: exe, KernelPath: kernel, CacheRoot: dir}
 	for _, tc := range []struct {
@@ -210,16 +221,17 @@ func TestSendAction(t *testing.T) {
 	}
 	defer l.Close()
 	var got string
-	go http.Serve(l, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	api := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		b, _ := io.ReadAll(r.Body)
 		got = r.Method + " " + r.URL.Path + " " + string(b)
 		if strings.Contains(string(b), "Bad") {
 			w.WriteHeader(http.StatusBadRequest)
-			w.Write([]byte(`{"fault_message":"unknown action"}`))
+			_, _ = w.Write([]byte(`{"fault_message":"unknown action"}`))
 			return
 		}
 		w.WriteHeader(http.StatusNoContent)
-	}))
+	})
+	go func() { _ = http.Serve(l, api) }() // ends when l is closed
 	if err := SendAction(context.Background(), sock, ActionSendCtrlAltDel); err != nil {
 		t.Fatal(err)
 	}
@@ -258,9 +270,9 @@ func startFake(t *testing.T, mode string) (*instance, *syncBuffer, backend.Spec)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	runtime := filepath.Join(dir, "rt.squashfs")
-	os.WriteFile(runtime, []byte("rt"), 0o644)
+	writeFile(t, runtime, "rt", 0o644)
 	code := filepath.Join(dir, "code.squashfs")
-	os.WriteFile(code, []byte("code"), 0o644)
+	writeFile(t, code, "code", 0o644)
 	b, err := New(Options{
 		KVMPath: "/dev/null", FirecrackerPath: fakeKernel(t), KernelPath: fakeKernel(t),
 		CacheRoot: filepath.Join(dir, "cache"), StopGrace: 500 * time.Millisecond,
@@ -292,7 +304,9 @@ func TestLifecycleWithFakeVMM(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			ch.Write([]byte("ping"))
+			if _, err := ch.Write([]byte("ping")); err != nil {
+				t.Fatal(err)
+			}
 			buf := make([]byte, 4)
 			if _, err := io.ReadFull(ch, buf); err != nil || string(buf) != "ping" {
 				t.Fatalf("echo = %q, %v", buf, err)

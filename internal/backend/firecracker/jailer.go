@@ -108,9 +108,9 @@ func JailerCommand(p JailerParams) []string {
 	return append(argv, p.FirecrackerArgs...)
 }
 
-// FirecrackerArgs are Firecracker's own arguments: configured entirely
+// VMMArgs are Firecracker's own arguments: configured entirely
 // from the file, with the API socket kept for the stop action.
-func FirecrackerArgs(configFile, apiSocket string) []string {
+func VMMArgs(configFile, apiSocket string) []string {
 	return []string{"--api-sock", apiSocket, "--config-file", configFile}
 }
 

@@ -22,7 +22,7 @@ func TestJailerCommand(t *testing.T) {
 	base := JailerParams{
 		JailerPath: "/opt/firecracker/jailer", ID: "abc-123", ExecFile: "/opt/firecracker/firecracker",
 		UID: 990, GID: 991, ChrootBaseDir: "/srv/jailer",
-		FirecrackerArgs: FirecrackerArgs(JailConfigFile, JailAPISocket),
+		FirecrackerArgs: VMMArgs(JailConfigFile, JailAPISocket),
 	}
 	for _, tc := range []struct {
 		name string
@@ -283,26 +283,24 @@ func TestJailCrossDevice(t *testing.T) {
 	requireRoot(t)
 	dir := t.TempDir()
 	jailFS := filepath.Join(dir, "tmpfs")
-	os.Mkdir(jailFS, 0o755)
+	if err := os.Mkdir(jailFS, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	if err := unix.Mount("tmpfs", jailFS, "tmpfs", 0, "size=64m"); err != nil {
 		if os.Getenv("CI") == "true" {
 			t.Fatalf("cannot mount tmpfs: %v", err)
 		}
 		t.Skipf("cannot mount tmpfs: %v", err)
 	}
-	t.Cleanup(func() { unix.Unmount(jailFS, unix.MNT_DETACH) })
+	t.Cleanup(func() { _ = unix.Unmount(jailFS, unix.MNT_DETACH) }) // the test directory's removal reports a leftover
 	root := filepath.Join(jailFS, "root")
 
 	ro := filepath.Join(dir, "ro.squashfs")
-	os.WriteFile(ro, []byte("read-only image"), 0o644)
+	writeFile(t, ro, "read-only image", 0o644)
 	sparse := filepath.Join(dir, "eph.ext4")
-	f, _ := os.Create(sparse)
-	f.Truncate(32 << 20)
-	f.WriteAt([]byte("head"), 0)
-	f.WriteAt([]byte("tail"), 32<<20-4)
-	f.Close()
+	writeSparse(t, sparse, 32<<20)
 	persistent := filepath.Join(dir, "db.ext4")
-	os.WriteFile(persistent, []byte("db"), 0o600)
+	writeFile(t, persistent, "db", 0o600)
 
 	if _, err := os.Stat(root); err == nil {
 		t.Fatal("unexpected")
@@ -323,16 +321,13 @@ func TestJailCrossDevice(t *testing.T) {
 		t.Fatalf("temporary across devices: linked=%v err=%v", linked, err)
 	}
 	var st syscall.Stat_t
-	syscall.Stat(filepath.Join(root, "drives/eph"), &st)
+	if err := syscall.Stat(filepath.Join(root, "drives/eph"), &st); err != nil {
+		t.Fatal(err)
+	}
 	if st.Size != 32<<20 || st.Blocks*512 > 1<<20 {
 		t.Errorf("sparse copy: size %d, allocated %d", st.Size, st.Blocks*512)
 	}
-	cp, _ := os.Open(filepath.Join(root, "drives/eph"))
-	head, tail := make([]byte, 4), make([]byte, 4)
-	cp.ReadAt(head, 0)
-	cp.ReadAt(tail, 32<<20-4)
-	cp.Close()
-	if string(head) != "head" || string(tail) != "tail" {
+	if head, tail := headTail(t, filepath.Join(root, "drives/eph")); head != "head" || tail != "tail" {
 		t.Errorf("sparse copy lost data: %q %q", head, tail)
 	}
 
@@ -340,4 +335,46 @@ func TestJailCrossDevice(t *testing.T) {
 	if !errors.Is(err, ErrCrossDevice) {
 		t.Errorf("persistent across devices: err = %v, want ErrCrossDevice", err)
 	}
+}
+
+// writeSparse creates a sparse file of size bytes holding "head" at its
+// start and "tail" at its end, with a hole between.
+func writeSparse(t *testing.T, path string, size int64) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("head"), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("tail"), size-4); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// headTail reads back the first and last four bytes of a file.
+func headTail(t *testing.T, path string) (head, tail string) {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, tl := make([]byte, 4), make([]byte, 4)
+	if _, err := f.ReadAt(h, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.ReadAt(tl, st.Size()-4); err != nil {
+		t.Fatal(err)
+	}
+	return string(h), string(tl)
 }

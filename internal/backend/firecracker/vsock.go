@@ -20,7 +20,7 @@ const (
 	// gives up on an unanswered guest connection after about 2 s and closes
 	// the socket, which ends the attempt earlier.
 	vsockAttemptTimeout = 5 * time.Second
-	vsockRetryMin       = 20 * time.Millisecond
+	vsockRetryFirst     = 20 * time.Millisecond
 	vsockRetryMax       = 250 * time.Millisecond
 	// maxHandshakeLine bounds the answer line; "OK 4294967295\n" is 14 bytes.
 	maxHandshakeLine = 64
@@ -38,7 +38,7 @@ const (
 // right after it is consumed here: the returned net.Conn is the raw
 // socket, with no buffer in front of it.
 func DialVsock(ctx context.Context, udsPath string, port uint32) (net.Conn, error) {
-	wait := vsockRetryMin
+	wait := vsockRetryFirst
 	var last error
 	for attempt := 1; ; attempt++ {
 		conn, err := vsockAttempt(ctx, udsPath, port)
@@ -76,7 +76,8 @@ func vsockAttempt(ctx context.Context, udsPath string, port uint32) (net.Conn, e
 	}()
 	// The deadline ends a read blocked on a silent peer when ctx ends.
 	deadline, _ := actx.Deadline()
-	stop := context.AfterFunc(actx, func() { conn.SetDeadline(time.Now()) })
+	// Failing, it means conn is closed already: nothing left to unblock.
+	stop := context.AfterFunc(actx, func() { _ = conn.SetDeadline(time.Now()) })
 	defer stop()
 	if err := conn.SetDeadline(deadline); err != nil {
 		return nil, err

@@ -28,6 +28,10 @@ func readConnect(c net.Conn) (string, error) {
 	}
 }
 
+// send writes the fake peer's answer. A failed write shows on the dialing
+// side as a handshake error or a wrong stream, which each test checks.
+func send(c net.Conn, s string) { _, _ = io.WriteString(c, s) }
+
 func listenPeer(t *testing.T, path string, handle func(c net.Conn, line string)) net.Listener {
 	t.Helper()
 	l, err := net.Listen("unix", path)
@@ -54,6 +58,21 @@ func listenPeer(t *testing.T, path string, handle func(c net.Conn, line string))
 	return l
 }
 
+// echoPeer accepts CONNECT 52, then answers the guest stream's first four
+// bytes with "echo:" and them.
+func echoPeer(c net.Conn, line string) {
+	if line != "CONNECT 52" {
+		send(c, "BAD "+line+"\n")
+		return
+	}
+	send(c, "OK 1073741824\n")
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(c, buf); err != nil {
+		return
+	}
+	send(c, "echo:"+string(buf))
+}
+
 func TestDialVsock(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
@@ -63,19 +82,12 @@ func TestDialVsock(t *testing.T) {
 		check   func(t *testing.T, c net.Conn)
 	}{
 		{
-			name: "handshake then guest stream",
-			handle: func(c net.Conn, line string) {
-				if line != "CONNECT 52" {
-					c.Write([]byte("BAD " + line + "\n"))
-					return
-				}
-				c.Write([]byte("OK 1073741824\n"))
-				buf := make([]byte, 4)
-				io.ReadFull(c, buf)
-				c.Write([]byte("echo:" + string(buf)))
-			},
+			name:   "handshake then guest stream",
+			handle: echoPeer,
 			check: func(t *testing.T, c net.Conn) {
-				c.Write([]byte("ping"))
+				if _, err := c.Write([]byte("ping")); err != nil {
+					t.Fatal(err)
+				}
 				got, _ := io.ReadAll(c)
 				if string(got) != "echo:ping" {
 					t.Errorf("stream = %q", got)
@@ -86,7 +98,7 @@ func TestDialVsock(t *testing.T) {
 			name: "bytes right after OK are not lost",
 			handle: func(c net.Conn, _ string) {
 				// One write: the guest's first bytes share a segment with OK.
-				c.Write([]byte("OK 1073741825\nGUEST-HELLO\x00more"))
+				send(c, "OK 1073741825\nGUEST-HELLO\x00more")
 			},
 			check: func(t *testing.T, c net.Conn) {
 				got, _ := io.ReadAll(c)
@@ -97,19 +109,19 @@ func TestDialVsock(t *testing.T) {
 		},
 		{
 			name:    "error line",
-			handle:  func(c net.Conn, _ string) { c.Write([]byte("ERR no such port\n")) },
+			handle:  func(c net.Conn, _ string) { send(c, "ERR no such port\n") },
 			timeout: 5 * time.Second,
 			wantErr: ErrHandshake,
 		},
 		{
 			name:    "OK without port",
-			handle:  func(c net.Conn, _ string) { c.Write([]byte("OK \n")) },
+			handle:  func(c net.Conn, _ string) { send(c, "OK \n") },
 			timeout: 5 * time.Second,
 			wantErr: ErrHandshake,
 		},
 		{
 			name:    "endless line",
-			handle:  func(c net.Conn, _ string) { c.Write([]byte(strings.Repeat("x", 200))) },
+			handle:  func(c net.Conn, _ string) { send(c, strings.Repeat("x", 200)) },
 			timeout: 5 * time.Second,
 			wantErr: ErrHandshake,
 		},
@@ -171,7 +183,7 @@ func TestDialVsockRetriesUntilPeerAppears(t *testing.T) {
 			if refusals.Add(-1) >= 0 {
 				return // closed without OK, as Firecracker does
 			}
-			c.Write([]byte("OK 1073741826\nready"))
+			send(c, "OK 1073741826\nready")
 		})
 	}()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -208,18 +208,21 @@ func (i *instance) startQemu(ctx context.Context) error {
 	i.consoleDone = make(chan struct{})
 	var readers sync.WaitGroup
 	readers.Add(2)
+	// Writes to the log file and the program's output are best effort: a
+	// full disk or a gone reader must not stop the console reader, whose
+	// tail explains a failed boot.
 	go func() {
 		defer readers.Done()
 		copyLines(stdout, func(line []byte) {
-			logFile.Write(line)
+			_, _ = logFile.Write(line)
 			i.console.Add(line)
-			out.Write(line)
+			_, _ = out.Write(line)
 		})
 	}()
 	go func() {
 		defer readers.Done()
 		copyLines(stderr, func(line []byte) {
-			logFile.Write(line)
+			_, _ = logFile.Write(line)
 			i.qemuErr.Add(line)
 			i.log.Warn("qemu: " + strings.TrimSpace(string(line)))
 		})
@@ -321,7 +324,7 @@ func (i *instance) checkPaused() {
 	i.haltReason = "QEMU stopped the guest (status " + st.Status + ")"
 	i.mu.Unlock()
 	i.log.Error("VM paused by QEMU; killing it", "status", st.Status)
-	syscall.Kill(-i.cmd.Process.Pid, syscall.SIGKILL)
+	_ = syscall.Kill(-i.cmd.Process.Pid, syscall.SIGKILL) // ESRCH: it exited meanwhile
 }
 
 // boot lets the paused guest run.
@@ -603,9 +606,10 @@ func (i *instance) stop(ctx context.Context) error {
 		}
 		if !i.isDone() {
 			i.log.Warn("QEMU still running; terminating it")
-			syscall.Kill(-i.cmd.Process.Pid, syscall.SIGTERM)
+			// ESRCH means it exited meanwhile; waitDone tells either way.
+			_ = syscall.Kill(-i.cmd.Process.Pid, syscall.SIGTERM)
 			if !i.waitDone(5 * time.Second) {
-				syscall.Kill(-i.cmd.Process.Pid, syscall.SIGKILL)
+				_ = syscall.Kill(-i.cmd.Process.Pid, syscall.SIGKILL)
 				<-i.done
 			}
 		}

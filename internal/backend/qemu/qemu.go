@@ -45,7 +45,8 @@ const (
 	// ACPIOn for a bzImage (Debian's cloud kernel knows devices only from
 	// ACPI).
 	ACPIAuto ACPI = ""
-	ACPIOn   ACPI = "on"
+	// ACPIOn announces devices through ACPI tables, as on a PC.
+	ACPIOn ACPI = "on"
 	// ACPIOff announces devices on the kernel command line, exactly as
 	// Firecracker does: it exercises Firecracker's guest boot path.
 	ACPIOff ACPI = "off"
@@ -54,6 +55,7 @@ const (
 // Accel is QEMU's accelerator.
 type Accel string
 
+// Accelerators Options.Accel accepts.
 const (
 	AccelAuto Accel = "" // kvm when /dev/kvm is usable, else tcg
 	AccelKVM  Accel = "kvm"
@@ -229,11 +231,11 @@ func New(opts Options) (*Backend, error) {
 	return b, nil
 }
 
-// Name implements backend.Backend.
 // NetworkLink implements backend.Networker: a VM gets a virtio-net card
 // on a host tap.
 func (b *Backend) NetworkLink() backend.LinkKind { return backend.LinkTap }
 
+// Name implements backend.Backend.
 func (b *Backend) Name() string { return "qemu" }
 
 // Accel tells which accelerator VMs use.

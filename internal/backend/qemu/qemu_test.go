@@ -179,6 +179,15 @@ func (w testWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// stopInstance stops a VM at the end of a test; a failed cleanup (a socket
+// or image left behind) fails the test.
+func stopInstance(t testing.TB, inst backend.Instance) {
+	t.Helper()
+	if err := inst.Stop(context.Background()); err != nil {
+		t.Errorf("Stop: %v", err)
+	}
+}
+
 func testLogger(t testing.TB) *slog.Logger {
 	return slog.New(slog.NewTextHandler(testWriter{t, ""}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
@@ -296,7 +305,7 @@ func TestBootFastAPI(t *testing.T) {
 			stopped := false
 			defer func() {
 				if !stopped {
-					inst.Stop(context.Background())
+					stopInstance(t, inst)
 				}
 			}()
 			ch, err := inst.Channel(ctx)
@@ -406,7 +415,7 @@ func TestBadRuntimeIsReported(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Start: %v", err)
 	}
-	defer inst.Stop(context.Background())
+	defer stopInstance(t, inst)
 	ch, err := inst.Channel(ctx)
 	if err != nil {
 		t.Fatalf("Channel: %v", err)
@@ -507,7 +516,7 @@ func TestVolumesAndHostname(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Start: %v", err)
 	}
-	defer inst.Stop(context.Background())
+	defer stopInstance(t, inst)
 	ch, err := inst.Channel(ctx)
 	if err != nil {
 		t.Fatalf("Channel: %v", err)
@@ -608,8 +617,12 @@ func BenchmarkColdStart(b *testing.B) {
 					b.Fatalf("GET /: %d %s", code, body)
 				}
 				cold += time.Since(began)
-				c.Stop(ctx)
-				inst.Stop(ctx)
+				if err := c.Stop(ctx); err != nil {
+					b.Fatal(err)
+				}
+				if err := inst.Stop(ctx); err != nil {
+					b.Fatal(err)
+				}
 				cancel()
 			}
 			b.ReportMetric(float64(boot.Milliseconds())/float64(b.N), "boot-to-agent-ms")

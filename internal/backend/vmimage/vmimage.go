@@ -58,6 +58,7 @@ const DefaultEphemeralMiB = 64
 // Role tells what a drive carries.
 type Role string
 
+// Roles of the drives a VM gets, in the order they are attached.
 const (
 	RoleRuntime Role = "runtime"
 	RoleCode    Role = "code"

@@ -170,19 +170,74 @@ func isExt4(t *testing.T, path string) bool {
 	return binary.LittleEndian.Uint16(magic[:]) == 0xEF53
 }
 
+// checkSparseExt4 checks that path is an ext4 image of size bytes that
+// takes less room than its size on the disk.
+func checkSparseExt4(t *testing.T, path string, size int64) {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Size != size {
+		t.Errorf("%s: size %d, want %d", path, st.Size, size)
+	}
+	if st.Blocks*512 >= st.Size {
+		t.Errorf("%s is not sparse: %d bytes allocated of %d", path, st.Blocks*512, st.Size)
+	}
+	if !isExt4(t, path) {
+		t.Errorf("%s is not ext4", path)
+	}
+}
+
+// writeFile writes a test fixture; a failure is the test's setup failing.
+func writeFile(t *testing.T, path, data string, mode os.FileMode) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(data), mode); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// writeAt writes data into the existing file path at offset off.
+func writeAt(t *testing.T, path string, off int64, data string) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt([]byte(data), off); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// readAt reads n bytes of path at offset off.
+func readAt(t *testing.T, path string, off int64, n int) string {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, n)
+	if _, err := f.ReadAt(buf, off); err != nil {
+		t.Fatal(err)
+	}
+	return string(buf)
+}
+
 func TestPrepareCode(t *testing.T) {
 	requireTools(t, "mksquashfs", "unsquashfs")
 	ctx := context.Background()
 	dir := t.TempDir()
 	runtime := filepath.Join(dir, "runtime.squashfs")
-	os.WriteFile(runtime, []byte("not really squashfs; attached as is"), 0o644)
+	writeFile(t, runtime, "not really squashfs; attached as is", 0o644)
 
 	plain := filepath.Join(dir, "main.py")
-	os.WriteFile(plain, []byte("app = 1\n"), 0o644)
+	writeFile(t, plain, "app = 1\n", 0o644)
 	zipped := filepath.Join(dir, "code.zip")
 	writeZip(t, zipped, map[string]string{"main.py": "app = 2\n", "pkg/util.py": "x = 1\n"})
 	sq := filepath.Join(dir, "code.squashfs")
-	os.WriteFile(sq, []byte("squashfs code attached as is"), 0o644)
+	writeFile(t, sq, "squashfs code attached as is", 0o644)
 
 	for _, tc := range []struct {
 		name       string
@@ -257,7 +312,7 @@ func TestPrepareConcurrentConvertsOnce(t *testing.T) {
 	requireTools(t, "mksquashfs")
 	dir := t.TempDir()
 	runtime := filepath.Join(dir, "rt")
-	os.WriteFile(runtime, nil, 0o644)
+	writeFile(t, runtime, "", 0o644)
 	zipped := filepath.Join(dir, "c.zip")
 	writeZip(t, zipped, map[string]string{"a.py": "a"})
 	p := NewPreparer(Options{CacheDir: filepath.Join(dir, "cache")})
@@ -289,7 +344,7 @@ func TestPrepareUnsafeZipRefused(t *testing.T) {
 	requireTools(t, "mksquashfs")
 	dir := t.TempDir()
 	runtime := filepath.Join(dir, "rt")
-	os.WriteFile(runtime, nil, 0o644)
+	writeFile(t, runtime, "", 0o644)
 	evil := filepath.Join(dir, "evil.zip")
 	writeZip(t, evil, map[string]string{"../../escape.py": "x"})
 	cache := filepath.Join(dir, "cache")
@@ -308,15 +363,15 @@ func TestPrepareVolumes(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	runtime := filepath.Join(dir, "rt")
-	os.WriteFile(runtime, nil, 0o644)
+	writeFile(t, runtime, "", 0o644)
 	immutable := filepath.Join(dir, "venv.squashfs")
-	os.WriteFile(immutable, []byte("sq"), 0o644)
+	writeFile(t, immutable, "sq", 0o644)
 	zipVol := filepath.Join(dir, "vol.zip")
 	writeZip(t, zipVol, map[string]string{"lib/x.txt": "zipped volume"})
 	dataZip := filepath.Join(dir, "data.zip")
 	writeZip(t, dataZip, map[string]string{"d.txt": "data"})
 	existing := filepath.Join(dir, "existing.ext4")
-	os.WriteFile(existing, []byte("already there"), 0o600)
+	writeFile(t, existing, "already there", 0o600)
 	state := filepath.Join(dir, "state")
 	persistDir := filepath.Join(dir, "persistent")
 
@@ -350,19 +405,7 @@ func TestPrepareVolumes(t *testing.T) {
 	if !eph.Temporary || eph.ReadOnly || eph.FSType != FSExt4 || !strings.HasPrefix(eph.Path, state+"/") {
 		t.Errorf("ephemeral volume = %+v", eph)
 	}
-	var st syscall.Stat_t
-	if err := syscall.Stat(eph.Path, &st); err != nil {
-		t.Fatal(err)
-	}
-	if st.Size != 8<<20 {
-		t.Errorf("ephemeral image size %d, want %d", st.Size, 8<<20)
-	}
-	if st.Blocks*512 >= st.Size {
-		t.Errorf("ephemeral image is not sparse: %d bytes allocated of %d", st.Blocks*512, st.Size)
-	}
-	if !isExt4(t, eph.Path) {
-		t.Error("ephemeral image is not ext4")
-	}
+	checkSparseExt4(t, eph.Path, 8<<20)
 
 	pers := got.Volumes[3]
 	wantPers := filepath.Join(persistDir, "prog1", "var_lib_sqlite.ext4")
@@ -389,9 +432,7 @@ func TestPrepareVolumes(t *testing.T) {
 	}
 
 	// The persistent image is created once: data written survives.
-	f, _ := os.OpenFile(pers.Path, os.O_WRONLY, 0)
-	f.WriteAt([]byte("MARK"), 4<<20-4)
-	f.Close()
+	writeAt(t, pers.Path, 4<<20-4, "MARK")
 	if err := got.Cleanup(); err != nil {
 		t.Fatal(err)
 	}
@@ -407,11 +448,7 @@ func TestPrepareVolumes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	buf := make([]byte, 4)
-	f, _ = os.Open(again.Volumes[3].Path)
-	f.ReadAt(buf, 4<<20-4)
-	f.Close()
-	if string(buf) != "MARK" {
+	if readAt(t, again.Volumes[3].Path, 4<<20-4, 4) != "MARK" {
 		t.Error("persistent volume was recreated")
 	}
 	if err := again.Cleanup(); err != nil {
@@ -422,7 +459,7 @@ func TestPrepareVolumes(t *testing.T) {
 func TestPrepareErrors(t *testing.T) {
 	dir := t.TempDir()
 	runtime := filepath.Join(dir, "rt")
-	os.WriteFile(runtime, nil, 0o644)
+	writeFile(t, runtime, "", 0o644)
 	for _, tc := range []struct {
 		name string
 		spec backend.Spec

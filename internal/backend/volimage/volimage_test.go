@@ -81,9 +81,17 @@ func TestEnsurePersistent(t *testing.T) {
 		t.Errorf("fresh image fails e2fsck: %v", err)
 	}
 	// Existing images are used as they are, never formatted over.
-	f, _ := os.OpenFile(img, os.O_WRONLY, 0)
-	f.WriteAt([]byte("MARK"), 4<<20-4)
-	f.Close()
+	f, err := os.OpenFile(img, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = f.WriteAt([]byte("MARK"), 4<<20-4)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := EnsurePersistent(ctx, "", img, "/data", 8, false); err != nil {
 		t.Fatal(err)
 	}
@@ -96,8 +104,10 @@ func TestEnsurePersistent(t *testing.T) {
 
 	// A directory of an earlier version, at the image's place or beside it.
 	legacyDir := filepath.Join(dir, "prog", "old")
-	os.MkdirAll(legacyDir, 0o700)
-	err := EnsurePersistent(ctx, "", legacyDir+".ext4", "/old", 4, false)
+	if err := os.MkdirAll(legacyDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	err = EnsurePersistent(ctx, "", legacyDir+".ext4", "/old", 4, false)
 	if !errkind.Is(err, errkind.Unsupported) || !strings.Contains(err.Error(), "mkfs.ext4 -q -d "+legacyDir) {
 		t.Errorf("legacy directory beside the image: %v", err)
 	}
@@ -112,7 +122,9 @@ func TestEnsurePersistent(t *testing.T) {
 func TestCheckRefusesGarbage(t *testing.T) {
 	requireTools(t)
 	img := filepath.Join(t.TempDir(), "bad.ext4")
-	os.WriteFile(img, []byte(strings.Repeat("not a file system", 1<<12)), 0o600)
+	if err := os.WriteFile(img, []byte(strings.Repeat("not a file system", 1<<12)), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	if err := Check(context.Background(), "", img); err == nil {
 		t.Error("e2fsck accepted garbage")
 	}
@@ -120,7 +132,9 @@ func TestCheckRefusesGarbage(t *testing.T) {
 
 func TestLockIsExclusive(t *testing.T) {
 	img := filepath.Join(t.TempDir(), "v.ext4")
-	os.WriteFile(img, nil, 0o600)
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	ctx := context.Background()
 	a, err := Acquire(ctx, img)
 	if err != nil {

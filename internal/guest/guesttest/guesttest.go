@@ -220,7 +220,7 @@ func Start(t testing.TB, agentBin, codeDir string, args ...string) *Agent {
 		select {
 		case <-a.exited:
 		default:
-			cmd.Process.Kill()
+			_ = cmd.Process.Kill() // fails only if it exited meanwhile
 			<-a.exited
 		}
 	})

@@ -123,7 +123,7 @@ func TestGetMessage(t *testing.T) {
 				http.Error(w, "no", http.StatusUnprocessableEntity)
 			}},
 		{name: "garbage body", hash: knownHash, wantKind: errkind.Upstream, wantCalls: 1,
-			handler: func(_ int32, w http.ResponseWriter, r *http.Request) { io.WriteString(w, "<html>") }},
+			handler: func(_ int32, w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "<html>") }},
 		{name: "inline content not matching item_hash", hash: knownHash, wantKind: errkind.InvalidInput, wantCalls: 1,
 			handler: func(_ int32, w http.ResponseWriter, r *http.Request) { writePage(w, tampered) }},
 		{name: "malformed hash refused locally", hash: "not-a-hash", wantKind: errkind.InvalidInput, wantCalls: 0,
@@ -264,13 +264,13 @@ func TestDownload(t *testing.T) {
 		calls.Add(1)
 		switch r.URL.Path {
 		case "/api/v0/storage/raw/" + h, "/ipfs/" + cid:
-			w.Write(data)
+			_, _ = w.Write(data) // the client compares what it got
 		case "/api/v0/storage/raw/" + sum([]byte("flaky")):
 			if calls.Load() == 1 {
 				http.Error(w, "oops", http.StatusInternalServerError)
 				return
 			}
-			w.Write(data)
+			_, _ = w.Write(data) // the client compares what it got
 		default:
 			http.NotFound(w, r)
 		}
@@ -314,7 +314,7 @@ func TestDownloadStallHitsIdleTimeout(t *testing.T) {
 	release := make(chan struct{})
 	defer close(release)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Write([]byte("first bytes"))
+		_, _ = w.Write([]byte("first bytes"))
 		w.(http.Flusher).Flush()
 		select {
 		case <-release:

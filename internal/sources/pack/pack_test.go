@@ -38,12 +38,15 @@ func makeTree(t *testing.T, files map[string]string) string {
 
 func touchAll(t *testing.T, dir string, at time.Time) {
 	t.Helper()
-	filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
-		if err == nil {
-			os.Chtimes(p, at, at)
+	err := filepath.WalkDir(dir, func(p string, _ os.DirEntry, err error) error {
+		if err != nil {
+			return err
 		}
-		return nil
+		return os.Chtimes(p, at, at)
 	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }
 
 var program = map[string]string{

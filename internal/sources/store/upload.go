@@ -158,66 +158,13 @@ func (s *Store) UploadProgram(ctx context.Context, o UploadOptions) (*UploadResu
 	if progress == nil {
 		progress = func(string, ...any) {}
 	}
-	if o.Path == "" {
-		return nil, invalidf("missing program path")
-	}
-	fi, err := os.Stat(o.Path)
+	enc, err := checkUpload(&o)
 	if err != nil {
-		return nil, invalidf("program path %s: %v", o.Path, unwrapPathError(err))
-	}
-	isDir := fi.IsDir()
-	if !isDir && !fi.Mode().IsRegular() {
-		return nil, invalidf("program path %s is neither a directory nor a regular file", o.Path)
-	}
-	enc := o.Encoding
-	switch enc {
-	case "":
-		enc = message.EncodingZip
-		if !isDir {
-			enc = message.EncodingPlain
-		}
-	case message.EncodingZip, message.EncodingSquashfs:
-	case message.EncodingPlain:
-		if isDir {
-			return nil, invalidf("encoding plain needs a single file, %s is a directory (use zip or squashfs)", o.Path)
-		}
-	default:
-		return nil, invalidf("unknown encoding %q: use zip, squashfs or plain", enc)
-	}
-	if err := ValidateEntrypoint(o.Entrypoint, o.Path, isDir, enc); err != nil {
 		return nil, err
 	}
-	if err := ValidateVariables(o.Variables); err != nil {
+	runtimeRef, runtimeComment, err := s.uploadRuntime(o.RuntimeRef, progress)
+	if err != nil {
 		return nil, err
-	}
-	if o.MemoryMiB == 0 {
-		o.MemoryMiB = DefaultUploadMemoryMiB
-	}
-	if o.VCPUs == 0 {
-		o.VCPUs = DefaultUploadVCPUs
-	}
-	if o.TimeoutSeconds == 0 {
-		o.TimeoutSeconds = DefaultUploadTimeoutSeconds
-	}
-	if o.MemoryMiB < 0 || o.VCPUs < 0 || o.TimeoutSeconds < 0 {
-		return nil, invalidf("memory, vcpus and timeout must be positive")
-	}
-
-	runtimeRef := o.RuntimeRef
-	if runtimeRef == "" {
-		if runtimeRef, err = s.DefaultRuntime(); err != nil {
-			return nil, err
-		}
-	} else if err := message.ValidateItemHash(runtimeRef); err != nil {
-		return nil, fmt.Errorf("runtime: %w", err)
-	}
-	runtimeComment := ""
-	if rm, err := s.GetMessage(runtimeRef); err == nil {
-		if sc, err := rm.Store(); err == nil {
-			runtimeComment, _ = sc.Metadata["comment"].(string)
-		}
-	} else if errkind.Is(err, errkind.NotFound) {
-		progress("runtime %s is not in the local store; it will be fetched from the Aleph API when the program runs", runtimeRef)
 	}
 
 	at := o.Time
@@ -290,6 +237,77 @@ func (s *Store) UploadProgram(ctx context.Context, o UploadOptions) (*UploadResu
 		RuntimeRef:  runtimeRef,
 		Message:     pm,
 	}, nil
+}
+
+// checkUpload validates o, fills in its default resources and returns the
+// encoding to pack the program with.
+func checkUpload(o *UploadOptions) (message.Encoding, error) {
+	if o.Path == "" {
+		return "", invalidf("missing program path")
+	}
+	fi, err := os.Stat(o.Path)
+	if err != nil {
+		return "", invalidf("program path %s: %v", o.Path, unwrapPathError(err))
+	}
+	isDir := fi.IsDir()
+	if !isDir && !fi.Mode().IsRegular() {
+		return "", invalidf("program path %s is neither a directory nor a regular file", o.Path)
+	}
+	enc := o.Encoding
+	switch enc {
+	case "":
+		enc = message.EncodingZip
+		if !isDir {
+			enc = message.EncodingPlain
+		}
+	case message.EncodingZip, message.EncodingSquashfs:
+	case message.EncodingPlain:
+		if isDir {
+			return "", invalidf("encoding plain needs a single file, %s is a directory (use zip or squashfs)", o.Path)
+		}
+	default:
+		return "", invalidf("unknown encoding %q: use zip, squashfs or plain", enc)
+	}
+	if err := ValidateEntrypoint(o.Entrypoint, o.Path, isDir, enc); err != nil {
+		return "", err
+	}
+	if err := ValidateVariables(o.Variables); err != nil {
+		return "", err
+	}
+	if o.MemoryMiB == 0 {
+		o.MemoryMiB = DefaultUploadMemoryMiB
+	}
+	if o.VCPUs == 0 {
+		o.VCPUs = DefaultUploadVCPUs
+	}
+	if o.TimeoutSeconds == 0 {
+		o.TimeoutSeconds = DefaultUploadTimeoutSeconds
+	}
+	if o.MemoryMiB < 0 || o.VCPUs < 0 || o.TimeoutSeconds < 0 {
+		return "", invalidf("memory, vcpus and timeout must be positive")
+	}
+	return enc, nil
+}
+
+// uploadRuntime checks the runtime ref (the default one when ref is empty)
+// and returns it with its comment, when the local store knows it.
+func (s *Store) uploadRuntime(ref string, progress func(string, ...any)) (runtimeRef, comment string, err error) {
+	runtimeRef = ref
+	if runtimeRef == "" {
+		if runtimeRef, err = s.DefaultRuntime(); err != nil {
+			return "", "", err
+		}
+	} else if err := message.ValidateItemHash(runtimeRef); err != nil {
+		return "", "", fmt.Errorf("runtime: %w", err)
+	}
+	if rm, err := s.GetMessage(runtimeRef); err == nil {
+		if sc, err := rm.Store(); err == nil {
+			comment, _ = sc.Metadata["comment"].(string)
+		}
+	} else if errkind.Is(err, errkind.NotFound) {
+		progress("runtime %s is not in the local store; it will be fetched from the Aleph API when the program runs", runtimeRef)
+	}
+	return runtimeRef, comment, nil
 }
 
 // PackFile packs path with encoding into the store and returns the content
