@@ -37,7 +37,12 @@ type fixture struct {
 
 func newFixture(t *testing.T, b *pooltest.Backend, tune func(*pool.Options)) *fixture {
 	t.Helper()
-	f := &fixture{b: b, st: pooltest.NewStore(t), root: t.TempDir()}
+	return newFixtureOn(t, b, pooltest.NewStore(t), tune)
+}
+
+func newFixtureOn(t *testing.T, b *pooltest.Backend, st *pooltest.Store, tune func(*pool.Options)) *fixture {
+	t.Helper()
+	f := &fixture{b: b, st: st, root: t.TempDir()}
 	opts := pool.Options{
 		Source:        f.st.Resolver,
 		Backend:       b,

@@ -117,6 +117,16 @@ func (b *Backend) Sandboxes() []*Sandbox {
 	return append([]*Sandbox(nil), b.sandboxes...)
 }
 
+// Sandbox returns the sandbox of an execution id, or nil.
+func (b *Backend) Sandbox(executionID string) *Sandbox {
+	for _, s := range b.Sandboxes() {
+		if s.Spec.ExecutionID == executionID {
+			return s
+		}
+	}
+	return nil
+}
+
 // Started counts the sandboxes started (refused starts excluded).
 func (b *Backend) Started() int {
 	b.mu.Lock()
