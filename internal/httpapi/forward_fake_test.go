@@ -134,7 +134,7 @@ func TestProgramRouteStatuses(t *testing.T) {
 			w.Header().Set("X-Program", "yes")
 			fmt.Fprintf(w, "%s %s?%s read %d", r.Method, r.URL.Path, r.URL.RawQuery, n)
 		})}},
-		"refuses": {agent: pooltest.Agent{RefuseConfig: "Traceback: ImportError: no module named fastapi"}},
+		"refuses":       {agent: pooltest.Agent{RefuseConfig: "Traceback: ImportError: no module named fastapi"}},
 		"dies at start": {agent: pooltest.Agent{CrashBeforeReady: oom}},
 		"slow": {agent: pooltest.Agent{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			select {
