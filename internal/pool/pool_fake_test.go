@@ -548,18 +548,18 @@ func TestShutdownDeadline(t *testing.T) {
 
 func TestIdleTimeout(t *testing.T) {
 	b := &pooltest.Backend{}
-	f := newFixture(t, b, func(o *pool.Options) { o.ReuseTimeout = 300 * time.Millisecond })
+	f := newFixture(t, b, func(o *pool.Options) { o.ReuseTimeout = 600 * time.Millisecond })
 	hash := f.st.Program(t, "p", store.UploadOptions{})
 	e, _ := serveOnce(t, f.p, hash)
 	// Requests keep it warm...
 	for range 3 {
-		time.Sleep(150 * time.Millisecond)
+		time.Sleep(200 * time.Millisecond)
 		if e2, _ := serveOnce(t, f.p, hash); e2 != e {
 			t.Fatal("a request within REUSE_TIMEOUT got a new execution")
 		}
 	}
 	// ...and it stops once idle for REUSE_TIMEOUT, through the agent.
-	if !e.WaitDied(2 * time.Second) {
+	if !e.WaitDied(3 * time.Second) {
 		t.Fatal("idle execution not stopped")
 	}
 	s := b.Sandboxes()[0]
