@@ -73,7 +73,7 @@ func startLive(t *testing.T, programs map[string]program, tune func(*pool.Option
 	if err != nil {
 		t.Fatal(err)
 	}
-	go hs.Serve(l.srv.Listener(ln))
+	go func() { _ = hs.Serve(l.srv.Listener(ln)) }()
 	l.url = "http://" + ln.Addr().String()
 	t.Cleanup(func() {
 		hs.Close()
@@ -221,7 +221,7 @@ func TestRequestAfterCrashGetsFreshSandbox(t *testing.T) {
 			pooltest.SandboxOf(r).Crash(errors.New("segfault"))
 			return
 		}
-		io.WriteString(w, "fine")
+		_, _ = io.WriteString(w, "fine")
 	})}}}
 	l := startLive(t, programs, nil)
 	vm := "/vm/" + l.hashes["flaky"]

@@ -261,7 +261,7 @@ func TestStartFailures(t *testing.T) {
 			if b.Started() != before+1 {
 				t.Errorf("the next request did not start a fresh sandbox")
 			}
-			if e.Died() {
+			if ended(e) {
 				t.Error("fresh execution reports dead")
 			}
 		})
@@ -306,19 +306,19 @@ func TestSandboxDiesWhileServing(t *testing.T) {
 					pooltest.SandboxOf(r).Crash(errors.New("OOM killed"))
 					return
 				}
-				io.WriteString(w, "ok")
+				_, _ = io.WriteString(w, "ok")
 			}
 		}},
 		{name: "program exits mid-request", handler: func(chan struct{}) http.HandlerFunc {
 			return func(w http.ResponseWriter, r *http.Request) {
 				if r.URL.Path == "/die" {
 					w.Header().Set("Content-Length", "100")
-					io.WriteString(w, "partial")
+					_, _ = io.WriteString(w, "partial")
 					w.(http.Flusher).Flush()
 					pooltest.SandboxOf(r).ProgramExit("exit status 3: ValueError")
 					return
 				}
-				io.WriteString(w, "ok")
+				_, _ = io.WriteString(w, "ok")
 			}
 		}},
 	}
@@ -409,10 +409,10 @@ func TestAdmissionWithSandboxes(t *testing.T) {
 	ea.Release()
 	sa, sb := b.Sandboxes()[0], b.Sandboxes()[1]
 	serveOnce(t, f.p, hc)
-	if !sb.Stopped() || !eb.Died() {
+	if !sb.Stopped() || !ended(eb) {
 		t.Error("the least recently used idle execution was not evicted")
 	}
-	if sa.Exited() || ea.Died() {
+	if sa.Exited() || ended(ea) {
 		t.Error("the more recently used execution was evicted too")
 	}
 
@@ -436,8 +436,8 @@ func TestAdmissionWithSandboxes(t *testing.T) {
 	}
 	ed.Release()
 	ea2.Release()
-	if !ec.Died() || ea.Died() {
-		t.Errorf("evicted c: %v, a: %v; want c only", ec.Died(), ea.Died())
+	if !ended(ec) || ended(ea) {
+		t.Errorf("evicted c: %v, a: %v; want c only", ended(ec), ended(ea))
 	}
 }
 
@@ -452,7 +452,7 @@ func TestShutdownWithRequestsInFlight(t *testing.T) {
 				entered <- struct{}{}
 				<-finish
 			}
-			io.WriteString(w, "done")
+			_, _ = io.WriteString(w, "done")
 		})}
 	}}
 	f := newFixture(t, b, nil)
@@ -534,7 +534,7 @@ func TestShutdownDeadline(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
 	began := time.Now()
-	f.p.Shutdown(ctx)
+	_ = f.p.Shutdown(ctx)
 	if took := time.Since(began); took > 3*time.Second {
 		t.Errorf("Shutdown took %s past its deadline", took)
 	}
@@ -578,7 +578,7 @@ func TestStopWaitsForRequests(t *testing.T) {
 	b := &pooltest.Backend{Agent: func(guest.Config) pooltest.Agent {
 		return pooltest.Agent{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			<-finish
-			io.WriteString(w, "finished")
+			_, _ = io.WriteString(w, "finished")
 		})}
 	}}
 	f := newFixture(t, b, nil)
@@ -599,14 +599,18 @@ func TestStopWaitsForRequests(t *testing.T) {
 	stopped := make(chan error, 1)
 	go func() { stopped <- f.p.Stop(context.Background(), hash) }()
 	time.Sleep(100 * time.Millisecond)
-	if e.Died() {
+	if ended(e) {
 		t.Fatal("stopped under a request in flight")
 	}
 	close(finish)
 	if got := <-body; got != "finished" {
 		t.Errorf("in-flight request got %q", got)
 	}
-	if err := <-stopped; err != nil || !e.Died() {
-		t.Errorf("Stop: %v, died %v", err, e.Died())
+	if err := <-stopped; err != nil || !ended(e) {
+		t.Errorf("Stop: %v, died %v", err, ended(e))
 	}
 }
+
+// ended tells whether the execution has ended: an ended one answers
+// WaitDied at once, long before the 1 ms timer.
+func ended(e *pool.Execution) bool { return e.WaitDied(time.Millisecond) }

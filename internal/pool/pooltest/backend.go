@@ -50,7 +50,7 @@ type Agent struct {
 }
 
 // OK is the default program: 200 "ok".
-var OK = http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok") })
+var OK = http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok") })
 
 // Backend is a backend.Backend whose sandboxes run in-process. Set its
 // fields before the pool starts anything.
@@ -359,7 +359,7 @@ func (s *Sandbox) serve() {
 		},
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
-	go srv.Serve(ln)
+	go func() { _ = srv.Serve(ln) }()
 	defer srv.Close()
 	go s.acceptHTTP(sess, ln)
 
