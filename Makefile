@@ -100,6 +100,7 @@ TEST_ENV := PATH=$(CURDIR)/bin:$$PATH ALEPH_TEST_RUNTIME=$(CURDIR)/$(RUNTIME) AL
 	ALEPH_TEST_KERNEL=$(KERNEL_DIR)/vmlinuz ALEPH_TEST_KERNEL_CUSTOM=$(CUSTOM_KERNEL_DIR)/vmlinux
 test: deps build $(RUNTIME) $(RUNTIME_NO_UVICORN) kernel kernel-custom vet
 	$(TEST_ENV) $(GO) test -count=1 -timeout 45m ./...
+	$(GO) test -count=1 -race -short ./internal/pool/... ./internal/httpapi/...
 	$(MAKE) test-qemu
 	$(MAKE) fuzz FUZZTIME=10s
 
@@ -109,7 +110,10 @@ test-qemu:
 	$(TEST_ENV) ALEPH_TEST_HYPERVISOR=qemu ALEPH_VM_LINUX_PATH=$(KERNEL_DIR)/vmlinuz \
 		$(GO) test -count=1 -timeout 40m -run 'TestEncodingsAndExecutable|TestSelfCheck|TestLimits|TestNetworkInternet' ./test/integration
 
-test-short: build
+# Without root, sandboxes or images: the suites that need them skip with
+# -short, and the pool and HTTP server run on in-process sandboxes
+# (internal/pool/pooltest). A minute or so.
+test-short:
 	$(GO) test -count=1 -short ./...
 
 FUZZTIME ?= 30s

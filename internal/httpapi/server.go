@@ -29,11 +29,20 @@ type RecordLister interface {
 	List(ctx context.Context, limit int) ([]records.Record, error)
 }
 
+// Executions is what the server needs of the pool (*pool.Pool).
+type Executions interface {
+	// Acquire returns a running execution of the program, starting one if
+	// needed; the caller releases it when its request is done.
+	Acquire(ctx context.Context, hash string) (*pool.Execution, error)
+	BackendName() string
+	List() []pool.Info
+}
+
 // Options wire the server to the rest of the supervisor.
 type Options struct {
 	Version    string
 	DomainName string
-	Pool       *pool.Pool
+	Pool       Executions
 	Records    RecordLister
 	// Config returns the redacted settings for /about/config.
 	Config func() any

@@ -23,6 +23,9 @@ import (
 // they need root; with CI=true they must run.
 func requireRoot(t *testing.T) {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("changes the host's network as root: skipped with -short")
+	}
 	if os.Geteuid() == 0 {
 		return
 	}

@@ -2,6 +2,7 @@ package pool
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -158,6 +159,12 @@ func (e *Execution) boot(ctx context.Context) error {
 func (e *Execution) bootSteps(ctx context.Context) error {
 	if sp := e.pool.takeSpare(e.prog); sp != nil {
 		err := e.adoptSpare(ctx, sp)
+		if err == nil && !sp.alive() {
+			// It died as it was taken, before its watcher could replace it:
+			// the program has not reached it yet, so a fresh start is safe.
+			err = errors.New("the spare sandbox died as it was taken")
+			e.pool.spareDied(sp)
+		}
 		if err == nil {
 			e.pool.refillSpare(sp.shape)
 			err = e.connect(ctx, sp.client)

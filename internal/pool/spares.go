@@ -115,8 +115,11 @@ func (p *Pool) watchSpare(sp *spare) {
 		}
 	}
 	if !sp.claim() {
-		return // handed out at the same moment: the execution sees the death
+		return // handed out at the same moment: the taker sees the death
 	}
+	// Before the spare leaves the map: a cold request that finds no spare
+	// refills at once, and must find the backoff already in place.
+	p.spareDied(sp)
 	p.mu.Lock()
 	if p.spare[sp.shape] == sp {
 		delete(p.spare, sp.shape)
@@ -125,10 +128,26 @@ func (p *Pool) watchSpare(sp *spare) {
 	p.log.Warn("spare sandbox died; replacing it", "execution", sp.id, "internet", sp.shape.internet,
 		"idle_for", time.Since(sp.created).Round(time.Millisecond), "why", why)
 	p.discardSpare(sp, why)
-	// A spare that dies soon after it was made counts as a failed start,
-	// so a sandbox that cannot stay up is not restarted in a tight loop.
-	p.spareOutcome(sp.shape, time.Since(sp.created) < spareHealthyAfter)
 	p.refillSpare(sp.shape)
+}
+
+// alive tells whether the spare's sandbox and guest session are still up.
+func (sp *spare) alive() bool {
+	select {
+	case <-sp.inst.Done():
+		return false
+	case <-sp.client.Closed():
+		return false
+	default:
+		return true
+	}
+}
+
+// spareDied counts a spare that died soon after it was made as a failed
+// start, so that a sandbox that cannot stay up is not restarted in a
+// tight loop.
+func (p *Pool) spareDied(sp *spare) {
+	p.spareOutcome(sp.shape, time.Since(sp.created) < spareHealthyAfter)
 }
 
 // Spare start backoff: after a failed start the next attempt waits
@@ -171,11 +190,14 @@ func (p *Pool) returnSpare(sp *spare) {
 		select {
 		case <-sp.inst.Done():
 		default:
-			// A fresh claim and watcher: the spare is idle again.
-			sp.taken, sp.takeOnce = make(chan struct{}), sync.Once{}
-			p.spare[sp.shape] = sp
+			// A fresh claim and watcher: the spare is idle again. A new
+			// struct, since the old watcher may still read the old one.
+			back := &spare{id: sp.id, stateDir: sp.stateDir, shape: sp.shape, runtime: sp.runtime,
+				inst: sp.inst, client: sp.client, net: sp.net, output: sp.output, created: sp.created,
+				taken: make(chan struct{})}
+			p.spare[sp.shape] = back
 			p.mu.Unlock()
-			go p.watchSpare(sp)
+			go p.watchSpare(back)
 			return
 		}
 	}

@@ -9,6 +9,7 @@ package integration
 import (
 	"bytes"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -44,6 +45,12 @@ func envOr(k, def string) string {
 }
 
 func TestMain(m *testing.M) {
+	// Every test here runs the supervisor end to end, as root.
+	flag.Parse()
+	if testing.Short() {
+		fmt.Println("end-to-end suite skipped with -short")
+		os.Exit(0)
+	}
 	prereqErr = findPrerequisites()
 	os.Exit(m.Run())
 }

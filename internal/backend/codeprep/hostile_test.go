@@ -50,6 +50,7 @@ func countTree(t *testing.T, dir string) int {
 // A zip of many deep paths: every implicit directory counts, so the
 // extraction stops at the entry limit, not at the archive's own count.
 func TestZipDirectoryBomb(t *testing.T) {
+	skipIfShort(t)
 	var entries []zipEntry
 	deep := strings.Repeat("d/", 40)
 	for i := range 2000 {
@@ -250,8 +251,20 @@ func needSquashfsTools(t *testing.T) {
 	}
 }
 
+// skipIfShort skips the attacks that take many seconds (gigabytes of
+// sparse data, tens of thousands of entries) in -short mode.
+func skipIfShort(t *testing.T) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("slow attack: skipped with -short")
+	}
+}
+
 func needRoot(t *testing.T) {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("needs root: skipped with -short")
+	}
 	if os.Geteuid() != 0 {
 		if os.Getenv("CI") == "true" {
 			t.Fatal("this test needs root in CI (mknod, chown)")
@@ -296,6 +309,7 @@ func TestSquashfsForgedListing(t *testing.T) {
 
 // A 3 GiB sparse file fits in a 4 KiB image; its apparent size counts.
 func TestSquashfsSparseFile(t *testing.T) {
+	skipIfShort(t)
 	needSquashfsTools(t)
 	src := t.TempDir()
 	if err := os.Truncate(filepath.Join(src, "sparse"), 0); err == nil {
@@ -352,6 +366,7 @@ func heapPeak(f func()) uint64 {
 // 60,000 hard links under a long path: a listing of tens of MiB, read as
 // a stream.
 func TestSquashfsListingBomb(t *testing.T) {
+	skipIfShort(t)
 	needSquashfsTools(t)
 	src := t.TempDir()
 	long := filepath.Join(src, strings.Repeat(strings.Repeat("p", 30)+"/", 25))

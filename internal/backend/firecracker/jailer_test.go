@@ -157,6 +157,9 @@ func TestBootArgs(t *testing.T) {
 
 func requireRoot(t *testing.T) {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("needs root: skipped with -short")
+	}
 	if os.Geteuid() != 0 {
 		if os.Getenv("CI") == "true" {
 			t.Fatal("prerequisite missing in CI: must run as root")

@@ -28,6 +28,9 @@ import (
 // sandboxes.
 func requireSandbox(t *testing.T) {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("real gVisor sandboxes as root: skipped with -short")
+	}
 	missing := func(why string) {
 		t.Helper()
 		if os.Getenv("CI") == "true" {

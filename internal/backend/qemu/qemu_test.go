@@ -64,6 +64,9 @@ func missing(t testing.TB, format string, args ...any) {
 
 func requireQemu(t testing.TB) {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("real QEMU VMs as root: skipped with -short")
+	}
 	if os.Geteuid() != 0 {
 		missing(t, "must run as root")
 	}

@@ -36,6 +36,9 @@ const ImageEnv = "ALEPH_VM_TEST_RUNTIME"
 // Require skips (or fails under CI=true) when the agent cannot be run.
 func Require(t testing.TB) {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("runs the real agent as root: skipped with -short")
+	}
 	missing := func(format string, args ...any) {
 		t.Helper()
 		msg := fmt.Sprintf(format, args...)
