@@ -44,6 +44,9 @@ type UploadOptions struct {
 	// store's default runtime.
 	RuntimeRef string
 	Variables  map[string]string
+	// Volumes are put in the message as given (e.g. a persistent volume
+	// of the diagnostic program).
+	Volumes []message.Volume
 
 	// Time stamps the messages. Zero keeps a fixed time, so that uploading
 	// the same code with the same options gives the same item hash.
@@ -254,6 +257,7 @@ func (s *Store) UploadProgram(ctx context.Context, o UploadOptions) (*UploadResu
 		},
 		Resources: message.Resources{VCPUs: o.VCPUs, Memory: o.MemoryMiB, Seconds: o.TimeoutSeconds},
 		Variables: o.Variables,
+		Volumes:   o.Volumes,
 		Metadata:  map[string]any{"name": filepath.Base(filepath.Clean(o.Path))},
 	}
 	pm, err := message.InlineMessage(message.TypeProgram, content, s.address, at)
