@@ -97,6 +97,7 @@ func TestDiagnosticProgramWithoutInternet(t *testing.T) {
 	hash := s.programWithVolumes(uploaded, []map[string]any{
 		{"mount": "/var/lib/example", "persistence": "host", "name": "example-state", "size_mib": 16},
 	})
+	s.shutdown()
 	s.restart("ALEPH_VM_CHECK_FASTAPI_VM_ID=" + hash)
 	status, flat = flatChecks(t, s)
 	if status != http.StatusServiceUnavailable {
@@ -109,13 +110,23 @@ func TestDiagnosticProgramWithoutInternet(t *testing.T) {
 	r := s.get("/vm/" + hash + "/state/increment")
 	expect(t, r, http.StatusOK)
 	_ = json.Unmarshal(r.Body, &before)
+	s.shutdown()
 	s.restart()
 	var after struct{ Counter int }
 	r = s.get("/vm/" + hash + "/state/increment")
 	expect(t, r, http.StatusOK)
 	_ = json.Unmarshal(r.Body, &after)
-	if before.Counter < 2 || after.Counter != before.Counter+1 {
-		t.Errorf("counter %d before the restart, %d after: want it to continue", before.Counter, after.Counter)
+	if before.Counter != 2 || after.Counter != before.Counter+1 {
+		t.Errorf("counter %d before the restart, %d after: want 2 then 3", before.Counter, after.Counter)
+	}
+	// And across a kill -9: the volume holds what the program wrote.
+	s.kill9()
+	s.restart()
+	r = s.get("/vm/" + hash + "/state/increment")
+	expect(t, r, http.StatusOK)
+	_ = json.Unmarshal(r.Body, &after)
+	if after.Counter != before.Counter+2 {
+		t.Errorf("counter %d after kill -9 and restart, want %d", after.Counter, before.Counter+2)
 	}
 
 	// The detailed view adds crash recovery (status.py:167-182).
@@ -142,6 +153,7 @@ func TestDiagnosticProgramWithTestInternet(t *testing.T) {
 	hash := s.programWithVolumes(uploaded, []map[string]any{
 		{"mount": "/var/lib/example", "persistence": "host", "name": "example-state", "size_mib": 16},
 	})
+	s.shutdown()
 	s.restart("ALEPH_VM_CHECK_FASTAPI_VM_ID=" + hash)
 	status, flat := flatChecks(t, s)
 	if status != http.StatusOK {
