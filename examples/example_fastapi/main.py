@@ -124,13 +124,21 @@ async def increment():
             data["counter"] += 1
         except FileNotFoundError:
             data = {"counter": 0}
-        # Write then rename, so that a crash never leaves half a file.
+        # Write, rename, then sync the directory: a crash leaves the old
+        # counter or the new one, never half a file, and a counter that
+        # was answered is on disk (a VM killed with its host process
+        # loses what the guest kernel had not written back).
         tmp = STATE_FILE.with_suffix(".tmp")
         with open(tmp, "w") as f:
             json.dump(data, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, STATE_FILE)
+        dir_fd = os.open(STATE_FILE.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     return data
 
 
