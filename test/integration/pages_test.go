@@ -174,11 +174,11 @@ func TestPagesInUpstreamShapes(t *testing.T) {
 	if r.Status != 400 || string(r.Body) != "Query field '?reference=` must be specified" {
 		t.Errorf("version without reference: %d %q", r.Status, r.Body)
 	}
-	r = s.get("/status/check/version?reference=0.0.1")
+	r = s.get("/status/check/version?reference=0") // an untagged build is 0+g<commit>
 	server := r.Header.Get("Server")
 	current := strings.TrimPrefix(server, "aleph-vm/")
-	if r.Status != 200 || string(r.Body) != "Up-to-date: version "+current+" >= 0.0.1" || current == server {
-		t.Errorf("version 0.0.1: %d %q Server %q", r.Status, r.Body, server)
+	if r.Status != 200 || string(r.Body) != "Up-to-date: version "+current+" >= 0" || current == server {
+		t.Errorf("version 0: %d %q Server %q", r.Status, r.Body, server)
 	}
 	r = s.get("/status/check/version?reference=99999")
 	if r.Status != 403 || string(r.Body) != "Outdated: version "+current+" < 99999" {
