@@ -160,6 +160,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 		Pool:               p,
 		Records:            db,
 		Config:             func() any { return configPage(s) },
+		PublicConfig:       func() any { return publicConfig(s) },
 		LoginToken:         token,
 		Resolver:           net.DefaultResolver,
 		MaxRequestBodySize: s.MaxRequestBodySize,

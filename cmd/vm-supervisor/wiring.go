@@ -20,6 +20,7 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/config"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guestapi"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
+	"github.com/aleph-vm-go/vm-supervisor/internal/pep440"
 	"github.com/aleph-vm-go/vm-supervisor/internal/pool"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources/alephapi"
@@ -136,6 +137,16 @@ func selfTestProgram(s *config.Settings, st *store.Store) func(context.Context) 
 			Path:       filepath.Join(dir, "example_fastapi"),
 			Entrypoint: examples.FastAPIEntrypoint,
 			Variables:  map[string]string{"VM_CUSTOM_VARIABLE": "SOMETHING"},
+			// As aleph-vm's diagnostic message: the network and DNS checks
+			// need the internet, persistent_storage a volume at the path
+			// the program keeps its counter in.
+			Internet: true,
+			Volumes: []store.UploadVolume{{
+				Kind:    message.VolumePersistent,
+				Mount:   examples.FastAPIStateVolume.Mount,
+				Name:    examples.FastAPIStateVolume.Name,
+				SizeMiB: examples.FastAPIStateVolume.SizeMiB,
+			}},
 		})
 		if err != nil {
 			return "", fmt.Errorf("storing the bundled example program: %w", err)
@@ -241,4 +252,50 @@ func configPage(s *config.Settings) map[string]any {
 	m := s.Redacted()
 	m["GUEST_CACHE_STORE"] = s.GuestCacheStore()
 	return m
+}
+
+// publicConfig is /status/config: the settings aleph-vm publishes without
+// login (views/__init__.py status_public_config), with this node's values
+// where it has the setting and aleph-vm's neutral value where it has not.
+func publicConfig(s *config.Settings) map[string]any {
+	return map[string]any{
+		"DOMAIN_NAME": s.DomainName,
+		"node_hash":   nil,
+		"version":     pep440.FromGitDescribe(version),
+		"references": map[string]any{
+			"API_SERVER":          s.APIServer,
+			"CHECK_FASTAPI_VM_ID": s.CheckFastAPIVMID,
+			"CONNECTOR_URL":       nil,
+		},
+		"security": map[string]any{
+			"USE_JAILER":             s.UseJailer,
+			"PRINT_SYSTEM_LOGS":      s.PrintSystemLogs,
+			"WATCH_FOR_UPDATES":      s.WatchForUpdates,
+			"ALLOW_VM_NETWORKING":    s.AllowVMNetworking,
+			"USE_DEVELOPER_SSH_KEYS": false,
+		},
+		"networking": map[string]any{
+			"IPV6_ADDRESS_POOL":       nil,
+			"IPV6_ALLOCATION_POLICY":  nil,
+			"IPV6_SUBNET_PREFIX":      nil,
+			"IPV6_FORWARDING_ENABLED": false,
+			"USE_NDP_PROXY":           false,
+		},
+		"debug": map[string]any{
+			"SENTRY_DSN_CONFIGURED": false,
+			"DEBUG_ASYNCIO":         false,
+			"EXECUTION_LOG_ENABLED": false,
+		},
+		"payment": map[string]any{
+			"PAYMENT_RECEIVER_ADDRESS": nil,
+			"AVAILABLE_PAYMENTS":       map[string]any{},
+			"PAYMENT_MONITOR_INTERVAL": nil,
+		},
+		"computing": map[string]any{
+			"ENABLE_QEMU_SUPPORT":           s.Hypervisor == config.HypervisorQemu || s.Hypervisor == config.HypervisorAuto,
+			"INSTANCE_DEFAULT_HYPERVISOR":   string(s.Hypervisor),
+			"ENABLE_CONFIDENTIAL_COMPUTING": false,
+			"ENABLE_GPU_SUPPORT":            false,
+		},
+	}
 }

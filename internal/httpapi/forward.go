@@ -55,7 +55,7 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, hash, path stri
 			pr.SetXForwarded()
 			// Programs share the operator pages' origin: nothing of the
 			// operator's credentials may reach them.
-			scrubForProgram(pr.Out.Header, s.opts.LoginToken)
+			scrubForProgram(pr.Out.Header, s.opts.LoginToken, s.sessions.valid)
 		},
 		ModifyResponse: func(resp *http.Response) error {
 			dropOperatorSetCookie(resp.Header)

@@ -13,6 +13,7 @@ import (
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
+	"github.com/aleph-vm-go/vm-supervisor/internal/pep440"
 	"github.com/aleph-vm-go/vm-supervisor/internal/pool"
 	"github.com/aleph-vm-go/vm-supervisor/internal/records"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sysinfo"
@@ -46,6 +47,8 @@ type Options struct {
 	Records    RecordLister
 	// Config returns the redacted settings for /about/config.
 	Config func() any
+	// PublicConfig returns /status/config: aleph-vm's public settings.
+	PublicConfig func() any
 	// LoginToken opens an operator session at /about/login?token=.
 	LoginToken string
 	// Resolver for `_aleph-id.<host>` TXT lookups; nil disables them.
@@ -78,17 +81,26 @@ func New(opts Options) *Server {
 	if opts.MaxRequestBodySize <= 0 {
 		opts.MaxRequestBodySize = 10 << 20
 	}
+	// The Server header and /status/check/version speak PEP 440, as
+	// aleph-vm's clients compare versions with packaging.version.
+	opts.Version = pep440.FromGitDescribe(opts.Version)
 	s := &Server{opts: opts, log: opts.Logger, mux: http.NewServeMux(), sessions: newSessions()}
 	s.mux.HandleFunc("/vm/{ref}", s.handleVM)
 	s.mux.HandleFunc("/vm/{ref}/{rest...}", s.handleVM)
-	s.mux.HandleFunc("GET /about/login", s.handleLogin)
 	s.mux.HandleFunc("/about/logout", s.handleLogout)
-	s.mux.Handle("GET /about/config", s.operatorOnly(s.handleConfig))
 	s.mux.Handle("GET /about/executions", s.operatorOnly(s.handleExecutions))
-	s.mux.HandleFunc("GET /about/executions/records", s.handleRecords)
-	s.mux.HandleFunc("GET /about/usage/system", s.handleUsage)
-	s.mux.HandleFunc("GET /status/check/version", s.handleVersion)
-	s.mux.HandleFunc("GET /status/check/fastapi", s.handleCheckFastAPI)
+	// aleph-vm's CORS-enabled pages (orchestrator/supervisor.py:181-218).
+	s.page("/about/login", s.handleLogin)
+	s.page("/about/config", s.operatorOnly(s.handleConfig).ServeHTTP)
+	s.page("/about/executions/details", s.operatorOnly(s.handleExecutionDetails).ServeHTTP)
+	s.page("/about/executions/list", s.handleExecutionList)
+	s.page("/about/executions/records", s.handleRecords)
+	s.page("/about/usage/system", s.handleUsage)
+	s.page("/status/check/version", s.handleVersion)
+	s.page("/status/check/fastapi", s.handleCheckFastAPI)
+	s.page("/status/check/fastapi/legacy", s.handleCheckFastAPILegacy)
+	s.page("/status/check/fastapi/detail", s.handleCheckFastAPIDetail)
+	s.page("/status/config", s.handlePublicConfig)
 	s.mux.HandleFunc("/", s.handleByHost)
 	return s
 }
@@ -170,8 +182,7 @@ func hostOnly(hostport string) string {
 
 func (s *Server) operatorOnly(h http.HandlerFunc) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		c, err := r.Cookie(authCookie)
-		if err != nil || !s.sessions.valid(c.Value) {
+		if !s.hasSession(r) {
 			s.writeError(w, r, errkind.New(errkind.Unauthorized,
 				"authentication required: open /about/login?token=<token from EXECUTION_ROOT/login_token>"))
 			return
@@ -180,19 +191,37 @@ func (s *Server) operatorOnly(h http.HandlerFunc) http.Handler {
 	})
 }
 
-// handleLogin trades the login token for a session cookie. The token
-// itself never leaves the request: neither the cookie nor any log holds it.
+// hasSession reports whether the request carries a live session. A program
+// on this host may have set a "token" cookie of its own with a wider path,
+// so every cookie of that name is looked at.
+func (s *Server) hasSession(r *http.Request) bool {
+	for _, c := range r.CookiesNamed(authCookie) {
+		if s.sessions.valid(c.Value) {
+			return true
+		}
+	}
+	return false
+}
+
+// handleLogin trades the login token for a session cookie and, as
+// aleph-vm does, redirects to /about/config (views/__init__.py
+// about_login). The token itself never leaves the request: neither the
+// cookie nor any log holds it.
 func (s *Server) handleLogin(w http.ResponseWriter, r *http.Request) {
 	// The token is in this URL: keep it out of Referer headers and caches.
 	w.Header().Set("Referrer-Policy", "no-referrer")
 	w.Header().Set("Cache-Control", "no-store")
 	token := r.URL.Query().Get("token")
-	if s.opts.LoginToken == "" || subtle.ConstantTimeCompare([]byte(token), []byte(s.opts.LoginToken)) != 1 {
-		s.writeError(w, r, errkind.New(errkind.Unauthorized, "invalid token"))
+	if token == "" || s.opts.LoginToken == "" || subtle.ConstantTimeCompare([]byte(token), []byte(s.opts.LoginToken)) != 1 {
+		s.log.Info("request failed", "method", r.Method, "path", r.URL.Path, "status", http.StatusUnauthorized, "err", "invalid login token")
+		writeJSON(w, http.StatusUnauthorized, map[string]bool{"success": false})
 		return
 	}
 	http.SetCookie(w, sessionCookie(r, s.sessions.create()))
-	writeJSON(w, http.StatusOK, map[string]string{"status": "logged in"})
+	w.Header().Set("Location", "/about/config")
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(http.StatusFound)
+	_, _ = w.Write([]byte("302: Found"))
 }
 
 // handleLogout ends the session of the cookie, if any, and clears it.
@@ -216,20 +245,22 @@ func (s *Server) handleExecutions(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, s.opts.Pool.List())
 }
 
+// handleRecords answers, as aleph-vm does, a bare JSON array of records,
+// newest first (orchestrator/metrics.py get_execution_records).
 func (s *Server) handleRecords(w http.ResponseWriter, r *http.Request) {
-	if s.opts.Records == nil {
-		writeJSON(w, http.StatusOK, map[string]any{"records": []any{}})
-		return
+	recs := []records.Record{}
+	if s.opts.Records != nil {
+		var err error
+		if recs, err = s.opts.Records.List(r.Context(), 1000); err != nil {
+			s.writeError(w, r, err)
+			return
+		}
 	}
-	recs, err := s.opts.Records.List(r.Context(), 1000)
-	if err != nil {
-		s.writeError(w, r, err)
-		return
+	out := make([]map[string]any, 0, len(recs))
+	for _, rec := range recs {
+		out = append(out, upstreamRecord(rec))
 	}
-	if recs == nil {
-		recs = []records.Record{}
-	}
-	writeJSON(w, http.StatusOK, map[string]any{"records": recs})
+	writeJSON(w, http.StatusOK, out)
 }
 
 func (s *Server) handleUsage(w http.ResponseWriter, r *http.Request) {
@@ -239,9 +270,4 @@ func (s *Server) handleUsage(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, u)
-}
-
-func (s *Server) handleVersion(w http.ResponseWriter, r *http.Request) {
-	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	_, _ = w.Write([]byte("aleph-vm/" + s.opts.Version + "\n"))
 }

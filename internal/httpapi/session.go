@@ -16,7 +16,10 @@ import (
 // logged out, and does not let its holder mint new sessions.
 
 const (
-	authCookie = "aleph-vm-operator"
+	// authCookie is aleph-vm's cookie name (views/__init__.py about_login),
+	// so that operator tools find it; its value is a session id, not the
+	// token aleph-vm puts there.
+	authCookie = "token"
 	// operatorPath scopes the cookie to the operator pages, so browsers do
 	// not even send it with /vm/... requests (forward also strips it, for
 	// clients that send it anyway).
@@ -103,15 +106,17 @@ func sessionCookie(r *http.Request, id string) *http.Cookie {
 // and returns the rest, leaving every other cookie byte for byte as the
 // client sent it: programs use cookies of their own (sessions, consent,
 // CSRF tokens), and aleph-vm forwards the client's headers unchanged, so
-// only what belongs to the supervisor is taken out. Cookies are split
-// rather than parsed and re-serialised, because re-serialising drops or
-// quotes values that programs may rely on.
-func stripOperatorCookie(values []string) (kept []string, removed []string) {
+// only what belongs to the supervisor is taken out. "token" is a common
+// name, so a cookie of that name is ours only if ours(value) says so (a
+// live session id). Cookies are split rather than parsed and
+// re-serialised, because re-serialising drops or quotes values that
+// programs may rely on.
+func stripOperatorCookie(values []string, ours func(value string) bool) (kept []string, removed []string) {
 	for _, v := range values {
 		var parts []string
 		for _, part := range strings.Split(v, ";") {
 			name, value, _ := strings.Cut(strings.TrimSpace(part), "=")
-			if strings.TrimSpace(name) == authCookie {
+			if strings.TrimSpace(name) == authCookie && ours(strings.TrimSpace(value)) {
 				removed = append(removed, strings.TrimSpace(value))
 				continue
 			}
@@ -132,13 +137,13 @@ func stripOperatorCookie(values []string) (kept []string, removed []string) {
 // the client presented (an Authorization: Bearer <token>, a Referer with
 // ?token=, ...). Programs' own Authorization headers pass: the supervisor
 // never reads that header, and programs use it for their own APIs.
-func scrubForProgram(h http.Header, loginToken string) {
+func scrubForProgram(h http.Header, loginToken string, isSession func(string) bool) {
 	secrets := []string{}
 	if loginToken != "" {
 		secrets = append(secrets, loginToken)
 	}
 	if vals := h.Values("Cookie"); len(vals) > 0 {
-		kept, removed := stripOperatorCookie(vals)
+		kept, removed := stripOperatorCookie(vals, isSession)
 		h.Del("Cookie")
 		for _, v := range kept {
 			h.Add("Cookie", v)
@@ -177,7 +182,9 @@ func containsAny(v string, subs []string) bool {
 }
 
 // dropOperatorSetCookie removes Set-Cookie lines of a program's response
-// that would overwrite or clear the operator's session cookie.
+// that would overwrite or clear the operator's session cookie: a "token"
+// cookie whose path reaches the operator pages. A program's own "token"
+// cookie scoped to its paths passes.
 func dropOperatorSetCookie(h http.Header) {
 	vals := h.Values("Set-Cookie")
 	if len(vals) == 0 {
@@ -186,8 +193,24 @@ func dropOperatorSetCookie(h http.Header) {
 	h.Del("Set-Cookie")
 	for _, v := range vals {
 		name, _, _ := strings.Cut(v, "=")
-		if strings.TrimSpace(name) != authCookie {
+		if strings.TrimSpace(name) != authCookie || !reachesOperatorPages(v) {
 			h.Add("Set-Cookie", v)
 		}
 	}
+}
+
+// reachesOperatorPages reports whether a Set-Cookie line would be stored
+// for /about: an explicit Path of /, /about or below. Without a Path the
+// browser uses the request's directory, /vm/<hash>/..., which does not.
+func reachesOperatorPages(setCookie string) bool {
+	parts := strings.Split(setCookie, ";")
+	for _, attr := range parts[1:] {
+		k, v, _ := strings.Cut(strings.TrimSpace(attr), "=")
+		if strings.EqualFold(strings.TrimSpace(k), "path") {
+			p := strings.TrimSpace(v)
+			return p == "" || p == "/" || p == operatorPath || strings.HasPrefix(p, operatorPath+"/") ||
+				strings.HasPrefix(operatorPath, p)
+		}
+	}
+	return false
 }

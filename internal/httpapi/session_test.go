@@ -15,15 +15,18 @@ func TestStripOperatorCookieKeepsTheProgramsOwn(t *testing.T) {
 		in, kept []string
 		removed  []string
 	}{
-		{[]string{"aleph-vm-operator=abc"}, nil, []string{"abc"}},
-		{[]string{"theme=dark; aleph-vm-operator=abc; sid=\"q=1\""}, []string{"theme=dark; sid=\"q=1\""}, []string{"abc"}},
-		{[]string{"a=1", "aleph-vm-operator=x;b=2"}, []string{"a=1", "b=2"}, []string{"x"}},
+		{[]string{"token=abc"}, nil, []string{"abc"}},
+		{[]string{"theme=dark; token=abc; sid=\"q=1\""}, []string{"theme=dark; sid=\"q=1\""}, []string{"abc"}},
+		{[]string{"a=1", "token=x;b=2"}, []string{"a=1", "b=2"}, []string{"x"}},
 		// Names that merely contain ours are someone else's.
-		{[]string{"my-aleph-vm-operator=1; aleph-vm-operator2=2"}, []string{"my-aleph-vm-operator=1; aleph-vm-operator2=2"}, nil},
-		{[]string{" aleph-vm-operator =spaced ; x=y"}, []string{"x=y"}, []string{"spaced"}},
+		{[]string{"my-token=1; token2=2"}, []string{"my-token=1; token2=2"}, nil},
+		{[]string{" token =spaced ; x=y"}, []string{"x=y"}, []string{"spaced"}},
+		// "token" is a common name: a program's own token cookie passes.
+		{[]string{"token=programs-own; a=1"}, []string{"token=programs-own; a=1"}, nil},
 	}
+	ours := func(v string) bool { return v != "programs-own" }
 	for _, c := range cases {
-		kept, removed := stripOperatorCookie(c.in)
+		kept, removed := stripOperatorCookie(c.in, ours)
 		if strings.Join(kept, "|") != strings.Join(c.kept, "|") || strings.Join(removed, "|") != strings.Join(c.removed, "|") {
 			t.Errorf("%q: kept %q removed %q, want %q %q", c.in, kept, removed, c.kept, c.removed)
 		}
@@ -34,14 +37,14 @@ func TestScrubForProgram(t *testing.T) {
 	const token = "0123456789abcdef0123456789abcdef"
 	const session = "S3ss10n-1d-of-the-operator-xxxxxxxxxxxxxx"
 	h := http.Header{}
-	h.Add("Cookie", "aleph-vm-operator="+session+"; app_session=keep-me")
+	h.Add("Cookie", "token="+session+"; app_session=keep-me")
 	h.Add("Authorization", "Bearer "+token)
 	h.Add("X-Copied", "prefix "+session)
 	h.Add("Referer", "http://node/about/login?token="+token)
 	h.Add("X-Program-Header", "kept")
 	h.Add("Accept", "a")
 	h.Add("Accept", "b")
-	scrubForProgram(h, token)
+	scrubForProgram(h, token, func(v string) bool { return v == session })
 	want := http.Header{
 		"Cookie":           {"app_session=keep-me"},
 		"X-Program-Header": {"kept"},
@@ -57,25 +60,29 @@ func TestScrubForProgram(t *testing.T) {
 	}
 
 	// A program's own Authorization passes.
-	h = http.Header{"Authorization": {"Bearer program-api-key"}, "Cookie": {"aleph-vm-operator=" + session}}
-	scrubForProgram(h, token)
+	h = http.Header{"Authorization": {"Bearer program-api-key"}, "Cookie": {"token=" + session}}
+	scrubForProgram(h, token, func(v string) bool { return v == session })
 	if h.Get("Authorization") != "Bearer program-api-key" || h.Get("Cookie") != "" {
 		t.Errorf("after scrubbing: %v", h)
 	}
 }
 
 func TestDropOperatorSetCookie(t *testing.T) {
-	h := http.Header{"Set-Cookie": {"aleph-vm-operator=forged; Path=/about", "app=1; Path=/"}}
+	h := http.Header{"Set-Cookie": {
+		"token=forged; Path=/about", "token=x; Path=/", "token=y; HttpOnly; path=/about/config",
+		"app=1; Path=/", "token=programs-own", "token=z; Path=/vm/abc",
+	}}
 	dropOperatorSetCookie(h)
-	if got := h.Values("Set-Cookie"); len(got) != 1 || got[0] != "app=1; Path=/" {
-		t.Errorf("Set-Cookie after: %q", got)
+	want := []string{"app=1; Path=/", "token=programs-own", "token=z; Path=/vm/abc"}
+	if got := h.Values("Set-Cookie"); strings.Join(got, "|") != strings.Join(want, "|") {
+		t.Errorf("Set-Cookie after: %q, want %q", got, want)
 	}
 }
 
 func TestLoginGivesASessionNotTheToken(t *testing.T) {
 	s, _ := newTestServer(t)
 	rec := serve(s, "GET", "node.example", "/about/login?token=secret-token")
-	if rec.Code != 200 {
+	if rec.Code != http.StatusFound {
 		t.Fatalf("login: %d %s", rec.Code, rec.Body)
 	}
 	if rec.Header().Get("Referrer-Policy") != "no-referrer" {

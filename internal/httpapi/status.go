@@ -1,14 +1,18 @@
 package httpapi
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"html/template"
 	"net/http"
 	"net/http/httptest"
-	"strconv"
+	"slices"
 	"strings"
 	"time"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 )
 
 var indexPage = template.Must(template.New("index").Parse(`<!doctype html>
@@ -24,10 +28,10 @@ code{background:#f3f3f3;padding:0 .3em}td{padding:.2em .8em .2em 0}</style></hea
 </table>
 <h2>Diagnostics</h2>
 <ul>
-<li><a href="/status/check/fastapi">Self-test of an example program</a> (starts a sandbox; takes a few seconds)</li>
+<li><a href="/status/check/fastapi">Checks of the diagnostic program</a> (starts a sandbox; takes a few seconds; <a href="/status/check/fastapi/detail">with details</a>)</li>
 <li><a href="/about/usage/system">System usage</a></li>
 <li><a href="/about/executions/records">Execution records</a></li>
-<li><a href="/status/check/version">Version</a></li>
+<li><a href="/status/config">Public configuration</a></li>
 </ul>
 <p>Call a program at <code>/vm/&lt;item hash&gt;/</code>.</p>
 </body></html>
@@ -42,97 +46,308 @@ func (s *Server) handleIndex(w http.ResponseWriter, r *http.Request) {
 	})
 }
 
-// checkResult is one line of /status/check/fastapi.
+// checkResult is one line of /status/check/fastapi/detail.
 type checkResult struct {
 	OK     bool   `json:"ok"`
 	Detail string `json:"detail,omitempty"`
 }
 
-// notAvailableChecks need features that this build does not offer yet;
-// they are listed as such rather than reported as failures.
-var notAvailableChecks = []string{"internet", "messages", "persistent_storage", "sign"}
+// A check is one of aleph-vm's sub-checks of the diagnostic program
+// (orchestrator/status.py): the requests it makes and what it accepts.
+type check struct {
+	name string
+	run  func(c *checker) (bool, string)
+	// legacy checks run in retro-compatibility mode too; the others were
+	// added with the Debian 12 runtime (views/__init__.py
+	// status_check_fastapi).
+	legacy bool
+}
 
-// handleCheckFastAPI exercises the self-test program through the same path
-// a real request takes, and answers 200 only if every check passes.
-func (s *Server) handleCheckFastAPI(w http.ResponseWriter, r *http.Request) {
+// fastAPIChecks are aleph-vm's, in its order. crash_and_restart is ours:
+// aleph-vm defines it but no longer runs it, so it shows only in the
+// detailed view.
+var fastAPIChecks = []check{
+	{"index", (*checker).index, true},
+	{"environ", (*checker).environ, true},
+	{"messages", (*checker).messages, true},
+	{"dns", (*checker).dns, true},
+	{"ipv4", (*checker).ipv4, true},
+	{"internet", (*checker).internet, true},
+	{"cache", (*checker).cache, true},
+	{"persistent_storage", (*checker).persistentStorage, true},
+	{"error_handling", (*checker).errorHandling, true},
+	{"get_a_message", (*checker).getAMessage, false},
+	{"lifespan", (*checker).lifespan, false},
+}
+
+const crashCheck = "crash_and_restart"
+
+// requiredChecks decide the status: 200 only if every one of them that
+// ran passed, else 503 (views/__init__.py status_check_fastapi,
+// required_keys). messages, cache, persistent_storage and get_a_message
+// are reported but do not fail the node.
+var requiredChecks = []string{"index", "environ", "ipv4", "internet", "dns", "error_handling", "lifespan"}
+
+// checker sends a sub-check's requests through the server itself, the
+// path a real request takes (aleph-vm goes through its own HTTP port).
+type checker struct {
+	s    *Server
+	ctx  context.Context
+	host string
+	hash string
+}
+
+func (c *checker) get(path string) (int, []byte) {
+	req := httptest.NewRequestWithContext(c.ctx, http.MethodGet, "/vm/"+c.hash+path, nil)
+	req.Host = c.host
+	rec := httptest.NewRecorder()
+	c.s.ServeHTTP(rec, req)
+	return rec.Code, rec.Body.Bytes()
+}
+
+// getJSON is aleph-vm's get_json_from_vm: an error status or a body that
+// is not JSON fails the check.
+func (c *checker) getJSON(path string, into any) (bool, string) {
+	code, body := c.get(path)
+	if code >= 400 {
+		return false, brief(code, body)
+	}
+	if err := json.Unmarshal(body, into); err != nil {
+		return false, "not JSON: " + brief(code, body)
+	}
+	return true, brief(code, body)
+}
+
+func (c *checker) index() (bool, string) {
+	var m map[string]any
+	ok, d := c.getJSON("/", &m)
+	return ok && m["Example"] == "example_fastapi", d
+}
+
+func (c *checker) environ() (bool, string) {
+	var m map[string]any
+	ok, d := c.getJSON("/environ", &m)
+	for _, k := range []string{"ALEPH_API_HOST", "ALEPH_API_UNIX_SOCKET", "ALEPH_REMOTE_CRYPTO_HOST",
+		"ALEPH_REMOTE_CRYPTO_UNIX_SOCKET", "ALEPH_ADDRESS_TO_USE"} {
+		if _, has := m[k]; !has {
+			return false, "missing " + k + "; " + d
+		}
+	}
+	return ok, d
+}
+
+func (c *checker) messages() (bool, string) {
+	var m struct {
+		Messages struct {
+			Messages []map[string]any `json:"messages"`
+		} `json:"Messages"`
+	}
+	ok, d := c.getJSON("/messages", &m)
+	if !ok || len(m.Messages.Messages) == 0 {
+		return false, d
+	}
+	_, has := m.Messages.Messages[0]["item_hash"]
+	return has, d
+}
+
+func (c *checker) dns() (bool, string) {
+	var m map[string]any
+	ok, d := c.getJSON("/dns", &m)
+	return ok && truthy(m["ipv4"]) && truthy(m["ipv6"]), d
+}
+
+func (c *checker) ipv4() (bool, string) {
+	var m map[string]any
+	ok, d := c.getJSON("/ip/4", &m)
+	return ok && m["result"] == true, d
+}
+
+// internet accepts {"result": true} or {"result": <integer below 400>}:
+// aleph-vm's check_internet (status.py) wants an int under 400, and
+// Python's True is an int.
+func (c *checker) internet() (bool, string) {
+	var m map[string]any
+	ok, d := c.getJSON("/internet", &m)
+	if !ok {
+		return false, d
+	}
+	switch v := m["result"].(type) {
+	case bool:
+		return v, d
+	case float64:
+		return v == float64(int64(v)) && v < 400, d
+	}
+	return false, d
+}
+
+func (c *checker) cache() (bool, string) {
+	var set bool
+	ok, d := c.getJSON("/cache/set/a/42", &set)
+	if !ok || !set {
+		return false, "set: " + d
+	}
+	var got any
+	if ok, d = c.getJSON("/cache/get/a", &got); !ok || got != "42" {
+		return false, "get: " + d
+	}
+	var keys []string
+	if ok, d = c.getJSON("/cache/keys", &keys); !ok || !slices.Contains(keys, "a") {
+		return false, "keys: " + d
+	}
+	return true, d
+}
+
+func (c *checker) persistentStorage() (bool, string) {
+	var first, second struct {
+		Counter *int `json:"counter"`
+	}
+	ok, d := c.getJSON("/state/increment", &first)
+	if !ok || first.Counter == nil {
+		return false, d
+	}
+	ok, d = c.getJSON("/state/increment", &second)
+	return ok && second.Counter != nil && *second.Counter >= *first.Counter+1, d
+}
+
+func (c *checker) errorHandling() (bool, string) {
+	code, body := c.get("/raise")
+	return code == http.StatusInternalServerError && bytes.Contains(body, []byte("Traceback")), brief(code, body)
+}
+
+func (c *checker) getAMessage() (bool, string) {
+	var m map[string]any
+	ok, d := c.getJSON("/get_a_message", &m)
+	_, has := m["item_hash"]
+	return ok && has, d
+}
+
+func (c *checker) lifespan() (bool, string) {
+	var m map[string]any
+	ok, d := c.getJSON("/lifespan", &m)
+	return ok && m["Lifespan"] == true, d
+}
+
+func (c *checker) crashAndRestart() (bool, string) {
+	crashCode, crashBody := c.get("/crash")
+	if crashCode != http.StatusBadGateway {
+		return false, "crash: " + brief(crashCode, crashBody)
+	}
+	ok, d := c.index()
+	return ok, "after the crash: " + d
+}
+
+// truthy is Python's truth of a JSON value.
+func truthy(v any) bool {
+	switch v := v.(type) {
+	case nil:
+		return false
+	case bool:
+		return v
+	case string:
+		return v != ""
+	case float64:
+		return v != 0
+	case []any:
+		return len(v) > 0
+	case map[string]any:
+		return len(v) > 0
+	}
+	return true
+}
+
+// runChecks runs aleph-vm's sub-checks against the diagnostic program
+// (the legacy ones only when retro), then ours when detail is set.
+func (s *Server) runChecks(w http.ResponseWriter, r *http.Request, retro, detail bool) (hash string, results map[string]checkResult, ok bool) {
 	if s.opts.SelfTestProgram == nil {
-		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": "no self-test program configured"})
-		return
+		s.writeError(w, r, errkind.New(errkind.NoBackend, "no diagnostic program configured"))
+		return "", nil, false
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), 3*time.Minute)
 	defer cancel()
 	hash, err := s.opts.SelfTestProgram(ctx)
 	if err != nil {
 		s.writeError(w, r, err)
+		return "", nil, false
+	}
+	c := &checker{s: s, ctx: ctx, host: r.Host, hash: hash}
+	results = map[string]checkResult{}
+	for _, chk := range fastAPIChecks {
+		if retro && !chk.legacy {
+			continue
+		}
+		passed, d := chk.run(c)
+		results[chk.name] = checkResult{OK: passed, Detail: d}
+	}
+	if detail {
+		passed, d := c.crashAndRestart()
+		results[crashCheck] = checkResult{OK: passed, Detail: d}
+	}
+	return hash, results, true
+}
+
+func requiredPass(results map[string]checkResult) bool {
+	for _, k := range requiredChecks {
+		if res, ran := results[k]; ran && !res.OK {
+			return false
+		}
+	}
+	return true
+}
+
+// handleCheckFastAPI is aleph-vm's /status/check/fastapi: a flat
+// {check: bool} body, 200 when the required checks pass, else 503.
+// ?retro-compatibility=true runs only the checks older runtimes pass.
+func (s *Server) handleCheckFastAPI(w http.ResponseWriter, r *http.Request) {
+	s.checkFastAPI(w, r, r.URL.Query().Get("retro-compatibility") == "true")
+}
+
+// handleCheckFastAPILegacy is /status/check/fastapi/legacy. aleph-vm runs
+// it against LEGACY_CHECK_FASTAPI_VM_ID in retro-compatibility mode; this
+// node has a single diagnostic program, checked in that mode.
+func (s *Server) handleCheckFastAPILegacy(w http.ResponseWriter, r *http.Request) {
+	s.checkFastAPI(w, r, true)
+}
+
+func (s *Server) checkFastAPI(w http.ResponseWriter, r *http.Request, retro bool) {
+	_, results, ok := s.runChecks(w, r, retro, false)
+	if !ok {
 		return
 	}
-	get := func(path string) (int, string) {
-		req := httptest.NewRequestWithContext(ctx, http.MethodGet, "/vm/"+hash+path, nil)
-		req.Host = r.Host
-		rec := httptest.NewRecorder()
-		s.ServeHTTP(rec, req)
-		return rec.Code, rec.Body.String()
-	}
-	jsonField := func(body, key string) any {
-		var m map[string]any
-		if json.Unmarshal([]byte(body), &m) != nil {
-			return nil
-		}
-		return m[key]
-	}
-	checks := map[string]checkResult{}
-	run := func(name string, f func() (bool, string)) {
-		ok, detail := f()
-		checks[name] = checkResult{OK: ok, Detail: detail}
-	}
-	run("index", func() (bool, string) {
-		code, body := get("/")
-		return code == 200 && jsonField(body, "Example") == "example_fastapi", brief(code, body)
-	})
-	run("environ", func() (bool, string) {
-		code, body := get("/environ")
-		return code == 200 && jsonField(body, "ALEPH_API_UNIX_SOCKET") != nil, brief(code, body)
-	})
-	run("lifespan", func() (bool, string) {
-		code, body := get("/lifespan")
-		return code == 200 && jsonField(body, "Lifespan") == true, brief(code, body)
-	})
-	run("cache", func() (bool, string) {
-		token := strconv.FormatInt(time.Now().UnixNano(), 36)
-		setCode, setBody := get("/cache/set/check/" + token)
-		code, body := get("/cache/get/check")
-		ok := setCode == 200 && code == 200 && jsonField(body, "value") == token
-		return ok, "set: " + brief(setCode, setBody) + "; get: " + brief(code, body)
-	})
-	run("error_handling", func() (bool, string) {
-		code, body := get("/raise")
-		return code == 500 && strings.Contains(body, "Traceback"), brief(code, body)
-	})
-	run("crash_and_restart", func() (bool, string) {
-		crashCode, crashBody := get("/crash")
-		code, body := get("/")
-		ok := crashCode == http.StatusBadGateway && code == 200 && jsonField(body, "Example") == "example_fastapi"
-		return ok, "crash: " + brief(crashCode, crashBody) + "; after: " + brief(code, body)
-	})
-	allOK := true
-	for _, c := range checks {
-		allOK = allOK && c.OK
+	flat := make(map[string]bool, len(results))
+	for k, v := range results {
+		flat[k] = v.OK
 	}
 	status := http.StatusOK
-	if !allOK {
+	if !requiredPass(results) {
+		status = http.StatusServiceUnavailable
+	}
+	writeJSON(w, status, flat)
+}
+
+// handleCheckFastAPIDetail is ours: the same checks plus crash recovery,
+// with what each request answered, for an operator finding out why a
+// check fails. Same status rule as the flat view.
+func (s *Server) handleCheckFastAPIDetail(w http.ResponseWriter, r *http.Request) {
+	hash, results, ok := s.runChecks(w, r, r.URL.Query().Get("retro-compatibility") == "true", true)
+	if !ok {
+		return
+	}
+	status := http.StatusOK
+	if !requiredPass(results) {
 		status = http.StatusServiceUnavailable
 	}
 	writeJSON(w, status, map[string]any{
-		"program":       hash,
-		"result":        allOK,
-		"checks":        checks,
-		"not_available": notAvailableChecks,
+		"program":  hash,
+		"result":   status == http.StatusOK,
+		"required": requiredChecks,
+		"checks":   results,
 	})
 }
 
-func brief(code int, body string) string {
-	if len(body) > 200 {
-		body = body[:200] + "…"
+func brief(code int, body []byte) string {
+	b := strings.TrimSpace(string(body))
+	if len(b) > 300 {
+		b = b[:300] + "…"
 	}
-	return http.StatusText(code) + ": " + strings.TrimSpace(body)
+	return fmt.Sprintf("%d %s: %s", code, http.StatusText(code), b)
 }

@@ -39,6 +39,18 @@ func newAlephAPI(t *testing.T) *alephAPI {
 			"pagination_per_page": 20, "pagination_item": "messages",
 		})
 	})
+	// The SDK's get_message reads this one.
+	mux.HandleFunc("GET /api/v0/messages/{hash}", func(w http.ResponseWriter, r *http.Request) {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		m, ok := a.messages[r.PathValue("hash")]
+		if !ok {
+			http.Error(w, `{"error":"Message not found"}`, http.StatusNotFound)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(map[string]any{"status": "processed", "item_hash": m["item_hash"], "message": m})
+	})
 	mux.HandleFunc("GET /api/v0/storage/raw/{hash}", func(w http.ResponseWriter, r *http.Request) {
 		a.mu.Lock()
 		defer a.mu.Unlock()

@@ -542,7 +542,11 @@ func (s *supervisor) loginCookie() *http.Cookie {
 	if err != nil {
 		s.t.Fatal(err)
 	}
-	resp, err := client.Get(s.base + "/about/login?token=" + strings.TrimSpace(string(token)))
+	// Login answers 302 to /about/config with the cookie: read the 302.
+	noFollow := &http.Client{Timeout: client.Timeout, CheckRedirect: func(*http.Request, []*http.Request) error {
+		return http.ErrUseLastResponse
+	}}
+	resp, err := noFollow.Get(s.base + "/about/login?token=" + strings.TrimSpace(string(token)))
 	if err != nil {
 		s.t.Fatal(err)
 	}

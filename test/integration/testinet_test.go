@@ -67,6 +67,9 @@ type dnsQuery struct {
 	Remote string
 }
 
+// inetIPv6 is inet.test.'s AAAA record, from the documentation range.
+var inetIPv6 = netip.MustParseAddr("2001:db8::2")
+
 const (
 	inetName    = "inet.test."
 	privateName = "private.test."
@@ -303,6 +306,13 @@ func (n *testInternet) serveDNS() {
 				m.Answer = append(m.Answer, &dns.A{
 					Hdr: dns.RR_Header{Name: q.Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 5},
 					A:   net.IP(addr.AsSlice()),
+				})
+			case q.Qtype == dns.TypeAAAA && name == inetName:
+				// An address to resolve only (nothing routes it): the
+				// diagnostic program's /dns wants both families.
+				m.Answer = append(m.Answer, &dns.AAAA{
+					Hdr:  dns.RR_Header{Name: q.Name, Rrtype: dns.TypeAAAA, Class: dns.ClassINET, Ttl: 5},
+					AAAA: net.IP(inetIPv6.AsSlice()),
 				})
 			}
 			// Other types of a known name: an empty answer (NODATA).

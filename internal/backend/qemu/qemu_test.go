@@ -343,7 +343,7 @@ func TestBootFastAPI(t *testing.T) {
 				}},
 			}
 			code, body := get(t, hc, "/")
-			var index map[string]string
+			var index map[string]any // it also lists its endpoints
 			if code != http.StatusOK || json.Unmarshal(body, &index) != nil || index["Example"] != "example_fastapi" {
 				t.Errorf("GET /: %d %s", code, body)
 			}

@@ -1,0 +1,199 @@
+package httpapi
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
+	"github.com/aleph-vm-go/vm-supervisor/internal/pep440"
+	"github.com/aleph-vm-go/vm-supervisor/internal/records"
+)
+
+// page registers a GET page under /about or /status with aleph-vm's CORS
+// behaviour: aiohttp_cors with allow_credentials, expose_headers="*" and
+// allow_headers="*" for any origin (orchestrator/supervisor.py:169-178).
+// Operator pages stay safe from other sites because the session cookie is
+// SameSite=Strict: a cross-site fetch never carries it.
+func (s *Server) page(path string, h http.HandlerFunc) {
+	s.mux.HandleFunc("GET "+path, func(w http.ResponseWriter, r *http.Request) {
+		if origin := r.Header.Get("Origin"); origin != "" {
+			w = &corsWriter{ResponseWriter: w, origin: origin}
+		}
+		h(w, r)
+	})
+	s.mux.HandleFunc("OPTIONS "+path, s.preflight)
+}
+
+// preflight answers a CORS preflight as aiohttp_cors's _preflight_handler
+// does: 403 with its texts when Origin or the method is missing or the
+// method is not the route's, else 200 echoing origin, method and headers.
+func (s *Server) preflight(w http.ResponseWriter, r *http.Request) {
+	origin := r.Header.Get("Origin")
+	method := r.Header.Get("Access-Control-Request-Method")
+	forbid := func(text string) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.WriteHeader(http.StatusForbidden)
+		_, _ = w.Write([]byte(text))
+	}
+	switch {
+	case origin == "":
+		forbid("CORS preflight request failed: origin header is not specified in the request")
+		return
+	case method == "":
+		forbid("CORS preflight request failed: 'Access-Control-Request-Method' header is not specified")
+		return
+	case method != http.MethodGet && method != http.MethodHead: // aiohttp's web.get also routes HEAD
+		forbid(fmt.Sprintf("CORS preflight request failed: request method '%s' is not allowed for '%s' origin", method, origin))
+		return
+	}
+	h := w.Header()
+	h.Set("Access-Control-Allow-Origin", origin)
+	h.Set("Access-Control-Allow-Credentials", "true")
+	h.Set("Access-Control-Allow-Methods", method)
+	var asked []string
+	for _, name := range strings.Split(r.Header.Get("Access-Control-Request-Headers"), ",") {
+		if name = strings.ToUpper(strings.Trim(name, " \t")); name != "" && !slices.Contains(asked, name) {
+			asked = append(asked, name)
+		}
+	}
+	if len(asked) > 0 {
+		h.Set("Access-Control-Allow-Headers", strings.Join(asked, ","))
+	}
+	w.WriteHeader(http.StatusOK)
+}
+
+// corsWriter adds the CORS headers of a non-preflight answer once the
+// handler has set its own, exposing every header but the CORS-safelisted
+// ones, as expose_headers="*" does.
+type corsWriter struct {
+	http.ResponseWriter
+	origin string
+	done   bool
+}
+
+var simpleResponseHeaders = []string{"Cache-Control", "Content-Language", "Content-Type", "Expires", "Last-Modified", "Pragma"}
+
+func (c *corsWriter) WriteHeader(code int) {
+	if !c.done {
+		c.done = true
+		h := c.Header()
+		var exposed []string
+		for name := range h {
+			if !slices.Contains(simpleResponseHeaders, name) {
+				exposed = append(exposed, name)
+			}
+		}
+		slices.Sort(exposed)
+		h.Set("Access-Control-Expose-Headers", strings.Join(exposed, ","))
+		h.Set("Access-Control-Allow-Origin", c.origin)
+		h.Set("Access-Control-Allow-Credentials", "true")
+	}
+	c.ResponseWriter.WriteHeader(code)
+}
+
+func (c *corsWriter) Write(b []byte) (int, error) {
+	if !c.done {
+		c.WriteHeader(http.StatusOK)
+	}
+	return c.ResponseWriter.Write(b)
+}
+
+func (c *corsWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
+
+// handleVersion is aleph-vm's status_check_version: 400 without a valid
+// ?reference=, 200 when this version is the reference or newer, 403 when
+// older, each with packaging's wording (views/__init__.py).
+func (s *Server) handleVersion(w http.ResponseWriter, r *http.Request) {
+	text := func(code int, body string) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.WriteHeader(code)
+		_, _ = w.Write([]byte(body))
+	}
+	refStr := r.URL.Query().Get("reference")
+	if refStr == "" {
+		text(http.StatusBadRequest, "Query field '?reference=` must be specified")
+		return
+	}
+	ref, err := pep440.Parse(refStr)
+	if err != nil {
+		text(http.StatusBadRequest, err.Error())
+		return
+	}
+	current, err := pep440.Parse(s.opts.Version)
+	if err != nil {
+		text(http.StatusServiceUnavailable, err.Error())
+		return
+	}
+	if current.Compare(ref) >= 0 {
+		text(http.StatusOK, fmt.Sprintf("Up-to-date: version %s >= %s", current, ref))
+		return
+	}
+	text(http.StatusForbidden, fmt.Sprintf("Outdated: version %s < %s", current, ref))
+}
+
+// upstreamRecord is one record with every column of aleph-vm's
+// `executions` table (orchestrator/metrics.py ExecutionRecord); the ones
+// this supervisor does not keep read null.
+func upstreamRecord(rec records.Record) map[string]any {
+	out := map[string]any{}
+	b, err := json.Marshal(rec)
+	if err == nil {
+		_ = json.Unmarshal(b, &out)
+	}
+	for _, col := range []string{"vm_id", "message", "original_message", "persistent", "gpus", "mapped_ports"} {
+		if _, ok := out[col]; !ok {
+			out[col] = nil
+		}
+	}
+	return out
+}
+
+// networkOf is the network of an address/prefix ("172.16.4.2/30" →
+// "172.16.4.0/30"), which is what aleph-vm lists as a VM's ip_network.
+func networkOf(addr string) any {
+	p, err := netip.ParsePrefix(addr)
+	if err != nil {
+		return nil
+	}
+	return p.Masked().String()
+}
+
+// handleExecutionList is aleph-vm's list_executions: running executions
+// by item hash, with their networks and VM type. On-demand programs are
+// "microvm" whatever the isolation backend, as the type comes from the
+// message (vm_type.py).
+func (s *Server) handleExecutionList(w http.ResponseWriter, r *http.Request) {
+	out := map[string]any{}
+	for _, e := range s.opts.Pool.List() {
+		out[e.ProgramHash] = map[string]any{
+			"networking":                 map[string]any{"ipv4": networkOf(e.IPv4), "ipv6": nil},
+			"vm_type":                    "microvm",
+			"awaiting_confidential_init": false,
+		}
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// handleExecutionDetails is aleph-vm's about_executions: a one-element
+// array holding the executions by item hash.
+func (s *Server) handleExecutionDetails(w http.ResponseWriter, r *http.Request) {
+	byHash := map[string]any{}
+	for _, e := range s.opts.Pool.List() {
+		byHash[e.ProgramHash] = e
+	}
+	writeJSON(w, http.StatusOK, []any{byHash})
+}
+
+// handlePublicConfig is aleph-vm's status_public_config: the settings a
+// scheduler or monitor may read without logging in.
+func (s *Server) handlePublicConfig(w http.ResponseWriter, r *http.Request) {
+	if s.opts.PublicConfig == nil {
+		s.writeError(w, r, errkind.New(errkind.NotFound, "no public configuration on this node"))
+		return
+	}
+	writeJSON(w, http.StatusOK, s.opts.PublicConfig())
+}
