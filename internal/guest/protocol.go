@@ -53,13 +53,15 @@ const (
 // Paths inside the sandbox, common to all backends.
 const (
 	CodeDir        = "/opt/code"            // program code (read-only, extracted)
-	GuestAPISocket = "/run/aleph/api.sock"  // the guest API, private to the agent's layout
-	// CompatGuestAPISocket also serves the guest API: the path aleph-vm's
-	// runtime gives (ALEPH_API_UNIX_SOCKET) and its examples hard-code.
-	CompatGuestAPISocket = "/tmp/socat-socket"
+	GuestAPISocket = "/run/aleph/api.sock"  // ALEPH_API_UNIX_SOCKET
 	ProgramSocket  = "/run/aleph/asgi.sock" // uvicorn's unix socket
 	ExecutablePort = 8080
 )
+
+// CompatGuestAPISocket also serves the guest API: the path aleph-vm's
+// runtime gives programs (ALEPH_API_UNIX_SOCKET) and its examples
+// hard-code.
+const CompatGuestAPISocket = "/tmp/socat-socket"
 
 // Interface kinds of programs.
 const (

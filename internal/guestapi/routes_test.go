@@ -1,7 +1,9 @@
 package guestapi
 
 import (
+	"bytes"
 	"compress/gzip"
+	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"io"
@@ -249,4 +251,97 @@ func TestMediaType(t *testing.T) {
 func testDisk(t *testing.T) Store {
 	s, _ := openTestDisk(t, "", Limits{})
 	return s
+}
+
+// Python's json.dumps(json.loads(v), separators=(",", ":")) for these
+// inputs (CPython 3.11; ascii is ensure_ascii).
+func TestPyJSON(t *testing.T) {
+	for _, c := range []struct {
+		in, want string
+		ascii    bool
+	}{
+		{`{"a": 1, "b": [true, null], "a": 2}`, `{"a":2,"b":[true,null]}`, false},
+		{`[1e5, 1.5e-7, 1e16, 1E-4, 0.1, 123456789.0, -0.0, -0, 12345678901234567890123]`,
+			`[100000.0,1.5e-07,1e+16,0.0001,0.1,123456789.0,-0.0,0,12345678901234567890123]`, false},
+		{`"é😀\u2028\u007f\u0001"`, `"\u00e9\ud83d\ude00\u2028\u007f\u0001"`, true},
+		{`"é😀\u007f"`, "\"é😀\x7f\"", false},
+	} {
+		var b bytes.Buffer
+		if err := pyJSON(&b, []byte(c.in), c.ascii); err != nil {
+			t.Errorf("%s: %v", c.in, err)
+		} else if b.String() != c.want {
+			t.Errorf("%s (ascii %v):\n got %s\nwant %s", c.in, c.ascii, b.String(), c.want)
+		}
+	}
+	var b bytes.Buffer
+	if err := pyJSON(&b, []byte(`1e400`), false); err == nil {
+		t.Error("1e400 (inf in Python, refused by allow_nan=False) encoded")
+	}
+}
+
+// guest_api:52-73 hands the message to the connector, whose
+// publish_data (connector:155-178) publishes its content as a POST by
+// the node with address "VM on executor", through the SDK's create_post
+// (POST /api/v0/messages, sync false), and answers {"status":"success"}.
+func TestPubsubRepost(t *testing.T) {
+	key := testKey(t)
+	var mu sync.Mutex
+	var got []byte
+	apiStatus := http.StatusOK
+	api := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		mu.Lock()
+		defer mu.Unlock()
+		if r.Method != "POST" || r.URL.Path != "/api/v0/messages" {
+			t.Errorf("API saw %s %s", r.Method, r.URL)
+		}
+		got = b
+		w.WriteHeader(apiStatus)
+		_, _ = io.WriteString(w, `{"publication_status":{"status":"success","failed":[]},"message_status":"pending"}`)
+	}))
+	defer api.Close()
+	h := New(Options{Program: Program{Hash: testVMHash}, APIServer: api.URL, Signer: key})
+	inner := `{"address": "0xprogram", "type": "chat", "content": {"text": "héllo", "n": 1e5}}`
+	msg, _ := json.Marshal(map[string]any{"channel": "TEST", "item_content": inner, "item_type": "inline"})
+	req, _ := json.Marshal(map[string]string{"topic": "ALEPH-TEST", "data": string(msg)})
+
+	do(t, h, "POST", "/api/v0/ipfs/pubsub/pub", bytes.NewReader(req)).is(t, "repost", 200, "application/json", `{"status":"success"}`)
+	var sent struct {
+		Sync    *bool
+		Message map[string]any
+	}
+	mu.Lock()
+	if err := json.Unmarshal(got, &sent); err != nil || sent.Sync == nil || *sent.Sync {
+		t.Fatalf("API got %s (%v)", got, err)
+	}
+	mu.Unlock()
+	m := sent.Message
+	ic, _ := m["item_content"].(string)
+	sum := sha256.Sum256([]byte(ic))
+	if m["item_hash"] != hex.EncodeToString(sum[:]) || m["sender"] != testAddress || m["chain"] != "ETH" ||
+		m["type"] != "POST" || m["item_type"] != "inline" || m["channel"] != "TEST" {
+		t.Errorf("message %v", m)
+	}
+	// PostContent(address, time, content, type).dict(), dumped compact
+	// with ensure_ascii (the SDK's _prepare_aleph_message).
+	if !strings.HasPrefix(ic, `{"address":"VM on executor","time":`) ||
+		!strings.HasSuffix(ic, `,"content":{"text":"h\u00e9llo","n":100000.0},"type":"chat"}`) {
+		t.Errorf("item_content %s", ic)
+	}
+	signer, err := nodekey.RecoverPersonal(nodekey.VerificationBuffer("ETH", testAddress, "POST", m["item_hash"].(string)), m["signature"].(string))
+	if err != nil || signer != testAddress {
+		t.Errorf("signature by %s (%v)", signer, err)
+	}
+
+	// What the connector cannot read, or the API refuses: FastAPI's 500.
+	noChannel, _ := json.Marshal(map[string]string{"topic": "t", "data": `{"item_content": "{\"type\": \"x\", \"content\": 1}"}`})
+	do(t, h, "POST", "/api/v0/p2p/pubsub/pub", bytes.NewReader(noChannel)).is(t, "no channel", 500, "text/plain", "Internal Server Error")
+	mu.Lock()
+	apiStatus = http.StatusUnprocessableEntity
+	mu.Unlock()
+	do(t, h, "POST", "/api/v0/p2p/pubsub/pub", bytes.NewReader(req)).is(t, "API refuses", 500, "text/plain", "Internal Server Error")
+	// What the guest API itself cannot read: aiohttp's 500.
+	for _, body := range []string{`{`, `{"data": "{}"}`, `{"topic": "t", "data": "{}"}`, `{"topic": "t", "data": 5}`} {
+		do(t, h, "POST", "/api/v0/ipfs/pubsub/pub", strings.NewReader(body)).is(t, body, 500, textType, trouble)
+	}
 }

@@ -67,6 +67,10 @@ func (g *guestAPI) sign(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	signed, err := signMessage(k, msg)
+	var out []byte
+	if err == nil {
+		out, err = signed.encode()
+	}
 	if err != nil {
 		g.log.Debug("guest API /sign refused", "program", g.o.Program.Hash, "err", err)
 		// FastAPI's answer to the connector's exception, relayed.
@@ -74,7 +78,7 @@ func (g *guestAPI) sign(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	g.log.Debug("guest API signed a message", "program", g.o.Program.Hash, "signer", k)
-	writeRelayed(w, http.StatusOK, "application/json", signed.encode())
+	writeRelayed(w, http.StatusOK, "application/json", out)
 }
 
 // contentAddress is the address in the message's item_content, or an
@@ -248,8 +252,8 @@ func (o *object) set(key string, v json.RawMessage) {
 }
 
 // encode writes the object as FastAPI's JSONResponse does: no spaces,
-// non-ASCII unescaped. Member values keep their own text, compacted.
-func (o object) encode() []byte {
+// non-ASCII unescaped, values as Python re-encodes them.
+func (o object) encode() ([]byte, error) {
 	var b bytes.Buffer
 	b.WriteByte('{')
 	for i, m := range o {
@@ -258,12 +262,12 @@ func (o object) encode() []byte {
 		}
 		writePyString(&b, m.key)
 		b.WriteByte(':')
-		if err := json.Compact(&b, m.value); err != nil {
-			b.Write(m.value)
+		if err := pyJSON(&b, m.value, false); err != nil {
+			return nil, err
 		}
 	}
 	b.WriteByte('}')
-	return b.Bytes()
+	return b.Bytes(), nil
 }
 
 func quote(s string) json.RawMessage {
@@ -272,33 +276,5 @@ func quote(s string) json.RawMessage {
 	return b.Bytes()
 }
 
-// writePyString encodes s as Python's json.dumps(ensure_ascii=False):
-// only quotes, backslashes and control characters escaped.
-func writePyString(b *bytes.Buffer, s string) {
-	b.WriteByte('"')
-	for _, r := range s {
-		switch r {
-		case '"':
-			b.WriteString(`\"`)
-		case '\\':
-			b.WriteString(`\\`)
-		case '\n':
-			b.WriteString(`\n`)
-		case '\r':
-			b.WriteString(`\r`)
-		case '\t':
-			b.WriteString(`\t`)
-		case '\b':
-			b.WriteString(`\b`)
-		case '\f':
-			b.WriteString(`\f`)
-		default:
-			if r < 0x20 {
-				fmt.Fprintf(b, `\u%04x`, r)
-			} else {
-				b.WriteRune(r)
-			}
-		}
-	}
-	b.WriteByte('"')
-}
+// writePyString encodes s as Python's json.dumps(ensure_ascii=False).
+func writePyString(b *bytes.Buffer, s string) { writePyStr(b, s, false) }
