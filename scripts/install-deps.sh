@@ -12,6 +12,11 @@ for p in $PACKAGES; do
 		missing="$missing $p"
 	fi
 done
+# Node.js and npm run the TypeScript SDK's signature check (test/sdkverify).
+# By command, not package: NodeSource's nodejs bundles npm and conflicts
+# with Debian's npm package.
+command -v node >/dev/null 2>&1 || missing="$missing nodejs"
+command -v npm >/dev/null 2>&1 || missing="$missing npm"
 # Firecracker's jailer drops to this user, as the seed's install does.
 ensure_jail_user() {
 	if ! id jailman >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then

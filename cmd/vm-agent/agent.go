@@ -126,6 +126,16 @@ func (a *agent) serve(ctx context.Context, ch io.ReadWriteCloser) (int, error) {
 	}
 	defer apiLn.Close()
 	go a.serveGuestAPI(runCtx, sess, apiLn)
+	// aleph-vm's path, which programs hard-code. Made now, after set-up
+	// has mounted /tmp in VMs; under gVisor /tmp is the sandbox's tmpfs.
+	if p := a.o.compatAPISocket; p != "" {
+		compatLn, err := listenUnix(p)
+		if err != nil {
+			return fail(fmt.Errorf("guest API socket %s: %w", p, err))
+		}
+		defer compatLn.Close()
+		go a.serveGuestAPI(runCtx, sess, compatLn)
+	}
 
 	var prog *program
 	if pre != nil {

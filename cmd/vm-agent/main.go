@@ -33,13 +33,15 @@ import (
 // options are the agent's flags; the defaults are the sandbox layout of
 // internal/guest, and tests point them elsewhere.
 type options struct {
-	channel     string
-	codeDir     string
-	socketDir   string
-	python      string
-	stopTimeout time.Duration
-	logLevel    string
-	preload     bool
+	channel   string
+	codeDir   string
+	socketDir string
+	// compatAPISocket also serves the guest API (empty: not at all).
+	compatAPISocket string
+	python          string
+	stopTimeout     time.Duration
+	logLevel        string
+	preload         bool
 	// init selects the micro-VM mode; also chosen when the agent runs as
 	// /init with PID 1 (under gVisor it is PID 1 too, but not /init).
 	init bool
@@ -50,6 +52,7 @@ func main() {
 	flag.StringVar(&o.channel, "channel", "stdio", "guest channel: stdio | vsock:PORT | serial:PATH")
 	flag.StringVar(&o.codeDir, "code-dir", guest.CodeDir, "directory holding the program's code")
 	flag.StringVar(&o.socketDir, "socket-dir", filepath.Dir(guest.ProgramSocket), "directory of the program and guest API unix sockets")
+	flag.StringVar(&o.compatAPISocket, "compat-api-socket", guest.CompatGuestAPISocket, "second guest API socket, at aleph-vm's path (empty: none)")
 	flag.StringVar(&o.python, "python", "/usr/bin/python3", "Python interpreter of the runtime")
 	flag.DurationVar(&o.stopTimeout, "stop-timeout", 5*time.Second, "how long the program may take to stop before it is killed")
 	flag.StringVar(&o.logLevel, "log-level", "info", "debug | info | warn | error")

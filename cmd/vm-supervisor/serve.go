@@ -21,8 +21,10 @@ import (
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
 	"github.com/aleph-vm-go/vm-supervisor/internal/config"
+	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guestapi"
 	"github.com/aleph-vm-go/vm-supervisor/internal/httpapi"
+	"github.com/aleph-vm-go/vm-supervisor/internal/nodekey"
 	"github.com/aleph-vm-go/vm-supervisor/internal/pool"
 	"github.com/aleph-vm-go/vm-supervisor/internal/records"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
@@ -107,6 +109,10 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 	if s.Prewarm && be != nil && be.Name() == "gvisor" {
 		spareRuntime = defaultRuntimeFile(st)
 	}
+	signer, err := loadNodeKey(s, log)
+	if err != nil {
+		return err
+	}
 	guestCache, closeGuestCache, err := openGuestCache(ctx, s, log)
 	if err != nil {
 		return err
@@ -118,6 +124,8 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 				Program:   guestapi.Program{Hash: prog.Hash, Address: prog.Content.Address, Chain: prog.Message.Chain},
 				Cache:     guestCache,
 				APIServer: s.APIServer,
+				Signer:    signer,
+				Logger:    log,
 			})
 		},
 		Source:            source,
@@ -221,14 +229,28 @@ func shutdownPool(p *pool.Pool, log *slog.Logger) {
 }
 
 // alephEnv is what every program sees besides its own variables
-// (DESIGN §4): the guest API reached through the agent's unix socket.
-func alephEnv(s *config.Settings) map[string]string {
+// (DESIGN §4): aleph-vm's values (runtimes/aleph-debian-12-python/
+// init1.py:94-97), the guest API on the socket upstream programs
+// hard-code. ALEPH_ADDRESS_TO_USE is per program (pool.guestConfig).
+func alephEnv(*config.Settings) map[string]string {
 	return map[string]string{
-		"ALEPH_API_HOST":                  s.APIServer,
-		"ALEPH_API_UNIX_SOCKET":           "/run/aleph/api.sock",
+		"ALEPH_API_HOST":                  "http://localhost",
+		"ALEPH_API_UNIX_SOCKET":           guest.CompatGuestAPISocket,
 		"ALEPH_REMOTE_CRYPTO_HOST":        "http://localhost",
-		"ALEPH_REMOTE_CRYPTO_UNIX_SOCKET": "/run/aleph/api.sock",
+		"ALEPH_REMOTE_CRYPTO_UNIX_SOCKET": guest.CompatGuestAPISocket,
 	}
+}
+
+// loadNodeKey reads or makes the key the guest API signs with. Its
+// address is logged so an operator can recognise the node; the secret
+// never is.
+func loadNodeKey(s *config.Settings, log *slog.Logger) (*nodekey.Key, error) {
+	k, created, err := nodekey.LoadOrCreate(filepath.Join(s.ExecutionRoot, nodekey.FileName))
+	if err != nil {
+		return nil, err
+	}
+	log.Info("node signing key", "address", k.Address(), "created", created)
+	return k, nil
 }
 
 // writeLoginToken makes a fresh operator token readable only by root, so

@@ -58,6 +58,11 @@ const (
 	ExecutablePort = 8080
 )
 
+// CompatGuestAPISocket also serves the guest API: the path aleph-vm's
+// runtime gives programs (ALEPH_API_UNIX_SOCKET) and its examples
+// hard-code.
+const CompatGuestAPISocket = "/tmp/socat-socket"
+
 // Interface kinds of programs.
 const (
 	InterfaceASGI       = "asgi"

@@ -1,28 +1,29 @@
 // Package guestapi is the API a program reaches from inside its sandbox
 // through ALEPH_API_UNIX_SOCKET (DESIGN §6), served by the host once per
-// execution over the guest channel: the program's properties, a small
-// key-value cache namespaced by program, and a proxy to the Aleph API.
+// execution over the guest channel: the node's signing key (properties
+// and signatures), a small key-value cache namespaced by program, and a
+// relay to the Aleph API.
 //
-// The cache routes answer exactly as aleph-vm's guest API (aiohttp) does:
-// the same bodies, statuses and content types.
+// Routes answer as aleph-vm's guest API (aiohttp) and its VM connector
+// do: the same paths and methods, bodies, statuses and content types.
 package guestapi
 
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
-	"net/http/httputil"
-	"net/url"
+	"sort"
 	"strconv"
 	"strings"
+	"time"
 	"unicode/utf16"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
+	"github.com/aleph-vm-go/vm-supervisor/internal/nodekey"
 )
 
 // Program is what the guest API needs to know about the caller.
@@ -71,44 +72,100 @@ func NewCache(store Store, maxValueSize int64, log *slog.Logger) *Cache {
 type Options struct {
 	Program Program
 	Cache   *Cache
-	// APIServer is the Aleph API that /api/ proxies to; empty disables it.
+	// APIServer is the Aleph API that GET requests outside the guest
+	// API's own routes are relayed to; empty answers them 500 as
+	// aleph-vm does when its API server cannot be reached.
 	APIServer string
+	// Signer is the node's signing key behind /properties and /sign; nil
+	// answers them 500, as aleph-vm does without its VM connector.
+	Signer *nodekey.Key
+	// Client reaches APIServer; nil means a client with aleph-vm's
+	// (aiohttp's) five-minute bound.
+	Client *http.Client
+	Logger *slog.Logger
 }
 
 // New returns the handler for one program's guest API.
 func New(o Options) http.Handler {
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /properties", func(w http.ResponseWriter, r *http.Request) {
-		chain := o.Program.Chain
-		if chain == "" {
-			chain = "ETH"
-		}
-		writeJSON(w, http.StatusOK, map[string]string{
-			"chain": chain, "address": o.Program.Address, "vm_hash": o.Program.Hash,
-		})
-	})
-	mux.HandleFunc("POST /sign", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusNotImplemented, map[string]string{
-			"error": "message signing is not available on this node",
-		})
-	})
+	g := &guestAPI{o: o, log: o.Logger, client: o.Client}
+	if g.log == nil {
+		g.log = slog.Default()
+	}
+	if g.client == nil {
+		g.client = &http.Client{Timeout: 5 * time.Minute}
+	}
+	g.apiServer = strings.TrimRight(o.APIServer, "/")
 	if o.Cache != nil {
-		h := &cacheHandler{c: o.Cache, ns: namespace(o.Program.Hash), mine: make(chan struct{}, perProgramValues)}
-		mux.HandleFunc("GET /cache/{$}", h.list)
-		mux.HandleFunc("/cache/{key...}", h.entry)
+		g.cache = &cacheHandler{c: o.Cache, ns: namespace(o.Program.Hash), mine: make(chan struct{}, perProgramValues)}
 	}
-	if target, err := url.Parse(o.APIServer); err == nil && o.APIServer != "" {
-		proxy := &httputil.ReverseProxy{Rewrite: func(pr *httputil.ProxyRequest) {
-			pr.SetURL(target)
-			// /api/v0/messages.json → <API_SERVER>/api/v0/messages.json
-			pr.Out.Host = target.Host
-		}}
-		mux.Handle("/api/", proxy)
+	return g
+}
+
+type guestAPI struct {
+	o         Options
+	log       *slog.Logger
+	client    *http.Client
+	apiServer string
+	cache     *cacheHandler
+}
+
+// ServeHTTP routes as aleph-vm's aiohttp application does
+// (guest_api/__main__.py:190-203): its own routes first, then every GET,
+// HEAD and OPTIONS relayed to the Aleph API, and any other method 405
+// with the methods the path would accept.
+func (g *guestAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	p, m := r.URL.Path, r.Method
+	switch {
+	case p == "/properties" && m == http.MethodGet:
+		g.properties(w, r)
+	case p == "/sign" && m == http.MethodPost:
+		g.sign(w, r)
+	case g.cache != nil && p == "/cache/" && m == http.MethodGet:
+		g.cache.list(w, r)
+	case g.cache != nil && strings.HasPrefix(p, "/cache/") &&
+		(m == http.MethodGet || m == http.MethodHead || m == http.MethodPut || m == http.MethodDelete):
+		// HEAD reads the cache too (aleph-vm would relay it to the
+		// Aleph API, which has no such path).
+		r.SetPathValue("key", strings.TrimPrefix(p, "/cache/"))
+		g.cache.entry(w, r)
+	case isPubsub(p) && m == http.MethodPost:
+		g.repost(w, r)
+	case m == http.MethodGet || m == http.MethodHead || m == http.MethodOptions:
+		g.proxy(w, r)
+	default:
+		w.Header().Set("Allow", allowed(p))
+		writeText(w, http.StatusMethodNotAllowed, "405: Method Not Allowed")
 	}
-	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusNotFound, map[string]string{"error": "no such guest API route: " + strings.TrimSpace(r.URL.Path)})
-	})
-	return mux
+}
+
+// allowed is aiohttp's Allow header for a path: the sorted methods of
+// every route whose path matches, the catch-all relay's included.
+func allowed(p string) string {
+	set := map[string]bool{http.MethodGet: true, http.MethodHead: true, http.MethodOptions: true}
+	if p == "/sign" || isPubsub(p) {
+		set[http.MethodPost] = true
+	}
+	if strings.HasPrefix(p, "/cache/") {
+		set[http.MethodPut], set[http.MethodDelete] = true, true
+	}
+	ms := make([]string, 0, len(set))
+	for k := range set {
+		ms = append(ms, k)
+	}
+	sort.Strings(ms)
+	return strings.Join(ms, ",")
+}
+
+func isPubsub(p string) bool {
+	return p == "/api/v0/ipfs/pubsub/pub" || p == "/api/v0/p2p/pubsub/pub"
+}
+
+// writeTrouble is aiohttp's answer to a handler's unhandled exception
+// (web_protocol.RequestHandler.handle_error), which is what aleph-vm
+// gives for malformed requests and unreachable upstreams alike.
+func writeTrouble(w http.ResponseWriter) {
+	w.Header().Set("Connection", "close")
+	writeText(w, http.StatusInternalServerError, "500 Internal Server Error\n\nServer got itself in trouble")
 }
 
 // namespace is aleph-vm's: the program's hash, or "_" without one.
@@ -160,13 +217,6 @@ func (h *cacheHandler) list(w http.ResponseWriter, r *http.Request) {
 }
 
 func (h *cacheHandler) entry(w http.ResponseWriter, r *http.Request) {
-	switch r.Method {
-	case http.MethodGet, http.MethodHead, http.MethodPut, http.MethodDelete:
-	default:
-		w.Header().Set("Allow", "DELETE,GET,PUT")
-		writeText(w, http.StatusMethodNotAllowed, "405: Method Not Allowed")
-		return
-	}
 	key := r.PathValue("key")
 	if !ValidKey(key) {
 		writeText(w, http.StatusBadRequest, "Invalid key")
@@ -309,10 +359,4 @@ func pythonJSONStrings(items []string) []byte {
 	}
 	b.WriteByte(']')
 	return b.Bytes()
-}
-
-func writeJSON(w http.ResponseWriter, code int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(code)
-	_ = json.NewEncoder(w).Encode(v)
 }

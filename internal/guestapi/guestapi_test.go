@@ -99,18 +99,3 @@ func TestCacheStoreDown(t *testing.T) {
 		t.Errorf("with Redis gone: %+v, want 503", r)
 	}
 }
-
-func TestPropertiesSignAndProxy(t *testing.T) {
-	api := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		_, _ = io.WriteString(w, "upstream saw "+r.URL.Path+"?"+r.URL.RawQuery)
-	}))
-	defer api.Close()
-	h := New(Options{Program: Program{Hash: "h", Address: "0xabc"}, APIServer: api.URL})
-	if r := do(t, h, "GET", "/properties", nil); r.code != 200 || !strings.Contains(r.body, `"address":"0xabc"`) {
-		t.Errorf("properties: %+v", r)
-	}
-	if r := do(t, h, "POST", "/sign", strings.NewReader("{}")); r.code != http.StatusNotImplemented {
-		t.Errorf("sign: %d", r.code)
-	}
-	do(t, h, "GET", "/api/v0/messages.json?hashes=x", nil).is(t, "proxy", 200, "text/plain; charset=utf-8", "upstream saw /api/v0/messages.json?hashes=x")
-}

@@ -375,7 +375,13 @@ func (e *Execution) guestConfig() guest.Config {
 	for k, v := range e.pool.opts.AlephEnv {
 		env[k] = v
 	}
-	env["ALEPH_ADDRESS_TO_USE"] = c.Address
+	// aleph-vm's runtime sets it to the VM's host name, the base32 label of
+	// its item hash (init1.py:102-103, 528-533); a hash without one (a
+	// CID) keeps its own spelling.
+	env["ALEPH_ADDRESS_TO_USE"] = e.hash
+	if label := message.Base32Label(e.hash); label != "" {
+		env["ALEPH_ADDRESS_TO_USE"] = label
+	}
 	cfg := guest.Config{
 		ProgramHash: e.hash,
 		Interface:   iface,

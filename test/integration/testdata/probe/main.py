@@ -196,15 +196,15 @@ async def environ():
     return dict(os.environ)
 
 
-def _guest_api(method: str, path: str, body: bytes = b""):
-    """Calls the host's guest API over ALEPH_API_UNIX_SOCKET."""
+def _guest_api(method: str, path: str, body: bytes = b"", sock_path: str = ""):
+    """Calls the host's guest API over ALEPH_API_UNIX_SOCKET (or sock_path)."""
     import http.client
 
     class UnixConnection(http.client.HTTPConnection):
         def connect(self):
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.settimeout(10)
-            self.sock.connect(os.environ["ALEPH_API_UNIX_SOCKET"])
+            self.sock.connect(sock_path or os.environ["ALEPH_API_UNIX_SOCKET"])
 
     conn = UnixConnection("localhost")
     conn.request(method, path, body=body or None)
@@ -213,9 +213,9 @@ def _guest_api(method: str, path: str, body: bytes = b""):
 
 
 @app.get("/guest-api")
-async def guest_api(method: str = "GET", path: str = "/properties", body: str = ""):
+async def guest_api(method: str = "GET", path: str = "/properties", body: str = "", sock: str = ""):
     status, text = await asyncio.get_running_loop().run_in_executor(
-        None, _guest_api, method, path, body.encode()
+        None, _guest_api, method, path, body.encode(), sock
     )
     return {"status": status, "body": text}
 
