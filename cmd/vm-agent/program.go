@@ -93,7 +93,9 @@ func programEnv(cfg guest.Config, spec programSpec, log *slog.Logger) []string {
 		env["PYTHONUNBUFFERED"] = "1"
 	}
 	env["PYTHONPATH"] = alephLibs
-	for _, vars := range []map[string]string{cfg.Variables, cfg.AlephEnv} {
+	// The program's own variables come last and win, as in aleph-vm,
+	// whose init sets them after its ALEPH_* values.
+	for _, vars := range []map[string]string{cfg.AlephEnv, cfg.Variables} {
 		for k, v := range vars {
 			if k == "" || strings.ContainsAny(k, "=\x00") || strings.Contains(v, "\x00") {
 				log.Warn("skipping invalid environment variable", "name", k)

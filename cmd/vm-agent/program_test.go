@@ -62,7 +62,9 @@ func TestProgramEnv(t *testing.T) {
 	env := programEnv(cfg, programSpec{apiSocket: "/run/aleph/api.sock"}, slog.New(slog.DiscardHandler))
 	for _, want := range []string{
 		"A=1", "PATH=/custom", "HOME=/root", "LANG=C.UTF-8", "PYTHONUNBUFFERED=1",
-		"ALEPH_API_HOST=http://localhost", "ALEPH_API_UNIX_SOCKET=/run/aleph/api.sock",
+		// The program's variables win over ALEPH_* values, as in aleph-vm
+		// (init1.py: setup_variables runs after the environment is set).
+		"ALEPH_API_HOST=user", "ALEPH_API_UNIX_SOCKET=/run/aleph/api.sock",
 	} {
 		if !slices.Contains(env, want) {
 			t.Errorf("env lacks %s: %v", want, env)

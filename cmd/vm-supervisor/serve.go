@@ -121,7 +121,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 	p := pool.New(pool.Options{
 		GuestAPI: func(prog *sources.Program) http.Handler {
 			return guestapi.New(guestapi.Options{
-				Program:   guestapi.Program{Hash: prog.Hash, Address: prog.Content.Address, Chain: prog.Message.Chain},
+				Program:   guestapi.Program{Hash: prog.Hash},
 				Cache:     guestCache,
 				APIServer: s.APIServer,
 				Signer:    signer,
@@ -228,8 +228,8 @@ func shutdownPool(p *pool.Pool, log *slog.Logger) {
 	}
 }
 
-// alephEnv is what every program sees besides its own variables
-// (DESIGN §4): aleph-vm's values (runtimes/aleph-debian-12-python/
+// alephEnv is what every program sees besides its own variables:
+// aleph-vm's values (runtimes/aleph-debian-12-python/
 // init1.py:94-97), the guest API on the socket upstream programs
 // hard-code. ALEPH_ADDRESS_TO_USE is per program (pool.guestConfig).
 func alephEnv(*config.Settings) map[string]string {

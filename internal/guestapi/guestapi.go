@@ -1,5 +1,5 @@
 // Package guestapi is the API a program reaches from inside its sandbox
-// through ALEPH_API_UNIX_SOCKET (DESIGN §6), served by the host once per
+// through ALEPH_API_UNIX_SOCKET, served by the host once per
 // execution over the guest channel: the node's signing key (properties
 // and signatures), a small key-value cache namespaced by program, and a
 // relay to the Aleph API.
@@ -28,9 +28,7 @@ import (
 
 // Program is what the guest API needs to know about the caller.
 type Program struct {
-	Hash    string
-	Address string // the message's owner
-	Chain   string
+	Hash string
 }
 
 // DefaultMaxValueSize is the largest value aleph-vm accepts: aiohttp's

@@ -378,9 +378,11 @@ func (e *Execution) guestConfig() guest.Config {
 	// aleph-vm's runtime sets it to the VM's host name, the base32 label of
 	// its item hash (init1.py:102-103, 528-533); a hash without one (a
 	// CID) keeps its own spelling.
+	hostname := e.id[:8]
 	env["ALEPH_ADDRESS_TO_USE"] = e.hash
 	if label := message.Base32Label(e.hash); label != "" {
 		env["ALEPH_ADDRESS_TO_USE"] = label
+		hostname = label
 	}
 	cfg := guest.Config{
 		ProgramHash: e.hash,
@@ -389,7 +391,7 @@ func (e *Execution) guestConfig() guest.Config {
 		Encoding:    string(c.Code.Encoding),
 		Variables:   c.Variables,
 		AlephEnv:    env,
-		Hostname:    e.id[:8],
+		Hostname:    hostname,
 	}
 	if n := e.net; n != nil {
 		cfg.IPv4 = n.Address.String()
