@@ -108,7 +108,7 @@ test-qemu:
 	$(TEST_ENV) ALEPH_TEST_HYPERVISOR=qemu ALEPH_VM_LINUX_PATH=$(CUSTOM_KERNEL_DIR)/vmlinux \
 		$(GO) test -count=1 -timeout 40m ./test/integration
 	$(TEST_ENV) ALEPH_TEST_HYPERVISOR=qemu ALEPH_VM_LINUX_PATH=$(KERNEL_DIR)/vmlinuz \
-		$(GO) test -count=1 -timeout 40m -run 'TestEncodingsAndExecutable|TestSelfCheck|TestLimits|TestNetworkInternet' ./test/integration
+		$(GO) test -count=1 -timeout 40m -run 'TestEncodingsAndExecutable|TestLimits|TestNetworkInternet' ./test/integration
 
 # Without root, sandboxes or images: the suites that need them skip with
 # -short, and the pool and HTTP server run on in-process sandboxes
