@@ -2,28 +2,81 @@ package backend
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 )
 
+// Undo removes what one start step made.
+type Undo func(context.Context) error
+
 // Step is one named step of a backend's start-up, in the manner of
 // firecracker-go-sdk's handlers: a start reads as the list of its steps.
+// Run returns the undo of what it made (nil when there is nothing to
+// undo). A step that fails part way may return an undo for the part it
+// did; it runs with the others.
 type Step struct {
 	Name string
-	Run  func(context.Context) error
+	Run  func(context.Context) (Undo, error)
 }
 
-// RunSteps runs steps in order. When one fails, undo removes whatever the
-// earlier steps made (with a bounded context of its own, since the
-// caller's may be the reason for the failure) and the error names the
-// step, prefixed by the backend's name.
-func RunSteps(ctx context.Context, log *slog.Logger, backendName string, steps []Step, undo func(context.Context) error) error {
+// UndoStack holds the undos of the steps that ran, for Stop (or a failed
+// start) to run in reverse. The zero value is ready to use.
+type UndoStack struct {
+	mu    sync.Mutex
+	names []string
+	undos []Undo
+}
+
+func (s *UndoStack) push(name string, u Undo) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.names = append(s.names, name)
+	s.undos = append(s.undos, u)
+}
+
+// Unwind runs the undos, last first. It stops at the first that fails:
+// what earlier steps made may still be in use by what could not be
+// undone (a mount that stays pins the trees bound below it), so it is
+// left in place, and the error names it. A later Unwind retries from
+// there.
+func (s *UndoStack) Unwind(ctx context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for n := len(s.undos) - 1; n >= 0; n-- {
+		if err := s.undos[n](ctx); err != nil {
+			left := s.names[:n+1]
+			s.names, s.undos = s.names[:n+1], s.undos[:n+1]
+			return fmt.Errorf("undoing %s: %w (left in place: %v)", s.names[n], err, left)
+		}
+	}
+	s.names, s.undos = nil, nil
+	return nil
+}
+
+// undoTimeout bounds the undo of a failed start, which cannot use the
+// caller's context: its end may be the reason for the failure.
+const undoTimeout = 30 * time.Second
+
+// RunStart is every backend's Start: it checks spec, then runs steps in
+// order, pushing their undos on stack. When a step fails it unwinds the
+// stack and returns the step's error, named once by the step and once by
+// the backend ("qemu: start qemu: …"): steps do not name either.
+func RunStart(ctx context.Context, backendName string, spec Spec, log *slog.Logger, stack *UndoStack, steps []Step) error {
+	if err := spec.Check(); err != nil {
+		return fmt.Errorf("%s: %w", backendName, err)
+	}
 	for _, s := range steps {
 		began := time.Now()
-		if err := s.Run(ctx); err != nil {
-			undoCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
-			if uerr := undo(undoCtx); uerr != nil {
+		undo, err := s.Run(ctx)
+		if undo != nil {
+			stack.push(s.Name, undo)
+		}
+		if err != nil {
+			undoCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), undoTimeout)
+			if uerr := stack.Unwind(undoCtx); uerr != nil {
 				log.Error("cleanup after failed start", "step", s.Name, "err", uerr)
 			}
 			cancel()
@@ -32,4 +85,16 @@ func RunSteps(ctx context.Context, log *slog.Logger, backendName string, steps [
 		log.Debug("start step done", "step", s.Name, "took", time.Since(began).Round(time.Millisecond))
 	}
 	return nil
+}
+
+// StopThenUnwind is every backend's Stop after its own way of ending the
+// process: the undo stack of the start, then the log line.
+func StopThenUnwind(ctx context.Context, log *slog.Logger, stack *UndoStack, stopErr error) error {
+	err := errors.Join(stopErr, stack.Unwind(ctx))
+	if err != nil {
+		log.Error("stop", "err", err)
+	} else {
+		log.Debug("sandbox stopped")
+	}
+	return err
 }

@@ -372,4 +372,4 @@ func TestEarlyExitFailsChannel(t *testing.T) {
 	}
 }
 
-var _ vmimage.GuestConfigurer = (*instance)(nil)
+var _ backend.GuestConfigurer = (*instance)(nil)

@@ -49,7 +49,7 @@ type instance struct {
 
 var (
 	_ backend.Instance        = (*instance)(nil)
-	_ vmimage.GuestConfigurer = (*instance)(nil)
+	_ backend.GuestConfigurer = (*instance)(nil)
 )
 
 func newInstance(b *Backend, spec backend.Spec, log *slog.Logger) *instance {
@@ -227,7 +227,7 @@ func describeExit(werr error, ps *os.ProcessState) string {
 	return fmt.Sprintf("exit status %d", ps.ExitCode())
 }
 
-// ConfigureGuest implements vmimage.GuestConfigurer.
+// ConfigureGuest implements backend.GuestConfigurer.
 func (i *instance) ConfigureGuest(cfg *guest.Config) {
 	vmimage.FillGuest(i.drives, cfg)
 }

@@ -308,9 +308,6 @@ func hostTSCKHz() int {
 // QMP connection that lets the guest run. A failed step undoes the
 // earlier ones.
 func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Instance, error) {
-	if err := spec.Check("qemu"); err != nil {
-		return nil, err
-	}
 	log := spec.StartLogger(b.log, "qemu")
 	inst := newInstance(b, spec, log)
 	steps := []backend.Step{
@@ -319,7 +316,7 @@ func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Instanc
 		{Name: "connect qmp", Run: inst.connectQMP},
 		{Name: "boot", Run: inst.boot},
 	}
-	if err := backend.RunSteps(ctx, log, "qemu", steps, inst.stop); err != nil {
+	if err := backend.RunStart(ctx, "qemu", spec, log, &inst.undo, steps); err != nil {
 		return nil, err
 	}
 	return inst, nil
