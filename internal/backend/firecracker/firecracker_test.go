@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
-	"github.com/aleph-vm-go/vm-supervisor/internal/backend/vmimage"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"

@@ -312,7 +312,7 @@ func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Instanc
 	inst := newInstance(b, spec, log)
 	steps := []backend.Step{
 		{Name: "prepare images", Run: inst.prepareImages},
-		{Name: "start qemu", Run: inst.startQemu},
+		{Name: "start VMM", Run: inst.startQemu},
 		{Name: "connect qmp", Run: inst.connectQMP},
 		{Name: "boot", Run: inst.boot},
 	}
