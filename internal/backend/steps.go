@@ -37,23 +37,42 @@ func (s *UndoStack) push(name string, u Undo) {
 	s.undos = append(s.undos, u)
 }
 
-// Unwind runs the undos, last first. It stops at the first that fails:
-// what earlier steps made may still be in use by what could not be
-// undone (a mount that stays pins the trees bound below it), so it is
-// left in place, and the error names it. A later Unwind retries from
-// there.
+// Unwind runs the undos, last first, and joins their errors. An error
+// marked InUse stops it: what the earlier steps made may still be in use
+// by what could not be undone, so it stays in place (and on the stack).
 func (s *UndoStack) Unwind(ctx context.Context) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	var errs []error
 	for n := len(s.undos) - 1; n >= 0; n-- {
-		if err := s.undos[n](ctx); err != nil {
-			left := s.names[:n+1]
-			s.names, s.undos = s.names[:n+1], s.undos[:n+1]
-			return fmt.Errorf("undoing %s: %w (left in place: %v)", s.names[n], err, left)
+		err := s.undos[n](ctx)
+		if err == nil {
+			continue
+		}
+		errs = append(errs, fmt.Errorf("undoing %s: %w", s.names[n], err))
+		var inUse inUseError
+		if errors.As(err, &inUse) {
+			s.names, s.undos = s.names[:n], s.undos[:n]
+			errs = append(errs, fmt.Errorf("left in place: %v", s.names))
+			return errors.Join(errs...)
 		}
 	}
 	s.names, s.undos = nil, nil
-	return nil
+	return errors.Join(errs...)
+}
+
+type inUseError struct{ error }
+
+func (e inUseError) Unwrap() error { return e.error }
+
+// InUse marks the error of an undo after which what the earlier steps
+// made may still be in use (a mount that stays pins the trees bound below
+// it; a VMM that did not die holds its images): Unwind stops there.
+func InUse(err error) error {
+	if err == nil {
+		return nil
+	}
+	return inUseError{err}
 }
 
 // undoTimeout bounds the undo of a failed start, which cannot use the

@@ -180,7 +180,7 @@ func (i *instance) kill(context.Context) error {
 	i.log.Debug("VM did not stop in time; killing it")
 	i.KillGroup(syscall.SIGKILL)
 	if !i.WaitExit(10 * time.Second) {
-		return errors.New("VMM did not die after SIGKILL")
+		return backend.InUse(errors.New("VMM did not die after SIGKILL"))
 	}
 	return nil
 }
