@@ -25,6 +25,7 @@ type Process struct {
 	id      string
 	sample  func() (Usage, bool)
 	done    chan struct{}
+	undo    UndoStack
 
 	mu      sync.Mutex
 	cmd     *exec.Cmd
@@ -182,6 +183,9 @@ func (p *Process) KillGroup(sig syscall.Signal) {
 	}
 	_ = syscall.Kill(-p.cmd.Process.Pid, sig) // ESRCH: it exited meanwhile
 }
+
+// Undos is the stack of the start's undos, which Stop unwinds.
+func (p *Process) Undos() *UndoStack { return &p.undo }
 
 // Done implements Instance.
 func (p *Process) Done() <-chan struct{} { return p.done }

@@ -79,15 +79,24 @@ func InUse(err error) error {
 // caller's context: its end may be the reason for the failure.
 const undoTimeout = 30 * time.Second
 
-// RunStart is every backend's Start: it checks spec, then runs steps in
-// order, pushing their undos on stack. When a step fails it unwinds the
-// stack and returns the step's error, named once by the step and once by
-// the backend ("qemu: start qemu: …"): steps do not name either.
-func RunStart(ctx context.Context, backendName string, spec Spec, log *slog.Logger, stack *UndoStack, steps []Step) error {
+// Starting is an instance not started yet: its start steps, and the
+// stack their undos go on (Process has it).
+type Starting interface {
+	Instance
+	Steps() []Step
+	Undos() *UndoStack
+}
+
+// Start is every backend's Start: it checks spec, then runs inst's steps
+// in order, pushing their undos on its stack. When a step fails it
+// unwinds the stack and returns the step's error, named once by the step
+// and once by the backend ("qemu: start VMM: …"): steps name neither.
+func Start(ctx context.Context, backendName string, spec Spec, log *slog.Logger, inst Starting) (Instance, error) {
 	if err := spec.Check(); err != nil {
-		return fmt.Errorf("%s: %w", backendName, err)
+		return nil, fmt.Errorf("%s: %w", backendName, err)
 	}
-	for _, s := range steps {
+	stack := inst.Undos()
+	for _, s := range inst.Steps() {
 		began := time.Now()
 		undo, err := s.Run(ctx)
 		if undo != nil {
@@ -99,17 +108,17 @@ func RunStart(ctx context.Context, backendName string, spec Spec, log *slog.Logg
 				log.Error("cleanup after failed start", "step", s.Name, "err", uerr)
 			}
 			cancel()
-			return fmt.Errorf("%s: %s: %w", backendName, s.Name, err)
+			return nil, fmt.Errorf("%s: %s: %w", backendName, s.Name, err)
 		}
 		log.Debug("start step done", "step", s.Name, "took", time.Since(began).Round(time.Millisecond))
 	}
-	return nil
+	return inst, nil
 }
 
 // StopThenUnwind is every backend's Stop after its own way of ending the
 // process: the undo stack of the start, then the log line.
-func StopThenUnwind(ctx context.Context, log *slog.Logger, stack *UndoStack, stopErr error) error {
-	err := errors.Join(stopErr, stack.Unwind(ctx))
+func StopThenUnwind(ctx context.Context, log *slog.Logger, stack *UndoStack) error {
+	err := stack.Unwind(ctx)
 	if err != nil {
 		log.Error("stop", "err", err)
 	} else {

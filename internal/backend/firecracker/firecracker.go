@@ -422,16 +422,5 @@ func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Instanc
 	if spec.Internet && spec.Network == nil {
 		log.Info("internet access requested but no network was prepared; the VM has no network")
 	}
-	inst := newInstance(b, spec, log)
-	steps := []backend.Step{
-		{Name: "check tap", Run: inst.checkNetwork},
-		{Name: "prepare images", Run: inst.prepareImages},
-		{Name: "plan", Run: inst.plan},
-		{Name: "lay out files", Run: inst.layOut},
-		{Name: "start VMM", Run: inst.startProcess},
-	}
-	if err := backend.RunStart(ctx, "firecracker", spec, log, &inst.undo, steps); err != nil {
-		return nil, err
-	}
-	return inst, nil
+	return backend.Start(ctx, "firecracker", spec, log, newInstance(b, spec, log))
 }

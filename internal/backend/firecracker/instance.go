@@ -27,7 +27,6 @@ type instance struct {
 	b    *Backend
 	spec backend.Spec
 	log  *slog.Logger
-	undo backend.UndoStack
 
 	images *vmimage.Prepared
 	drives []vmimage.Drive
@@ -265,7 +264,7 @@ func (i *instance) stop(ctx context.Context) error {
 		cancel()
 		i.WaitExit(i.b.opts.StopGrace)
 	}
-	return backend.StopThenUnwind(ctx, i.log, &i.undo, nil)
+	return backend.StopThenUnwind(ctx, i.log, i.Undos())
 }
 
 // removeLayout is the undo of layOut; the VMM is gone (or never started).
@@ -317,4 +316,15 @@ func (c *crStripper) Write(p []byte) (int, error) {
 		return 0, err
 	}
 	return len(p), nil
+}
+
+// Steps implements backend.Starting.
+func (i *instance) Steps() []backend.Step {
+	return []backend.Step{
+		{Name: "check tap", Run: i.checkNetwork},
+		{Name: "prepare images", Run: i.prepareImages},
+		{Name: "plan", Run: i.plan},
+		{Name: "lay out files", Run: i.layOut},
+		{Name: "start VMM", Run: i.startProcess},
+	}
 }

@@ -256,21 +256,7 @@ var containerIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`
 // undoes whatever was done when a step fails.
 func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Instance, error) {
 	log := spec.StartLogger(b.log, "gvisor")
-	inst := newInstance(b, spec, log)
-
-	steps := []backend.Step{
-		{Name: "prepare code", Run: inst.prepareCode},
-		{Name: "mount runtime", Run: inst.mountRuntime},
-		{Name: "mount volumes", Run: inst.mountVolumes},
-		{Name: "assemble root", Run: inst.assembleRoot},
-		{Name: "write bundle", Run: inst.writeBundle},
-		{Name: "prepare cgroup", Run: inst.prepareCgroup},
-		{Name: "start runsc", Run: inst.startRunsc},
-	}
-	if err := backend.RunStart(ctx, "gvisor", spec, log, &inst.undo, steps); err != nil {
-		return nil, err
-	}
-	return inst, nil
+	return backend.Start(ctx, "gvisor", spec, log, newInstance(b, spec, log))
 }
 
 // runtimeKey names the shared mount of a runtime. The content hash is the

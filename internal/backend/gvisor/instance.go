@@ -38,7 +38,6 @@ type instance struct {
 	log  *slog.Logger
 	id   string
 	cg   cgroup
-	undo backend.UndoStack
 
 	// Filled by the start steps.
 	codeDir      string
@@ -633,7 +632,7 @@ func (i *instance) stop(ctx context.Context) error {
 	i.stdin.Close()
 	i.stdout.Close()
 	i.WaitExit(i.b.opts.StopGrace)
-	return backend.StopThenUnwind(ctx, i.log, &i.undo, nil)
+	return backend.StopThenUnwind(ctx, i.log, i.Undos())
 }
 
 // endRunsc is the undo of startRunsc: the sandbox is killed if it still
@@ -699,4 +698,17 @@ func (i *instance) unmountVolumes(ctx context.Context) error {
 	}
 	errs = append(errs, os.RemoveAll(filepath.Join(i.spec.StateDir, "volumes")))
 	return errors.Join(errs...)
+}
+
+// Steps implements backend.Starting.
+func (i *instance) Steps() []backend.Step {
+	return []backend.Step{
+		{Name: "prepare code", Run: i.prepareCode},
+		{Name: "mount runtime", Run: i.mountRuntime},
+		{Name: "mount volumes", Run: i.mountVolumes},
+		{Name: "assemble root", Run: i.assembleRoot},
+		{Name: "write bundle", Run: i.writeBundle},
+		{Name: "prepare cgroup", Run: i.prepareCgroup},
+		{Name: "start runsc", Run: i.startRunsc},
+	}
 }

@@ -44,7 +44,6 @@ type instance struct {
 	b    *Backend
 	spec backend.Spec
 	log  *slog.Logger
-	undo backend.UndoStack
 
 	prepared *vmimage.Prepared
 	drives   []vmimage.Drive
@@ -485,7 +484,7 @@ func (i *instance) stop(ctx context.Context) error {
 		cancel()
 		i.WaitExit(5 * time.Second)
 	}
-	return backend.StopThenUnwind(ctx, i.log, &i.undo, nil)
+	return backend.StopThenUnwind(ctx, i.log, i.Undos())
 }
 
 // endQemu is the undo of startQemu: QEMU is terminated if it still runs,
@@ -507,4 +506,14 @@ func (i *instance) endQemu(context.Context) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// Steps implements backend.Starting.
+func (i *instance) Steps() []backend.Step {
+	return []backend.Step{
+		{Name: "prepare images", Run: i.prepareImages},
+		{Name: "start VMM", Run: i.startQemu},
+		{Name: "connect qmp", Run: i.connectQMP},
+		{Name: "boot", Run: i.boot},
+	}
 }

@@ -309,17 +309,7 @@ func hostTSCKHz() int {
 // earlier ones.
 func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Instance, error) {
 	log := spec.StartLogger(b.log, "qemu")
-	inst := newInstance(b, spec, log)
-	steps := []backend.Step{
-		{Name: "prepare images", Run: inst.prepareImages},
-		{Name: "start VMM", Run: inst.startQemu},
-		{Name: "connect qmp", Run: inst.connectQMP},
-		{Name: "boot", Run: inst.boot},
-	}
-	if err := backend.RunStart(ctx, "qemu", spec, log, &inst.undo, steps); err != nil {
-		return nil, err
-	}
-	return inst, nil
+	return backend.Start(ctx, "qemu", spec, log, newInstance(b, spec, log))
 }
 
 // kernelArgs is the guest's command line.
