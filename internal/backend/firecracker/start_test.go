@@ -6,10 +6,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
-	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 )
 
 // TestFailedStartErrors starts VMs that fail at different steps (with the
@@ -26,31 +24,14 @@ func TestFailedStartErrors(t *testing.T) {
 		{"start", func(b *Backend, _ *backend.Spec) { b.opts.FirecrackerPath += "-gone" }, "start VMM: "},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			// Not t.TempDir: its path holds the test's name, which could
-			// hold the backend's.
-			dir, err := os.MkdirTemp("", "fct")
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { os.RemoveAll(dir) })
-			runtime := filepath.Join(dir, "rt.squashfs")
-			writeFile(t, runtime, "rt", 0o644)
-			b, err := New(Options{
-				KVMPath: "/dev/null", FirecrackerPath: fakeKernel(t), KernelPath: fakeKernel(t),
-				CacheRoot: filepath.Join(dir, "cache"), StopGrace: 500 * time.Millisecond,
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			b.opts.FirecrackerPath = filepath.Join(dir, "vmm") // no backend name in exec errors
+			b, spec := fakeSetup(t)
+			// A name that is not the backend's, for exec errors.
+			b.opts.FirecrackerPath = filepath.Join(filepath.Dir(spec.StateDir), "vmm")
 			writeFile(t, b.opts.FirecrackerPath, "#!/bin/sh\nexit 1\n", 0o755)
-			spec := testSpec(1, 128)
-			spec.StateDir = filepath.Join(dir, "state")
-			spec.RuntimePath, spec.CodeEncoding = runtime, message.EncodingSquashfs
 			tc.edit(b, &spec)
 			inst, err := b.Start(context.Background(), spec)
 			if err == nil {
-				inst.Stop(context.Background())
+				_ = inst.Stop(context.Background())
 				t.Fatal("Start succeeded")
 			}
 			msg := err.Error()

@@ -46,7 +46,7 @@ func (c cgroup) prepare(memLimit int64) error {
 	for _, ctl := range []string{"cpuacct", "blkio"} {
 		// A co-mounted hierarchy (cpu,cpuacct) would take the cpu limit
 		// away from runsc; leave those to it.
-		if real, err := filepath.EvalSymlinks(filepath.Join(cgroupRoot, ctl)); err == nil && filepath.Base(real) == ctl {
+		if resolved, err := filepath.EvalSymlinks(filepath.Join(cgroupRoot, ctl)); err == nil && filepath.Base(resolved) == ctl {
 			controllers = append(controllers, ctl)
 		}
 	}

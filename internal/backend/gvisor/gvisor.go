@@ -240,7 +240,10 @@ func (b *Backend) Close() error {
 // (concurrent runsc starts may stack several on the same file).
 func unmountNullNetns(rootDir string) {
 	path := filepath.Join(rootDir, "null-netns")
-	for unix.Unmount(path, unix.MNT_DETACH) == nil {
+	for {
+		if err := unix.Unmount(path, unix.MNT_DETACH); err != nil {
+			return
+		}
 	}
 }
 
