@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"strconv"
@@ -381,7 +382,7 @@ func DescribeExit(werr error, ps *os.ProcessState) string {
 
 // ChannelReady rechecks, once a channel is dialled, that no Stop began
 // meanwhile: then c is closed and an error returned.
-func (p *Process) ChannelReady(c interface{ Close() error }) error {
+func (p *Process) ChannelReady(c io.Closer) error {
 	if p.IsStopping() {
 		_ = c.Close()
 		return fmt.Errorf("%s: %s is stopping", p.backend, p.kind)
