@@ -63,7 +63,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 		log.Info("isolation backend", "name", be.Name())
 		// Sandboxes of a previous run that crashed would hold mounts and
 		// memory forever; nothing of ours survives a restart on purpose.
-		if r, ok := be.(interface{ Reap(context.Context) error }); ok {
+		if r, ok := be.(backend.Reaper); ok {
 			if err := r.Reap(ctx); err != nil {
 				log.Warn("reaping sandboxes left by a previous run", "err", err)
 			}
@@ -105,8 +105,8 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 		}()
 	}
 	var spareRuntime pool.SpareRuntime
-	// Only gVisor sandboxes can receive their code after starting.
-	if s.Prewarm && be != nil && be.Name() == "gvisor" {
+	// Only some backends' sandboxes can receive their code after starting.
+	if _, ok := be.(backend.SpareMaker); s.Prewarm && ok {
 		spareRuntime = defaultRuntimeFile(st)
 	}
 	signer, err := loadNodeKey(s, log)

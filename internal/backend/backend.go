@@ -5,7 +5,7 @@ package backend
 
 import (
 	"context"
-	"fmt"
+	"errors"
 	"io"
 	"log/slog"
 	"net/netip"
@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
+	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 )
 
@@ -110,7 +111,43 @@ type Closer interface {
 	Close() error
 }
 
-// Usage is the resource usage of an instance, for execution records.
+// Reaper is implemented by backends whose sandboxes can outlive a crashed
+// supervisor: Reap removes every one left, and is called at start-up
+// before any Start.
+type Reaper interface {
+	Reap(ctx context.Context) error
+}
+
+// SpareMaker is implemented by backends whose instances can start before
+// their program is known (Spec.DeferCode) and take its code later: their
+// instances implement CodeLoader. Only with them does the pool keep
+// pre-warmed spares.
+type SpareMaker interface {
+	Backend
+	// MakesSpares says nothing; it names the capability.
+	MakesSpares()
+}
+
+// GuestConfigurer is implemented by instances of VM backends: before the
+// host sends the guest its Config, the instance fills in the devices the
+// agent must mount (CodeDevice, Volumes).
+type GuestConfigurer interface {
+	ConfigureGuest(cfg *guest.Config)
+}
+
+// Usage is the resource usage of an instance, for execution records. Its
+// figures are those of the sandbox's host processes (the VMM, whose vCPU
+// threads run the guest; or gVisor's Sentry and gofer), as aleph-vm
+// records its VM process's (psutil's cpu_times and io_counters):
+//   - CPUTimeUser, CPUTimeSystem: CPU time;
+//   - IOReadCount, IOWriteCount: read and write system calls
+//     (/proc/<pid>/io syscr, syscw);
+//   - IOReadBytes, IOWriteBytes: bytes fetched from and sent to storage
+//     (read_bytes, write_bytes; after the exit, the kernel's rusage of the
+//     same counters).
+//
+// They are sampled while the sandbox runs and only ever grow; after its
+// exit they are the last sample, raised by the exit's rusage.
 type Usage struct {
 	CPUTimeUser   time.Duration
 	CPUTimeSystem time.Duration
@@ -159,12 +196,12 @@ type Backend interface {
 var executionIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`)
 
 // Check verifies what every backend needs of a Spec before starting.
-func (s Spec) Check(backendName string) error {
+func (s Spec) Check() error {
 	if !executionIDPattern.MatchString(s.ExecutionID) {
-		return errkind.New(errkind.InvalidInput, "%s: execution id %q is not usable as a sandbox name", backendName, s.ExecutionID)
+		return errkind.New(errkind.InvalidInput, "execution id %q is not usable as a sandbox name", s.ExecutionID)
 	}
 	if s.StateDir == "" {
-		return fmt.Errorf("%s: spec has no StateDir", backendName)
+		return errors.New("spec has no StateDir")
 	}
 	return nil
 }

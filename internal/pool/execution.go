@@ -15,7 +15,6 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
-	"github.com/aleph-vm-go/vm-supervisor/internal/backend/vmimage"
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend/volimage"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
@@ -269,7 +268,7 @@ func (e *Execution) connect(ctx context.Context, client *guest.Client) error {
 	inst := e.instance
 	cfg := e.guestConfig()
 	// VM backends know which guest devices hold the code and volumes.
-	if gc, ok := inst.(vmimage.GuestConfigurer); ok {
+	if gc, ok := inst.(backend.GuestConfigurer); ok {
 		gc.ConfigureGuest(&cfg)
 	}
 	// From here on the execution has a row, so a crash of the supervisor

@@ -262,6 +262,9 @@ func (p *Pool) refillSpare(shape spareShape) {
 }
 
 func (p *Pool) makeSpare(shape spareShape) (sp *spare, err error) {
+	if _, ok := p.opts.Backend.(backend.SpareMaker); !ok {
+		return nil, errors.New("backend " + p.opts.Backend.Name() + " cannot load code into a running sandbox")
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), p.opts.InitTimeout)
 	defer cancel()
 	rt, err := p.opts.SpareRuntime(ctx)
@@ -301,9 +304,6 @@ func (p *Pool) makeSpare(shape spareShape) (sp *spare, err error) {
 	}
 	if sp.inst, err = p.opts.Backend.Start(ctx, spec); err != nil {
 		return nil, err
-	}
-	if _, ok := sp.inst.(backend.CodeLoader); !ok {
-		return nil, errors.New("backend " + p.opts.Backend.Name() + " cannot load code into a running sandbox")
 	}
 	ch, err := sp.inst.Channel(ctx)
 	if err != nil {

@@ -115,19 +115,19 @@ func networkInterface(n *backend.Network) (NetworkInterface, error) {
 	tap := n.TapName
 	switch {
 	case tap == "":
-		return NetworkInterface{}, errors.New("firecracker: the network has no tap device (Firecracker attaches a host tap, not a network namespace)")
+		return NetworkInterface{}, errors.New("the network has no tap device (Firecracker attaches a host tap, not a network namespace)")
 	case len(tap) > ifNameMax || tap == "." || tap == ".." || strings.ContainsAny(tap, "/: \t\n"):
-		return NetworkInterface{}, fmt.Errorf("firecracker: %q is not a valid tap device name", tap)
+		return NetworkInterface{}, fmt.Errorf("%q is not a valid tap device name", tap)
 	}
 	if n.GuestMAC != "" {
 		if !macPattern.MatchString(n.GuestMAC) {
-			return NetworkInterface{}, fmt.Errorf("firecracker: guest MAC address %q is not of the form 02:fc:00:00:00:01", n.GuestMAC)
+			return NetworkInterface{}, fmt.Errorf("guest MAC address %q is not of the form 02:fc:00:00:00:01", n.GuestMAC)
 		}
 		// The low bit of the first octet marks a multicast address, which
 		// no card can have; all zeros is no address at all.
 		first, _ := strconv.ParseUint(n.GuestMAC[:2], 16, 8) // checked by macPattern
 		if first&1 != 0 || n.GuestMAC == "00:00:00:00:00:00" {
-			return NetworkInterface{}, fmt.Errorf("firecracker: guest MAC address %s is not a unicast address", n.GuestMAC)
+			return NetworkInterface{}, fmt.Errorf("guest MAC address %s is not a unicast address", n.GuestMAC)
 		}
 	}
 	return NetworkInterface{IfaceID: GuestIfaceID, HostDevName: tap, GuestMAC: n.GuestMAC}, nil
@@ -195,15 +195,15 @@ func BuildConfig(spec backend.Spec, drives []vmimage.Drive, p ConfigParams) (*VM
 	}
 	switch {
 	case vcpus < 1 || vcpus > MaxVCPUs:
-		return nil, fmt.Errorf("firecracker: %d vCPUs requested; Firecracker v1.0.0 supports 1 to %d", vcpus, MaxVCPUs)
+		return nil, fmt.Errorf("%d vCPUs requested; Firecracker v1.0.0 supports 1 to %d", vcpus, MaxVCPUs)
 	case mem < 1:
-		return nil, fmt.Errorf("firecracker: invalid memory size %d MiB", mem)
+		return nil, fmt.Errorf("invalid memory size %d MiB", mem)
 	case p.KernelPath == "":
-		return nil, errors.New("firecracker: no kernel image")
+		return nil, errors.New("no kernel image")
 	case p.VsockPath == "":
-		return nil, errors.New("firecracker: no vsock socket path")
+		return nil, errors.New("no vsock socket path")
 	case len(drives) == 0 || !drives[0].Root:
-		return nil, errors.New("firecracker: the first drive must be the runtime root drive")
+		return nil, errors.New("the first drive must be the runtime root drive")
 	}
 	cfg := &VMConfig{
 		BootSource: BootSource{
@@ -225,10 +225,10 @@ func BuildConfig(spec backend.Spec, drives []vmimage.Drive, p ConfigParams) (*VM
 	seen := map[string]bool{}
 	for i, d := range drives {
 		if d.Root != (i == 0) {
-			return nil, fmt.Errorf("firecracker: drive %q: only the first drive may be the root device", d.ID)
+			return nil, fmt.Errorf("drive %q: only the first drive may be the root device", d.ID)
 		}
 		if d.ID == "" || seen[d.ID] {
-			return nil, fmt.Errorf("firecracker: drive %d: missing or duplicate id %q", i, d.ID)
+			return nil, fmt.Errorf("drive %d: missing or duplicate id %q", i, d.ID)
 		}
 		seen[d.ID] = true
 		fd := Drive{DriveID: d.ID, PathOnHost: d.HostPath, IsRootDevice: d.Root, IsReadOnly: d.ReadOnly}

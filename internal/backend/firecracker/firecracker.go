@@ -307,7 +307,7 @@ const maxSocketPath = 107
 // JailerUID/JailerGID. It touches no file.
 func BuildPlan(opts Options, spec backend.Spec, drives []vmimage.Drive) (*Plan, error) {
 	if !jailIDPattern.MatchString(spec.ExecutionID) {
-		return nil, errkind.New(errkind.InvalidInput, "firecracker: execution id %q is not a valid jail id (letters, digits, '-', at most 64)", spec.ExecutionID)
+		return nil, errkind.New(errkind.InvalidInput, "execution id %q is not a valid jail id (letters, digits, '-', at most 64)", spec.ExecutionID)
 	}
 	p := &Plan{ID: spec.ExecutionID, Jailed: opts.UseJailer, Drives: drives}
 	vmimage.FillGuest(drives, &p.Guest)
@@ -343,7 +343,7 @@ func BuildPlan(opts Options, spec backend.Spec, drives []vmimage.Drive) (*Plan, 
 		}
 	} else {
 		if spec.StateDir == "" {
-			return nil, errors.New("firecracker: spec has no StateDir")
+			return nil, errors.New("spec has no StateDir")
 		}
 		p.ConfigFile = filepath.Join(spec.StateDir, "vm_config.json")
 		p.APISocket = filepath.Join(spec.StateDir, "firecracker.socket")
@@ -354,7 +354,7 @@ func BuildPlan(opts Options, spec backend.Spec, drives []vmimage.Drive) (*Plan, 
 	}
 	for _, s := range []string{p.APISocket, p.VsockPath + "_4294967295"} {
 		if len(s) > maxSocketPath {
-			return nil, fmt.Errorf("firecracker: socket path %s is too long for a unix socket (%d > %d bytes); use a shorter jail base or execution root", s, len(s), maxSocketPath)
+			return nil, fmt.Errorf("socket path %s is too long for a unix socket (%d > %d bytes); use a shorter jail base or execution root", s, len(s), maxSocketPath)
 		}
 	}
 	cfg, err := BuildConfig(spec, seen, params)
@@ -407,7 +407,7 @@ func Inspect(ctx context.Context, opts Options, spec backend.Spec) (*Plan, error
 	}
 	p, err := BuildPlan(opts, spec, vmimage.GuestDrives(prep, nil))
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("firecracker: %w", err)
 	}
 	if spec.Internet && spec.Network == nil {
 		warnings = append(warnings, "the program asks for internet access: its network interface (when networking is enabled) is assigned at start and not shown here")
@@ -422,16 +422,5 @@ func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Instanc
 	if spec.Internet && spec.Network == nil {
 		log.Info("internet access requested but no network was prepared; the VM has no network")
 	}
-	inst := newInstance(b, spec, log)
-	steps := []backend.Step{
-		{Name: "check tap", Run: inst.checkNetwork},
-		{Name: "prepare images", Run: inst.prepareImages},
-		{Name: "plan", Run: inst.plan},
-		{Name: "lay out files", Run: inst.layOut},
-		{Name: "start firecracker", Run: inst.startProcess},
-	}
-	if err := backend.RunSteps(ctx, log, "firecracker", steps, func(context.Context) error { return inst.cleanup() }); err != nil {
-		return nil, err
-	}
-	return inst, nil
+	return backend.Start(ctx, "firecracker", spec, log, newInstance(b, spec, log))
 }

@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
-	"github.com/aleph-vm-go/vm-supervisor/internal/backend/vmimage"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
@@ -260,10 +259,11 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-// startFake starts an instance whose "firecracker" is the fake VMM.
-func startFake(t *testing.T, mode string) (*instance, *syncBuffer, backend.Spec) {
+// fakeSetup returns a backend whose "firecracker" is the fake VMM, and a
+// spec with a runtime and code, in a directory of its own (not
+// t.TempDir: its path holds the test's name).
+func fakeSetup(t *testing.T) (*Backend, backend.Spec) {
 	t.Helper()
-	t.Setenv(fakeVMMEnv, mode)
 	dir, err := os.MkdirTemp("", "fct")
 	if err != nil {
 		t.Fatal(err)
@@ -280,10 +280,18 @@ func startFake(t *testing.T, mode string) (*instance, *syncBuffer, backend.Spec)
 	if err != nil {
 		t.Fatal(err)
 	}
-	out := &syncBuffer{}
 	spec := testSpec(1, 128)
 	spec.StateDir = filepath.Join(dir, "state")
 	spec.RuntimePath, spec.CodePath, spec.CodeEncoding = runtime, code, message.EncodingSquashfs
+	return b, spec
+}
+
+// startFake starts an instance whose "firecracker" is the fake VMM.
+func startFake(t *testing.T, mode string) (*instance, *syncBuffer, backend.Spec) {
+	t.Helper()
+	t.Setenv(fakeVMMEnv, mode)
+	b, spec := fakeSetup(t)
+	out := &syncBuffer{}
 	spec.ProgramOutput = out
 	inst, err := b.Start(context.Background(), spec)
 	if err != nil {
@@ -372,4 +380,4 @@ func TestEarlyExitFailsChannel(t *testing.T) {
 	}
 }
 
-var _ vmimage.GuestConfigurer = (*instance)(nil)
+var _ backend.GuestConfigurer = (*instance)(nil)

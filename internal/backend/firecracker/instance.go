@@ -10,9 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -20,66 +18,66 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend/vmimage"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
+	"github.com/aleph-vm-go/vm-supervisor/internal/tailbuf"
 )
 
-// instance is one micro-VM and everything Start created for it. Fields
-// set by the start steps double as the record of what cleanup undoes.
+// instance is one micro-VM and everything Start created for it.
 type instance struct {
+	*backend.Process
 	b    *Backend
 	spec backend.Spec
 	log  *slog.Logger
 
-	images  *vmimage.Prepared
-	drives  []vmimage.Drive
-	p       *Plan
-	laidOut bool // files of p exist and must be removed
+	images *vmimage.Prepared
+	drives []vmimage.Drive
+	p      *Plan
 
-	cmd       *exec.Cmd
-	stderr    *tailBuffer
-	outputEnd chan struct{}
-	done      chan struct{}
-
-	mu           sync.Mutex
-	exitErr      error
-	stopping     bool
-	channelTaken bool
+	stderr *tailbuf.Buffer // the VMM's last words
 
 	stopper backend.StopOnce
 }
 
 var (
 	_ backend.Instance        = (*instance)(nil)
-	_ vmimage.GuestConfigurer = (*instance)(nil)
+	_ backend.GuestConfigurer = (*instance)(nil)
 )
 
 func newInstance(b *Backend, spec backend.Spec, log *slog.Logger) *instance {
-	return &instance{b: b, spec: spec, log: log, done: make(chan struct{})}
+	return &instance{
+		Process: backend.NewProcess("firecracker", "VM", spec.ExecutionID, nil),
+		b:       b, spec: spec, log: log,
+		stderr: tailbuf.New(5, 512),
+	}
 }
 
-func (i *instance) prepareImages(ctx context.Context) error {
+func (i *instance) prepareImages(ctx context.Context) (backend.Undo, error) {
 	imgs, err := i.b.opts.preparer().Prepare(ctx, i.spec)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	i.images = imgs
 	i.drives = vmimage.GuestDrives(imgs, nil)
-	return nil
+	return func(context.Context) error { return imgs.Cleanup() }, nil
 }
 
-func (i *instance) plan(context.Context) error {
+func (i *instance) plan(context.Context) (backend.Undo, error) {
 	p, err := BuildPlan(i.b.opts, i.spec, i.drives)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	i.p = p
-	return nil
+	return nil, nil
 }
 
 // layOut writes the configuration and, under the jailer, builds the
-// chroot the jailer will enter.
-func (i *instance) layOut(ctx context.Context) error {
+// chroot the jailer will enter. Its undo removes them, also after a
+// failure part way.
+func (i *instance) layOut(ctx context.Context) (backend.Undo, error) {
+	return i.removeLayout, i.writeLayout(ctx)
+}
+
+func (i *instance) writeLayout(ctx context.Context) error {
 	p, o := i.p, i.b.opts
-	i.laidOut = true
 	if !p.Jailed {
 		if err := os.MkdirAll(i.spec.StateDir, 0o700); err != nil {
 			return err
@@ -140,9 +138,9 @@ func createEmpty(path string, uid, gid int) error {
 
 // startProcess starts the VMM. It outlives Start's ctx: it is bound to
 // the instance and ends with Stop.
-func (i *instance) startProcess(ctx context.Context) error {
+func (i *instance) startProcess(ctx context.Context) (backend.Undo, error) {
 	if err := ctx.Err(); err != nil {
-		return err
+		return nil, err
 	}
 	argv := i.p.Command
 	cmd := exec.Command(argv[0], argv[1:]...)
@@ -152,47 +150,45 @@ func (i *instance) startProcess(ctx context.Context) error {
 	}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
-		return err
+		return nil, err
 	}
-	i.stderr = &tailBuffer{max: 8 << 10}
-	cmd.Stderr = i.stderr
+	cmd.Stderr = i.stderr.Writer()
 	// Own process group: a Ctrl-C meant for the supervisor must not kill
 	// VMs, and Stop can signal the group.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	i.log.Debug("starting firecracker", "argv", argv)
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("%s: %w", argv[0], err)
+		return nil, err
 	}
-	i.cmd = cmd
-	i.outputEnd = make(chan struct{})
+	i.Started(cmd)
 	go func() {
-		defer close(i.outputEnd)
-		// The serial console ends lines with CRLF.
+		// The serial console ends lines with CRLF. Output first: Wait
+		// closes the pipe, which could cut the last lines.
 		_, _ = io.Copy(&crStripper{w: out}, stdout)
+		i.Reap(i.diagnostics)
 	}()
-	go i.wait()
-	return nil
+	return i.kill, nil
 }
 
-// wait reaps the VMM and records why it ended.
-func (i *instance) wait() {
-	// Output first: Wait closes the pipe, which could cut the last lines.
-	<-i.outputEnd
-	werr := i.cmd.Wait()
-	i.mu.Lock()
-	if !i.stopping {
-		i.exitErr = errkind.Wrap(errkind.BadGateway, fmt.Errorf("firecracker %s exited by itself: %s%s",
-			i.spec.ExecutionID, describeExit(werr, i.cmd.ProcessState), i.diagnostics()))
+// kill is the undo of startProcess: the VMM is killed if it still runs.
+func (i *instance) kill(context.Context) error {
+	if i.Exited() {
+		return nil
 	}
-	i.mu.Unlock()
-	close(i.done)
+	i.Stopping()
+	i.log.Debug("VM did not stop in time; killing it")
+	i.KillGroup(syscall.SIGKILL)
+	if !i.WaitExit(10 * time.Second) {
+		return backend.InUse(errors.New("VMM did not die after SIGKILL"))
+	}
+	return nil
 }
 
 // diagnostics returns the ends of the VMM's stderr and log, for errors.
 func (i *instance) diagnostics() string {
 	var parts []string
 	if s := strings.TrimSpace(i.stderr.String()); s != "" {
-		parts = append(parts, "stderr: "+lastLines(s, 5))
+		parts = append(parts, "stderr: "+strings.ReplaceAll(s, "\n", " | "))
 	}
 	if b, err := os.ReadFile(i.p.LogPath); err == nil {
 		if s := strings.TrimSpace(string(b)); s != "" {
@@ -213,21 +209,7 @@ func lastLines(s string, n int) string {
 	return strings.Join(lines, " | ")
 }
 
-func describeExit(werr error, ps *os.ProcessState) string {
-	if ps == nil {
-		return fmt.Sprint(werr)
-	}
-	if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-		msg := "killed by signal " + ws.Signal().String()
-		if ws.Signal() == syscall.SIGKILL {
-			msg += " (possibly its memory limit)"
-		}
-		return msg
-	}
-	return fmt.Sprintf("exit status %d", ps.ExitCode())
-}
-
-// ConfigureGuest implements vmimage.GuestConfigurer.
+// ConfigureGuest implements backend.GuestConfigurer.
 func (i *instance) ConfigureGuest(cfg *guest.Config) {
 	vmimage.FillGuest(i.drives, cfg)
 }
@@ -236,23 +218,15 @@ func (i *instance) ConfigureGuest(cfg *guest.Config) {
 // agent's port, retried while the guest boots, until ctx ends or the VMM
 // exits.
 func (i *instance) Channel(ctx context.Context) (io.ReadWriteCloser, error) {
-	i.mu.Lock()
-	switch {
-	case i.channelTaken:
-		i.mu.Unlock()
-		return nil, errors.New("firecracker: channel already taken")
-	case i.stopping:
-		i.mu.Unlock()
-		return nil, errors.New("firecracker: VM is stopping")
+	if err := i.TakeChannel(); err != nil {
+		return nil, err
 	}
-	i.channelTaken = true
-	i.mu.Unlock()
 
 	dctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go func() {
 		select {
-		case <-i.done:
+		case <-i.Done():
 			cancel()
 		case <-dctx.Done():
 		}
@@ -260,7 +234,7 @@ func (i *instance) Channel(ctx context.Context) (io.ReadWriteCloser, error) {
 	conn, err := DialVsock(dctx, i.p.VsockPath, GuestVsockPort)
 	if err != nil {
 		select {
-		case <-i.done:
+		case <-i.Done():
 			if e := i.Err(); e != nil {
 				return nil, fmt.Errorf("firecracker: guest unreachable: %w", e)
 			}
@@ -275,160 +249,39 @@ func (i *instance) Channel(ctx context.Context) (io.ReadWriteCloser, error) {
 	return conn, nil
 }
 
-// Done implements backend.Instance.
-func (i *instance) Done() <-chan struct{} { return i.done }
-
-// Err implements backend.Instance.
-func (i *instance) Err() error {
-	select {
-	case <-i.done:
-	default:
-		return nil
-	}
-	i.mu.Lock()
-	defer i.mu.Unlock()
-	return i.exitErr
-}
-
-// Usage implements backend.Instance: the VMM's rusage once it has ended,
-// /proc figures while it runs (its vCPU threads are the guest's CPU time).
-func (i *instance) Usage() backend.Usage {
-	if i.cmd == nil {
-		return backend.Usage{}
-	}
-	select {
-	case <-i.done:
-		return usageOfState(i.cmd.ProcessState)
-	default:
-		return procUsage(i.cmd.Process.Pid)
-	}
-}
-
-func usageOfState(ps *os.ProcessState) backend.Usage {
-	if ps == nil {
-		return backend.Usage{}
-	}
-	u := backend.Usage{CPUTimeUser: ps.UserTime(), CPUTimeSystem: ps.SystemTime()}
-	if ru, ok := ps.SysUsage().(*syscall.Rusage); ok {
-		u.IOReadCount, u.IOWriteCount = uint64(ru.Inblock), uint64(ru.Oublock)
-		u.IOReadBytes, u.IOWriteBytes = uint64(ru.Inblock)*512, uint64(ru.Oublock)*512
-	}
-	return u
-}
-
-// clockTicks is USER_HZ, which Linux fixes at 100 for /proc on x86.
-const clockTicks = 100
-
-func procUsage(pid int) backend.Usage {
-	var u backend.Usage
-	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
-		// Fields after the command name, which may contain spaces.
-		if k := bytes.LastIndexByte(b, ')'); k > 0 {
-			f := strings.Fields(string(b[k+1:]))
-			if len(f) > 12 {
-				ut, _ := strconv.ParseInt(f[11], 10, 64)
-				st, _ := strconv.ParseInt(f[12], 10, 64)
-				u.CPUTimeUser = time.Duration(ut) * time.Second / clockTicks
-				u.CPUTimeSystem = time.Duration(st) * time.Second / clockTicks
-			}
-		}
-	}
-	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/io", pid)); err == nil {
-		for _, line := range strings.Split(string(b), "\n") {
-			k, v, ok := strings.Cut(line, ": ")
-			if !ok {
-				continue
-			}
-			n, _ := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
-			switch k {
-			case "syscr":
-				u.IOReadCount = n
-			case "syscw":
-				u.IOWriteCount = n
-			case "read_bytes":
-				u.IOReadBytes = n
-			case "write_bytes":
-				u.IOWriteBytes = n
-			}
-		}
-	}
-	return u
-}
-
 // Stop implements backend.Instance (see backend.StopOnce).
 func (i *instance) Stop(ctx context.Context) error { return i.stopper.Do(ctx, i.stop) }
 
+// stop asks the guest to power off (Ctrl-Alt-Del); the undo stack does
+// the rest (kill: SIGKILL after StopGrace).
 func (i *instance) stop(ctx context.Context) error {
-	i.mu.Lock()
-	i.stopping = true
-	i.mu.Unlock()
-
-	if !i.waitDone(0) {
+	i.Stopping()
+	if !i.Exited() {
 		actx, cancel := context.WithTimeout(ctx, time.Second)
 		if err := SendAction(actx, i.p.APISocket, ActionSendCtrlAltDel); err != nil {
 			i.log.Debug("graceful stop request failed", "err", err)
 		}
 		cancel()
-		if !i.waitDone(i.b.opts.StopGrace) {
-			i.log.Debug("VM did not stop in time; killing it")
-			_ = syscall.Kill(-i.cmd.Process.Pid, syscall.SIGKILL)
-			if !i.waitDone(10 * time.Second) {
-				return fmt.Errorf("firecracker %s: VMM did not die after SIGKILL", i.spec.ExecutionID)
-			}
-		}
+		i.WaitExit(i.b.opts.StopGrace)
 	}
-	err := i.cleanup()
-	if err != nil {
-		i.log.Error("stop", "err", err)
-	} else {
-		i.log.Debug("VM stopped")
-	}
-	return err
+	return backend.StopThenUnwind(ctx, i.log, i.Undos())
 }
 
-func (i *instance) waitDone(d time.Duration) bool {
-	if d <= 0 {
-		select {
-		case <-i.done:
-			return true
-		default:
-			return false
-		}
+// removeLayout is the undo of layOut; the VMM is gone (or never started).
+func (i *instance) removeLayout(context.Context) error {
+	if i.p.Jailed {
+		err := os.RemoveAll(i.p.JailDir)
+		removeCgroups(i.b.opts, i.p.ID)
+		return err
 	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-i.done:
-		return true
-	case <-t.C:
-		return false
-	}
-}
-
-// cleanup removes what the start steps created; only called once the VMM
-// is gone (or never started).
-func (i *instance) cleanup() error {
 	var errs []error
-	if i.p != nil && i.laidOut {
-		if i.p.Jailed {
-			if err := os.RemoveAll(i.p.JailDir); err != nil {
-				errs = append(errs, err)
-			}
-			removeCgroups(i.b.opts, i.p.ID)
-		} else {
-			files := []string{i.p.ConfigFile, i.p.APISocket, i.p.VsockPath, i.p.LogPath}
-			// Guest-initiated vsock connections use <uds_path>_<port>.
-			more, _ := filepath.Glob(i.p.VsockPath + "_*")
-			for _, f := range append(files, more...) {
-				if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
-					errs = append(errs, err)
-				}
-			}
+	files := []string{i.p.ConfigFile, i.p.APISocket, i.p.VsockPath, i.p.LogPath}
+	// Guest-initiated vsock connections use <uds_path>_<port>.
+	more, _ := filepath.Glob(i.p.VsockPath + "_*")
+	for _, f := range append(files, more...) {
+		if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
 		}
-		i.laidOut = false
-	}
-	if err := i.images.Cleanup(); err != nil {
-		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
@@ -452,29 +305,6 @@ func removeCgroups(o Options, id string) {
 	}
 }
 
-// tailBuffer keeps the last max bytes written.
-type tailBuffer struct {
-	mu  sync.Mutex
-	max int
-	buf []byte
-}
-
-func (t *tailBuffer) Write(p []byte) (int, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.buf = append(t.buf, p...)
-	if len(t.buf) > t.max {
-		t.buf = append(t.buf[:0], t.buf[len(t.buf)-t.max:]...)
-	}
-	return len(p), nil
-}
-
-func (t *tailBuffer) String() string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return string(t.buf)
-}
-
 // crStripper drops carriage returns.
 type crStripper struct{ w io.Writer }
 
@@ -486,4 +316,15 @@ func (c *crStripper) Write(p []byte) (int, error) {
 		return 0, err
 	}
 	return len(p), nil
+}
+
+// Steps implements backend.Starting.
+func (i *instance) Steps() []backend.Step {
+	return []backend.Step{
+		{Name: "check tap", Run: i.checkNetwork},
+		{Name: "prepare images", Run: i.prepareImages},
+		{Name: "plan", Run: i.plan},
+		{Name: "lay out files", Run: i.layOut},
+		{Name: "start VMM", Run: i.startProcess},
+	}
 }

@@ -46,11 +46,11 @@ func checkJailDest(dest, execFile string) error {
 	clean := filepath.Clean(dest)
 	switch {
 	case !filepath.IsAbs(clean) || clean == "/":
-		return fmt.Errorf("firecracker: jail path %q is not an absolute file path", dest)
+		return fmt.Errorf("jail path %q is not an absolute file path", dest)
 	case clean == JailerDevDir || strings.HasPrefix(clean, JailerDevDir+"/"):
-		return fmt.Errorf("firecracker: jail path %s is under %s, where the jailer creates its device nodes", dest, JailerDevDir)
+		return fmt.Errorf("jail path %s is under %s, where the jailer creates its device nodes", dest, JailerDevDir)
 	case clean == "/"+filepath.Base(execFile):
-		return fmt.Errorf("firecracker: jail path %s is where the jailer copies the Firecracker binary", dest)
+		return fmt.Errorf("jail path %s is where the jailer copies the Firecracker binary", dest)
 	}
 	return nil
 }

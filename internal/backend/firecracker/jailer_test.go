@@ -217,10 +217,11 @@ func TestJailLayout(t *testing.T) {
 	spec := testSpec(1, 128)
 	inst := newInstance(b, spec, slog.Default())
 	inst.drives = drives
-	if err := inst.plan(context.Background()); err != nil {
+	if _, err := inst.plan(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	if err := inst.layOut(context.Background()); err != nil {
+	removeLayout, err := inst.layOut(context.Background())
+	if err != nil {
 		t.Fatal(err)
 	}
 	root := filepath.Join(dir, "jails", "firecracker", spec.ExecutionID, "root")
@@ -266,7 +267,7 @@ func TestJailLayout(t *testing.T) {
 		t.Errorf("config file: %v", err)
 	}
 
-	if err := inst.cleanup(); err != nil {
+	if err := removeLayout(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(filepath.Join(dir, "jails", "firecracker", spec.ExecutionID)); !os.IsNotExist(err) {

@@ -107,10 +107,10 @@ func readSysInt(dir, file string) (int64, error) {
 }
 
 // checkNetwork is the start step that checks the execution's tap.
-func (i *instance) checkNetwork(context.Context) error {
+func (i *instance) checkNetwork(context.Context) (backend.Undo, error) {
 	if i.spec.Network == nil {
-		return nil
+		return nil, nil
 	}
 	uid, gid := i.b.TapOwner()
-	return checkTap(i.spec.Network.TapName, uid, gid, !i.b.opts.UseJailer && uid == 0)
+	return nil, checkTap(i.spec.Network.TapName, uid, gid, !i.b.opts.UseJailer && uid == 0)
 }

@@ -1,8 +1,6 @@
 package gvisor
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -48,7 +46,7 @@ func (c cgroup) prepare(memLimit int64) error {
 	for _, ctl := range []string{"cpuacct", "blkio"} {
 		// A co-mounted hierarchy (cpu,cpuacct) would take the cpu limit
 		// away from runsc; leave those to it.
-		if real, err := filepath.EvalSymlinks(filepath.Join(cgroupRoot, ctl)); err == nil && filepath.Base(real) == ctl {
+		if resolved, err := filepath.EvalSymlinks(filepath.Join(cgroupRoot, ctl)); err == nil && filepath.Base(resolved) == ctl {
 			controllers = append(controllers, ctl)
 		}
 	}
@@ -121,7 +119,7 @@ func (c cgroup) remove(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// usage reads CPU and block IO counters; ok is false when the cgroup is
+// usage reads the CPU time of the whole sandbox; ok is false when the cgroup is
 // gone (the sandbox exited) or unreadable.
 func (c cgroup) usage() (u backend.Usage, ok bool) {
 	if c.v1 {
@@ -132,9 +130,6 @@ func (c cgroup) usage() (u backend.Usage, ok bool) {
 		}
 		u.CPUTimeUser = time.Duration(user)
 		u.CPUTimeSystem = time.Duration(sys)
-		blk := c.dir("blkio")
-		u.IOReadBytes, u.IOWriteBytes = sumBlkio(filepath.Join(blk, "blkio.throttle.io_service_bytes"))
-		u.IOReadCount, u.IOWriteCount = sumBlkio(filepath.Join(blk, "blkio.throttle.io_serviced"))
 		return u, true
 	}
 	stat, err := os.ReadFile(filepath.Join(c.dir(""), "cpu.stat"))
@@ -144,42 +139,26 @@ func (c cgroup) usage() (u backend.Usage, ok bool) {
 	kv := keyValues(string(stat))
 	u.CPUTimeUser = time.Duration(kv["user_usec"]) * time.Microsecond
 	u.CPUTimeSystem = time.Duration(kv["system_usec"]) * time.Microsecond
-	if io, err := os.ReadFile(filepath.Join(c.dir(""), "io.stat")); err == nil {
-		for _, line := range strings.Split(string(io), "\n") {
-			kv := keyValues(strings.ReplaceAll(line, "=", " "))
-			u.IOReadBytes += kv["rbytes"]
-			u.IOWriteBytes += kv["wbytes"]
-			u.IOReadCount += kv["rios"]
-			u.IOWriteCount += kv["wios"]
-		}
-	}
 	return u, true
 }
 
-// sumBlkio adds the per-device "MAJ:MIN Read N" / "MAJ:MIN Write N" lines.
-func sumBlkio(path string) (read, write uint64) {
-	b, err := os.ReadFile(path)
+// pids lists the processes in the sandbox's cgroup.
+func (c cgroup) pids() []int {
+	controller := ""
+	if c.v1 {
+		controller = "cpuacct"
+	}
+	b, err := os.ReadFile(filepath.Join(c.dir(controller), "cgroup.procs"))
 	if err != nil {
-		return 0, 0
+		return nil
 	}
-	sc := bufio.NewScanner(bytes.NewReader(b))
-	for sc.Scan() {
-		f := strings.Fields(sc.Text())
-		if len(f) != 3 {
-			continue
-		}
-		n, err := strconv.ParseUint(f[2], 10, 64)
-		if err != nil {
-			continue
-		}
-		switch f[1] {
-		case "Read":
-			read += n
-		case "Write":
-			write += n
+	var pids []int
+	for _, f := range strings.Fields(string(b)) {
+		if pid, err := strconv.Atoi(f); err == nil {
+			pids = append(pids, pid)
 		}
 	}
-	return read, write
+	return pids
 }
 
 func keyValues(s string) map[string]uint64 {

@@ -192,6 +192,16 @@ func (b *Backend) NetworkLink() backend.LinkKind { return backend.LinkNamespace 
 // Name implements backend.Backend.
 func (b *Backend) Name() string { return "gvisor" }
 
+// MakesSpares implements backend.SpareMaker: sandboxes take their code
+// after starting (instance.LoadCode).
+func (b *Backend) MakesSpares() {}
+
+var (
+	_ backend.SpareMaker = (*Backend)(nil)
+	_ backend.Reaper     = (*Backend)(nil)
+	_ backend.CodeLoader = (*instance)(nil)
+)
+
 // Reap kills and deletes every container left in RootDir, e.g. by a
 // crashed supervisor. Call it at start-up, before any Start: it does not
 // spare sandboxes of this process.
@@ -230,7 +240,10 @@ func (b *Backend) Close() error {
 // (concurrent runsc starts may stack several on the same file).
 func unmountNullNetns(rootDir string) {
 	path := filepath.Join(rootDir, "null-netns")
-	for unix.Unmount(path, unix.MNT_DETACH) == nil {
+	for {
+		if err := unix.Unmount(path, unix.MNT_DETACH); err != nil {
+			return
+		}
 	}
 }
 
@@ -245,25 +258,8 @@ var containerIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`
 // Start implements backend.Backend. It creates the bundle step by step and
 // undoes whatever was done when a step fails.
 func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Instance, error) {
-	if err := spec.Check("gvisor"); err != nil {
-		return nil, err
-	}
 	log := spec.StartLogger(b.log, "gvisor")
-	inst := newInstance(b, spec, log)
-
-	steps := []backend.Step{
-		{Name: "prepare code", Run: inst.prepareCode},
-		{Name: "mount runtime", Run: inst.mountRuntime},
-		{Name: "mount volumes", Run: inst.mountVolumes},
-		{Name: "assemble root", Run: inst.assembleRoot},
-		{Name: "write bundle", Run: inst.writeBundle},
-		{Name: "prepare cgroup", Run: inst.prepareCgroup},
-		{Name: "start runsc", Run: inst.startRunsc},
-	}
-	if err := backend.RunSteps(ctx, log, "gvisor", steps, inst.cleanup); err != nil {
-		return nil, err
-	}
-	return inst, nil
+	return backend.Start(ctx, "gvisor", spec, log, newInstance(b, spec, log))
 }
 
 // runtimeKey names the shared mount of a runtime. The content hash is the

@@ -31,9 +31,8 @@ import (
 var ErrMemoryLimit = errors.New("memory limit exceeded")
 
 // instance is one running sandbox and everything Start created for it.
-// Fields set by the start steps double as the record of what cleanup must
-// undo.
 type instance struct {
+	*backend.Process
 	b    *Backend
 	spec backend.Spec
 	log  *slog.Logger
@@ -52,42 +51,45 @@ type instance struct {
 	skelDir      string
 	bundleDir    string
 	rootfs       string
-	rootMounted  bool
 	memLimit     int64 // bytes, program memory plus the Sentry's overhead
 
-	cmd       *exec.Cmd
 	stdin     *os.File // our end: writes reach the agent's stdin
 	stdout    *os.File // our end: reads come from the agent's stdout
 	stderrEnd chan struct{}
 	stderr    *tailbuf.Buffer // runsc's last words, for an exit by itself
 
-	done     chan struct{}
 	watchEnd chan struct{}
 	cancel   context.CancelFunc
-
-	mu         sync.Mutex
-	exitErr    error // set before done closes
-	stopping   bool
-	oomKilled  bool
-	usage      backend.Usage
-	haveUsage  bool
-	channelOut bool
 
 	stopper backend.StopOnce
 }
 
 func newInstance(b *Backend, spec backend.Spec, log *slog.Logger) *instance {
-	return &instance{
-		b:    b,
-		spec: spec,
-		log:  log,
-		id:   spec.ExecutionID,
-		cg:   newCgroup(b.opts.CgroupParent, spec.ExecutionID),
-		done: make(chan struct{}),
+	i := &instance{
+		b:      b,
+		spec:   spec,
+		log:    log,
+		id:     spec.ExecutionID,
+		cg:     newCgroup(b.opts.CgroupParent, spec.ExecutionID),
+		stderr: tailbuf.New(3, 300),
 	}
+	i.Process = backend.NewProcess("gvisor", "sandbox", spec.ExecutionID, i.sampleUsage)
+	return i
 }
 
-func (i *instance) prepareCode(ctx context.Context) error {
+func (i *instance) prepareCode(ctx context.Context) (backend.Undo, error) {
+	if err := i.placeCode(ctx); err != nil {
+		return nil, err
+	}
+	if i.codeLease == nil {
+		return nil, nil
+	}
+	// The code tree is bound below the sandbox's root; once that is gone
+	// nothing uses it.
+	return func(context.Context) error { i.codeLease.Release(); return nil }, nil
+}
+
+func (i *instance) placeCode(ctx context.Context) error {
 	if i.spec.DeferCode {
 		// A spare: an empty private directory now, filled by LoadCode. The
 		// bind mount is revalidated by the gofer (file-access-mounts
@@ -146,20 +148,22 @@ func (i *instance) LoadCode(ctx context.Context, spec backend.Spec) error {
 	return nil
 }
 
-func (i *instance) mountRuntime(ctx context.Context) error {
+// mountRuntime acquires the runtime's shared mount; its undo releases it
+// (the overlay root that pins it is gone by then).
+func (i *instance) mountRuntime(ctx context.Context) (backend.Undo, error) {
 	if _, err := os.Stat(i.spec.RuntimePath); err != nil {
-		return errkind.Wrap(errkind.ResourceMissing, fmt.Errorf("runtime: %w", err))
+		return nil, errkind.Wrap(errkind.ResourceMissing, fmt.Errorf("runtime: %w", err))
 	}
 	key, err := runtimeKey(i.spec)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	mp := filepath.Join(i.b.opts.CacheRoot, "runtimes", key)
 	if err := acquireRuntime(ctx, i.log, i.spec.RuntimePath, mp); err != nil {
-		return err
+		return nil, err
 	}
 	i.runtimeMount = mp
-	return nil
+	return func(context.Context) error { return releaseRuntime(i.log, mp) }, nil
 }
 
 // mountVolumes prepares the host side of each volume and of the data
@@ -172,8 +176,13 @@ func (i *instance) mountRuntime(ctx context.Context) error {
 // volumes are tmpfs inside the sandbox, bounded by their size (and, being
 // the Sentry's memory, by the sandbox's memory limit); persistent ones are
 // the ext4 images every backend shares (volimage), loop-mounted on the
-// host. The data archive comes last, as on VMs.
-func (i *instance) mountVolumes(ctx context.Context) error {
+// host. The data archive comes last, as on VMs. The undo (also of a
+// failure part way) unmounts them and lets go of their images and trees.
+func (i *instance) mountVolumes(ctx context.Context) (backend.Undo, error) {
+	return i.unmountVolumes, i.placeVolumes(ctx)
+}
+
+func (i *instance) placeVolumes(ctx context.Context) error {
 	for n, v := range i.spec.Volumes {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -333,8 +342,25 @@ func waitLoopFree(ctx context.Context, image string, d time.Duration) error {
 }
 
 // assembleRoot lays a skeleton of mount points over the shared runtime
-// mount. Both layers are read-only; runsc's overlay takes the writes.
-func (i *instance) assembleRoot(context.Context) error {
+// mount. Both layers are read-only; runsc's overlay takes the writes. The
+// undo unmounts the root, then removes the bundle and the skeleton.
+func (i *instance) assembleRoot(ctx context.Context) (backend.Undo, error) {
+	if err := i.layRoot(); err != nil {
+		return i.removeRootDirs, err
+	}
+	return func(ctx context.Context) error {
+		if err := unmountRetry(i.rootfs); err != nil {
+			return backend.InUse(err)
+		}
+		return i.removeRootDirs(ctx)
+	}, nil
+}
+
+func (i *instance) removeRootDirs(context.Context) error {
+	return errors.Join(os.RemoveAll(i.bundleDir), os.RemoveAll(i.skelDir))
+}
+
+func (i *instance) layRoot() error {
 	if i.codeDir != "" {
 		i.mounts = append(i.mounts, codeMount(i.codeDir))
 	}
@@ -361,11 +387,10 @@ func (i *instance) assembleRoot(context.Context) error {
 	if err := unix.Mount("overlay", i.rootfs, "overlay", unix.MS_RDONLY|unix.MS_NODEV|unix.MS_NOSUID, opts); err != nil {
 		return fmt.Errorf("overlay root on %s: %w", i.rootfs, err)
 	}
-	i.rootMounted = true
 	return nil
 }
 
-func (i *instance) writeBundle(context.Context) error {
+func (i *instance) writeBundle(context.Context) (backend.Undo, error) {
 	args := i.b.opts.Command
 	if len(args) == 0 {
 		args = append([]string{AgentGuestPath}, i.b.opts.AgentArgs...)
@@ -388,7 +413,7 @@ func (i *instance) writeBundle(context.Context) error {
 		mounts:   i.mounts,
 		netns:    netnsPath(i.spec.Network),
 	})
-	return writeSpec(i.bundleDir, s)
+	return nil, writeSpec(i.bundleDir, s) // in the bundle, which assembleRoot's undo removes
 }
 
 // RootOverlayMiB is the size of the writable layer over a sandbox's root,
@@ -401,16 +426,23 @@ func RootOverlayMiB(memoryMiB int) int {
 	return max(memoryMiB/2, 8)
 }
 
-func (i *instance) prepareCgroup(context.Context) error {
-	return i.cg.prepare(i.memLimit)
+func (i *instance) prepareCgroup(context.Context) (backend.Undo, error) {
+	return i.cg.remove, i.cg.prepare(i.memLimit)
 }
 
 // startRunsc runs the sandbox. The process outlives Start's ctx: it is
-// bound to the instance and ends with Stop.
-func (i *instance) startRunsc(ctx context.Context) error {
+// bound to the instance and ends with Stop. Its undo is endRunsc.
+func (i *instance) startRunsc(ctx context.Context) (backend.Undo, error) {
 	if err := ctx.Err(); err != nil {
-		return err
+		return nil, err
 	}
+	if err := i.runRunsc(); err != nil {
+		return nil, err
+	}
+	return i.endRunsc, nil
+}
+
+func (i *instance) runRunsc() error {
 	o := i.b.opts
 	// With a network, runsc's netstack takes over the eth0 the host set up
 	// in the execution's namespace (address and routes included); without
@@ -470,9 +502,10 @@ func (i *instance) startRunsc(ctx context.Context) error {
 		inW.Close()
 		outR.Close()
 		errR.Close()
-		return fmt.Errorf("runsc: %w", err)
+		return err
 	}
-	i.cmd, i.stdin, i.stdout = cmd, inW, outR
+	i.Started(cmd)
+	i.stdin, i.stdout = inW, outR
 
 	out := i.spec.ProgramOutput
 	if out == nil {
@@ -482,7 +515,6 @@ func (i *instance) startRunsc(ctx context.Context) error {
 	go func() {
 		defer close(i.stderrEnd)
 		defer errR.Close()
-		i.stderr = tailbuf.New(3, 300)
 		_, _ = io.Copy(io.MultiWriter(out, i.stderr.Writer()), errR)
 	}()
 
@@ -493,8 +525,7 @@ func (i *instance) startRunsc(ctx context.Context) error {
 		defer close(i.watchEnd)
 		i.cg.watchOOM(watchCtx, i.log, i.onOOM)
 	}()
-	go i.sampleUsage(watchCtx)
-	go i.wait()
+	go i.Reap(i.exitDetails)
 	return nil
 }
 
@@ -502,11 +533,7 @@ func (i *instance) startRunsc(ctx context.Context) error {
 // kernel may have picked any of its processes (a ptrace stub, the gofer),
 // and a half-killed sandbox is worse than a clearly dead one.
 func (i *instance) onOOM() {
-	i.mu.Lock()
-	first := !i.oomKilled
-	i.oomKilled = true
-	i.mu.Unlock()
-	if !first {
+	if !i.Halt(i.memoryLimitErr()) {
 		return
 	}
 	i.log.Warn("sandbox exceeded its memory limit; killing it", "memory_mib", i.spec.MemoryMiB)
@@ -515,43 +542,27 @@ func (i *instance) onOOM() {
 	_ = i.b.runscCmd(ctx, "kill", i.id, "KILL").Run()
 }
 
-// wait reaps runsc and records why the sandbox ended.
-func (i *instance) wait() {
-	werr := i.cmd.Wait()
+func (i *instance) memoryLimitErr() error {
+	return fmt.Errorf("%w (%d MiB)", ErrMemoryLimit, i.spec.MemoryMiB)
+}
+
+// exitDetails runs once runsc ended by itself: an OOM kill makes it a
+// memory limit error, and runsc's last words follow.
+func (i *instance) exitDetails() string {
 	// On cgroup v1 the memory cgroup is ours and still there: its count is
 	// the authority. Elsewhere the watcher's report may trail the exit.
 	if n, err := i.cg.oomKills(); err == nil && n > 0 {
-		i.mu.Lock()
-		i.oomKilled = true
-		i.mu.Unlock()
+		i.Halt(i.memoryLimitErr())
 	} else {
 		select {
 		case <-i.watchEnd:
 		case <-time.After(500 * time.Millisecond):
 		}
 	}
-	i.refreshUsage()
-	last := i.lastWords()
-	i.mu.Lock()
-	defer i.mu.Unlock()
-	switch {
-	case i.stopping:
-		i.exitErr = nil
-	case i.oomKilled:
-		i.exitErr = errkind.Wrap(errkind.BadGateway, fmt.Errorf("sandbox %s: %w (%d MiB)", i.id, ErrMemoryLimit, i.spec.MemoryMiB))
-	default:
-		msg := describeExit(werr, i.cmd.ProcessState)
-		if last != "" {
-			msg += "; last output: " + last
-		}
-		i.exitErr = errkind.Wrap(errkind.BadGateway, fmt.Errorf("sandbox %s exited by itself: %s", i.id, msg))
+	if last := i.lastWords(); last != "" {
+		return "; last output: " + last
 	}
-	if !i.haveUsage && i.cmd.ProcessState != nil {
-		// Without a cgroup sample, runsc's own rusage is the best we have.
-		i.usage.CPUTimeUser = i.cmd.ProcessState.UserTime()
-		i.usage.CPUTimeSystem = i.cmd.ProcessState.SystemTime()
-	}
-	close(i.done)
+	return ""
 }
 
 // lastWords is the tail of runsc's stderr once it was read to its end
@@ -566,49 +577,23 @@ func (i *instance) lastWords() string {
 	return strings.ReplaceAll(i.stderr.String(), "\n", " | ")
 }
 
-func describeExit(werr error, ps *os.ProcessState) string {
-	if ps == nil {
-		return fmt.Sprint(werr)
+// sampleUsage reads the sandbox's cgroup (every process of it, which
+// vanishes with the sandbox) for CPU time, and /proc of its processes for
+// I/O (see backend.Usage).
+func (i *instance) sampleUsage() (backend.Usage, bool) {
+	u, ok := i.cg.usage()
+	if !ok {
+		return u, false
 	}
-	if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-		return fmt.Sprintf("runsc killed by signal %s", ws.Signal())
-	}
-	code := ps.ExitCode()
-	// runsc reports a container killed by a signal as 128+signal.
-	if code > 128 && code < 128+65 {
-		s := syscall.Signal(code - 128)
-		msg := fmt.Sprintf("killed by signal %s (exit status %d)", s, code)
-		if s == syscall.SIGKILL {
-			msg += "; possibly its memory limit"
-		}
-		return msg
-	}
-	return fmt.Sprintf("exit status %d", code)
-}
-
-// sampleUsage keeps a recent cgroup reading, since the cgroup vanishes
-// with the sandbox and the last figures would be lost otherwise.
-func (i *instance) sampleUsage(ctx context.Context) {
-	t := time.NewTicker(2 * time.Second)
-	defer t.Stop()
-	for {
-		i.refreshUsage()
-		select {
-		case <-ctx.Done():
-			return
-		case <-i.done:
-			return
-		case <-t.C:
+	for _, pid := range i.cg.pids() {
+		if io, err := backend.ProcIO(pid); err == nil {
+			u.IOReadCount += io.IOReadCount
+			u.IOWriteCount += io.IOWriteCount
+			u.IOReadBytes += io.IOReadBytes
+			u.IOWriteBytes += io.IOWriteBytes
 		}
 	}
-}
-
-func (i *instance) refreshUsage() {
-	if u, ok := i.cg.usage(); ok {
-		i.mu.Lock()
-		i.usage, i.haveUsage = u, true
-		i.mu.Unlock()
-	}
+	return u, true
 }
 
 // Channel implements backend.Instance: the agent's stdin and stdout.
@@ -616,15 +601,9 @@ func (i *instance) Channel(ctx context.Context) (io.ReadWriteCloser, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	i.mu.Lock()
-	defer i.mu.Unlock()
-	if i.channelOut {
-		return nil, errors.New("gvisor: channel already taken")
+	if err := i.TakeChannel(); err != nil {
+		return nil, err
 	}
-	if i.stopping {
-		return nil, errors.New("gvisor: sandbox is stopping")
-	}
-	i.channelOut = true
 	return &stdioChannel{w: i.stdin, r: i.stdout}, nil
 }
 
@@ -643,160 +622,93 @@ func (c *stdioChannel) Close() error {
 	return c.err
 }
 
-// Done implements backend.Instance.
-func (i *instance) Done() <-chan struct{} { return i.done }
-
-// Err implements backend.Instance.
-func (i *instance) Err() error {
-	select {
-	case <-i.done:
-	default:
-		return nil
-	}
-	i.mu.Lock()
-	defer i.mu.Unlock()
-	return i.exitErr
-}
-
-// Usage implements backend.Instance.
-func (i *instance) Usage() backend.Usage {
-	select {
-	case <-i.done:
-	default:
-		i.refreshUsage()
-	}
-	i.mu.Lock()
-	defer i.mu.Unlock()
-	return i.usage
-}
-
 // Stop implements backend.Instance (see backend.StopOnce).
 func (i *instance) Stop(ctx context.Context) error { return i.stopper.Do(ctx, i.stop) }
 
+// stop closes the channel, which lets a well-behaved agent see EOF and
+// exit; the undo stack does the rest (endRunsc first).
 func (i *instance) stop(ctx context.Context) error {
-	i.mu.Lock()
-	i.stopping = true
-	i.mu.Unlock()
-	i.refreshUsage()
-
-	// Closing both ends lets a well-behaved agent see EOF and exit.
+	i.Stopping()
 	i.stdin.Close()
 	i.stdout.Close()
-	if !i.waitDone(i.b.opts.StopGrace) {
-		i.refreshUsage()
+	i.WaitExit(i.b.opts.StopGrace)
+	return backend.StopThenUnwind(ctx, i.log, i.Undos())
+}
+
+// endRunsc is the undo of startRunsc: the sandbox is killed if it still
+// runs, and deleted from runsc's state.
+func (i *instance) endRunsc(ctx context.Context) error {
+	i.Stopping()
+	if !i.Exited() {
 		i.log.Debug("sandbox did not exit after channel close; killing")
 		if out, err := i.b.runscCmd(ctx, "kill", i.id, "KILL").CombinedOutput(); err != nil {
 			i.log.Debug("runsc kill", "err", err, "output", strings.TrimSpace(string(out)))
 		}
-		i.waitDone(5 * time.Second)
+		i.WaitExit(5 * time.Second)
 	}
-	var errs []error
+	var err error
 	delCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	if out, err := i.b.runscCmd(delCtx, "delete", "--force", i.id).CombinedOutput(); err != nil {
-		errs = append(errs, fmt.Errorf("runsc delete: %w: %s", err, strings.TrimSpace(string(out))))
+	if out, derr := i.b.runscCmd(delCtx, "delete", "--force", i.id).CombinedOutput(); derr != nil {
+		err = fmt.Errorf("runsc delete: %w: %s", derr, strings.TrimSpace(string(out)))
 	}
 	cancel()
-	if !i.waitDone(5 * time.Second) {
+	if !i.WaitExit(5 * time.Second) {
 		// runsc itself is stuck; it is ours to end.
-		_ = syscall.Kill(-i.cmd.Process.Pid, syscall.SIGKILL)
-		<-i.done
+		i.KillGroup(syscall.SIGKILL)
+		<-i.Done()
 	}
 	select {
 	case <-i.stderrEnd:
 	case <-time.After(2 * time.Second):
 		i.log.Warn("sandbox output still open after stop")
 	}
-	if err := i.cleanup(ctx); err != nil {
-		errs = append(errs, err)
-	}
-	err := errors.Join(errs...)
-	if err != nil {
-		i.log.Error("stop", "err", err)
-	} else {
-		i.log.Debug("sandbox stopped")
-	}
+	i.cancel()
 	return err
 }
 
-func (i *instance) waitDone(d time.Duration) bool {
-	select {
-	case <-i.done:
-		return true
-	case <-time.After(d):
-		return false
+// unmountVolumes is the undo of mountVolumes. Directories are removed
+// only once nothing is mounted below them, so a failed unmount can never
+// turn into deleting the contents of a mounted volume.
+func (i *instance) unmountVolumes(ctx context.Context) error {
+	// The trees are bound below the sandbox's root, gone by now.
+	for _, l := range i.treeLeases {
+		l.Release()
 	}
-}
-
-// cleanup undoes the host-side effects of the start steps that ran, in
-// reverse order. Directories are removed only once nothing is mounted
-// below them, so a failed unmount can never turn into deleting the
-// contents of a mounted volume.
-func (i *instance) cleanup(ctx context.Context) error {
-	if i.cancel != nil {
-		i.cancel()
-	}
+	i.treeLeases = nil
 	var errs []error
-	mountsGone := true
-	if i.rootMounted {
-		if err := unmountRetry(i.rootfs); err != nil {
-			errs = append(errs, err)
-			mountsGone = false
-		} else {
-			i.rootMounted = false
-		}
-	}
 	for _, mp := range i.volumeMounts {
 		if err := unmountRetry(mp); err != nil {
 			errs = append(errs, err)
-			mountsGone = false
 		}
 	}
-	if mountsGone {
-		i.volumeMounts = nil
-		// The images are free once their loop devices are: only then may
-		// another execution mount them.
-		for _, img := range i.volumeImages {
-			if err := waitLoopFree(ctx, img, 5*time.Second); err != nil {
-				i.log.Warn("persistent volume image still attached after unmount", "err", err)
-			}
-		}
-		for _, l := range i.volumeLocks {
-			if err := l.Release(); err != nil {
-				errs = append(errs, err)
-			}
-		}
-		i.volumeLocks, i.volumeImages = nil, nil
-		for _, d := range []string{i.bundleDir, i.skelDir, filepath.Join(i.spec.StateDir, "volumes")} {
-			if d == "" {
-				continue
-			}
-			if err := os.RemoveAll(d); err != nil {
-				errs = append(errs, err)
-			}
+	if len(errs) > 0 {
+		return backend.InUse(errors.Join(errs...))
+	}
+	// The images are free once their loop devices are: only then may
+	// another execution mount them.
+	for _, img := range i.volumeImages {
+		if err := waitLoopFree(ctx, img, 5*time.Second); err != nil {
+			i.log.Warn("persistent volume image still attached after unmount", "err", err)
 		}
 	}
-	if err := i.cg.remove(ctx); err != nil {
-		errs = append(errs, err)
-	}
-	// The overlay root pins the runtime mount; keep our reference while it
-	// could not be removed.
-	// The code tree is bound below the sandbox's root; once that is gone
-	// nothing uses it.
-	if i.codeLease != nil && !i.rootMounted {
-		i.codeLease.Release()
-		i.codeLease = nil
-	}
-	if !i.rootMounted {
-		for _, l := range i.treeLeases {
-			l.Release()
-		}
-		i.treeLeases = nil
-	}
-	if i.runtimeMount != "" && !i.rootMounted {
-		if err := releaseRuntime(i.log, i.runtimeMount); err != nil {
+	for _, l := range i.volumeLocks {
+		if err := l.Release(); err != nil {
 			errs = append(errs, err)
 		}
-		i.runtimeMount = ""
 	}
+	errs = append(errs, os.RemoveAll(filepath.Join(i.spec.StateDir, "volumes")))
 	return errors.Join(errs...)
+}
+
+// Steps implements backend.Starting.
+func (i *instance) Steps() []backend.Step {
+	return []backend.Step{
+		{Name: "prepare code", Run: i.prepareCode},
+		{Name: "mount runtime", Run: i.mountRuntime},
+		{Name: "mount volumes", Run: i.mountVolumes},
+		{Name: "assemble root", Run: i.assembleRoot},
+		{Name: "write bundle", Run: i.writeBundle},
+		{Name: "prepare cgroup", Run: i.prepareCgroup},
+		{Name: "start runsc", Run: i.startRunsc},
+	}
 }

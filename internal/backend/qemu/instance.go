@@ -40,6 +40,7 @@ const (
 
 // instance is one VM and everything Start created for it.
 type instance struct {
+	*backend.Process
 	b    *Backend
 	spec backend.Spec
 	log  *slog.Logger
@@ -50,31 +51,22 @@ type instance struct {
 	guestSock, qmpSock, consoleLog string
 	cid                            uint32 // vhost-vsock guest CID
 
-	cmd         *exec.Cmd
-	qmp         *qmp
-	console     *tailbuf.Buffer
-	consoleDone chan struct{}
-	qemuErr     *tailbuf.Buffer // QEMU's own stderr
-	booted      time.Time       // when the guest was let run
-	portOpen    chan struct{}
-	portOnce    sync.Once
+	qmp      *qmp
+	console  *tailbuf.Buffer
+	qemuErr  *tailbuf.Buffer // QEMU's own stderr
+	booted   time.Time       // when the guest was let run
+	portOpen chan struct{}
+	portOnce sync.Once
 
-	done chan struct{}
-
-	mu       sync.Mutex
-	exitErr  error
-	stopping bool
-	// haltReason says why the backend itself ended the VM, if it did.
-	haltReason string
-	channel    io.Closer
-	taken      bool
-	usage      backend.Usage
+	mu      sync.Mutex
+	channel io.Closer
 
 	stopper backend.StopOnce
 }
 
 func newInstance(b *Backend, spec backend.Spec, log *slog.Logger) *instance {
 	return &instance{
+		Process:    backend.NewProcess("qemu", "VM", spec.ExecutionID, nil),
 		b:          b,
 		spec:       spec,
 		log:        log,
@@ -84,29 +76,37 @@ func newInstance(b *Backend, spec backend.Spec, log *slog.Logger) *instance {
 		console:    tailbuf.New(40, 512),
 		qemuErr:    tailbuf.New(20, 512),
 		portOpen:   make(chan struct{}),
-		done:       make(chan struct{}),
 	}
 }
 
-var _ vmimage.GuestConfigurer = (*instance)(nil)
+var _ backend.GuestConfigurer = (*instance)(nil)
 
-// ConfigureGuest implements vmimage.GuestConfigurer: it names the code
+// ConfigureGuest implements backend.GuestConfigurer: it names the code
 // and volume drives in the Config the host sends the agent.
 func (i *instance) ConfigureGuest(cfg *guest.Config) {
 	vmimage.GuestDrives(i.prepared, cfg)
 }
 
-func (i *instance) prepareImages(ctx context.Context) error {
+func (i *instance) prepareImages(ctx context.Context) (backend.Undo, error) {
 	if len(i.qmpSock) > maxSocketPath || len(i.guestSock) > maxSocketPath {
-		return fmt.Errorf("state directory %s is too long for unix sockets (%d bytes max)", i.spec.StateDir, maxSocketPath)
+		return nil, fmt.Errorf("state directory %s is too long for unix sockets (%d bytes max)", i.spec.StateDir, maxSocketPath)
 	}
 	p, err := i.b.images.Prepare(ctx, i.spec)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	i.prepared = p
 	i.drives = vmimage.GuestDrives(p, nil)
-	return nil
+	return i.removeImages, nil
+}
+
+func (i *instance) removeImages(context.Context) error {
+	err := i.prepared.Cleanup()
+	// vmimage puts ephemeral volumes there; only an empty directory goes.
+	if err := os.Remove(filepath.Join(i.spec.StateDir, "volumes")); err != nil && !errors.Is(err, os.ErrNotExist) {
+		i.log.Debug("volumes directory", "err", err)
+	}
+	return err
 }
 
 // qemuArgs is QEMU's command line for this VM.
@@ -171,10 +171,15 @@ func (i *instance) qemuArgs() []string {
 
 // startQemu starts QEMU, paused. The process outlives Start's ctx: it
 // belongs to the instance and ends with Stop.
-func (i *instance) startQemu(ctx context.Context) error {
+func (i *instance) startQemu(ctx context.Context) (backend.Undo, error) {
 	if err := ctx.Err(); err != nil {
-		return err
+		return nil, err
 	}
+	// The undo also serves a failed start, with or without a process.
+	return i.endQemu, i.runQemu()
+}
+
+func (i *instance) runQemu() error {
 	if i.b.channel == ChannelVsock {
 		i.cid = randomCID()
 	}
@@ -198,14 +203,13 @@ func (i *instance) startQemu(ctx context.Context) error {
 	i.log.Debug("starting qemu", "args", args)
 	if err := cmd.Start(); err != nil {
 		logFile.Close()
-		return fmt.Errorf("qemu: %w", err)
+		return err
 	}
-	i.cmd = cmd
+	i.Started(cmd)
 	out := i.spec.ProgramOutput
 	if out == nil {
 		out = io.Discard
 	}
-	i.consoleDone = make(chan struct{})
 	var readers sync.WaitGroup
 	readers.Add(2)
 	// Writes to the log file and the program's output are best effort: a
@@ -231,8 +235,7 @@ func (i *instance) startQemu(ctx context.Context) error {
 		// cmd.Wait closes the pipes: the readers must be done first.
 		readers.Wait()
 		logFile.Close()
-		close(i.consoleDone)
-		i.wait()
+		i.Reap(i.exitDetails)
 	}()
 	return nil
 }
@@ -253,7 +256,7 @@ func copyLines(r io.Reader, emit func([]byte)) {
 }
 
 // connectQMP waits for QEMU's QMP socket and connects.
-func (i *instance) connectQMP(ctx context.Context) error {
+func (i *instance) connectQMP(ctx context.Context) (backend.Undo, error) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	tick := time.NewTicker(10 * time.Millisecond)
@@ -262,13 +265,13 @@ func (i *instance) connectQMP(ctx context.Context) error {
 		q, err := dialQMP(ctx, i.qmpSock, i.onEvent)
 		if err == nil {
 			i.qmp = q
-			return nil
+			return func(context.Context) error { q.close(); return nil }, nil
 		}
 		select {
-		case <-i.done:
-			return i.startFailure("QEMU exited at start-up")
+		case <-i.Done():
+			return nil, i.startFailure("QEMU exited at start-up")
 		case <-ctx.Done():
-			return fmt.Errorf("%w (last error: %v)", ctx.Err(), err)
+			return nil, fmt.Errorf("%w (last error: %v)", ctx.Err(), err)
 		case <-tick.C:
 		}
 	}
@@ -298,14 +301,11 @@ func (i *instance) onEvent(name string, data json.RawMessage) {
 // until the host's timeouts.
 func (i *instance) checkPaused() {
 	select {
-	case <-i.done:
+	case <-i.Done():
 		return
 	case <-time.After(time.Second): // a shutdown stops the VM too, then exits
 	}
-	i.mu.Lock()
-	stopping := i.stopping
-	i.mu.Unlock()
-	if stopping {
+	if i.IsStopping() {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -320,32 +320,28 @@ func (i *instance) checkPaused() {
 	if json.Unmarshal(res, &st) != nil || st.Status == "running" {
 		return
 	}
-	i.mu.Lock()
-	i.haltReason = "QEMU stopped the guest (status " + st.Status + ")"
-	i.mu.Unlock()
+	i.Halt(errors.New("QEMU stopped the guest (status " + st.Status + ")"))
 	i.log.Error("VM paused by QEMU; killing it", "status", st.Status)
-	_ = syscall.Kill(-i.cmd.Process.Pid, syscall.SIGKILL) // ESRCH: it exited meanwhile
+	i.KillGroup(syscall.SIGKILL)
 }
 
 // boot lets the paused guest run.
-func (i *instance) boot(ctx context.Context) error {
+func (i *instance) boot(ctx context.Context) (backend.Undo, error) {
 	i.booted = time.Now()
 	if err := i.qmp.execute(ctx, "cont"); err != nil {
-		return err
+		return nil, err
 	}
 	i.log.Debug("guest running", "accel", i.b.accel, "acpi", i.b.acpi)
-	return nil
+	return nil, nil
 }
 
 // startFailure describes why QEMU ended, with its last words.
 func (i *instance) startFailure(what string) error {
-	<-i.done
+	<-i.Done()
 	msg := what
-	i.mu.Lock()
-	if i.haltReason != "" {
-		msg += ": " + i.haltReason
+	if r := i.Halted(); r != nil {
+		msg += ": " + r.Error()
 	}
-	i.mu.Unlock()
 	if t := i.qemuErr.String(); t != "" {
 		msg += ": " + t
 	}
@@ -359,17 +355,9 @@ func (i *instance) startFailure(what string) error {
 // guest has opened its end, so that the multiplexer's keep-alives never
 // run against a guest that is still booting.
 func (i *instance) Channel(ctx context.Context) (io.ReadWriteCloser, error) {
-	i.mu.Lock()
-	if i.taken {
-		i.mu.Unlock()
-		return nil, errors.New("qemu: channel already taken")
+	if err := i.TakeChannel(); err != nil {
+		return nil, err
 	}
-	if i.stopping {
-		i.mu.Unlock()
-		return nil, errors.New("qemu: VM is stopping")
-	}
-	i.taken = true
-	i.mu.Unlock()
 
 	var ch io.ReadWriteCloser
 	var err error
@@ -383,9 +371,8 @@ func (i *instance) Channel(ctx context.Context) (io.ReadWriteCloser, error) {
 	}
 	i.mu.Lock()
 	defer i.mu.Unlock()
-	if i.stopping {
-		ch.Close()
-		return nil, errors.New("qemu: VM is stopping")
+	if err := i.ChannelReady(ch); err != nil {
+		return nil, err
 	}
 	i.channel = ch
 	i.log.Info("guest agent reachable", "boot", time.Since(i.booted).Round(time.Millisecond), "accel", i.b.accel)
@@ -401,7 +388,7 @@ func (i *instance) dialSerial(ctx context.Context) (io.ReadWriteCloser, error) {
 	select {
 	case <-i.portOpen:
 		return conn, nil
-	case <-i.done:
+	case <-i.Done():
 		conn.Close()
 		return nil, fmt.Errorf("qemu: guest channel: %w", i.startFailure("the VM ended before its agent came up"))
 	case <-ctx.Done():
@@ -420,7 +407,7 @@ func (i *instance) dialVsock(ctx context.Context) (io.ReadWriteCloser, error) {
 			return f, nil
 		}
 		select {
-		case <-i.done:
+		case <-i.Done():
 			return nil, fmt.Errorf("qemu: guest channel: %w", i.startFailure("the VM ended before its agent came up"))
 		case <-ctx.Done():
 			return nil, fmt.Errorf("qemu: waiting for the guest agent on vsock %d:%d: %w (last error: %v)%s",
@@ -462,160 +449,55 @@ func (i *instance) consoleTail() string {
 	return ""
 }
 
-// wait reaps QEMU and records why the VM ended.
-func (i *instance) wait() {
-	werr := i.cmd.Wait()
-	i.mu.Lock()
-	defer i.mu.Unlock()
-	if ps := i.cmd.ProcessState; ps != nil {
-		i.usage = rusageOf(ps)
+// exitDetails are QEMU's last words and the console's, for an exit
+// error.
+func (i *instance) exitDetails() string {
+	msg := ""
+	if t := i.qemuErr.String(); t != "" {
+		msg += "\nqemu: " + t
 	}
-	if !i.stopping {
-		desc := "exit status 0 (the guest powered off)"
-		if werr != nil {
-			desc = werr.Error()
-		}
-		msg := "VM " + i.spec.ExecutionID + " ended by itself: " + desc
-		if i.haltReason != "" {
-			msg = "VM " + i.spec.ExecutionID + " ended: " + i.haltReason
-		}
-		if t := i.qemuErr.String(); t != "" {
-			msg += "\nqemu: " + t
-		}
-		msg += i.consoleTail()
-		i.exitErr = errkind.Wrap(errkind.BadGateway, errors.New(msg))
-	}
-	close(i.done)
-}
-
-// Done implements backend.Instance.
-func (i *instance) Done() <-chan struct{} { return i.done }
-
-// Err implements backend.Instance.
-func (i *instance) Err() error {
-	select {
-	case <-i.done:
-	default:
-		return nil
-	}
-	i.mu.Lock()
-	defer i.mu.Unlock()
-	return i.exitErr
-}
-
-// Usage implements backend.Instance: QEMU's own CPU time and I/O, which
-// includes the guest's (one process per VM).
-func (i *instance) Usage() backend.Usage {
-	select {
-	case <-i.done:
-	default:
-		if i.cmd != nil && i.cmd.Process != nil {
-			if u, ok := procUsage(i.cmd.Process.Pid); ok {
-				i.mu.Lock()
-				i.usage = u
-				i.mu.Unlock()
-			}
-		}
-	}
-	i.mu.Lock()
-	defer i.mu.Unlock()
-	return i.usage
-}
-
-func rusageOf(ps *os.ProcessState) backend.Usage {
-	u := backend.Usage{CPUTimeUser: ps.UserTime(), CPUTimeSystem: ps.SystemTime()}
-	if ru, ok := ps.SysUsage().(*syscall.Rusage); ok {
-		u.IOReadCount = uint64(ru.Inblock)
-		u.IOWriteCount = uint64(ru.Oublock)
-	}
-	return u
-}
-
-// procUsage reads a live process's CPU time and I/O from /proc.
-func procUsage(pid int) (backend.Usage, bool) {
-	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return backend.Usage{}, false
-	}
-	// Fields after the command name, which may contain spaces.
-	end := bytes.LastIndexByte(stat, ')')
-	if end < 0 {
-		return backend.Usage{}, false
-	}
-	f := strings.Fields(string(stat[end+1:]))
-	if len(f) < 13 {
-		return backend.Usage{}, false
-	}
-	// utime and stime are fields 14 and 15, in clock ticks (USER_HZ,
-	// 100 on Linux).
-	utime, _ := strconv.ParseUint(f[11], 10, 64)
-	stime, _ := strconv.ParseUint(f[12], 10, 64)
-	u := backend.Usage{
-		CPUTimeUser:   time.Duration(utime) * 10 * time.Millisecond,
-		CPUTimeSystem: time.Duration(stime) * 10 * time.Millisecond,
-	}
-	if io, err := os.ReadFile(fmt.Sprintf("/proc/%d/io", pid)); err == nil {
-		for _, line := range strings.Split(string(io), "\n") {
-			k, v, ok := strings.Cut(line, ":")
-			if !ok {
-				continue
-			}
-			n, _ := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
-			switch k {
-			case "syscr":
-				u.IOReadCount = n
-			case "syscw":
-				u.IOWriteCount = n
-			case "read_bytes":
-				u.IOReadBytes = n
-			case "write_bytes":
-				u.IOWriteBytes = n
-			}
-		}
-	}
-	return u, true
+	return msg + i.consoleTail()
 }
 
 // Stop implements backend.Instance (see backend.StopOnce).
 func (i *instance) Stop(ctx context.Context) error { return i.stopper.Do(ctx, i.stop) }
 
 // stop ends the VM, gently first: with the channel closed the agent stops
-// the program, syncs, unmounts and reboots, which ends QEMU. Then QMP
-// quit, SIGTERM and SIGKILL. Also the undo of a failed Start.
+// the program, syncs, unmounts and reboots, which ends QEMU; then QMP
+// quit. The undo stack does the rest (endQemu: SIGTERM, SIGKILL).
 func (i *instance) stop(ctx context.Context) error {
+	i.Stopping()
 	i.mu.Lock()
-	i.stopping = true
 	ch := i.channel
 	i.mu.Unlock()
-
-	if i.cmd != nil {
-		i.Usage() // last live sample, should the process have to be killed
-		if ch != nil {
-			ch.Close()
-			if !i.waitDone(i.b.opts.StopGrace) {
-				i.log.Warn("guest did not power off after its channel closed", "grace", i.b.opts.StopGrace)
-			}
-		}
-		if !i.isDone() && i.qmp != nil {
-			qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			if err := i.qmp.execute(qctx, "quit"); err != nil {
-				i.log.Debug("qmp quit", "err", err)
-			}
-			cancel()
-			i.waitDone(5 * time.Second)
-		}
-		if !i.isDone() {
-			i.log.Warn("QEMU still running; terminating it")
-			// ESRCH means it exited meanwhile; waitDone tells either way.
-			_ = syscall.Kill(-i.cmd.Process.Pid, syscall.SIGTERM)
-			if !i.waitDone(5 * time.Second) {
-				_ = syscall.Kill(-i.cmd.Process.Pid, syscall.SIGKILL)
-				<-i.done
-			}
+	if ch != nil {
+		ch.Close()
+		if !i.WaitExit(i.b.opts.StopGrace) {
+			i.log.Warn("guest did not power off after its channel closed", "grace", i.b.opts.StopGrace)
 		}
 	}
-	if i.qmp != nil {
-		i.qmp.close()
+	if !i.Exited() && i.qmp != nil {
+		qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		if err := i.qmp.execute(qctx, "quit"); err != nil {
+			i.log.Debug("qmp quit", "err", err)
+		}
+		cancel()
+		i.WaitExit(5 * time.Second)
+	}
+	return backend.StopThenUnwind(ctx, i.log, i.Undos())
+}
+
+// endQemu is the undo of startQemu: QEMU is terminated if it still runs,
+// and its files go.
+func (i *instance) endQemu(context.Context) error {
+	if i.Pid() > 0 && !i.Exited() {
+		i.Stopping()
+		i.log.Warn("QEMU still running; terminating it")
+		i.KillGroup(syscall.SIGTERM)
+		if !i.WaitExit(5 * time.Second) {
+			i.KillGroup(syscall.SIGKILL)
+			<-i.Done()
+		}
 	}
 	var errs []error
 	for _, p := range []string{i.guestSock, i.qmpSock, i.consoleLog} {
@@ -623,38 +505,15 @@ func (i *instance) stop(ctx context.Context) error {
 			errs = append(errs, err)
 		}
 	}
-	if err := i.prepared.Cleanup(); err != nil {
-		errs = append(errs, err)
-	}
-	// vmimage puts ephemeral volumes there; only an empty directory goes.
-	if err := os.Remove(filepath.Join(i.spec.StateDir, "volumes")); err != nil && !errors.Is(err, os.ErrNotExist) {
-		i.log.Debug("volumes directory", "err", err)
-	}
-	err := errors.Join(errs...)
-	if err != nil {
-		i.log.Error("stop", "err", err)
-	} else {
-		i.log.Debug("VM stopped")
-	}
-	return err
+	return errors.Join(errs...)
 }
 
-func (i *instance) isDone() bool {
-	select {
-	case <-i.done:
-		return true
-	default:
-		return false
-	}
-}
-
-func (i *instance) waitDone(d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-i.done:
-		return true
-	case <-t.C:
-		return false
+// Steps implements backend.Starting.
+func (i *instance) Steps() []backend.Step {
+	return []backend.Step{
+		{Name: "prepare images", Run: i.prepareImages},
+		{Name: "start VMM", Run: i.startQemu},
+		{Name: "connect qmp", Run: i.connectQMP},
+		{Name: "boot", Run: i.boot},
 	}
 }

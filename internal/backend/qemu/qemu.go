@@ -308,21 +308,8 @@ func hostTSCKHz() int {
 // QMP connection that lets the guest run. A failed step undoes the
 // earlier ones.
 func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Instance, error) {
-	if err := spec.Check("qemu"); err != nil {
-		return nil, err
-	}
 	log := spec.StartLogger(b.log, "qemu")
-	inst := newInstance(b, spec, log)
-	steps := []backend.Step{
-		{Name: "prepare images", Run: inst.prepareImages},
-		{Name: "start qemu", Run: inst.startQemu},
-		{Name: "connect qmp", Run: inst.connectQMP},
-		{Name: "boot", Run: inst.boot},
-	}
-	if err := backend.RunSteps(ctx, log, "qemu", steps, inst.stop); err != nil {
-		return nil, err
-	}
-	return inst, nil
+	return backend.Start(ctx, "qemu", spec, log, newInstance(b, spec, log))
 }
 
 // kernelArgs is the guest's command line.

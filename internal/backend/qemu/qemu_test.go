@@ -21,7 +21,6 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
-	"github.com/aleph-vm-go/vm-supervisor/internal/backend/vmimage"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 )
@@ -304,7 +303,7 @@ func TestBootFastAPI(t *testing.T) {
 			if err != nil {
 				t.Fatalf("Start: %v", err)
 			}
-			pid := inst.(*instance).cmd.Process.Pid
+			pid := inst.(*instance).Pid()
 			stopped := false
 			defer func() {
 				if !stopped {
@@ -323,7 +322,7 @@ func TestBootFastAPI(t *testing.T) {
 				Encoding:    string(spec.CodeEncoding),
 				Hostname:    "vm-" + spec.ExecutionID[:8],
 			}
-			inst.(vmimage.GuestConfigurer).ConfigureGuest(&cfg)
+			inst.(backend.GuestConfigurer).ConfigureGuest(&cfg)
 			if cfg.CodeDevice != "/dev/vdb" {
 				t.Errorf("code device %q, want /dev/vdb", cfg.CodeDevice)
 			}
@@ -424,7 +423,7 @@ func TestBadRuntimeIsReported(t *testing.T) {
 		t.Fatalf("Channel: %v", err)
 	}
 	cfg := guest.Config{Interface: guest.InterfaceASGI, Entrypoint: "main:app"}
-	inst.(vmimage.GuestConfigurer).ConfigureGuest(&cfg)
+	inst.(backend.GuestConfigurer).ConfigureGuest(&cfg)
 	_, err = guest.Connect(ctx, ch, cfg, testLogger(t))
 	if err == nil || !strings.Contains(err.Error(), "mount runtime") {
 		t.Fatalf("Connect = %v, want the runtime mount failure", err)
@@ -525,7 +524,7 @@ func TestVolumesAndHostname(t *testing.T) {
 		t.Fatalf("Channel: %v", err)
 	}
 	cfg := guest.Config{Interface: guest.InterfaceASGI, Entrypoint: "main:app", Hostname: "vol-test"}
-	inst.(vmimage.GuestConfigurer).ConfigureGuest(&cfg)
+	inst.(backend.GuestConfigurer).ConfigureGuest(&cfg)
 	c, err := guest.Connect(ctx, ch, cfg, testLogger(t))
 	if err != nil {
 		t.Fatalf("Connect: %v", err)
@@ -608,7 +607,7 @@ func BenchmarkColdStart(b *testing.B) {
 				}
 				boot += time.Since(began)
 				cfg := guest.Config{Interface: guest.InterfaceASGI, Entrypoint: spec.Entrypoint}
-				inst.(vmimage.GuestConfigurer).ConfigureGuest(&cfg)
+				inst.(backend.GuestConfigurer).ConfigureGuest(&cfg)
 				c, err := guest.Connect(ctx, ch, cfg, quiet)
 				if err != nil {
 					b.Fatal(err)

@@ -201,13 +201,6 @@ func DeviceName(n int) string {
 	return "/dev/vd" + name
 }
 
-// GuestConfigurer is implemented by instances of VM backends: before the
-// host sends the guest Config, it lets the instance fill in the devices
-// the agent must mount (CodeDevice, Volumes).
-type GuestConfigurer interface {
-	ConfigureGuest(cfg *guest.Config)
-}
-
 // Options configure a Preparer.
 type Options struct {
 	// CacheDir holds code (and zip volume) squashfs images, one per content
