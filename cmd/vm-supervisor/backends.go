@@ -151,10 +151,6 @@ func newQemu(s *config.Settings, log *slog.Logger) (backend.Backend, error) {
 	if err != nil {
 		return nil, err
 	}
-	if b.Accel() == qemu.AccelTCG && s.InitTimeout < emulatedInitTimeout {
-		log.Warn("qemu runs emulated (no usable KVM): raising INIT_TIMEOUT", "from", s.InitTimeout, "to", emulatedInitTimeout)
-		s.InitTimeout = emulatedInitTimeout
-	}
 	log.Info("qemu backend", "kernel", kernel, "initrd", initrd, "accel", b.Accel(), "acpi", b.ACPI())
 	return b, nil
 }
@@ -171,4 +167,16 @@ func firecrackerOptions(s *config.Settings, log *slog.Logger) firecracker.Option
 		PrintSystemLogs: s.PrintSystemLogs,
 		Logger:          log,
 	}
+}
+
+// startTimeout is how long the pool gives a sandbox to start: INIT_TIMEOUT,
+// or more for a VM that runs emulated, whose boot alone can take longer
+// than aleph-vm's default.
+func startTimeout(s *config.Settings, be backend.Backend, log *slog.Logger) time.Duration {
+	q, ok := be.(*qemu.Backend)
+	if !ok || q.Accel() != qemu.AccelTCG || s.InitTimeout >= emulatedInitTimeout {
+		return s.InitTimeout
+	}
+	log.Warn("qemu runs emulated (no usable KVM): starts get more than INIT_TIMEOUT", "init_timeout", s.InitTimeout, "used", emulatedInitTimeout)
+	return emulatedInitTimeout
 }

@@ -93,9 +93,7 @@ func runSubcommand(ctx context.Context, s *config.Settings, args []string, stdou
 	case len(args) >= 2 && args[0] == "runtime" && args[1] == "add":
 		return cmdRuntimeAdd(ctx, s, args[2:], stdout, stderr)
 	case len(args) == 1 && args[0] == "check":
-		hostReport(s).Print(stdout)
-		fmt.Fprintf(stdout, "guest cache: %s\n", s.GuestCacheStore())
-		return 0
+		return cmdCheck(s, stdout)
 	}
 	fmt.Fprintf(stderr, "vm-supervisor: unknown command %q (see --help)\n", args)
 	return 2

@@ -133,7 +133,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 		BackendError:      beErr,
 		Records:           db,
 		ReuseTimeout:      s.ReuseTimeout,
-		InitTimeout:       s.InitTimeout,
+		InitTimeout:       startTimeout(s, be, log),
 		ExecutionRoot:     s.ExecutionRoot,
 		MaxExecutions:     s.MaxExecutions,
 		Capacity:          capacity,

@@ -3,18 +3,11 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
 	"log/slog"
-	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
-	"sort"
-	"strings"
 	"sync"
 	"time"
-
-	"github.com/spf13/pflag"
 
 	"github.com/aleph-vm-go/vm-supervisor/examples"
 	"github.com/aleph-vm-go/vm-supervisor/internal/config"
@@ -79,37 +72,6 @@ func defaultRuntimeFile(st *store.Store) pool.SpareRuntime {
 	}
 }
 
-// cmdRuntimeAdd registers a runtime image in the local store.
-func cmdRuntimeAdd(ctx context.Context, s *config.Settings, args []string, stdout, stderr io.Writer) int {
-	fl := pflag.NewFlagSet("runtime add", pflag.ContinueOnError)
-	fl.SetOutput(stderr)
-	makeDefault := fl.Bool("default", false, "make it the runtime `program upload` uses by default")
-	comment := fl.String("comment", "", "description stored with the runtime")
-	if err := fl.Parse(args); err != nil {
-		return 2
-	}
-	if fl.NArg() != 1 {
-		fmt.Fprintln(stderr, "usage: vm-supervisor runtime add SQUASHFS [--default] [--comment TEXT]")
-		return 2
-	}
-	path := fl.Arg(0)
-	if *comment == "" {
-		*comment = filepath.Base(filepath.Dir(path))
-	}
-	st, err := openStore(s)
-	if err != nil {
-		fmt.Fprintln(stderr, "vm-supervisor:", err)
-		return 1
-	}
-	ref, err := st.AddRuntime(ctx, path, *comment, *makeDefault)
-	if err != nil {
-		fmt.Fprintln(stderr, "vm-supervisor: runtime add:", err)
-		return 1
-	}
-	fmt.Fprintln(stdout, ref)
-	return 0
-}
-
 // selfTestProgram returns the program /status/check/fastapi exercises:
 // CHECK_FASTAPI_VM_ID, or the bundled example uploaded to the local store
 // on first use.
@@ -154,57 +116,6 @@ func selfTestProgram(s *config.Settings, st *store.Store) func(context.Context) 
 		hash = res.ProgramHash
 		return hash, nil
 	}
-}
-
-// runBenchmark is aleph-vm's --benchmark N: N sequential requests to the
-// self-test program through the whole request path (router, pool, sandbox,
-// agent, program), then a timing summary. The first request includes the
-// cold start.
-func runBenchmark(ctx context.Context, api http.Handler, program func(context.Context) (string, error), n int, out io.Writer) error {
-	hash, err := program(ctx)
-	if err != nil {
-		return err
-	}
-	durations := make([]time.Duration, 0, n)
-	for i := range n {
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		req := httptest.NewRequestWithContext(ctx, http.MethodGet, "/vm/"+hash+"/", nil)
-		rec := httptest.NewRecorder()
-		start := time.Now()
-		api.ServeHTTP(rec, req)
-		durations = append(durations, time.Since(start))
-		if rec.Code != http.StatusOK {
-			return fmt.Errorf("benchmark request %d: status %d: %s", i+1, rec.Code, rec.Body.String())
-		}
-	}
-	fmt.Fprintf(out, "program %s\n%s\n", hash, summarize(durations))
-	return nil
-}
-
-func summarize(durations []time.Duration) string {
-	lines := []string{
-		fmt.Sprintf("requests:        %d", len(durations)),
-		fmt.Sprintf("first (cold):    %v", durations[0].Round(time.Microsecond)),
-	}
-	warm := append([]time.Duration(nil), durations[1:]...)
-	if len(warm) == 0 {
-		return strings.Join(lines, "\n")
-	}
-	sort.Slice(warm, func(i, j int) bool { return warm[i] < warm[j] })
-	pick := func(q float64) time.Duration { return warm[int(q*float64(len(warm)-1))].Round(time.Microsecond) }
-	var total time.Duration
-	for _, d := range warm {
-		total += d
-	}
-	lines = append(lines,
-		fmt.Sprintf("warm min:        %v", pick(0)),
-		fmt.Sprintf("warm p50:        %v", pick(0.5)),
-		fmt.Sprintf("warm p90:        %v", pick(0.9)),
-		fmt.Sprintf("warm mean:       %v", (total/time.Duration(len(warm))).Round(time.Microsecond)),
-	)
-	return strings.Join(lines, "\n")
 }
 
 // openGuestCache opens the guest API cache where settings put it: Redis
