@@ -10,10 +10,10 @@
 // restarts and a change of backend. The file system bounds what a program
 // can write (ENOSPC at size_mib); the host never reads what is inside.
 //
-// Earlier versions kept gVisor's persistent volumes as plain host
-// directories (<program hash>/<volume name>/). Those are refused with a
-// message telling how to convert them (mkfs.ext4 -d), never converted by
-// the supervisor: that would have host code walk a tree a program wrote.
+// A plain host directory where the image should be
+// (<program hash>/<volume name>/) is refused with a message telling how to
+// convert it (mkfs.ext4 -d), never converted by the supervisor: that would
+// have host code walk a tree a program wrote.
 package volimage
 
 import (
