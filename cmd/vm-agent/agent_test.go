@@ -154,48 +154,8 @@ func TestExampleFastAPI(t *testing.T) {
 			t.Error("the agent's environment leaked into the program")
 		}
 	})
-	t.Run("stream", func(t *testing.T) {
-		resp, err := hc.Get("http://program/stream?chunks=4&delay=0.4")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		var arrivals []time.Time
-		sc := bufio.NewScanner(resp.Body)
-		for sc.Scan() {
-			arrivals = append(arrivals, time.Now())
-		}
-		if err := sc.Err(); err != nil {
-			t.Fatal(err)
-		}
-		if len(arrivals) != 4 {
-			t.Fatalf("got %d chunks, want 4", len(arrivals))
-		}
-		// Buffered, all chunks would arrive together at the end.
-		if spread := arrivals[3].Sub(arrivals[0]); spread < 800*time.Millisecond {
-			t.Errorf("chunks arrived within %s of each other: not streamed", spread)
-		}
-	})
-	t.Run("echo 5 MiB", func(t *testing.T) {
-		body := make([]byte, 5<<20)
-		rand.Read(body)
-		sum := sha256.Sum256(body)
-		resp, err := hc.Post("http://program/echo", "application/octet-stream", bytes.NewReader(body))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		var got struct {
-			Length int    `json:"length"`
-			SHA256 string `json:"sha256"`
-		}
-		if err := json.NewDecoder(resp.Body).Decode(&got); err != nil {
-			t.Fatal(err)
-		}
-		if got.Length != len(body) || got.SHA256 != hex.EncodeToString(sum[:]) {
-			t.Errorf("echo = %+v, want length %d", got, len(body))
-		}
-	})
+	t.Run("stream", func(t *testing.T) { streamedChunks(t, hc) })
+	t.Run("echo 5 MiB", func(t *testing.T) { echo5MiB(t, hc) })
 	t.Run("processes", func(t *testing.T) {
 		var got struct {
 			Pids []int `json:"pids"`
@@ -210,6 +170,53 @@ func TestExampleFastAPI(t *testing.T) {
 	stopAndCheck(t, a, c)
 	if !strings.Contains(a.Log.String(), "shutdown event ran") {
 		t.Error("the lifespan shutdown did not run on stop")
+	}
+}
+
+// streamedChunks checks that the chunks of a streamed response arrive as
+// the app sends them, not buffered until the end.
+func streamedChunks(t *testing.T, hc *http.Client) {
+	resp, err := hc.Get("http://program/stream?chunks=4&delay=0.4")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var arrivals []time.Time
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		arrivals = append(arrivals, time.Now())
+	}
+	if err := sc.Err(); err != nil {
+		t.Fatal(err)
+	}
+	if len(arrivals) != 4 {
+		t.Fatalf("got %d chunks, want 4", len(arrivals))
+	}
+	// Buffered, all chunks would arrive together at the end.
+	if spread := arrivals[3].Sub(arrivals[0]); spread < 800*time.Millisecond {
+		t.Errorf("chunks arrived within %s of each other: not streamed", spread)
+	}
+}
+
+// echo5MiB checks a 5 MiB request body reaches the app whole.
+func echo5MiB(t *testing.T, hc *http.Client) {
+	body := make([]byte, 5<<20)
+	rand.Read(body)
+	sum := sha256.Sum256(body)
+	resp, err := hc.Post("http://program/echo", "application/octet-stream", bytes.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var got struct {
+		Length int    `json:"length"`
+		SHA256 string `json:"sha256"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&got); err != nil {
+		t.Fatal(err)
+	}
+	if got.Length != len(body) || got.SHA256 != hex.EncodeToString(sum[:]) {
+		t.Errorf("echo = %+v, want length %d", got, len(body))
 	}
 }
 

@@ -153,92 +153,11 @@ func TestStdlibServer(t *testing.T) {
 		}
 	})
 
-	t.Run("keep-alive, HEAD and Expect: 100-continue on one connection", func(t *testing.T) {
-		c, err := net.Dial("unix", l.spec.socket)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(20 * time.Second))
-		br := bufio.NewReader(c)
-		fmt.Fprintf(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-		resp, err := http.ReadResponse(br, nil)
-		if err != nil || resp.StatusCode != 200 {
-			t.Fatalf("first: %v %v", resp, err)
-		}
-		io.Copy(io.Discard, resp.Body)
-		fmt.Fprintf(c, "HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
-		resp, err = http.ReadResponse(br, &http.Request{Method: "HEAD"})
-		if err != nil || resp.StatusCode != 200 || resp.ContentLength <= 0 {
-			t.Fatalf("HEAD: %+v %v", resp, err)
-		}
-		fmt.Fprintf(c, "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
-		line, err := br.ReadString('\n')
-		if err != nil || !strings.HasPrefix(line, "HTTP/1.1 100 ") {
-			t.Fatalf("want 100 Continue before the body, got %q %v", line, err)
-		}
-		if blank, _ := br.ReadString('\n'); blank != "\r\n" {
-			t.Fatalf("after 100: %q", blank)
-		}
-		fmt.Fprintf(c, "hello")
-		resp, err = http.ReadResponse(br, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b, _ := io.ReadAll(resp.Body)
-		sum := sha256.Sum256([]byte("hello"))
-		if !strings.Contains(string(b), hex.EncodeToString(sum[:])) {
-			t.Errorf("echo after 100-continue: %s", b)
-		}
-	})
+	t.Run("keep-alive, HEAD and Expect: 100-continue on one connection", func(t *testing.T) { keepAliveHeadContinue(t, l) })
 
-	t.Run("request bodies, chunked and sized", func(t *testing.T) {
-		payload := bytes.Repeat([]byte("0123456789abcdef"), 300_000) // 4.8 MB
-		sum := sha256.Sum256(payload)
-		for _, chunked := range []bool{false, true} {
-			var body io.Reader = bytes.NewReader(payload)
-			if chunked {
-				body = io.MultiReader(body) // unknown length: Go sends it chunked
-			}
-			resp, err := l.client.Post("http://program/echo", "application/octet-stream", body)
-			if err != nil {
-				t.Fatal(err)
-			}
-			var got struct {
-				Length int    `json:"length"`
-				SHA256 string `json:"sha256"`
-			}
-			json.NewDecoder(resp.Body).Decode(&got)
-			resp.Body.Close()
-			if got.Length != len(payload) || got.SHA256 != hex.EncodeToString(sum[:]) {
-				t.Errorf("chunked=%v: %+v", chunked, got)
-			}
-		}
-	})
+	t.Run("request bodies, chunked and sized", func(t *testing.T) { requestBodies(t, l) })
 
-	t.Run("streamed response", func(t *testing.T) {
-		start := time.Now()
-		resp, err := l.client.Get("http://program/stream")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		if len(resp.TransferEncoding) == 0 || resp.TransferEncoding[0] != "chunked" {
-			t.Errorf("transfer encoding %v, want chunked", resp.TransferEncoding)
-		}
-		br := bufio.NewReader(resp.Body)
-		first, err := br.ReadString('\n')
-		firstAt := time.Since(start)
-		rest, _ := io.ReadAll(br)
-		total := time.Since(start)
-		if first != "chunk 0\n" || string(rest) != "chunk 1\nchunk 2\n" {
-			t.Errorf("body %q + %q", first, rest)
-		}
-		// Chunks come as the app sends them, 0.3 s apart.
-		if total-firstAt < 400*time.Millisecond {
-			t.Errorf("first chunk at %s, end at %s: the response was buffered", firstAt, total)
-		}
-	})
+	t.Run("streamed response", func(t *testing.T) { streamedResponse(t, l) })
 
 	t.Run("client disconnect reaches the app", func(t *testing.T) {
 		resp, err := l.client.Get("http://program/forever")
@@ -278,6 +197,108 @@ func TestStdlibServer(t *testing.T) {
 	})
 }
 
+// keepAliveHeadContinue sends GET, HEAD and a POST that waits for
+// 100 Continue over one connection, as a proxy reusing it would.
+func keepAliveHeadContinue(t *testing.T, l *launched) {
+	c, err := net.Dial("unix", l.spec.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.SetDeadline(time.Now().Add(20 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(c)
+	fmt.Fprintf(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("first: %v %v", resp, err)
+	}
+	if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(c, "HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+	resp, err = http.ReadResponse(br, &http.Request{Method: "HEAD"})
+	if err != nil || resp.StatusCode != 200 || resp.ContentLength <= 0 {
+		t.Fatalf("HEAD: %+v %v", resp, err)
+	}
+	fmt.Fprintf(c, "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+	line, err := br.ReadString('\n')
+	if err != nil || !strings.HasPrefix(line, "HTTP/1.1 100 ") {
+		t.Fatalf("want 100 Continue before the body, got %q %v", line, err)
+	}
+	if blank, _ := br.ReadString('\n'); blank != "\r\n" {
+		t.Fatalf("after 100: %q", blank)
+	}
+	fmt.Fprintf(c, "hello")
+	resp, err = http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	sum := sha256.Sum256([]byte("hello"))
+	if !strings.Contains(string(b), hex.EncodeToString(sum[:])) {
+		t.Errorf("echo after 100-continue: %s", b)
+	}
+}
+
+// requestBodies posts a 4.8 MB body, sized then chunked, and checks
+// the app saw all of it.
+func requestBodies(t *testing.T, l *launched) {
+	payload := bytes.Repeat([]byte("0123456789abcdef"), 300_000) // 4.8 MB
+	sum := sha256.Sum256(payload)
+	for _, chunked := range []bool{false, true} {
+		var body io.Reader = bytes.NewReader(payload)
+		if chunked {
+			body = io.MultiReader(body) // unknown length: Go sends it chunked
+		}
+		resp, err := l.client.Post("http://program/echo", "application/octet-stream", body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got struct {
+			Length int    `json:"length"`
+			SHA256 string `json:"sha256"`
+		}
+		err = json.NewDecoder(resp.Body).Decode(&got)
+		resp.Body.Close()
+		if err != nil {
+			t.Fatalf("chunked=%v: %v", chunked, err)
+		}
+		if got.Length != len(payload) || got.SHA256 != hex.EncodeToString(sum[:]) {
+			t.Errorf("chunked=%v: %+v", chunked, got)
+		}
+	}
+}
+
+// streamedResponse checks the app's chunks arrive as it sends them.
+func streamedResponse(t *testing.T, l *launched) {
+	start := time.Now()
+	resp, err := l.client.Get("http://program/stream")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if len(resp.TransferEncoding) == 0 || resp.TransferEncoding[0] != "chunked" {
+		t.Errorf("transfer encoding %v, want chunked", resp.TransferEncoding)
+	}
+	br := bufio.NewReader(resp.Body)
+	first, err := br.ReadString('\n')
+	firstAt := time.Since(start)
+	if err != nil {
+		t.Fatalf("first chunk: %q %v", first, err)
+	}
+	rest, _ := io.ReadAll(br)
+	total := time.Since(start)
+	if first != "chunk 0\n" || string(rest) != "chunk 1\nchunk 2\n" {
+		t.Errorf("body %q + %q", first, rest)
+	}
+	// Chunks come as the app sends them, 0.3 s apart.
+	if total-firstAt < 400*time.Millisecond {
+		t.Errorf("first chunk at %s, end at %s: the response was buffered", firstAt, total)
+	}
+}
+
 func TestLauncherStartFailures(t *testing.T) {
 	for _, c := range []struct {
 		name, entry string
@@ -310,7 +331,9 @@ func TestLauncherPlainEntrypoint(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, "application"), plain, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	os.WriteFile(filepath.Join(dir, "uvicorn.py"), []byte("raise ImportError\n"), 0o644)
+	if err := os.WriteFile(filepath.Join(dir, "uvicorn.py"), []byte("raise ImportError\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	l, err := startLauncher(t, guest.Config{Entrypoint: "application", Encoding: "plain"}, dir)
 	if err != nil {
 		t.Fatal(err)

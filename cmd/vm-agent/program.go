@@ -301,7 +301,8 @@ func launch(cmd *exec.Cmd, network, address string, r *reaper, log *slog.Logger)
 		var desc string
 		if reaped != nil {
 			desc = describeWaitStatus(<-reaped)
-			cmd.Process.Release()
+			// The reaper already waited; Release only frees the handle.
+			_ = cmd.Process.Release()
 		} else {
 			err := cmd.Wait()
 			var exitErr *exec.ExitError
@@ -309,7 +310,7 @@ func launch(cmd *exec.Cmd, network, address string, r *reaper, log *slog.Logger)
 			case err == nil:
 				desc = "exit status 0"
 			case errors.As(err, &exitErr):
-				desc = exitErr.ProcessState.String()
+				desc = exitErr.String()
 			default:
 				desc = err.Error()
 			}
@@ -437,10 +438,12 @@ func (p *program) stop(timeout time.Duration) {
 		case <-time.After(timeout):
 			p.log.Warn("program did not stop in time; killing it", "timeout", timeout)
 		}
-		unix.Kill(-p.pid, unix.SIGKILL)
+		// ESRCH: the group already ended, as it should after SIGTERM.
+		_ = unix.Kill(-p.pid, unix.SIGKILL)
 		if p.pid1 {
-			// kill(-1) from PID 1 spares only PID 1 itself.
-			unix.Kill(-1, unix.SIGKILL)
+			// kill(-1) from PID 1 spares only PID 1 itself; ESRCH again
+			// when nothing else is left.
+			_ = unix.Kill(-1, unix.SIGKILL)
 		}
 		select {
 		case <-p.exited:

@@ -179,7 +179,9 @@ func mountEarly() error {
 // has no console=ttyS0, which VMMs leave out to boot faster.
 func redirectStdio() {
 	if fd, err := unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0); err == nil {
-		unix.Dup3(fd, 0, 0)
+		// Best effort, as the whole function: there is no log yet, and a
+		// stdin left on the console is harmless.
+		_ = unix.Dup3(fd, 0, 0)
 		unix.Close(fd)
 	}
 	fd, err := unix.Open(serialConsole, unix.O_WRONLY|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
@@ -189,10 +191,11 @@ func redirectStdio() {
 	// Plain \n: the host's log wants lines, not terminal \r\n.
 	if t, err := unix.IoctlGetTermios(fd, unix.TCGETS); err == nil {
 		t.Oflag &^= unix.OPOST
-		unix.IoctlSetTermios(fd, unix.TCSETS, t)
+		_ = unix.IoctlSetTermios(fd, unix.TCSETS, t) // \r\n lines are still readable
 	}
-	unix.Dup3(fd, 1, 0)
-	unix.Dup3(fd, 2, 0)
+	// On failure the output stays on /dev/console: nowhere better to say so.
+	_ = unix.Dup3(fd, 1, 0)
+	_ = unix.Dup3(fd, 2, 0)
 	unix.Close(fd)
 }
 
@@ -396,13 +399,15 @@ func (st *vmState) mount(ctx context.Context, device, dir, fstype string, readOn
 // still write (the program was stopped; orphans are killed here), data is
 // flushed and writable volumes are unmounted so ext4 is clean.
 func (st *vmState) shutdown(log *slog.Logger, code int) {
-	unix.Kill(-1, unix.SIGKILL)
+	_ = unix.Kill(-1, unix.SIGKILL) // ESRCH: no orphans left
 	unix.Sync()
 	for i := len(st.mounts) - 1; i >= 0; i-- {
 		if err := unix.Unmount(st.mounts[i], 0); err != nil {
 			log.Warn("unmount", "dir", st.mounts[i], "err", err)
 			// Read-only keeps the file system consistent all the same.
-			unix.Mount("", st.mounts[i], "", unix.MS_REMOUNT|unix.MS_RDONLY, "")
+			if err := unix.Mount("", st.mounts[i], "", unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
+				log.Warn("remount read-only", "dir", st.mounts[i], "err", err)
+			}
 		}
 	}
 	unix.Sync()

@@ -15,11 +15,18 @@ func runIn(t *testing.T, dir string, env map[string]string, args ...string) (int
 	for k, v := range env {
 		t.Setenv(k, v)
 	}
-	wd, _ := os.Getwd()
+	wd, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := os.Chdir(dir); err != nil {
 		t.Fatal(err)
 	}
-	defer os.Chdir(wd)
+	defer func() {
+		if err := os.Chdir(wd); err != nil {
+			t.Fatalf("back to %s: %v", wd, err)
+		}
+	}()
 	var out, errOut bytes.Buffer
 	code := run(args, &out, &errOut)
 	return code, out.String(), errOut.String()

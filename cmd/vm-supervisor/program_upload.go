@@ -71,16 +71,9 @@ func cmdProgramUpload(ctx context.Context, st *store.Store, args []string, stdou
 			return bad("--%s must be a positive number, got %d", name, v)
 		}
 	}
-	var vars map[string]string
-	for _, kv := range *envs {
-		k, v, ok := strings.Cut(kv, "=")
-		if !ok || k == "" {
-			return bad("invalid --env %q: expected KEY=VALUE", kv)
-		}
-		if vars == nil {
-			vars = map[string]string{}
-		}
-		vars[k] = v
+	vars, err := envFlags(*envs)
+	if err != nil {
+		return bad("%v", err)
 	}
 	volumes, err := parseVolumeFlags(*immutableVols, *persistentVols, *ephemeralVols)
 	if err != nil {
@@ -125,4 +118,21 @@ func cmdProgramUpload(ctx context.Context, st *store.Store, args []string, stdou
 	fmt.Fprintf(stdout, "URL: %s/vm/%s/\n", strings.TrimRight(baseURL, "/"), res.ProgramHash)
 	fmt.Fprintln(stdout, res.ProgramHash)
 	return 0
+}
+
+// envFlags reads the repeated --env KEY=VALUE flags (nil when there are
+// none); a repeated KEY keeps its last value.
+func envFlags(kvs []string) (map[string]string, error) {
+	var vars map[string]string
+	for _, kv := range kvs {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok || k == "" {
+			return nil, fmt.Errorf("invalid --env %q: expected KEY=VALUE", kv)
+		}
+		if vars == nil {
+			vars = map[string]string{}
+		}
+		vars[k] = v
+	}
+	return vars, nil
 }

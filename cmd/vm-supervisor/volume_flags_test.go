@@ -96,12 +96,16 @@ func TestProgramUploadVolumeFlags(t *testing.T) {
 		t.Fatal(err)
 	}
 	img := filepath.Join(t.TempDir(), "rootfs.squashfs")
-	os.WriteFile(img, []byte("runtime"), 0o644)
+	if err := os.WriteFile(img, []byte("runtime"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := st.AddRuntime(context.Background(), img, "test", true); err != nil {
 		t.Fatal(err)
 	}
 	code := t.TempDir()
-	os.WriteFile(filepath.Join(code, "main.py"), []byte("app = None\n"), 0o644)
+	if err := os.WriteFile(filepath.Join(code, "main.py"), []byte("app = None\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	run := func(args ...string) (int, string, string) {
 		var out, errb bytes.Buffer
 		rc := cmdProgramUpload(context.Background(), st, args, &out, &errb, "http://127.0.0.1:4020")

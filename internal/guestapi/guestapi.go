@@ -297,11 +297,11 @@ func (h *cacheHandler) put(w http.ResponseWriter, r *http.Request, key string) {
 func (h *cacheHandler) fail(w http.ResponseWriter, r *http.Request, err error) {
 	code := errkind.HTTPStatus(err)
 	msg := err.Error()
-	switch {
-	case code == http.StatusInternalServerError:
+	switch code {
+	case http.StatusInternalServerError:
 		h.c.log.Error("guest cache", "program", h.ns, "method", r.Method, "path", r.URL.Path, "err", err)
 		msg = "500: Internal Server Error"
-	case code == http.StatusServiceUnavailable:
+	case http.StatusServiceUnavailable:
 		h.c.log.Warn("guest cache", "program", h.ns, "method", r.Method, "path", r.URL.Path, "err", err)
 	default:
 		// Refusals are a program's doing: debug, so that a flood of them

@@ -337,8 +337,12 @@ func TestDiskExpirySweepAndCaps(t *testing.T) {
 		t.Fatal(err)
 	}
 	var rows, usage int
-	s.db.QueryRow(`SELECT COUNT(*) FROM entries`).Scan(&rows)
-	s.db.QueryRow(`SELECT COUNT(*) FROM usage`).Scan(&usage)
+	if err := s.db.QueryRow(`SELECT COUNT(*) FROM entries`).Scan(&rows); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.db.QueryRow(`SELECT COUNT(*) FROM usage`).Scan(&usage); err != nil {
+		t.Fatal(err)
+	}
 	if rows != 1 || usage != 1 {
 		t.Errorf("after sweep: %d entries, %d usage rows; want 1 and 1", rows, usage)
 	}

@@ -29,7 +29,9 @@ func startLimited(t *testing.T, l Limits, h http.Handler) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	go srv.Serve(s.Listener(ln))
+	// Serve ends with ErrServerClosed on the cleanup's Close; a failure
+	// before that shows as the tests' requests failing.
+	go func() { _ = srv.Serve(s.Listener(ln)) }()
 	t.Cleanup(func() { srv.Close() })
 	return ln.Addr().String()
 }
@@ -292,6 +294,13 @@ func TestConnectionCapAndHeaderSize(t *testing.T) {
 	if d := time.Since(start); d < 400*time.Millisecond || d > 3*time.Second {
 		t.Errorf("served after %s: the cap did not hold, or idle connections were not dropped", d)
 	}
+	// The 5th got its slot because the four idle ones were dropped for
+	// sending no header, not because some still wait in the backlog.
+	for i, c := range idle {
+		if closed, _ := closedWithin(c, time.Second); !closed {
+			t.Errorf("idle connection %d still open after the 5th was served", i)
+		}
+	}
 
 	req, _ := http.NewRequest("GET", "http://"+addr+"/", nil)
 	req.Header.Set("X-Big", strings.Repeat("h", 8192))
@@ -342,7 +351,9 @@ func TestUpgradedConnectionsOutliveTheTimeouts(t *testing.T) {
 			if err != nil {
 				return
 			}
-			brw.WriteString("echo " + line)
+			if _, err := brw.WriteString("echo " + line); err != nil {
+				return
+			}
 			brw.Flush()
 		}
 	}))

@@ -124,10 +124,14 @@ func create(path string) (*Key, error) {
 	defer os.Remove(tmp) // no-op once renamed
 	secret := k.priv.Serialize()
 	defer clear(secret)
-	if err := f.Chmod(0o600); err == nil {
-		if _, err = f.Write(secret); err == nil {
-			err = f.Sync()
-		}
+	// One err for the three steps: the check below must see a failed
+	// write or sync, not only a failed chmod.
+	err = f.Chmod(0o600)
+	if err == nil {
+		_, err = f.Write(secret)
+	}
+	if err == nil {
+		err = f.Sync()
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
@@ -155,10 +159,17 @@ func (k *Key) Address() string { return k.address }
 // Aleph Python SDK's get_public_key (coincurve's default format) gives it.
 func (k *Key) PublicKey() string { return k.public }
 
-// String and LogValue keep the secret out of logs and error messages.
-func (k *Key) String() string             { return "nodekey(" + k.address + ")" }
-func (k *Key) LogValue() slog.Value       { return slog.StringValue(k.address) }
-func (k *Key) GoString() string           { return k.String() }
+// String, LogValue, GoString and Format keep the secret out of logs and
+// error messages, whatever verb or handler prints the key.
+func (k *Key) String() string { return "nodekey(" + k.address + ")" }
+
+// LogValue is the address alone: slog never reaches the secret.
+func (k *Key) LogValue() slog.Value { return slog.StringValue(k.address) }
+
+// GoString is String, so %#v does not dump the private key.
+func (k *Key) GoString() string { return k.String() }
+
+// Format prints String for every verb, %x and %+v included.
 func (k *Key) Format(f fmt.State, _ rune) { _, _ = io.WriteString(f, k.String()) }
 
 // SignPersonal signs msg as Ethereum's personal_sign does: over

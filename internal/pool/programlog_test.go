@@ -37,6 +37,15 @@ func (h *countingHandler) Handle(_ context.Context, r slog.Record) error {
 
 // A program flooding its output (the attack: 100 MiB became 116 MiB of
 // supervisor log in 8.5 s) gets at most its per-execution budget logged.
+// mustLog writes p as the program's output would be: a lineLogger
+// accepts all of it, whatever it keeps.
+func mustLog(t *testing.T, w *lineLogger, p []byte) {
+	t.Helper()
+	if n, err := w.Write(p); n != len(p) || err != nil {
+		t.Fatalf("Write: %d, %v; want %d, nil", n, err, len(p))
+	}
+}
+
 func TestProgramOutputFloodIsBounded(t *testing.T) {
 	h := &countingHandler{}
 	lim := LogLimits{BytesPerSecond: 1 << 30, BurstBytes: 1 << 30, MaxBytes: 1 << 20}
@@ -63,7 +72,7 @@ func TestProgramOutputRateLimited(t *testing.T) {
 	h := &countingHandler{}
 	w := newLineLogger(slog.New(h), LogLimits{BytesPerSecond: 1, BurstBytes: 10 * len("guest: "+strings.Repeat("y", 100)), MaxBytes: 1 << 30})
 	for range 1000 {
-		w.Write([]byte(strings.Repeat("y", 100) + "\n"))
+		mustLog(t, w, []byte(strings.Repeat("y", 100)+"\n"))
 	}
 	if h.records < 10 || h.records > 11 {
 		t.Errorf("%d lines logged, want the burst of 10", h.records)
@@ -76,15 +85,15 @@ func TestProgramOutputLongLinesAreCut(t *testing.T) {
 	h := &countingHandler{}
 	w := newLineLogger(slog.New(h), LogLimits{BytesPerSecond: 1 << 30, BurstBytes: 1 << 30, MaxBytes: 1 << 30})
 	big := bytes.Repeat([]byte("z"), 10*maxLogLine+5)
-	w.Write(big[:7])
-	w.Write(big[7:])
+	mustLog(t, w, big[:7])
+	mustLog(t, w, big[7:])
 	if h.longest > len("guest: ")+maxLogLine {
 		t.Errorf("a record of %d bytes", h.longest)
 	}
 	if h.records != 10 {
 		t.Errorf("%d records for 10 full pieces, want 10 (the rest waits for its newline)", h.records)
 	}
-	w.Write([]byte("\n"))
+	mustLog(t, w, []byte("\n"))
 	if h.records != 11 {
 		t.Errorf("the tail of the line was not logged at its newline")
 	}

@@ -24,7 +24,9 @@ func TestSpecForPersistentVolume(t *testing.T) {
 	}
 	dir := t.TempDir()
 	runtime := filepath.Join(dir, "rootfs.squashfs")
-	os.WriteFile(runtime, nil, 0o644)
+	if err := os.WriteFile(runtime, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	pv := filepath.Join(dir, "persistent")
 	hash := "f00d"
 	prog := &sources.Program{
@@ -46,7 +48,11 @@ func TestSpecForPersistentVolume(t *testing.T) {
 	if err != nil {
 		t.Fatalf("VM preparer on the pool's spec: %v", err)
 	}
-	defer prepared.Cleanup()
+	defer func() {
+		if err := prepared.Cleanup(); err != nil {
+			t.Error(err)
+		}
+	}()
 	if fi, err := os.Stat(want); err != nil || fi.Size() != 4<<20 {
 		t.Errorf("image at %s: %v, %v", want, fi, err)
 	}

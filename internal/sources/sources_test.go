@@ -71,7 +71,8 @@ func (a *fakeAPI) serve(w http.ResponseWriter, r *http.Request) {
 		if msgs == nil {
 			msgs = []json.RawMessage{}
 		}
-		json.NewEncoder(w).Encode(map[string]any{
+		// A failed write is the client's failure, which the test sees.
+		_ = json.NewEncoder(w).Encode(map[string]any{
 			"messages": msgs, "pagination_page": 1, "pagination_total": len(msgs),
 			"pagination_per_page": 20, "pagination_item": "messages",
 		})
@@ -82,7 +83,7 @@ func (a *fakeAPI) serve(w http.ResponseWriter, r *http.Request) {
 			http.NotFound(w, r)
 			return
 		}
-		w.Write(b)
+		_, _ = w.Write(b) // as above: the client sees a short body
 	default:
 		http.NotFound(w, r)
 	}
@@ -242,14 +243,18 @@ func TestProgramFromAPI(t *testing.T) {
 	}
 }
 
-func TestProgramErrors(t *testing.T) {
-	tests := []struct {
-		name      string
-		setup     func(e *env) (hash string, ref string)
-		limits    Limits
-		wantKinds []errkind.Kind
-		wantText  string
-	}{
+// programErrorCase is one way resolving a program fails: setup returns
+// the program's hash and the ref the error must name (wantText's %s).
+type programErrorCase struct {
+	name      string
+	setup     func(e *env) (hash string, ref string)
+	limits    Limits
+	wantKinds []errkind.Kind
+	wantText  string
+}
+
+func programErrorCases() []programErrorCase {
+	return []programErrorCase{
 		{
 			name: "unknown program",
 			setup: func(e *env) (string, string) {
@@ -325,7 +330,10 @@ func TestProgramErrors(t *testing.T) {
 			wantKinds: []errkind.Kind{errkind.InvalidInput},
 		},
 	}
-	for _, tt := range tests {
+}
+
+func TestProgramErrors(t *testing.T) {
+	for _, tt := range programErrorCases() {
 		t.Run(tt.name, func(t *testing.T) {
 			limits := tt.limits
 			if limits == (Limits{}) {
@@ -386,7 +394,9 @@ func TestAPIUnreachable(t *testing.T) {
 	ctx := context.Background()
 	// A local program whose runtime only the (unreachable) API knows.
 	dir := t.TempDir()
-	os.WriteFile(filepath.Join(dir, "main.py"), []byte("app = 1\n"), 0o644)
+	if err := os.WriteFile(filepath.Join(dir, "main.py"), []byte("app = 1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	remoteRuntime := sum([]byte("remote runtime"))
 	res, err := e.store.UploadProgram(ctx, store.UploadOptions{Path: dir, Entrypoint: "main:app", RuntimeRef: remoteRuntime})
 	if err != nil {
@@ -425,7 +435,9 @@ func TestFakeData(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	os.WriteFile(filepath.Join(dir, "main.py"), []byte("app = 1\n"), 0o644)
+	if err := os.WriteFile(filepath.Join(dir, "main.py"), []byte("app = 1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 
 	if _, err := NewFakeData(filepath.Join(dir, "nope"), "", st); !errkind.Is(err, errkind.InvalidInput) {
 		t.Fatalf("missing dir: %v", err)
@@ -441,7 +453,9 @@ func TestFakeData(t *testing.T) {
 		t.Fatalf("fake data without runtime: %v", err)
 	}
 	img := filepath.Join(t.TempDir(), "rootfs.squashfs")
-	os.WriteFile(img, []byte("rt"), 0o644)
+	if err := os.WriteFile(img, []byte("rt"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := st.AddRuntime(ctx, img, "rt", true); err != nil {
 		t.Fatal(err)
 	}
@@ -467,7 +481,9 @@ func TestFakeData(t *testing.T) {
 	zr.Close()
 
 	// Editing the directory shows up at the next resolution.
-	os.WriteFile(filepath.Join(dir, "main.py"), []byte("app = 2\n"), 0o644)
+	if err := os.WriteFile(filepath.Join(dir, "main.py"), []byte("app = 2\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	c, err := r.Program(ctx, sum([]byte("a")))
 	if err != nil {
 		t.Fatal(err)

@@ -98,7 +98,9 @@ func TestExampleWithoutUvicorn(t *testing.T) {
 	}
 	first := time.Since(start)
 	rest := new(bytes.Buffer)
-	rest.ReadFrom(resp.Body)
+	if _, err := rest.ReadFrom(resp.Body); err != nil {
+		t.Errorf("rest of the stream after %q: %v", rest, err)
+	}
 	resp.Body.Close()
 	if rest.String() != "chunk 1\nchunk 2\nchunk 3\n" {
 		t.Errorf("rest of the stream: %q", rest)

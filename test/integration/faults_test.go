@@ -173,13 +173,13 @@ func TestFailingRuntimeBacksOffAndNamesTheCause(t *testing.T) {
 		t.Skip("runsc-specific")
 	}
 	requirePrerequisites(t)
-	real, err := exec.LookPath("runsc")
+	realRunsc, err := exec.LookPath("runsc")
 	if err != nil {
 		t.Fatal(err)
 	}
 	wrapper := filepath.Join(t.TempDir(), "runsc")
 	// Only sandbox starts fail; listing, killing and deleting still work.
-	script := "#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = run ] && { echo 'simulated runsc failure: cannot create the sandbox' >&2; exit 3; }; done\nexec " + real + " \"$@\"\n"
+	script := "#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = run ] && { echo 'simulated runsc failure: cannot create the sandbox' >&2; exit 3; }; done\nexec " + realRunsc + " \"$@\"\n"
 	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -238,7 +238,11 @@ func TestFullDisk(t *testing.T) {
 			t.Fatalf("%v: %v %s", c, err, out)
 		}
 	}
-	t.Cleanup(func() { exec.Command("umount", "-l", mnt).Run() })
+	t.Cleanup(func() {
+		if out, err := exec.Command("umount", "-l", mnt).CombinedOutput(); err != nil {
+			t.Errorf("umount %s: %v %s", mnt, err, out)
+		}
+	})
 	execRoot, cache := filepath.Join(mnt, "exec"), filepath.Join(mnt, "cache")
 	s := startSupervisor(t, "ALEPH_VM_EXECUTION_ROOT="+execRoot, "ALEPH_VM_CACHE_ROOT="+cache, "ALEPH_VM_PREWARM=false")
 	s.execRoot, s.cache = execRoot, cache
@@ -250,8 +254,9 @@ func TestFullDisk(t *testing.T) {
 	if err == nil || !strings.Contains(string(out), "No space left") {
 		t.Fatalf("dd did not fill the disk: %v %s", err, out)
 	}
-	// The last partial megabyte, block by block.
-	exec.Command("dd", "if=/dev/zero", "of="+filler+".tail", "bs=4096").Run()
+	// The last partial megabyte, block by block: dd fails, by design, once
+	// the disk is full.
+	_ = exec.Command("dd", "if=/dev/zero", "of="+filler+".tail", "bs=4096").Run()
 	// Running a stored program needs little room: it runs, or fails
 	// naming the cause.
 	r := s.get("/vm/" + hash + "/")
@@ -329,7 +334,7 @@ func TestLoadManyProgramsBounded(t *testing.T) {
 
 // rssKiB is a process's resident set in KiB, 0 once it is gone.
 func rssKiB(pid int) int64 {
-	rss, err := readVmRSS(pid)
+	rss, err := readVMRSS(pid)
 	if err != nil {
 		return 0
 	}

@@ -247,8 +247,18 @@ func (s *supervisor) kill9() {
 		s.t.Fatal("kill9: supervisor not running")
 	}
 	_ = s.cmd.Process.Kill()
-	<-s.waitErr
+	s.noteExit("SIGKILL", <-s.waitErr)
 	s.cmd = nil
+}
+
+// noteExit writes how the supervisor process ended into its log, which a
+// failed test prints.
+func (s *supervisor) noteExit(after string, err error) {
+	status := "exit status 0"
+	if err != nil {
+		status = err.Error()
+	}
+	fmt.Fprintf(s.logs, "\n--- after %s: %s ---\n", after, status)
 }
 
 // restart starts the supervisor again on the same EXECUTION_ROOT,
@@ -299,11 +309,12 @@ func (s *supervisor) shutdown() {
 	}
 	_ = s.cmd.Process.Signal(syscall.SIGTERM)
 	select {
-	case <-s.waitErr:
+	case err := <-s.waitErr:
+		s.noteExit("SIGTERM", err)
 	case <-time.After(90 * time.Second):
 		_ = s.cmd.Process.Kill()
 		t.Errorf("supervisor did not exit within 90s of SIGTERM")
-		<-s.waitErr
+		s.noteExit("SIGTERM, then SIGKILL at 90 s", <-s.waitErr)
 	}
 	s.cmd = nil
 	s.assertNothingLeft()
@@ -373,10 +384,6 @@ type networkState struct {
 	Netns  []string // network namespaces named avm-*
 	Tables []string // our nftables table, when present
 	Leases []string // lease files
-}
-
-func (n networkState) empty() bool {
-	return len(n.Links)+len(n.Netns)+len(n.Tables)+len(n.Leases) == 0
 }
 
 // ourPIDs are the supervisors this package started, to tell their

@@ -46,6 +46,14 @@ func (s *supervisor) addCodeProgram(t *testing.T, runtimeRef, encoding string, c
 	return program, codeHash
 }
 
+// must fails the test when a setup step fails.
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
 func zipBytes(t *testing.T, entries map[string]string, links map[string]string) []byte {
 	t.Helper()
 	var buf bytes.Buffer
@@ -55,7 +63,9 @@ func zipBytes(t *testing.T, entries map[string]string, links map[string]string) 
 		if err != nil {
 			t.Fatal(err)
 		}
-		w.Write([]byte(body))
+		if _, err := w.Write([]byte(body)); err != nil {
+			t.Fatal(err)
+		}
 	}
 	for name, target := range links {
 		h := &zip.FileHeader{Name: name}
@@ -64,7 +74,9 @@ func zipBytes(t *testing.T, entries map[string]string, links map[string]string) 
 		if err != nil {
 			t.Fatal(err)
 		}
-		w.Write([]byte(target))
+		if _, err := w.Write([]byte(target)); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if err := zw.Close(); err != nil {
 		t.Fatal(err)
@@ -144,7 +156,7 @@ func TestHostileArchives(t *testing.T) {
 			map[string]string{"d/up": "..", "esc": "d/up/../etc/passwd"}), http.StatusBadRequest, "does not resolve inside the code directory"},
 		{"zip directory bomb", "zip", zipBytes(t, bomb, nil), http.StatusRequestEntityTooLarge, "entries once extracted (directories included)"},
 		{"squashfs forged listing", "squashfs", squashfsBytes(t, func(src string) {
-			os.WriteFile(filepath.Join(src, "x\n-rw-r--r-- 0 -3221225472 2024-01-01 00:00 squashfs-root"), nil, 0o644)
+			must(t, os.WriteFile(filepath.Join(src, "x\n-rw-r--r-- 0 -3221225472 2024-01-01 00:00 squashfs-root"), nil, 0o644))
 		}), http.StatusBadRequest, "squashfs listing: malformed owner"},
 		{"squashfs device", "squashfs", squashfsBytes(t, func(src string) {
 			if err := syscall.Mknod(filepath.Join(src, "mem"), syscall.S_IFCHR|0o666, 1<<8|1); err != nil {
@@ -200,17 +212,21 @@ func TestHostileArchives(t *testing.T) {
 	if adopted() == adoptedBefore {
 		t.Error("no spare served the good program")
 	}
+	checkCodeNormalised(t, s, runtimeRef)
+}
 
-	// Set-id bits, foreign owners and world-writable modes are accepted
-	// but normalised in the host's cache.
+// checkCodeNormalised: set-id bits, foreign owners and world-writable
+// modes are accepted but normalised in the host's cache.
+func checkCodeNormalised(t *testing.T, s *supervisor, runtimeRef string) {
+	t.Helper()
 	prog, codeHash := s.addCodeProgram(t, runtimeRef, "squashfs", squashfsBytes(t, func(src string) {
-		os.Chmod(src, 0o777)
+		must(t, os.Chmod(src, 0o777))
 		p := filepath.Join(src, "suid")
-		os.WriteFile(p, []byte("x"), 0o644)
-		os.Chown(p, 1234, 5678)
-		syscall.Chmod(p, 0o4777)
-		os.Mkdir(filepath.Join(src, "tmp"), 0o777)
-		syscall.Chmod(filepath.Join(src, "tmp"), 0o1777)
+		must(t, os.WriteFile(p, []byte("x"), 0o644))
+		must(t, os.Chown(p, 1234, 5678))
+		must(t, syscall.Chmod(p, 0o4777))
+		must(t, os.Mkdir(filepath.Join(src, "tmp"), 0o777))
+		must(t, syscall.Chmod(filepath.Join(src, "tmp"), 0o1777))
 	}))
 	expect(t, s.get("/vm/"+prog+"/"), http.StatusOK)
 	tree := filepath.Join(s.cache, "code", codeHash+".squashfs")

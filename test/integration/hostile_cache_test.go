@@ -20,14 +20,14 @@ import (
 // vmRSS reads a process's resident set size in bytes.
 func vmRSS(t *testing.T, pid int) int64 {
 	t.Helper()
-	rss, err := readVmRSS(pid)
+	rss, err := readVMRSS(pid)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return rss
 }
 
-func readVmRSS(pid int) (int64, error) {
+func readVMRSS(pid int) (int64, error) {
 	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0, err
@@ -53,7 +53,7 @@ func peakRSS(pid int) (stop func() int64) {
 	go func() {
 		defer close(finished)
 		for {
-			if rss, err := readVmRSS(pid); err == nil {
+			if rss, err := readVMRSS(pid); err == nil {
 				mu.Lock()
 				peak = max(peak, rss)
 				mu.Unlock()

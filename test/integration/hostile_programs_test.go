@@ -26,44 +26,8 @@ func TestHostileProgramsAreContained(t *testing.T) {
 	expect(t, s.get("/vm/"+neighbour+"/"), http.StatusOK)
 	pid := s.cmd.Process.Pid
 
-	// neighbourAnswers checks the neighbour while an attack runs.
-	neighbourAnswers := func(t *testing.T, during func()) {
-		t.Helper()
-		var slowest, failures atomic.Int64
-		var wg sync.WaitGroup
-		done := make(chan struct{})
-		var once sync.Once
-		stop := func() { once.Do(func() { close(done); wg.Wait() }) }
-		defer stop() // also when during fails the test
-		wg.Go(func() {
-			for {
-				select {
-				case <-done:
-					return
-				case <-time.After(300 * time.Millisecond):
-				}
-				begin := time.Now()
-				if r := s.get("/vm/" + neighbour + "/"); r.Status != http.StatusOK {
-					failures.Add(1)
-				}
-				if d := time.Since(begin); int64(d) > slowest.Load() {
-					slowest.Store(int64(d))
-				}
-			}
-		})
-		during()
-		stop()
-		if failures.Load() > 0 {
-			t.Errorf("the neighbour failed %d times during the attack", failures.Load())
-		}
-		t.Logf("neighbour's slowest answer during the attack: %s", time.Duration(slowest.Load()).Round(time.Millisecond))
-		if time.Duration(slowest.Load()) > 5*time.Second {
-			t.Errorf("the neighbour took %s to answer", time.Duration(slowest.Load()))
-		}
-	}
-
 	t.Run("fork bomb", func(t *testing.T) {
-		neighbourAnswers(t, func() {
+		neighbourAnswers(t, s, neighbour, func() {
 			r := s.get("/vm/" + hostile + "/fork-bomb?n=100000")
 			if r.Status == http.StatusOK {
 				b := r.json(t)
@@ -85,13 +49,13 @@ func TestHostileProgramsAreContained(t *testing.T) {
 		// Memory enough for 8 interpreters: the CPU limit is what is tested.
 		burner := s.upload("testdata/probe", "main:app", "--memory", "1024", "--timeout-seconds", "120", "--env", "ROLE=burner")
 		expect(t, s.get("/vm/"+burner+"/"), http.StatusOK)
-		neighbourAnswers(t, func() {
+		neighbourAnswers(t, s, neighbour, func() {
 			expect(t, s.get("/vm/"+burner+"/cpu-burn?seconds=6&processes=8"), http.StatusOK)
 		})
 	})
 
 	t.Run("memory bomb", func(t *testing.T) {
-		neighbourAnswers(t, func() {
+		neighbourAnswers(t, s, neighbour, func() {
 			r := s.get("/vm/" + hostile + "/memory?mib=4096")
 			if r.Status < 500 {
 				t.Errorf("a program held 4 GiB with a 128 MiB budget: %d %s", r.Status, r.Body)
@@ -102,7 +66,7 @@ func TestHostileProgramsAreContained(t *testing.T) {
 
 	t.Run("log flood", func(t *testing.T) {
 		before := len(s.logs.String())
-		neighbourAnswers(t, func() {
+		neighbourAnswers(t, s, neighbour, func() {
 			expect(t, s.get("/vm/"+hostile+"/log-flood?mib=100"), http.StatusOK)
 		})
 		grew := len(s.logs.String()) - before
@@ -115,7 +79,7 @@ func TestHostileProgramsAreContained(t *testing.T) {
 
 	t.Run("huge response", func(t *testing.T) {
 		peaks := watchPeaks(pid, 100*time.Millisecond)
-		neighbourAnswers(t, func() {
+		neighbourAnswers(t, s, neighbour, func() {
 			resp, err := client.Get(s.base + "/vm/" + hostile + "/big-response?mib=512")
 			if err != nil {
 				t.Fatal(err)
@@ -142,4 +106,41 @@ func TestHostileProgramsAreContained(t *testing.T) {
 			t.Errorf("a program read another program's file: %v", r)
 		}
 	})
+}
+
+// neighbourAnswers runs during, an attack, while it asks the neighbour
+// program every 300 ms; the neighbour must answer each time, within 5 s.
+func neighbourAnswers(t *testing.T, s *supervisor, neighbour string, during func()) {
+	t.Helper()
+	var slowest, failures atomic.Int64
+	var wg sync.WaitGroup
+	done := make(chan struct{})
+	var once sync.Once
+	stop := func() { once.Do(func() { close(done); wg.Wait() }) }
+	defer stop() // also when during fails the test
+	wg.Go(func() {
+		for {
+			select {
+			case <-done:
+				return
+			case <-time.After(300 * time.Millisecond):
+			}
+			begin := time.Now()
+			if r := s.get("/vm/" + neighbour + "/"); r.Status != http.StatusOK {
+				failures.Add(1)
+			}
+			if d := time.Since(begin); int64(d) > slowest.Load() {
+				slowest.Store(int64(d))
+			}
+		}
+	})
+	during()
+	stop()
+	if failures.Load() > 0 {
+		t.Errorf("the neighbour failed %d times during the attack", failures.Load())
+	}
+	t.Logf("neighbour's slowest answer during the attack: %s", time.Duration(slowest.Load()).Round(time.Millisecond))
+	if time.Duration(slowest.Load()) > 5*time.Second {
+		t.Errorf("the neighbour took %s to answer", time.Duration(slowest.Load()))
+	}
 }

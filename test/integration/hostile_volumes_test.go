@@ -179,24 +179,7 @@ func TestHostileVolumes(t *testing.T) {
 	// What the program left is inert on the host: the image's mount is
 	// nosuid and nodev.
 	if hypervisor == "gvisor" {
-		mps, err := mountinfo.Under(filepath.Join(s.execRoot, "executions"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		found := false
-		for _, mp := range mps {
-			var sfs unix.Statfs_t
-			if unix.Statfs(mp, &sfs) != nil || sfs.Type != unix.EXT4_SUPER_MAGIC {
-				continue
-			}
-			found = true
-			if sfs.Flags&unix.ST_NOSUID == 0 || sfs.Flags&unix.ST_NODEV == 0 {
-				t.Errorf("volume mounted on the host without nosuid/nodev: %s flags %#x", mp, sfs.Flags)
-			}
-		}
-		if !found {
-			t.Errorf("no ext4 mount of the persistent volume under the execution root: %v", mps)
-		}
+		checkVolumeMountsInert(t, s)
 	}
 
 	// Neighbour and the program itself still answer.
@@ -228,4 +211,28 @@ func TestHostileVolumes(t *testing.T) {
 	}
 	expect(t, s.get("/vm/"+neighbour+"/"), http.StatusOK)
 	s.shutdown() // asserts no mount, loop device or execution directory is left
+}
+
+// checkVolumeMountsInert: every ext4 volume mounted on the host under the
+// execution root is nosuid and nodev, and there is one at least.
+func checkVolumeMountsInert(t *testing.T, s *supervisor) {
+	t.Helper()
+	mps, err := mountinfo.Under(filepath.Join(s.execRoot, "executions"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, mp := range mps {
+		var sfs unix.Statfs_t
+		if unix.Statfs(mp, &sfs) != nil || sfs.Type != unix.EXT4_SUPER_MAGIC {
+			continue
+		}
+		found = true
+		if sfs.Flags&unix.ST_NOSUID == 0 || sfs.Flags&unix.ST_NODEV == 0 {
+			t.Errorf("volume mounted on the host without nosuid/nodev: %s flags %#x", mp, sfs.Flags)
+		}
+	}
+	if !found {
+		t.Errorf("no ext4 mount of the persistent volume under the execution root: %v", mps)
+	}
 }

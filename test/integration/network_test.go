@@ -351,73 +351,7 @@ func TestNetworkInternet(t *testing.T) {
 		}
 	})
 
-	t.Run("firewall", func(t *testing.T) {
-		self := programAddress(t, s, online)
-		gw := gatewayOf(self)
-		other := programAddress(t, s, peer).Addr()
-		const peerPort = 9090
-
-		// Controls: every target below answers when no firewall is in the
-		// way, so a failure to reach it is the firewall's doing.
-		host := newHostListener(t)
-		for _, a := range []netip.Addr{gw, inet.HostAddr} {
-			dialFromHost(t, a, host.Port)
-			dialFromHost(t, a, s.port)
-		}
-		controls := len(host.Accepted())
-		var l map[string]any
-		callInto(t, s, peer, fmt.Sprintf("/listen?port=%d", peerPort), &l)
-		peerTarget := netip.AddrPortFrom(other, peerPort).String()
-		if r := connectAll(t, s, peer, true, peerTarget)[peerTarget]; !r.Connected || r.Received != "pong\n" {
-			t.Fatalf("control: the peer program does not answer on its own address %s: %+v", peerTarget, r)
-		}
-		for _, a := range []netip.Addr{inet.Private, inet.Metadata} {
-			if _, err := fetchFromHost(a); err != nil {
-				t.Fatalf("control: the host cannot reach the test internet's %s: %v", a, err)
-			}
-		}
-		wantTestInternetPage(t, inet, "http://198.18.0.2/ (control: the program has internet)", fetch(t, s, online, "http://"+inet.Addr.String()+"/"), inet.Addr)
-
-		// The host (every address of it: the program's gateway, other
-		// executions' gateways, the test internet's side, the host's own)
-		// and the other program.
-		what := map[string]string{peerTarget: "the other program's listener"}
-		var targets []string
-		for _, a := range hostAddresses(t) {
-			for port, name := range map[int]string{s.port: "the supervisor's port", host.Port: "a listener of the host"} {
-				target := netip.AddrPortFrom(a, uint16(port)).String()
-				targets = append(targets, target)
-				what[target] = fmt.Sprintf("%s on host address %s", name, a)
-				if a == gw {
-					what[target] += " (its own gateway)"
-				}
-			}
-		}
-		targets = append(targets, peerTarget)
-		for target, r := range connectAll(t, s, online, false, targets...) {
-			if r.Connected {
-				t.Errorf("a program with internet reached %s: %s", what[target], target)
-			}
-		}
-		if got := host.Accepted(); len(got) != controls {
-			t.Errorf("the host listener accepted connections from programs: %v", got[controls:])
-		}
-
-		// Link-local (cloud metadata) and private ranges, served by the
-		// test internet and routed from the host.
-		hitsPrivate, hitsMetadata := len(inet.HitsOn(inet.Private)), len(inet.HitsOn(inet.Metadata))
-		for _, u := range []string{"http://" + inet.Metadata.String() + "/", "http://" + inet.Private.String() + "/", "http://private.test/"} {
-			if f := fetch(t, s, online, u); f.OK {
-				t.Errorf("a program with internet fetched %s: %+v", u, f)
-			}
-		}
-		if n := len(inet.HitsOn(inet.Private)); n != hitsPrivate {
-			t.Errorf("the test internet served %d requests on %s to programs", n-hitsPrivate, inet.Private)
-		}
-		if n := len(inet.HitsOn(inet.Metadata)); n != hitsMetadata {
-			t.Errorf("the test internet served %d requests on %s to programs", n-hitsMetadata, inet.Metadata)
-		}
-	})
+	t.Run("firewall", func(t *testing.T) { networkFirewall(t, s, inet, online, peer) })
 
 	// SIGTERM with live networks: they exist now, and shutdown checks that
 	// nothing of them is left.
@@ -426,6 +360,77 @@ func TestNetworkInternet(t *testing.T) {
 		t.Errorf("with two programs with internet running, the host shows %+v: the leak checks look in the wrong places", st)
 	}
 	s.shutdown()
+}
+
+// networkFirewall: a program with internet reaches no address of the host,
+// not the other program, nor link-local and private ranges; controls first
+// show that each target answers when no firewall is in the way.
+func networkFirewall(t *testing.T, s *supervisor, inet *testInternet, online, peer string) {
+	self := programAddress(t, s, online)
+	gw := gatewayOf(self)
+	other := programAddress(t, s, peer).Addr()
+	const peerPort = 9090
+
+	// Controls: every target below answers when no firewall is in the
+	// way, so a failure to reach it is the firewall's doing.
+	host := newHostListener(t)
+	for _, a := range []netip.Addr{gw, inet.HostAddr} {
+		dialFromHost(t, a, host.Port)
+		dialFromHost(t, a, s.port)
+	}
+	controls := len(host.Accepted())
+	var l map[string]any
+	callInto(t, s, peer, fmt.Sprintf("/listen?port=%d", peerPort), &l)
+	peerTarget := netip.AddrPortFrom(other, peerPort).String()
+	if r := connectAll(t, s, peer, true, peerTarget)[peerTarget]; !r.Connected || r.Received != "pong\n" {
+		t.Fatalf("control: the peer program does not answer on its own address %s: %+v", peerTarget, r)
+	}
+	for _, a := range []netip.Addr{inet.Private, inet.Metadata} {
+		if _, err := fetchFromHost(a); err != nil {
+			t.Fatalf("control: the host cannot reach the test internet's %s: %v", a, err)
+		}
+	}
+	wantTestInternetPage(t, inet, "http://198.18.0.2/ (control: the program has internet)", fetch(t, s, online, "http://"+inet.Addr.String()+"/"), inet.Addr)
+
+	// The host (every address of it: the program's gateway, other
+	// executions' gateways, the test internet's side, the host's own)
+	// and the other program.
+	what := map[string]string{peerTarget: "the other program's listener"}
+	var targets []string
+	for _, a := range hostAddresses(t) {
+		for port, name := range map[int]string{s.port: "the supervisor's port", host.Port: "a listener of the host"} {
+			target := netip.AddrPortFrom(a, uint16(port)).String()
+			targets = append(targets, target)
+			what[target] = fmt.Sprintf("%s on host address %s", name, a)
+			if a == gw {
+				what[target] += " (its own gateway)"
+			}
+		}
+	}
+	targets = append(targets, peerTarget)
+	for target, r := range connectAll(t, s, online, false, targets...) {
+		if r.Connected {
+			t.Errorf("a program with internet reached %s: %s", what[target], target)
+		}
+	}
+	if got := host.Accepted(); len(got) != controls {
+		t.Errorf("the host listener accepted connections from programs: %v", got[controls:])
+	}
+
+	// Link-local (cloud metadata) and private ranges, served by the
+	// test internet and routed from the host.
+	hitsPrivate, hitsMetadata := len(inet.HitsOn(inet.Private)), len(inet.HitsOn(inet.Metadata))
+	for _, u := range []string{"http://" + inet.Metadata.String() + "/", "http://" + inet.Private.String() + "/", "http://private.test/"} {
+		if f := fetch(t, s, online, u); f.OK {
+			t.Errorf("a program with internet fetched %s: %+v", u, f)
+		}
+	}
+	if n := len(inet.HitsOn(inet.Private)); n != hitsPrivate {
+		t.Errorf("the test internet served %d requests on %s to programs", n-hitsPrivate, inet.Private)
+	}
+	if n := len(inet.HitsOn(inet.Metadata)); n != hitsMetadata {
+		t.Errorf("the test internet served %d requests on %s to programs", n-hitsMetadata, inet.Metadata)
+	}
 }
 
 // EGRESS_ALLOW opens a private range the firewall otherwise closes: the

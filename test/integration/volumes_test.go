@@ -47,7 +47,7 @@ func writeTree(t *testing.T, files map[string]string) string {
 	dir := t.TempDir()
 	for name, content := range files {
 		p := filepath.Join(dir, name)
-		os.MkdirAll(filepath.Dir(p), 0o755)
+		must(t, os.MkdirAll(filepath.Dir(p), 0o755))
 		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
 			t.Fatal(err)
 		}
@@ -133,9 +133,11 @@ func TestProgramUploadVolumes(t *testing.T) {
 	// image, both running at once.
 	var zbuf bytes.Buffer
 	zw := zip.NewWriter(&zbuf)
-	w, _ := zw.Create("pkg/z.txt")
-	w.Write([]byte("from a zip volume"))
-	zw.Close()
+	w, err := zw.Create("pkg/z.txt")
+	must(t, err)
+	_, err = w.Write([]byte("from a zip volume"))
+	must(t, err)
+	must(t, zw.Close())
 	other := s.programWithVolumes(hash, []map[string]any{
 		{"mount": "/var/lib/state", "persistence": "host", "name": "state", "size_mib": 8},
 		{"mount": "/opt/zipped", "ref": s.publishFile(t, zbuf.Bytes()), "use_latest": false},

@@ -181,7 +181,7 @@ func (c *Cache) Acquire(ctx context.Context, src Source) (*Lease, error) {
 	if err != nil {
 		return nil, err
 	}
-	if l, err, ok := c.lookup(key); ok {
+	if l, ok, err := c.lookup(key); ok {
 		return l, err
 	}
 
@@ -207,7 +207,7 @@ func (c *Cache) Acquire(ctx context.Context, src Source) (*Lease, error) {
 		return nil, fmt.Errorf("code: waiting for another extraction of %s: %w", key, ctx.Err())
 	}
 	// Another caller may have finished meanwhile.
-	if l, err, ok := c.lookup(key); ok {
+	if l, ok, err := c.lookup(key); ok {
 		return l, err
 	}
 
@@ -231,21 +231,21 @@ func (c *Cache) Acquire(ctx context.Context, src Source) (*Lease, error) {
 
 // lookup answers from the cache: a tree (leased), a remembered refusal,
 // or ok=false.
-func (c *Cache) lookup(key string) (*Lease, error, bool) {
+func (c *Cache) lookup(key string) (*Lease, bool, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if t := c.trees[key]; t != nil {
 		t.users++
 		t.used = time.Now()
-		return &Lease{Path: filepath.Join(c.dir, key), c: c, key: key}, nil, true
+		return &Lease{Path: filepath.Join(c.dir, key), c: c, key: key}, true, nil
 	}
 	if f, ok := c.failures[key]; ok {
 		if time.Now().Before(f.until) {
-			return nil, f.err, true
+			return nil, true, f.err
 		}
 		delete(c.failures, key)
 	}
-	return nil, nil, false
+	return nil, false, nil
 }
 
 // refusal tells errors that come from the code itself, which another

@@ -191,14 +191,14 @@ func writePlain(ctx context.Context, dst string, src Source, lim Limits) error {
 // writeFile copies r into f, which it closes, at most *remaining bytes,
 // which it decreases; the limit is counted on what is actually written,
 // never on sizes an archive claims.
-func writeFile(ctx context.Context, f *os.File, name string, r io.Reader, remaining *int64, max int64) error {
+func writeFile(ctx context.Context, f *os.File, name string, r io.Reader, remaining *int64, limit int64) error {
 	n, err := io.Copy(f, io.LimitReader(ctxio.Reader(ctx, r), *remaining+1))
 	*remaining -= n
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
 	if *remaining < 0 {
-		return tooLarge(max)
+		return tooLarge(limit)
 	}
 	if err != nil {
 		if ctx.Err() != nil {
@@ -209,12 +209,12 @@ func writeFile(ctx context.Context, f *os.File, name string, r io.Reader, remain
 	return nil
 }
 
-func tooLarge(max int64) error {
-	return unsafe(errkind.TooLarge, "more than %d bytes once extracted (file sizes plus %d bytes per entry)", max, entryCost)
+func tooLarge(limit int64) error {
+	return unsafe(errkind.TooLarge, "more than %d bytes once extracted (file sizes plus %d bytes per entry)", limit, entryCost)
 }
 
-func tooMany(max int) error {
-	return unsafe(errkind.TooLarge, "more than %d entries once extracted (directories included)", max)
+func tooMany(limit int) error {
+	return unsafe(errkind.TooLarge, "more than %d entries once extracted (directories included)", limit)
 }
 
 // checkName refuses names an attacker could use to confuse listings, logs

@@ -21,6 +21,14 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 )
 
+// must fails the test when a setup step fails.
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
 func extractZipFile(t *testing.T, p string, lim Limits) (string, error) {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "out")
@@ -38,7 +46,8 @@ func wantRefused(t *testing.T, err error, kind errkind.Kind) {
 func countTree(t *testing.T, dir string) int {
 	t.Helper()
 	n := 0
-	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+	// The callback never fails: entries it cannot see are not counted.
+	_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
 		if err == nil && p != dir {
 			n++
 		}
@@ -160,7 +169,8 @@ func TestZipLinkChains(t *testing.T) {
 // assertNormalised checks modes and owners of every entry below dir.
 func assertNormalised(t *testing.T, dir string) {
 	t.Helper()
-	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+	// The callback reports each error itself and goes on.
+	_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			t.Error(err)
 			return nil
@@ -223,7 +233,9 @@ func TestZipHonoursContext(t *testing.T) {
 	zero := make([]byte, 4<<20)
 	for i := range 64 {
 		w, _ := zw.Create(fmt.Sprintf("z%d", i))
-		w.Write(zero)
+		if _, err := w.Write(zero); err != nil {
+			t.Fatal(err)
+		}
 	}
 	zw.Close()
 	f.Close()
@@ -319,7 +331,7 @@ func TestSquashfsSparseFile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f.Truncate(3 << 30)
+	must(t, f.Truncate(3<<30))
 	f.Close()
 	img := mksquashfs(t, src)
 	fi, _ := os.Stat(img)
@@ -455,31 +467,31 @@ func TestSquashfsHostile(t *testing.T) {
 			}
 		}, errkind.InvalidInput},
 		"absolute link": {func(t *testing.T, src string) {
-			os.Symlink("/etc/shadow", filepath.Join(src, "l"))
+			must(t, os.Symlink("/etc/shadow", filepath.Join(src, "l")))
 		}, errkind.InvalidInput},
 		"link out": {func(t *testing.T, src string) {
-			os.Symlink("../../../etc/shadow", filepath.Join(src, "l"))
+			must(t, os.Symlink("../../../etc/shadow", filepath.Join(src, "l")))
 		}, errkind.InvalidInput},
 		"link chain out": {func(t *testing.T, src string) {
-			os.Mkdir(filepath.Join(src, "d"), 0o755)
-			os.Symlink("..", filepath.Join(src, "d", "up"))
-			os.Symlink("d/up/../etc", filepath.Join(src, "esc"))
+			must(t, os.Mkdir(filepath.Join(src, "d"), 0o755))
+			must(t, os.Symlink("..", filepath.Join(src, "d", "up")))
+			must(t, os.Symlink("d/up/../etc", filepath.Join(src, "esc")))
 		}, errkind.InvalidInput},
 		"deep directories": {func(t *testing.T, src string) {
-			os.MkdirAll(filepath.Join(src, strings.Repeat("d/", 100)), 0o755)
+			must(t, os.MkdirAll(filepath.Join(src, strings.Repeat("d/", 100)), 0o755))
 		}, errkind.InvalidInput},
 		"directory bomb": {func(t *testing.T, src string) {
 			for i := range 3000 {
-				os.Mkdir(filepath.Join(src, fmt.Sprint(i)), 0o755)
+				must(t, os.Mkdir(filepath.Join(src, fmt.Sprint(i)), 0o755))
 			}
 		}, errkind.TooLarge},
 		"control character": {func(t *testing.T, src string) {
-			os.WriteFile(filepath.Join(src, "bell\a"), nil, 0o644)
+			must(t, os.WriteFile(filepath.Join(src, "bell\a"), nil, 0o644))
 		}, errkind.InvalidInput},
 	} {
 		t.Run(name, func(t *testing.T) {
 			src := t.TempDir()
-			os.WriteFile(filepath.Join(src, "main.py"), []byte("app = 1\n"), 0o644)
+			must(t, os.WriteFile(filepath.Join(src, "main.py"), []byte("app = 1\n"), 0o644))
 			c.build(t, src)
 			dir, err := extractSquashfsImage(t, mksquashfs(t, src), Limits{MaxFiles: 2000})
 			wantRefused(t, err, c.kind)
@@ -496,19 +508,19 @@ func TestSquashfsNormalised(t *testing.T) {
 	needSquashfsTools(t)
 	needRoot(t)
 	src := t.TempDir()
-	os.Chmod(src, 0o777)
+	must(t, os.Chmod(src, 0o777))
 	for name, mode := range map[string]fs.FileMode{"suid": 0o4755, "sgid": 0o2711, "world": 0o666, "none": 0} {
 		p := filepath.Join(src, name)
-		os.WriteFile(p, []byte(name), 0o600)
-		os.Chown(p, 1234, 5678)
-		os.Chmod(p, mode|fs.FileMode(0)) // os.Chmod takes the set-id bits from fs modes
-		syscall.Chmod(p, uint32(mode))
+		must(t, os.WriteFile(p, []byte(name), 0o600))
+		must(t, os.Chown(p, 1234, 5678))
+		must(t, os.Chmod(p, mode|fs.FileMode(0))) // os.Chmod takes the set-id bits from fs modes
+		must(t, syscall.Chmod(p, uint32(mode)))
 	}
-	os.Mkdir(filepath.Join(src, "tmp"), 0o777)
-	syscall.Chmod(filepath.Join(src, "tmp"), 0o1777)
-	os.Chown(filepath.Join(src, "tmp"), 99, 99)
-	os.Symlink("suid", filepath.Join(src, "link"))
-	os.Lchown(filepath.Join(src, "link"), 42, 42)
+	must(t, os.Mkdir(filepath.Join(src, "tmp"), 0o777))
+	must(t, syscall.Chmod(filepath.Join(src, "tmp"), 0o1777))
+	must(t, os.Chown(filepath.Join(src, "tmp"), 99, 99))
+	must(t, os.Symlink("suid", filepath.Join(src, "link")))
+	must(t, os.Lchown(filepath.Join(src, "link"), 42, 42))
 	img := mksquashfs(t, src)
 	dir, err := extractSquashfsImage(t, img, Limits{})
 	if err != nil {
@@ -538,7 +550,7 @@ func TestCacheRemembersRefusals(t *testing.T) {
 
 	good := writeZip(t, []zipEntry{{name: "main.py", body: "app = 1\n"}})
 	b, _ := os.ReadFile(good)
-	os.WriteFile(bad, b, 0o644)
+	must(t, os.WriteFile(bad, b, 0o644))
 	_, err2 := c.Acquire(context.Background(), src)
 	if err2 == nil || err2.Error() != err1.Error() {
 		t.Fatalf("second request: %v, want the remembered %v", err2, err1)
@@ -555,7 +567,7 @@ func TestCacheRemembersRefusals(t *testing.T) {
 	if _, err := c.Acquire(context.Background(), gone); !errkind.Is(err, errkind.ResourceMissing) {
 		t.Fatal(err)
 	}
-	os.WriteFile(gone.Path, b, 0o644)
+	must(t, os.WriteFile(gone.Path, b, 0o644))
 	if l, err := c.Acquire(context.Background(), gone); err != nil {
 		t.Fatalf("a missing file was remembered: %v", err)
 	} else {
@@ -604,7 +616,7 @@ func TestCacheEviction(t *testing.T) {
 	inUse.Release()
 
 	// A new process finds the trees, drops leftovers and keeps the cap.
-	os.Mkdir(filepath.Join(dir, ".tmp-crashed"), 0o700)
+	must(t, os.Mkdir(filepath.Join(dir, ".tmp-crashed"), 0o700))
 	c2, err := OpenCache(dir, CacheOptions{MaxBytes: 50 << 10})
 	if err != nil {
 		t.Fatal(err)
@@ -625,12 +637,16 @@ func TestCacheEviction(t *testing.T) {
 // keeps holes.
 func TestLinkTreeAndSparseCopy(t *testing.T) {
 	src := t.TempDir()
-	os.MkdirAll(filepath.Join(src, "pkg"), 0o755)
-	os.WriteFile(filepath.Join(src, "pkg", "main.py"), []byte("app = 1\n"), 0o644)
-	os.Symlink("pkg/main.py", filepath.Join(src, "alias.py"))
+	must(t, os.MkdirAll(filepath.Join(src, "pkg"), 0o755))
+	must(t, os.WriteFile(filepath.Join(src, "pkg", "main.py"), []byte("app = 1\n"), 0o644))
+	must(t, os.Symlink("pkg/main.py", filepath.Join(src, "alias.py")))
 	f, _ := os.Create(filepath.Join(src, "sparse"))
-	f.WriteAt([]byte("head"), 0)
-	f.WriteAt([]byte("tail"), 1<<30)
+	if _, err := f.WriteAt([]byte("head"), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("tail"), 1<<30); err != nil {
+		t.Fatal(err)
+	}
 	f.Close()
 
 	dst := t.TempDir()
@@ -667,8 +683,12 @@ func TestLinkTreeAndSparseCopy(t *testing.T) {
 	}
 	defer cf.Close()
 	head, tail := make([]byte, 4), make([]byte, 4)
-	cf.ReadAt(head, 0)
-	cf.ReadAt(tail, 1<<30)
+	if _, err := cf.ReadAt(head, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cf.ReadAt(tail, 1<<30); err != nil {
+		t.Fatal(err)
+	}
 	if string(head) != "head" || string(tail) != "tail" {
 		t.Errorf("sparse copy lost data: %q %q", head, tail)
 	}

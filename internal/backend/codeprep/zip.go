@@ -84,32 +84,7 @@ func extractZip(ctx context.Context, dst, file string, lim Limits) error {
 			}
 			links = append(links, link{name, lt})
 		case mode.IsRegular():
-			parent, err := x.enter(path.Dir(name))
-			if err != nil {
-				return err
-			}
-			if err := x.count(); err != nil {
-				return err
-			}
-			perm := uint32(0o644)
-			if mode&0o111 != 0 {
-				perm = 0o755
-			}
-			fd, err := unix.Openat(int(parent.Fd()), path.Base(name), unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, perm)
-			if err != nil {
-				if errors.Is(err, unix.EEXIST) {
-					return unsafe(errkind.InvalidInput, "entry %q appears twice", name)
-				}
-				return errkind.Wrap(errkind.InvalidInput, fmt.Errorf("code: create %s: %w", name, err))
-			}
-			rc, err := zf.Open()
-			if err != nil {
-				unix.Close(fd)
-				return errkind.Wrap(errkind.InvalidInput, fmt.Errorf("code: zip entry %q: %w", zf.Name, err))
-			}
-			err = writeFile(ctx, os.NewFile(uintptr(fd), name), name, rc, &x.remaining, lim.MaxBytes)
-			rc.Close()
-			if err != nil {
+			if err := x.extractFile(ctx, zf, name); err != nil {
 				return err
 			}
 		default:
@@ -125,6 +100,38 @@ func extractZip(ctx context.Context, dst, file string, lim Limits) error {
 		}
 	}
 	return nil
+}
+
+// extractFile writes the regular file zf as name, in a directory it
+// enters (creating it) without following links; a name written twice is
+// refused.
+func (x *zipExtraction) extractFile(ctx context.Context, zf *zip.File, name string) error {
+	parent, err := x.enter(path.Dir(name))
+	if err != nil {
+		return err
+	}
+	if err := x.count(); err != nil {
+		return err
+	}
+	perm := uint32(0o644)
+	if zf.Mode()&0o111 != 0 {
+		perm = 0o755
+	}
+	fd, err := unix.Openat(int(parent.Fd()), path.Base(name), unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, perm)
+	if err != nil {
+		if errors.Is(err, unix.EEXIST) {
+			return unsafe(errkind.InvalidInput, "entry %q appears twice", name)
+		}
+		return errkind.Wrap(errkind.InvalidInput, fmt.Errorf("code: create %s: %w", name, err))
+	}
+	rc, err := zf.Open()
+	if err != nil {
+		unix.Close(fd)
+		return errkind.Wrap(errkind.InvalidInput, fmt.Errorf("code: zip entry %q: %w", zf.Name, err))
+	}
+	err = writeFile(ctx, os.NewFile(uintptr(fd), name), name, rc, &x.remaining, x.lim.MaxBytes)
+	rc.Close()
+	return err
 }
 
 type zipExtraction struct {
@@ -206,17 +213,17 @@ func (x *zipExtraction) closeAll() {
 	x.open, x.names = nil, nil
 }
 
-func readSmall(zf *zip.File, max int64) (string, error) {
+func readSmall(zf *zip.File, limit int64) (string, error) {
 	rc, err := zf.Open()
 	if err != nil {
 		return "", errkind.Wrap(errkind.InvalidInput, fmt.Errorf("code: zip entry %q: %w", zf.Name, err))
 	}
 	defer rc.Close()
-	b, err := io.ReadAll(io.LimitReader(rc, max+1))
+	b, err := io.ReadAll(io.LimitReader(rc, limit+1))
 	if err != nil {
 		return "", errkind.Wrap(errkind.InvalidInput, fmt.Errorf("code: zip entry %q: %w", zf.Name, err))
 	}
-	if int64(len(b)) > max {
+	if int64(len(b)) > limit {
 		return "", unsafe(errkind.InvalidInput, "link %q too long", zf.Name)
 	}
 	return string(b), nil

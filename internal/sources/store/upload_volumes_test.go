@@ -19,7 +19,9 @@ func writeFiles(t *testing.T, dir string, files map[string]string) string {
 	t.Helper()
 	for name, content := range files {
 		p := filepath.Join(dir, name)
-		os.MkdirAll(filepath.Dir(p), 0o755)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
 		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
 			t.Fatal(err)
 		}
@@ -53,7 +55,9 @@ func TestUploadVolumes(t *testing.T) {
 		t.Fatal(err)
 	}
 	img := filepath.Join(t.TempDir(), "rootfs.squashfs")
-	os.WriteFile(img, []byte("runtime image"), 0o644)
+	if err := os.WriteFile(img, []byte("runtime image"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := st.AddRuntime(ctx, img, "test runtime", true); err != nil {
 		t.Fatal(err)
 	}
@@ -128,7 +132,9 @@ func TestUploadVolumesRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	img := filepath.Join(t.TempDir(), "rootfs.squashfs")
-	os.WriteFile(img, []byte("runtime image"), 0o644)
+	if err := os.WriteFile(img, []byte("runtime image"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := st.AddRuntime(ctx, img, "test runtime", true); err != nil {
 		t.Fatal(err)
 	}
