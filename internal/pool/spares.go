@@ -151,12 +151,12 @@ func (p *Pool) spareDied(sp *spare) {
 }
 
 // Spare start backoff: after a failed start the next attempt waits
-// sparesBackoffMin, doubling with each consecutive failure up to
+// sparesBackoffFirst, doubling with each consecutive failure up to
 // sparesBackoffMax; a spare that stays up spareHealthyAfter resets it.
 const (
-	sparesBackoffMin  = time.Second
-	sparesBackoffMax  = 5 * time.Minute
-	spareHealthyAfter = 30 * time.Second
+	sparesBackoffFirst = time.Second
+	sparesBackoffMax   = 5 * time.Minute
+	spareHealthyAfter  = 30 * time.Second
 )
 
 // spareBackoff is the per-shape failure streak.
@@ -176,7 +176,7 @@ func (p *Pool) spareOutcome(shape spareShape, failed bool) {
 		return
 	}
 	b.failures++
-	delay := sparesBackoffMin << min(b.failures-1, 16)
+	delay := sparesBackoffFirst << min(b.failures-1, 16)
 	b.notBefore = time.Now().Add(min(delay, sparesBackoffMax))
 	p.spareBackoff[shape] = b
 }

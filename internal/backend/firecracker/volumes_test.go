@@ -2,6 +2,7 @@ package firecracker
 
 import (
 	"archive/zip"
+	"bytes"
 	"context"
 	"encoding/json"
 	"os"
@@ -34,14 +35,21 @@ func TestNamedVolumesReachTheConfig(t *testing.T) {
 	defs := loadDefinitions(t)
 	dir := t.TempDir()
 	runtime := filepath.Join(dir, "rootfs.squashfs")
-	os.WriteFile(runtime, []byte("hsqs"), 0o644)
+	writeFile(t, runtime, "hsqs", 0o644)
 	zipPath := filepath.Join(dir, "vol.zip")
-	f, _ := os.Create(zipPath)
-	zw := zip.NewWriter(f)
-	w, _ := zw.Create("lib/x.txt")
-	w.Write([]byte("zipped"))
-	zw.Close()
-	f.Close()
+	var zipped bytes.Buffer
+	zw := zip.NewWriter(&zipped)
+	w, err := zw.Create("lib/x.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Write([]byte("zipped")); err != nil {
+		t.Fatal(err)
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, zipPath, zipped.String(), 0o644)
 	persistentDir := filepath.Join(dir, "persistent")
 	const hash = "c0ffee"
 	prog := &sources.Program{
@@ -71,7 +79,11 @@ func TestNamedVolumesReachTheConfig(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer prep.Cleanup()
+	defer func() {
+		if err := prep.Cleanup(); err != nil {
+			t.Error(err)
+		}
+	}()
 	if fi, err := os.Stat(image); err != nil || !fi.Mode().IsRegular() || fi.Size() != 8<<20 {
 		t.Fatalf("persistent image %s: %v, %v; want an 8 MiB file", image, fi, err)
 	}
@@ -83,7 +95,9 @@ func TestNamedVolumesReachTheConfig(t *testing.T) {
 			t.Fatal(err)
 		}
 		var doc map[string]any
-		json.Unmarshal(plan.ConfigJSON, &doc)
+		if err := json.Unmarshal(plan.ConfigJSON, &doc); err != nil {
+			t.Fatal(err)
+		}
 		if errs := validateConfigFile(t, defs, doc); len(errs) > 0 {
 			t.Fatalf("jailed=%v: config rejected:\n%s\n%s", jailed, strings.Join(errs, "\n"), plan.ConfigJSON)
 		}

@@ -27,12 +27,16 @@ func writeTestZip(t *testing.T, path string, files map[string]string) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		w.Write([]byte(content))
+		if _, err := w.Write([]byte(content)); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if err := zw.Close(); err != nil {
 		t.Fatal(err)
 	}
-	f.Close()
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func writeTestSquashfs(t *testing.T, path string, files map[string]string) {
@@ -40,7 +44,9 @@ func writeTestSquashfs(t *testing.T, path string, files map[string]string) {
 	dir := t.TempDir()
 	for name, content := range files {
 		p := filepath.Join(dir, name)
-		os.MkdirAll(filepath.Dir(p), 0o755)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
 		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
 			t.Fatal(err)
 		}

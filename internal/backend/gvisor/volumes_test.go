@@ -46,7 +46,9 @@ func assertImageFree(t *testing.T, img string) {
 		t.Errorf("image still locked: %v", err)
 		return
 	}
-	l.Release()
+	if err := l.Release(); err != nil {
+		t.Error(err)
+	}
 }
 
 // readUntil reads lines from r until one equals marker and returns what
