@@ -61,24 +61,8 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 		log.Warn("no isolation backend available: programs will answer 503", "err", beErr)
 	} else {
 		log.Info("isolation backend", "name", be.Name())
-		// Sandboxes of a previous run that crashed would hold mounts and
-		// memory forever; nothing of ours survives a restart on purpose.
-		if r, ok := be.(backend.Reaper); ok {
-			if err := r.Reap(ctx); err != nil {
-				log.Warn("reaping sandboxes left by a previous run", "err", err)
-			}
-		}
 	}
-	if err := pool.SweepExecutions(ctx, s.ExecutionRoot, log); err != nil {
-		log.Warn("removing what an earlier run left", "err", err)
-	}
-	pool.SweepLoopDevices(log, s.ExecutionRoot, s.PersistentVolumesDir)
-	// Executions of the earlier run ended with it; their rows say so.
-	if n, err := db.CloseUnfinished(ctx, time.Now()); err != nil {
-		log.Warn("closing the records of an earlier run", "err", err)
-	} else if n > 0 {
-		log.Warn("recorded the end of executions the earlier run left", "executions", n)
-	}
+	recoverEarlierRun(ctx, s, be, db, log)
 	capacity, err := nodeCapacity(s)
 	if err != nil {
 		return err
@@ -162,7 +146,39 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 
 	// One instance: it uploads the bundled example once and remembers it.
 	selfTest := selfTestProgram(s, st)
-	api := httpapi.New(httpapi.Options{
+	api := httpapi.New(apiOptions(s, p, db, token, selfTest, log))
+
+	if opts.Benchmark > 0 {
+		err := runBenchmark(ctx, api, selfTest, opts.Benchmark, stdout)
+		shutdownPool(p, log)
+		return err
+	}
+	return listenAndServe(ctx, s, api, p, log, stdout)
+}
+
+// recoverEarlierRun removes what a crashed earlier run left: its
+// sandboxes (which would hold mounts and memory forever), execution
+// directories, loop devices, and the open records of its executions.
+func recoverEarlierRun(ctx context.Context, s *config.Settings, be backend.Backend, db *records.DB, log *slog.Logger) {
+	if r, ok := be.(backend.Reaper); ok {
+		if err := r.Reap(ctx); err != nil {
+			log.Warn("reaping sandboxes left by a previous run", "err", err)
+		}
+	}
+	if err := pool.SweepExecutions(ctx, s.ExecutionRoot, log); err != nil {
+		log.Warn("removing what an earlier run left", "err", err)
+	}
+	pool.SweepLoopDevices(log, s.ExecutionRoot, s.PersistentVolumesDir)
+	if n, err := db.CloseUnfinished(ctx, time.Now()); err != nil {
+		log.Warn("closing the records of an earlier run", "err", err)
+	} else if n > 0 {
+		log.Warn("recorded the end of executions the earlier run left", "executions", n)
+	}
+}
+
+// apiOptions are the HTTP service's settings.
+func apiOptions(s *config.Settings, p *pool.Pool, db *records.DB, token string, selfTest func(context.Context) (string, error), log *slog.Logger) httpapi.Options {
+	return httpapi.Options{
 		Version:            version,
 		DomainName:         s.DomainName,
 		Pool:               p,
@@ -186,14 +202,12 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 			UnlimitedClients:        s.HTTPUnlimitedClients,
 		},
 		Logger: log,
-	})
-
-	if opts.Benchmark > 0 {
-		err := runBenchmark(ctx, api, selfTest, opts.Benchmark, stdout)
-		shutdownPool(p, log)
-		return err
 	}
+}
 
+// listenAndServe serves until ctx ends or the listener fails, then stops
+// the service and every sandbox.
+func listenAndServe(ctx context.Context, s *config.Settings, api *httpapi.Server, p *pool.Pool, log *slog.Logger, stdout io.Writer) error {
 	ln, err := net.Listen("tcp", s.Addr())
 	if err != nil {
 		shutdownPool(p, log)
