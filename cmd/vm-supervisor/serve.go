@@ -102,8 +102,10 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 		return err
 	}
 	defer closeGuestCache()
-	p := pool.New(pool.Options{
-		GuestAPI: func(prog *sources.Program) http.Handler {
+	p := pool.New(poolOptions(s, poolDeps{
+		source: source, backend: be, backendErr: beErr, records: db, capacity: capacity,
+		spareRuntime: spareRuntime, networks: poolNetworks, networkErr: netErr,
+		guestAPI: func(prog *sources.Program) http.Handler {
 			return guestapi.New(guestapi.Options{
 				Program:   guestapi.Program{Hash: prog.Hash},
 				Cache:     guestCache,
@@ -112,28 +114,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 				Logger:    log,
 			})
 		},
-		Source:            source,
-		Backend:           be,
-		BackendError:      beErr,
-		Records:           db,
-		ReuseTimeout:      s.ReuseTimeout,
-		InitTimeout:       startTimeout(s, be, log),
-		ExecutionRoot:     s.ExecutionRoot,
-		MaxExecutions:     s.MaxExecutions,
-		Capacity:          capacity,
-		MaxRequestTimeout: time.Duration(s.MaxProgramSeconds) * time.Second,
-		ProgramLogs: pool.LogLimits{
-			BytesPerSecond: s.ProgramLogBytesPerSec,
-			BurstBytes:     16 * s.ProgramLogBytesPerSec,
-			MaxBytes:       s.ProgramLogMaxBytes,
-		},
-		SpareRuntime:  spareRuntime,
-		PersistentDir: s.PersistentVolumesDir,
-		AlephEnv:      alephEnv(s),
-		Networks:      poolNetworks,
-		NetworkError:  netErr,
-		Logger:        log,
-	})
+	}, log))
 
 	token, err := writeLoginToken(s.ExecutionRoot)
 	if err != nil {
@@ -154,6 +135,47 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 		return err
 	}
 	return listenAndServe(ctx, s, api, p, log, stdout)
+}
+
+// poolDeps are what serve opened for the pool.
+type poolDeps struct {
+	source       pool.ProgramSource
+	backend      backend.Backend
+	backendErr   error
+	records      *records.DB
+	capacity     pool.Capacity
+	spareRuntime pool.SpareRuntime
+	networks     pool.Networks
+	networkErr   error
+	guestAPI     func(*sources.Program) http.Handler
+}
+
+// poolOptions are the pool's settings.
+func poolOptions(s *config.Settings, d poolDeps, log *slog.Logger) pool.Options {
+	return pool.Options{
+		GuestAPI:          d.guestAPI,
+		Source:            d.source,
+		Backend:           d.backend,
+		BackendError:      d.backendErr,
+		Records:           d.records,
+		ReuseTimeout:      s.ReuseTimeout,
+		InitTimeout:       startTimeout(s, d.backend, log),
+		ExecutionRoot:     s.ExecutionRoot,
+		MaxExecutions:     s.MaxExecutions,
+		Capacity:          d.capacity,
+		MaxRequestTimeout: time.Duration(s.MaxProgramSeconds) * time.Second,
+		ProgramLogs: pool.LogLimits{
+			BytesPerSecond: s.ProgramLogBytesPerSec,
+			BurstBytes:     16 * s.ProgramLogBytesPerSec,
+			MaxBytes:       s.ProgramLogMaxBytes,
+		},
+		SpareRuntime:  d.spareRuntime,
+		PersistentDir: s.PersistentVolumesDir,
+		AlephEnv:      alephEnv(s),
+		Networks:      d.networks,
+		NetworkError:  d.networkErr,
+		Logger:        log,
+	}
 }
 
 // recoverEarlierRun removes what a crashed earlier run left: its
