@@ -36,6 +36,7 @@ type figures struct {
 	ColdMedianMs  float64   `json:"cold_start_median_ms"`
 	WarmP50Ms     float64   `json:"warm_p50_ms"`
 	WarmP90Ms     float64   `json:"warm_p90_ms"`
+	WarmP99Ms     float64   `json:"warm_p99_ms"`
 	ThroughputRPS float64   `json:"throughput_rps_c8"`
 }
 
@@ -58,6 +59,10 @@ type result struct {
 	NetworkSetupP50  float64   `json:"network_setup_p50_ms"`
 	NetworkReleaseMs float64   `json:"network_release_p50_ms"`
 	Native           figures   `json:"native"`
+	// Floor is the same app under plain uvicorn in a runsc sandbox of the
+	// same platform and limits, reached over a host unix socket: gVisor's
+	// own cost, without our relay.
+	Floor figures `json:"floor"`
 }
 
 var (
@@ -68,6 +73,9 @@ var (
 	warmN    = flag.Int("warm", 200, "sequential warm requests per side")
 	tputTime = flag.Duration("throughput-time", 5*time.Second, "duration of the concurrency-8 run")
 	outDir   = flag.String("out", "bench-results", "directory for the JSON result")
+	platform = flag.String("platform", envOr("ALEPH_VM_RUNSC_PLATFORM", "systrap"), "runsc --platform of the floor and the supervisor")
+	warmOnly = flag.Bool("warm-only", false, "only the warm rows (native, floor, supervisor with spare): quicker, for relay work")
+	profile  = flag.Bool("profile", false, "start the supervisor with --profile and agents with ALEPH_VM_AGENT_PROFILE; keep the profiles in -out")
 )
 
 func envOr(k, def string) string {
@@ -93,12 +101,17 @@ func run(ctx context.Context) error {
 	res.Host, _ = os.Hostname()
 
 	fmt.Fprintln(os.Stderr, "== native baseline: uvicorn in a chroot of the runtime")
-	native, err := benchNative(ctx)
+	native, err := withRoot(func(root string) (figures, error) { return benchNative(ctx, root) })
 	if err != nil {
 		return fmt.Errorf("native: %w", err)
 	}
 	res.Native = native
-	fmt.Fprintln(os.Stderr, "== supervisor: the same app through vm-supervisor (pre-warmed spare)")
+	fmt.Fprintln(os.Stderr, "== floor: uvicorn in a runsc sandbox, reached over a host unix socket, no relay")
+	floor, err := withRoot(func(root string) (figures, error) { return benchFloor(ctx, root) })
+	if err != nil {
+		return fmt.Errorf("floor: %w", err)
+	}
+	res.Floor = floor
 	runs := []struct {
 		title             string
 		prewarm, internet bool
@@ -109,6 +122,9 @@ func run(ctx context.Context) error {
 		{"supervisor, program with internet (pre-warmed spare)", true, true, &res.Internet},
 		{"supervisor, program with internet, without spares", false, true, &res.InternetNoSpare},
 	}
+	if *warmOnly {
+		runs = runs[:1]
+	}
 	for _, r := range runs {
 		fmt.Fprintln(os.Stderr, "== "+r.title)
 		f, err := benchSupervisor(ctx, r.prewarm, r.internet)
@@ -117,9 +133,11 @@ func run(ctx context.Context) error {
 		}
 		*r.into = f
 	}
-	fmt.Fprintln(os.Stderr, "== host side of an execution's network, in-process")
-	if err := benchNetworkSetup(ctx, &res); err != nil {
-		return fmt.Errorf("network setup: %w", err)
+	if !*warmOnly {
+		fmt.Fprintln(os.Stderr, "== host side of an execution's network, in-process")
+		if err := benchNetworkSetup(ctx, &res); err != nil {
+			return fmt.Errorf("network setup: %w", err)
+		}
 	}
 
 	printTable(os.Stdout, res)
@@ -136,27 +154,47 @@ func run(ctx context.Context) error {
 }
 
 func printTable(w io.Writer, r result) {
-	row := func(name string, sup, nat float64, unit string) {
-		ratio := "n/a"
-		if nat > 0 {
-			ratio = fmt.Sprintf("%.2fx", sup/nat)
+	ratio := func(a, b float64) string {
+		if a <= 0 || b <= 0 {
+			return "n/a"
 		}
-		fmt.Fprintf(w, "| %-28s | %12.1f %-4s | %12.1f %-4s | %8s |\n", name, sup, unit, nat, unit, ratio)
+		return fmt.Sprintf("%.2fx", a/b)
 	}
-	fmt.Fprintf(w, "\n| %-28s | %17s | %17s | %8s |\n", "metric", "supervisor", "native (base)", "ratio")
+	// Cold starts: the supervisor against native (the floor's cold start is
+	// plain uvicorn in a fresh sandbox, without a spare).
+	row := func(name string, sup, nat float64, unit string) {
+		if sup <= 0 {
+			return
+		}
+		fmt.Fprintf(w, "| %-28s | %12.1f %-4s | %12.1f %-4s | %8s |\n", name, sup, unit, nat, unit, ratio(sup, nat))
+	}
+	fmt.Fprintf(w, "\n| %-28s | %17s | %17s | %8s |\n", "cold start", "supervisor", "native (base)", "ratio")
 	fmt.Fprintf(w, "|%s|%s|%s|%s|\n", strings.Repeat("-", 30), strings.Repeat("-", 19), strings.Repeat("-", 19), strings.Repeat("-", 10))
 	row("cold start, spare (p50)", r.Supervisor.ColdMedianMs, r.Native.ColdMedianMs, "ms")
 	row("cold start, no spare (p50)", r.NoSpare.ColdMedianMs, r.Native.ColdMedianMs, "ms")
 	row("cold, internet, spare (p50)", r.Internet.ColdMedianMs, r.Native.ColdMedianMs, "ms")
 	row("cold, internet, no spare", r.InternetNoSpare.ColdMedianMs, r.Native.ColdMedianMs, "ms")
-	row("warm latency p50 (c=1)", r.Supervisor.WarmP50Ms, r.Native.WarmP50Ms, "ms")
-	row("warm latency p90 (c=1)", r.Supervisor.WarmP90Ms, r.Native.WarmP90Ms, "ms")
-	row("throughput (c=8)", r.Supervisor.ThroughputRPS, r.Native.ThroughputRPS, "rq/s")
+	row("floor: uvicorn in runsc", r.Floor.ColdMedianMs, r.Native.ColdMedianMs, "ms")
+
+	// Warm: the three side by side; sup/floor is what our relay adds to
+	// gVisor, sup/native what a user sees.
+	warm := func(name string, sup, floor, nat float64, unit string) {
+		fmt.Fprintf(w, "| %-24s | %9.2f %-4s | %9.2f %-4s | %9.2f %-4s | %9s | %9s |\n",
+			name, sup, unit, floor, unit, nat, unit, ratio(sup, floor), ratio(sup, nat))
+	}
+	fmt.Fprintf(w, "\n| %-24s | %14s | %14s | %14s | %9s | %9s |\n", "warm", "supervisor", "floor", "native", "sup/floor", "sup/nat")
+	fmt.Fprintf(w, "|%s|%s|%s|%s|%s|%s|\n", strings.Repeat("-", 26), strings.Repeat("-", 16), strings.Repeat("-", 16), strings.Repeat("-", 16), strings.Repeat("-", 11), strings.Repeat("-", 11))
+	warm("latency p50 (c=1)", r.Supervisor.WarmP50Ms, r.Floor.WarmP50Ms, r.Native.WarmP50Ms, "ms")
+	warm("latency p90 (c=1)", r.Supervisor.WarmP90Ms, r.Floor.WarmP90Ms, r.Native.WarmP90Ms, "ms")
+	warm("latency p99 (c=1)", r.Supervisor.WarmP99Ms, r.Floor.WarmP99Ms, r.Native.WarmP99Ms, "ms")
+	warm("throughput (c=8)", r.Supervisor.ThroughputRPS, r.Floor.ThroughputRPS, r.Native.ThroughputRPS, "rq/s")
 	fmt.Fprintln(w)
-	fmt.Fprintf(w, "network's share of a cold start (p50): %.1f ms host-side set-up (release %.1f ms);\n",
-		r.NetworkSetupP50, r.NetworkReleaseMs)
-	fmt.Fprintf(w, "internet vs none, no spare: %+.0f ms; with spare: %+.0f ms\n\n",
-		r.InternetNoSpare.ColdMedianMs-r.NoSpare.ColdMedianMs, r.Internet.ColdMedianMs-r.Supervisor.ColdMedianMs)
+	if r.NetworkSetupP50 > 0 {
+		fmt.Fprintf(w, "network's share of a cold start (p50): %.1f ms host-side set-up (release %.1f ms);\n",
+			r.NetworkSetupP50, r.NetworkReleaseMs)
+		fmt.Fprintf(w, "internet vs none, no spare: %+.0f ms; with spare: %+.0f ms\n\n",
+			r.InternetNoSpare.ColdMedianMs-r.NoSpare.ColdMedianMs, r.Internet.ColdMedianMs-r.Supervisor.ColdMedianMs)
+	}
 }
 
 // --- native baseline -------------------------------------------------
@@ -169,9 +207,11 @@ func unmount(path string) {
 	}
 }
 
-func benchNative(ctx context.Context) (figures, error) {
+// withRoot runs fn with a private writable root of the runtime image (the
+// squashfs under a host overlay) holding the app in /opt/code.
+func withRoot(fn func(root string) (figures, error)) (figures, error) {
 	var f figures
-	dir, err := os.MkdirTemp("", "bench-native-")
+	dir, err := os.MkdirTemp("", "bench-root-")
 	if err != nil {
 		return f, err
 	}
@@ -190,6 +230,14 @@ func benchNative(ctx context.Context) (figures, error) {
 		return f, fmt.Errorf("overlay: %w", err)
 	}
 	defer unmount(root)
+	if err := os.CopyFS(filepath.Join(root, "opt/code"), os.DirFS(*app)); err != nil {
+		return f, err
+	}
+	return fn(root)
+}
+
+func benchNative(ctx context.Context, root string) (figures, error) {
+	var f figures
 	for _, m := range []string{"dev", "proc"} {
 		_ = os.MkdirAll(filepath.Join(root, m), 0o755)
 	}
@@ -201,9 +249,6 @@ func benchNative(ctx context.Context) (figures, error) {
 		return f, err
 	}
 	defer unmount(filepath.Join(root, "proc"))
-	if err := os.CopyFS(filepath.Join(root, "opt/code"), os.DirFS(*app)); err != nil {
-		return f, err
-	}
 
 	port := freePort()
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
@@ -234,7 +279,7 @@ func benchNative(ctx context.Context) (figures, error) {
 			stop(cmd)
 			continue
 		}
-		err = measureWarm(ctx, base+"/", &f)
+		err = measureWarm(ctx, httpClient, base+"/", &f)
 		stop(cmd)
 		if err != nil {
 			return f, err
@@ -263,6 +308,7 @@ func benchSupervisor(ctx context.Context, prewarm, internet bool) (figures, erro
 		"ALEPH_VM_API_SERVER=http://127.0.0.1:9",
 		"ALEPH_VM_REUSE_TIMEOUT=1",
 		fmt.Sprintf("ALEPH_VM_PREWARM=%v", prewarm),
+		"ALEPH_VM_RUNSC_PLATFORM="+*platform,
 	)
 	sup := filepath.Join(*binDir, "vm-supervisor")
 	cli := func(args ...string) (string, error) {
@@ -287,7 +333,13 @@ func benchSupervisor(ctx context.Context, prewarm, internet bool) (figures, erro
 	hash := lines[len(lines)-1]
 	url := base + "/vm/" + hash + "/"
 
-	cmd := exec.Command(sup)
+	var args []string
+	if *profile {
+		// The supervisor's CPU profile, and one per agent (see
+		// gvisor.Options.AgentProfileDir), kept beside the JSON.
+		args = append(args, "--profile")
+	}
+	cmd := exec.Command(sup, args...)
 	cmd.Env = env
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
@@ -296,6 +348,9 @@ func benchSupervisor(ctx context.Context, prewarm, internet bool) (figures, erro
 	defer func() {
 		_ = cmd.Process.Signal(syscall.SIGTERM)
 		_ = cmd.Wait()
+		if *profile {
+			keepProfiles(filepath.Join(dir, "exec"), prewarm, internet)
+		}
 	}()
 	if err := waitOK(ctx, base+"/status/check/version", 30*time.Second); err != nil {
 		return f, err
@@ -324,10 +379,18 @@ func benchSupervisor(ctx context.Context, prewarm, internet bool) (figures, erro
 		return f, nil
 	}
 	f.ColdMedianMs = median(f.ColdStartMs)
-	if err := measureWarm(ctx, url, &f); err != nil {
+	if err := measureWarm(ctx, httpClient, url, &f); err != nil {
 		return f, err
 	}
 	return f, nil
+}
+
+// keepProfiles copies the run's CPU profiles into the output directory.
+func keepProfiles(execRoot string, prewarm, internet bool) {
+	dest := filepath.Join(*outDir, fmt.Sprintf("profiles-spare=%v-internet=%v", prewarm, internet))
+	_ = os.MkdirAll(dest, 0o755)
+	_ = exec.Command("cp", "-r", filepath.Join(execRoot, "cpu.pprof"), filepath.Join(execRoot, "agent-profiles"), dest).Run()
+	fmt.Fprintln(os.Stderr, "   profiles in", dest)
 }
 
 // waitRecords waits until the supervisor has recorded n finished
@@ -353,13 +416,11 @@ func waitRecords(base string, n int, limit time.Duration) error {
 
 // --- shared measurement -----------------------------------------------
 
-var httpClient = &http.Client{
-	Timeout:   60 * time.Second,
-	Transport: &http.Transport{MaxIdleConnsPerHost: 16},
-}
+// httpClient reaches native and the supervisor over TCP.
+var httpClient = newClient(nil)
 
-func get(url string) error {
-	resp, err := httpClient.Get(url)
+func get(c *http.Client, url string) error {
+	resp, err := c.Get(url)
 	if err != nil {
 		return err
 	}
@@ -372,9 +433,13 @@ func get(url string) error {
 }
 
 func waitOK(ctx context.Context, url string, limit time.Duration) error {
+	return waitOKWith(ctx, httpClient, url, limit)
+}
+
+func waitOKWith(ctx context.Context, c *http.Client, url string, limit time.Duration) error {
 	deadline := time.Now().Add(limit)
 	for {
-		err := get(url)
+		err := get(c, url)
 		if err == nil {
 			return nil
 		}
@@ -387,16 +452,16 @@ func waitOK(ctx context.Context, url string, limit time.Duration) error {
 
 // measureWarm fills warm latency (concurrency 1) and throughput
 // (concurrency 8); the keep-alive keeps the execution warm throughout.
-func measureWarm(ctx context.Context, url string, f *figures) error {
+func measureWarm(ctx context.Context, c *http.Client, url string, f *figures) error {
 	for range 20 { // settle: JIT-free Python, but caches and connections warm up
-		if err := get(url); err != nil {
+		if err := get(c, url); err != nil {
 			return err
 		}
 	}
 	lat := make([]float64, 0, *warmN)
 	for range *warmN {
 		t0 := time.Now()
-		if err := get(url); err != nil {
+		if err := get(c, url); err != nil {
 			return err
 		}
 		lat = append(lat, ms(time.Since(t0)))
@@ -404,6 +469,7 @@ func measureWarm(ctx context.Context, url string, f *figures) error {
 	sort.Float64s(lat)
 	f.WarmP50Ms = lat[len(lat)/2]
 	f.WarmP90Ms = lat[len(lat)*9/10]
+	f.WarmP99Ms = lat[len(lat)*99/100]
 
 	var count atomic.Int64
 	var firstErr atomic.Value
@@ -414,7 +480,7 @@ func measureWarm(ctx context.Context, url string, f *figures) error {
 		go func() {
 			defer wg.Done()
 			for time.Now().Before(deadline) {
-				if err := get(url); err != nil {
+				if err := get(c, url); err != nil {
 					firstErr.CompareAndSwap(nil, err)
 					return
 				}
@@ -427,7 +493,7 @@ func measureWarm(ctx context.Context, url string, f *figures) error {
 		return err
 	}
 	f.ThroughputRPS = float64(count.Load()) / tputTime.Seconds()
-	fmt.Fprintf(os.Stderr, "   warm p50 %.2f ms, p90 %.2f ms, %.0f req/s at c=8\n", f.WarmP50Ms, f.WarmP90Ms, f.ThroughputRPS)
+	fmt.Fprintf(os.Stderr, "   warm p50 %.2f ms, p90 %.2f ms, p99 %.2f ms, %.0f req/s at c=8\n", f.WarmP50Ms, f.WarmP90Ms, f.WarmP99Ms, f.ThroughputRPS)
 	return nil
 }
 

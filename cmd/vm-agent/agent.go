@@ -57,7 +57,7 @@ func (a *agent) apiSocket() string {
 // returns the agent's exit code.
 func (a *agent) serve(ctx context.Context, ch io.ReadWriteCloser) (int, error) {
 	ensureLoopbackUp(a.log)
-	sess, err := yamux.Server(ch, guest.MuxConfig(a.log, agentCloseTimeout))
+	sess, err := guest.Serve(ch, a.log, agentCloseTimeout)
 	if err != nil {
 		return 1, fmt.Errorf("start multiplexer: %w", err)
 	}

@@ -23,6 +23,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -45,6 +46,9 @@ type options struct {
 	// init selects the micro-VM mode; also chosen when the agent runs as
 	// /init with PID 1 (under gVisor it is PID 1 too, but not /init).
 	init bool
+	// cpuProfile, when set, is where the agent writes a CPU profile of its
+	// whole life (opt-in, for profiling the relay).
+	cpuProfile string
 }
 
 func main() {
@@ -58,6 +62,7 @@ func main() {
 	flag.StringVar(&o.logLevel, "log-level", "info", "debug | info | warn | error")
 	flag.BoolVar(&o.preload, "preload", false, "start Python and import uvicorn/FastAPI before the Config arrives (stdio channel)")
 	flag.BoolVar(&o.init, "init", false, "run as the init of a micro-VM (implied when started as /init with PID 1)")
+	flag.StringVar(&o.cpuProfile, "cpu-profile", "", "write a CPU profile of the agent to this file (profiling only)")
 	flag.Parse()
 
 	// The agent only copies bytes between the channel and the program. Under
@@ -89,7 +94,9 @@ func main() {
 	// leaves the program running.
 	signal.Notify(make(chan os.Signal, 1), syscall.SIGPIPE)
 
+	stopProfile := startCPUProfile(o.cpuProfile, log)
 	code, err := run(ctx, o, log)
+	stopProfile()
 	if err != nil {
 		log.Error("agent failed", "err", err)
 		if code == 0 {
@@ -106,6 +113,28 @@ func run(ctx context.Context, o options, log *slog.Logger) (int, error) {
 	}
 	a := newAgent(o, log)
 	return a.serve(ctx, ch)
+}
+
+// startCPUProfile profiles the agent into path until the returned function
+// is called; a profile that cannot start is logged, not fatal.
+func startCPUProfile(path string, log *slog.Logger) func() {
+	if path == "" {
+		return func() {}
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		log.Warn("no CPU profile", "err", err)
+		return func() {}
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		log.Warn("no CPU profile", "err", err)
+		f.Close()
+		return func() {}
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		f.Close()
+	}
 }
 
 // explicitFlags names the flags given on the command line, which win over

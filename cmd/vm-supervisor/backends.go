@@ -81,6 +81,9 @@ func hostReport(s *config.Settings) *hostcheck.Report {
 	})
 }
 
+// agentProfileDir is set by --profile: agents then profile themselves too.
+var agentProfileDir string
+
 func newGVisor(s *config.Settings, log *slog.Logger) (backend.Backend, error) {
 	if _, err := os.Stat(s.AgentPath); err != nil {
 		return nil, fmt.Errorf("vm-agent binary (ALEPH_VM_AGENT_PATH=%s): %w", s.AgentPath, err)
@@ -98,6 +101,7 @@ func newGVisor(s *config.Settings, log *slog.Logger) (backend.Backend, error) {
 		CodeCacheMaxBytes: s.CodeCacheMaxMiB << 20,
 		Logger:            log,
 		Debug:             s.PrintSystemLogs,
+		AgentProfileDir:   agentProfileDir,
 	})
 	if err != nil {
 		return nil, err // not b: a nil *Backend in an interface is not nil

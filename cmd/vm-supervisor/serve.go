@@ -38,6 +38,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 			return err
 		}
 		defer stopProfile()
+		agentProfileDir = filepath.Join(s.ExecutionRoot, "agent-profiles")
 	}
 	if err := s.EnsureDirs(); err != nil {
 		return err

@@ -74,7 +74,7 @@ func Dial(ch io.ReadWriteCloser, log *slog.Logger) (*Client, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	sess, err := yamux.Client(ch, MuxConfig(log, hostCloseTimeout))
+	sess, err := yamux.Client(coalesceFrames(ch), MuxConfig(log, hostCloseTimeout))
 	if err != nil {
 		ch.Close()
 		return nil, fmt.Errorf("start multiplexer: %w", err)

@@ -279,9 +279,11 @@ func (p *Pool) makeSpare(shape spareShape) (sp *spare, err error) {
 	log := p.log.With("execution", id, "spare", true)
 	sp = &spare{id: id, stateDir: dir, shape: shape, runtime: rt, output: newLineLogger(log, p.opts.ProgramLogs),
 		taken: make(chan struct{})}
+	// Not sp itself: `return nil, err` has set it to nil by then.
+	made := sp
 	defer func() {
 		if err != nil {
-			p.discardSpare(sp, err.Error())
+			p.discardSpare(made, err.Error())
 		}
 	}()
 	if sp.net, err = p.network(ctx, id, shape.internet); err != nil {

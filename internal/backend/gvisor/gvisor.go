@@ -99,6 +99,11 @@ type Options struct {
 	// directory under the system's temp dir; kept after Stop on purpose).
 	Debug       bool
 	DebugLogDir string
+	// AgentProfileDir, when set, makes every agent write a CPU profile to
+	// AgentProfileDir/<sandbox id>/cpu.pprof, through a host directory
+	// bind-mounted writable into the sandbox. For profiling only: the
+	// program can write there too. Empty (the default): no such mount.
+	AgentProfileDir string
 }
 
 // Backend starts gVisor sandboxes. It is safe for concurrent use.

@@ -368,6 +368,16 @@ func (i *instance) layRoot() error {
 		i.mounts = append(i.mounts, agentMount(i.b.opts.AgentPath))
 	}
 	i.mounts = append(i.mounts, runMount(), tmpMount(RootOverlayMiB(i.spec.MemoryMiB)))
+	if d := i.b.opts.AgentProfileDir; d != "" && len(i.b.opts.Command) == 0 {
+		host := filepath.Join(d, i.id)
+		if err := os.MkdirAll(host, 0o755); err != nil {
+			return fmt.Errorf("agent profile: %w", err)
+		}
+		i.mounts = append(i.mounts, mountPlan{spec: specs.Mount{
+			Destination: agentProfileDir, Type: "bind", Source: host,
+			Options: []string{"rbind", "rw", "nosuid", "nodev", "noexec"},
+		}})
+	}
 
 	i.skelDir = filepath.Join(i.spec.StateDir, "skel")
 	i.bundleDir = filepath.Join(i.spec.StateDir, "bundle")
@@ -394,6 +404,9 @@ func (i *instance) writeBundle(context.Context) (backend.Undo, error) {
 	args := i.b.opts.Command
 	if len(args) == 0 {
 		args = append([]string{AgentGuestPath}, i.b.opts.AgentArgs...)
+		if i.b.opts.AgentProfileDir != "" {
+			args = append(args, "--cpu-profile", agentProfileDir+"/cpu.pprof")
+		}
 	}
 	vcpus := max(i.spec.VCPUs, 1)
 	mem := i.spec.MemoryMiB

@@ -20,6 +20,10 @@ import (
 // AgentGuestPath is where the vm-agent binary appears inside the sandbox.
 const AgentGuestPath = "/opt/aleph/vm-agent"
 
+// agentProfileDir is where the agent writes its CPU profile when
+// Options.AgentProfileDir asks for one.
+const agentProfileDir = "/run/aleph-profile"
+
 // runDir is the agent's private tmpfs (sockets of guest.GuestAPISocket and
 // guest.ProgramSocket live there).
 const runDir = "/run/aleph"
