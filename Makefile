@@ -84,7 +84,7 @@ $(GOLANGCI_LINT):
 	rmdir $(BUILD_CACHE)/bin/tmp-golangci
 
 lint: $(GOLANGCI_LINT)
-	$(GOLANGCI_LINT) run ./...
+	$(GOLANGCI_LINT) run --allow-parallel-runners ./...
 
 vet:
 	$(GO) vet ./...
@@ -98,7 +98,7 @@ vet:
 TEST_ENV := PATH=$(CURDIR)/bin:$$PATH ALEPH_TEST_RUNTIME=$(CURDIR)/$(RUNTIME) ALEPH_TEST_BIN=$(CURDIR)/bin \
 	ALEPH_TEST_RUNTIME_NO_UVICORN=$(CURDIR)/$(RUNTIME_NO_UVICORN) \
 	ALEPH_TEST_KERNEL=$(KERNEL_DIR)/vmlinuz ALEPH_TEST_KERNEL_CUSTOM=$(CUSTOM_KERNEL_DIR)/vmlinux
-test: deps build $(RUNTIME) $(RUNTIME_NO_UVICORN) kernel kernel-custom vet
+test: deps build $(RUNTIME) $(RUNTIME_NO_UVICORN) kernel kernel-custom vet lint
 	$(TEST_ENV) $(GO) test -count=1 -timeout 45m ./...
 	$(GO) test -count=1 -race -short ./internal/pool/... ./internal/httpapi/...
 	$(MAKE) test-qemu

@@ -118,41 +118,16 @@ func (a *agent) serve(ctx context.Context, ch io.ReadWriteCloser) (int, error) {
 		return fail(fmt.Errorf("network: %w", err))
 	}
 
-	// The guest API listens before the program starts: programs may call
-	// it from their startup code.
-	apiLn, err := listenUnix(a.apiSocket())
+	closeAPI, err := a.listenGuestAPI(runCtx, sess)
 	if err != nil {
-		return fail(fmt.Errorf("guest API socket: %w", err))
+		return fail(err)
 	}
-	defer apiLn.Close()
-	go a.serveGuestAPI(runCtx, sess, apiLn)
-	// aleph-vm's path, which programs hard-code. Made now, after set-up
-	// has mounted /tmp in VMs; under gVisor /tmp is the sandbox's tmpfs.
-	if p := a.o.compatAPISocket; p != "" {
-		compatLn, err := listenUnix(p)
-		if err != nil {
-			return fail(fmt.Errorf("guest API socket %s: %w", p, err))
-		}
-		defer compatLn.Close()
-		go a.serveGuestAPI(runCtx, sess, compatLn)
-	}
+	defer closeAPI()
 
-	var prog *program
-	if pre != nil {
-		if prog, err = pre.adopt(cfg, a.programSpec(), log); err != nil {
-			return fail(err)
-		}
-		if prog != nil {
-			pre = nil // adopted: stopped as the program from now on
-		} else {
-			pre.prog.stop(a.o.stopTimeout)
-			pre = nil
-		}
-	}
-	if prog == nil {
-		if prog, err = startProgram(cfg, a.programSpec(), a.reaper, log); err != nil {
-			return fail(err)
-		}
+	prog, err := a.launch(cfg, pre, log)
+	pre = nil // adopted or stopped by launch
+	if err != nil {
+		return fail(err)
 	}
 	a.mu.Lock()
 	a.prog = prog
@@ -183,6 +158,53 @@ func (a *agent) serve(ctx context.Context, ch io.ReadWriteCloser) (int, error) {
 		return 0, nil
 	}
 
+	return a.supervise(ctx, sess, ctrl, commands, prog, log)
+}
+
+// launch adopts the preloaded interpreter when it can run the program
+// (it is stopped otherwise), or starts the program afresh.
+func (a *agent) launch(cfg guest.Config, pre *preloaded, log *slog.Logger) (*program, error) {
+	if pre != nil {
+		prog, err := pre.adopt(cfg, a.programSpec(), log)
+		if prog != nil && err == nil {
+			return prog, nil
+		}
+		pre.prog.stop(a.o.stopTimeout)
+		if err != nil {
+			return nil, err
+		}
+	}
+	return startProgram(cfg, a.programSpec(), a.reaper, log)
+}
+
+// listenGuestAPI serves the guest API on our socket and on aleph-vm's,
+// before the program starts: programs may call it from their startup
+// code. The returned func closes both.
+func (a *agent) listenGuestAPI(ctx context.Context, sess *yamux.Session) (func(), error) {
+	apiLn, err := listenUnix(a.apiSocket())
+	if err != nil {
+		return nil, fmt.Errorf("guest API socket: %w", err)
+	}
+	go a.serveGuestAPI(ctx, sess, apiLn)
+	// aleph-vm's path, which programs hard-code. Made now, after set-up
+	// has mounted /tmp in VMs; under gVisor /tmp is the sandbox's tmpfs.
+	p := a.o.compatAPISocket
+	if p == "" {
+		return func() { _ = apiLn.Close() }, nil
+	}
+	compatLn, err := listenUnix(p)
+	if err != nil {
+		_ = apiLn.Close()
+		return nil, fmt.Errorf("guest API socket %s: %w", p, err)
+	}
+	go a.serveGuestAPI(ctx, sess, compatLn)
+	return func() { _ = apiLn.Close(); _ = compatLn.Close() }, nil
+}
+
+// supervise waits, once the program is ready, for whichever comes first:
+// the host's stop, the program's exit, the channel's end or a signal. It
+// returns the agent's exit code.
+func (a *agent) supervise(ctx context.Context, sess *yamux.Session, ctrl *guest.ControlConn, commands <-chan guest.Command, prog *program, log *slog.Logger) (int, error) {
 	for {
 		select {
 		case cmd, ok := <-commands:

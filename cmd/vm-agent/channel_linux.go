@@ -142,7 +142,9 @@ func listenVsock(ctx context.Context, portArg string, log *slog.Logger) (io.Read
 	if err != nil {
 		return nil, err
 	}
-	stop := context.AfterFunc(ctx, func() { lf.SetReadDeadline(time.Now()) })
+	// A deadline in the past wakes the accept below; if it cannot be set,
+	// the listener is closed on return anyway.
+	stop := context.AfterFunc(ctx, func() { _ = lf.SetReadDeadline(time.Now()) })
 	defer stop()
 	log.Info("waiting for the host on vsock", "port", port)
 	var nfd int

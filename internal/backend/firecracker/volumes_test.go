@@ -37,19 +37,7 @@ func TestNamedVolumesReachTheConfig(t *testing.T) {
 	runtime := filepath.Join(dir, "rootfs.squashfs")
 	writeFile(t, runtime, "hsqs", 0o644)
 	zipPath := filepath.Join(dir, "vol.zip")
-	var zipped bytes.Buffer
-	zw := zip.NewWriter(&zipped)
-	w, err := zw.Create("lib/x.txt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := w.Write([]byte("zipped")); err != nil {
-		t.Fatal(err)
-	}
-	if err := zw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	writeFile(t, zipPath, zipped.String(), 0o644)
+	writeZip(t, zipPath, "lib/x.txt", "zipped")
 	persistentDir := filepath.Join(dir, "persistent")
 	const hash = "c0ffee"
 	prog := &sources.Program{
@@ -137,4 +125,22 @@ func TestNamedVolumesReachTheConfig(t *testing.T) {
 			t.Errorf("jailed=%v: guest mounts %q, want %q", jailed, got, want)
 		}
 	}
+}
+
+// writeZip writes a zip archive holding one file.
+func writeZip(t *testing.T, path, name, content string) {
+	t.Helper()
+	var zipped bytes.Buffer
+	zw := zip.NewWriter(&zipped)
+	w, err := zw.Create(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Write([]byte(content)); err != nil {
+		t.Fatal(err)
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, path, zipped.String(), 0o644)
 }
