@@ -223,7 +223,9 @@ func FromGitDescribe(s string) string {
 	tag, distance, commit, dirty := m[1], m[2], m[3], m[4] != ""
 	var local []string
 	v, err := Parse(tag)
-	if err != nil || v.Local != "" {
+	// An abbreviated commit can also read as a version ("480731c" is
+	// 480731rc0), so a bare commit is never taken for a tag.
+	if err != nil || v.Local != "" || isCommit(tag) {
 		// An untagged commit, or a tag that is no version: keep it as a
 		// label of version 0.
 		v = Version{Release: []int{0}, Post: -1, Dev: -1}
@@ -255,6 +257,10 @@ var nonLabel = regexp.MustCompile(`[^a-z0-9]+`)
 func localLabel(s string) string {
 	return strings.Trim(nonLabel.ReplaceAllString(strings.ToLower(s), "."), ".")
 }
+
+// isCommit reports whether s looks like what `git describe --always`
+// prints without a tag: an abbreviated commit of 7 or more hex digits.
+func isCommit(s string) bool { return len(s) >= 7 && isHex(s) }
 
 func isHex(s string) bool {
 	if len(s) < 4 {

@@ -11,6 +11,8 @@ func TestFromGitDescribe(t *testing.T) {
 		"v1.2.3-dirty":             "1.2.3+dirty",
 		"6e54c47":                  "0+g6e54c47",
 		"6e54c47-dirty":            "0+g6e54c47.dirty",
+		"480731c":                  "0+g480731c", // not 480731rc0
+		"1234567":                  "0+g1234567",
 		"dev":                      "0+dev",
 		"v2.0.0rc1-3-g0123abc":     "2.0.0rc1.post3+g0123abc",
 		"release-candidate-2-gabc": "0.post2+release.candidate.gabc",
