@@ -121,7 +121,7 @@ func TestExampleWithoutUvicorn(t *testing.T) {
 
 	r = s.get("/vm/" + hash + "/raise")
 	expect(t, r, http.StatusInternalServerError)
-	if !strings.Contains(string(r.Body), "ValueError: This exception was raised on purpose") {
+	if !strings.Contains(string(r.Body), "Error: This exception was raised on purpose") {
 		t.Errorf("/raise: %s", r.Body)
 	}
 
