@@ -50,7 +50,7 @@ type Client struct {
 	exitErr error // why the program ended by itself, if it did
 	srv     *http.Server
 
-	api *streamListener
+	api *StreamListener
 }
 
 // Connect starts the multiplexer over ch, sends cfg and waits for the
@@ -85,7 +85,7 @@ func Dial(ch io.ReadWriteCloser, log *slog.Logger) (*Client, error) {
 		first:   make(chan Status, 1),
 		stopped: make(chan Status, 1),
 		done:    make(chan struct{}),
-		api:     newStreamListener(sess),
+		api:     NewStreamListener(sess),
 	}
 	// Accept from the start: the program may call the guest API during its
 	// lifespan startup, before the caller had a chance to ServeGuestAPI,
@@ -276,28 +276,32 @@ func (c *Client) acceptLoop() {
 				s.Close()
 				return
 			}
-			c.api.push(s)
+			c.api.Push(s)
 		}()
 	}
 }
 
-// streamListener adapts accepted streams to net.Listener for http.Server.
-type streamListener struct {
+// StreamListener adapts accepted streams to net.Listener for http.Server:
+// whoever accepts streams of a session pushes the ones an HTTP server
+// should serve.
+type StreamListener struct {
 	addr   net.Addr
 	conns  chan net.Conn
 	closed chan struct{}
 	once   sync.Once
 }
 
-func newStreamListener(sess *yamux.Session) *streamListener {
-	return &streamListener{
+// NewStreamListener returns a listener for streams of sess.
+func NewStreamListener(sess *yamux.Session) *StreamListener {
+	return &StreamListener{
 		addr:   sess.LocalAddr(),
 		conns:  make(chan net.Conn, 64),
 		closed: make(chan struct{}),
 	}
 }
 
-func (l *streamListener) push(c net.Conn) {
+// Push hands c to Accept, or closes it once the listener is closed.
+func (l *StreamListener) Push(c net.Conn) {
 	select {
 	case l.conns <- c:
 	case <-l.closed:
@@ -305,7 +309,8 @@ func (l *streamListener) push(c net.Conn) {
 	}
 }
 
-func (l *streamListener) Accept() (net.Conn, error) {
+// Accept implements net.Listener.
+func (l *StreamListener) Accept() (net.Conn, error) {
 	select {
 	case c := <-l.conns:
 		return c, nil
@@ -314,9 +319,11 @@ func (l *streamListener) Accept() (net.Conn, error) {
 	}
 }
 
-func (l *streamListener) Close() error {
+// Close implements net.Listener.
+func (l *StreamListener) Close() error {
 	l.once.Do(func() { close(l.closed) })
 	return nil
 }
 
-func (l *streamListener) Addr() net.Addr { return l.addr }
+// Addr implements net.Listener.
+func (l *StreamListener) Addr() net.Addr { return l.addr }

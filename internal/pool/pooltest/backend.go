@@ -352,7 +352,7 @@ func (s *Sandbox) serve() {
 		}
 	}
 
-	ln := &streamListener{conns: make(chan net.Conn), closed: make(chan struct{}), addr: sess.Addr()}
+	ln := guest.NewStreamListener(sess)
 	srv := &http.Server{
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			s.requests.Add(1)
@@ -403,7 +403,7 @@ func closeSoon(sess *yamux.Session) {
 }
 
 // acceptHTTP hands host-initiated HTTP streams to the program's server.
-func (s *Sandbox) acceptHTTP(sess *yamux.Session, ln *streamListener) {
+func (s *Sandbox) acceptHTTP(sess *yamux.Session, ln *guest.StreamListener) {
 	defer ln.Close()
 	for {
 		st, err := sess.AcceptStream()
@@ -416,34 +416,7 @@ func (s *Sandbox) acceptHTTP(sess *yamux.Session, ln *streamListener) {
 				st.Close()
 				return
 			}
-			select {
-			case ln.conns <- st:
-			case <-ln.closed:
-				st.Close()
-			}
+			ln.Push(st)
 		}()
 	}
 }
-
-type streamListener struct {
-	conns  chan net.Conn
-	closed chan struct{}
-	once   sync.Once
-	addr   net.Addr
-}
-
-func (l *streamListener) Accept() (net.Conn, error) {
-	select {
-	case c := <-l.conns:
-		return c, nil
-	case <-l.closed:
-		return nil, net.ErrClosed
-	}
-}
-
-func (l *streamListener) Close() error {
-	l.once.Do(func() { close(l.closed) })
-	return nil
-}
-
-func (l *streamListener) Addr() net.Addr { return l.addr }
