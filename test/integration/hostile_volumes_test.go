@@ -5,7 +5,6 @@ import (
 	"io/fs"
 	"net/http"
 	"net/url"
-	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -22,24 +21,7 @@ import (
 // programWithVolumes publishes, through the test Aleph API, the program
 // content of an uploaded program with volumes added, and returns its hash.
 func (s *supervisor) programWithVolumes(uploaded string, volumes []map[string]any) string {
-	t := s.t
-	t.Helper()
-	raw, err := os.ReadFile(filepath.Join(s.execRoot, "store", "messages", uploaded+".json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var m struct {
-		ItemContent string `json:"item_content"`
-	}
-	if err := json.Unmarshal(raw, &m); err != nil || m.ItemContent == "" {
-		t.Fatalf("uploaded message %s: %v", uploaded, err)
-	}
-	var content map[string]any
-	if err := json.Unmarshal([]byte(m.ItemContent), &content); err != nil {
-		t.Fatal(err)
-	}
-	content["volumes"] = volumes
-	return s.api.addInline(t, "PROGRAM", content["address"].(string), content)
+	return s.republish(uploaded, func(content map[string]any) { content["volumes"] = volumes })
 }
 
 type fillResult struct {
