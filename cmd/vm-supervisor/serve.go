@@ -19,6 +19,7 @@ import (
 
 	"github.com/shirou/gopsutil/v4/mem"
 
+	"github.com/aleph-vm-go/vm-supervisor/internal/allocations"
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
 	"github.com/aleph-vm-go/vm-supervisor/internal/config"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
@@ -128,7 +129,16 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 
 	// One instance: it uploads the bundled example once and remembers it.
 	selfTest := selfTestProgram(s, st)
-	api := httpapi.New(apiOptions(s, p, db, token, selfTest, log))
+	apiOpts := apiOptions(s, p, db, token, selfTest, log)
+	allocs := allocations.New(allocations.Options{
+		Pool: p, StatePath: filepath.Join(s.ExecutionRoot, allocations.StateFile), Logger: log,
+	})
+	defer allocs.Close() // the saved allocation stays for the next start
+	if err := allocs.Restore(); err != nil {
+		log.Error("allocated programs not restored", "err", err)
+	}
+	apiOpts.Allocations, apiOpts.AllocationTokenHash = allocs, s.AllocationTokenHash
+	api := httpapi.New(apiOpts)
 
 	if opts.Benchmark > 0 {
 		err := runBenchmark(ctx, api, selfTest, opts.Benchmark, stdout)

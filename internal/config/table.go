@@ -332,9 +332,8 @@ var table = []descriptor{
 			s.AllocationTokenHash = v
 			return nil
 		},
-		get:        func(s *Settings) any { return s.AllocationTokenHash },
-		redact:     func(*Settings) any { return redactedString },
-		notUsedYet: "allocations (/control/allocations)",
+		get:    func(s *Settings) any { return s.AllocationTokenHash },
+		redact: func(*Settings) any { return redactedString },
 	},
 	optional(descriptor{
 		name: "REDIS_URL", help: "Redis for the guest cache API (redis://, rediss:// or unix://); empty = embedded",

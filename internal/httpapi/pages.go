@@ -163,15 +163,15 @@ func networkOf(addr string) any {
 }
 
 // handleExecutionList is aleph-vm's list_executions: running executions
-// by item hash, with their networks and VM type. On-demand programs are
-// "microvm" whatever the isolation backend, as the type comes from the
-// message (vm_type.py).
+// by item hash, with their networks and VM type. Programs are "microvm"
+// or, with on.persistent, "persistent_program", whatever the isolation
+// backend, as the type comes from the message (vm_type.py).
 func (s *Server) handleExecutionList(w http.ResponseWriter, r *http.Request) {
 	out := map[string]any{}
 	for _, e := range s.opts.Pool.List() {
 		out[e.ProgramHash] = map[string]any{
 			"networking":                 map[string]any{"ipv4": networkOf(e.IPv4), "ipv6": nil},
-			"vm_type":                    "microvm",
+			"vm_type":                    e.VMType,
 			"awaiting_confidential_init": false,
 		}
 	}

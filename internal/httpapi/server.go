@@ -60,6 +60,10 @@ type Options struct {
 	SelfTestProgram func(ctx context.Context) (string, error)
 	// DiskPath is the filesystem reported by /about/usage/system.
 	DiskPath string
+	// Allocations applies POST /control/allocations; nil refuses them.
+	Allocations Allocations
+	// AllocationTokenHash is the sha256 (hex) of the scheduler's token.
+	AllocationTokenHash string
 	// Limits bound what clients can hold (NewHTTPServer, Listener).
 	Limits Limits
 	Logger *slog.Logger
@@ -101,6 +105,7 @@ func New(opts Options) *Server {
 	s.page("/status/check/fastapi/legacy", s.handleCheckFastAPILegacy)
 	s.page("/status/check/fastapi/detail", s.handleCheckFastAPIDetail)
 	s.page("/status/config", s.handlePublicConfig)
+	s.mux.HandleFunc("POST /control/allocations", s.handleAllocations)
 	s.mux.HandleFunc("/", s.handleByHost)
 	return s
 }

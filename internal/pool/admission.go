@@ -116,10 +116,14 @@ func (p *Pool) refuse(exec *Execution, why string) error {
 }
 
 // idlestLocked returns the running execution without requests in flight
-// that was used least recently, or nil. p.mu must be held.
+// that was used least recently, or nil; kept executions are never
+// chosen. p.mu must be held.
 func (p *Pool) idlestLocked() *Execution {
 	var idle []*Execution
 	for _, e := range p.running {
+		if p.isKept(e.hash) {
+			continue // persistent: never evicted
+		}
 		if _, ok := e.idleSince(); ok {
 			idle = append(idle, e)
 		}

@@ -136,6 +136,10 @@ func (e *Execution) armIdleTimer() {
 func (e *Execution) armIdleTimerLocked() {
 	if e.idle != nil {
 		e.idle.Stop()
+		e.idle = nil
+	}
+	if e.pool.isKept(e.hash) {
+		return
 	}
 	e.idle = time.AfterFunc(e.pool.opts.ReuseTimeout, func() {
 		e.log.Info("stopping idle execution", "reuse_timeout", e.pool.opts.ReuseTimeout)
@@ -578,15 +582,24 @@ func (e *Execution) saveRecord(ctx context.Context, final bool) {
 
 func (e *Execution) info() Info {
 	vcpus, memory := resources(e.prog.Content)
+	vmType := "microvm"
+	if p := e.prog.Content.On.Persistent; p != nil && *p {
+		vmType = "persistent_program"
+	}
+	kept := e.pool.isKept(e.hash)
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return Info{
 		UUID: e.id, ProgramHash: e.hash, Backend: e.pool.BackendName(),
 		Defined: e.defined, Prepared: e.prepared, Started: e.started,
 		InFlight: e.inFlight, VCPUs: vcpus, MemoryMiB: memory,
-		IPv4: e.ipv4(),
+		IPv4: e.ipv4(), Persistent: kept, VMType: vmType,
 	}
 }
+
+// Ended is closed once the execution is fully torn down (its sandbox,
+// network and directory gone), whatever ended it.
+func (e *Execution) Ended() <-chan struct{} { return e.finishDone }
 
 func (e *Execution) ipv4() string {
 	if e.net == nil {

@@ -99,6 +99,12 @@ type Pool struct {
 	spares       sync.WaitGroup
 	quit         chan struct{} // closed at Shutdown: spare backoffs end
 	quitOnce     sync.Once
+
+	// kept holds the hashes the node keeps running (Keep). Its own lock:
+	// executions read it while holding their mutex, and p.mu is taken
+	// before execution mutexes elsewhere.
+	keptMu sync.Mutex
+	kept   map[string]bool
 }
 
 // startCall lets concurrent cold requests for one hash share one start.
@@ -125,6 +131,7 @@ func New(opts Options) *Pool {
 		running:  map[string]*Execution{},
 		starting: map[string]*startCall{},
 		all:      map[*Execution]struct{}{},
+		kept:     map[string]bool{},
 
 		spare:        map[spareShape]*spare{},
 		makingSpare:  map[spareShape]bool{},
@@ -349,6 +356,38 @@ func (p *Pool) Shutdown(ctx context.Context) error {
 	}
 }
 
+// Keep marks hash as a program the node keeps running (a persistent
+// program of an allocation): its executions are neither stopped when idle
+// nor evicted to make room. One is started now if none runs, without a
+// request; requests reach the running one as usual. It returns the
+// running execution.
+func (p *Pool) Keep(ctx context.Context, hash string) (*Execution, error) {
+	p.keptMu.Lock()
+	p.kept[hash] = true
+	p.keptMu.Unlock()
+	e, err := p.Acquire(ctx, hash)
+	if err != nil {
+		return nil, err
+	}
+	e.Release() // kept: no idle timer is armed
+	return e, nil
+}
+
+// Unkeep ends Keep for hash and stops its running execution, after its
+// in-flight requests (until ctx ends). It reports whether one was running.
+func (p *Pool) Unkeep(ctx context.Context, hash string) bool {
+	p.keptMu.Lock()
+	delete(p.kept, hash)
+	p.keptMu.Unlock()
+	return p.Stop(ctx, hash) == nil
+}
+
+func (p *Pool) isKept(hash string) bool {
+	p.keptMu.Lock()
+	defer p.keptMu.Unlock()
+	return p.kept[hash]
+}
+
 // Info describes one execution for /about/executions.
 type Info struct {
 	UUID        string    `json:"uuid"`
@@ -361,6 +400,11 @@ type Info struct {
 	IPv4        string    `json:"ipv4"` // the program's address/prefix; empty without network
 	VCPUs       int       `json:"vcpus"`
 	MemoryMiB   int       `json:"memory"`
+	// Persistent: kept running by an allocation (Keep).
+	Persistent bool `json:"persistent"`
+	// VMType is aleph-vm's type from the message: "persistent_program"
+	// when on.persistent is set, else "microvm".
+	VMType string `json:"vm_type"`
 }
 
 // List returns the running executions, oldest first.
