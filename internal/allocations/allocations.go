@@ -122,6 +122,7 @@ func (m *Manager) Restore() error {
 func (m *Manager) Update(ctx context.Context, a Allocation) (Result, error) {
 	m.update.Lock()
 	defer m.update.Unlock()
+	a = Allocation{PersistentVMs: sortedSet(a.PersistentVMs), Instances: sortedSet(a.Instances)}
 	want := a.hashes()
 	if m.opts.StatePath != "" {
 		if err := save(m.opts.StatePath, a); err != nil {
