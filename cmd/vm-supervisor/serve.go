@@ -129,16 +129,9 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 
 	// One instance: it uploads the bundled example once and remembers it.
 	selfTest := selfTestProgram(s, st)
-	apiOpts := apiOptions(s, p, db, token, selfTest, log)
-	allocs := allocations.New(allocations.Options{
-		Pool: p, StatePath: filepath.Join(s.ExecutionRoot, allocations.StateFile), Logger: log,
-	})
+	allocs := startAllocations(s, p, log)
 	defer allocs.Close() // the saved allocation stays for the next start
-	if err := allocs.Restore(); err != nil {
-		log.Error("allocated programs not restored", "err", err)
-	}
-	apiOpts.Allocations, apiOpts.AllocationTokenHash = allocs, s.AllocationTokenHash
-	api := httpapi.New(apiOpts)
+	api := httpapi.New(apiOptions(s, p, db, allocs, token, selfTest, log))
 
 	if opts.Benchmark > 0 {
 		err := runBenchmark(ctx, api, selfTest, opts.Benchmark, stdout)
@@ -210,7 +203,7 @@ func recoverEarlierRun(ctx context.Context, s *config.Settings, be backend.Backe
 }
 
 // apiOptions are the HTTP service's settings.
-func apiOptions(s *config.Settings, p *pool.Pool, db *records.DB, token string, selfTest func(context.Context) (string, error), log *slog.Logger) httpapi.Options {
+func apiOptions(s *config.Settings, p *pool.Pool, db *records.DB, allocs *allocations.Manager, token string, selfTest func(context.Context) (string, error), log *slog.Logger) httpapi.Options {
 	return httpapi.Options{
 		Version:            version,
 		DomainName:         s.DomainName,
@@ -223,6 +216,9 @@ func apiOptions(s *config.Settings, p *pool.Pool, db *records.DB, token string, 
 		MaxRequestBodySize: s.MaxRequestBodySize,
 		SelfTestProgram:    selfTest,
 		DiskPath:           s.ExecutionRoot,
+		// The scheduler's POST /control/allocations.
+		Allocations:         allocs,
+		AllocationTokenHash: s.AllocationTokenHash,
 		Limits: httpapi.Limits{
 			ReadHeaderTimeout:       s.HTTPReadHeaderTimeout,
 			IdleTimeout:             s.HTTPIdleTimeout,
