@@ -13,6 +13,7 @@ import (
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
+	"github.com/aleph-vm-go/vm-supervisor/internal/ownerauth"
 	"github.com/aleph-vm-go/vm-supervisor/internal/pep440"
 	"github.com/aleph-vm-go/vm-supervisor/internal/pool"
 	"github.com/aleph-vm-go/vm-supervisor/internal/records"
@@ -62,6 +63,9 @@ type Options struct {
 	DiskPath string
 	// Limits bound what clients can hold (NewHTTPServer, Listener).
 	Limits Limits
+	// Control serves the owner's /control/machine/{ref}/... routes; nil
+	// leaves them out.
+	Control Control
 	Logger *slog.Logger
 }
 
@@ -71,6 +75,7 @@ type Server struct {
 	log      *slog.Logger
 	mux      *http.ServeMux
 	sessions *sessions
+	auth     ownerauth.Verifier
 }
 
 // New builds the route table.
@@ -101,6 +106,7 @@ func New(opts Options) *Server {
 	s.page("/status/check/fastapi/legacy", s.handleCheckFastAPILegacy)
 	s.page("/status/check/fastapi/detail", s.handleCheckFastAPIDetail)
 	s.page("/status/config", s.handlePublicConfig)
+	s.controlRoutes()
 	s.mux.HandleFunc("/", s.handleByHost)
 	return s
 }
