@@ -23,7 +23,7 @@ require (
 	modernc.org/sqlite v1.62.0
 )
 
-require github.com/coder/websocket v1.8.15 // indirect
+require github.com/coder/websocket v1.8.15
 
 require (
 	github.com/cenkalti/backoff v2.2.1+incompatible // indirect

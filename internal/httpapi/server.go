@@ -66,7 +66,7 @@ type Options struct {
 	// Control serves the owner's /control/machine/{ref}/... routes; nil
 	// leaves them out.
 	Control Control
-	Logger *slog.Logger
+	Logger  *slog.Logger
 }
 
 // Server implements http.Handler.
