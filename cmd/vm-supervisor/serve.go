@@ -27,6 +27,7 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/httpapi"
 	"github.com/aleph-vm-go/vm-supervisor/internal/nodekey"
 	"github.com/aleph-vm-go/vm-supervisor/internal/pool"
+	"github.com/aleph-vm-go/vm-supervisor/internal/proglog"
 	"github.com/aleph-vm-go/vm-supervisor/internal/records"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
 )
@@ -173,6 +174,8 @@ func poolOptions(s *config.Settings, d poolDeps, log *slog.Logger) pool.Options 
 			BurstBytes:     16 * s.ProgramLogBytesPerSec,
 			MaxBytes:       s.ProgramLogMaxBytes,
 		},
+		// Each program's output for its owner (/control/machine/{ref}/logs).
+		Logs:          proglog.NewRegistry(proglog.Limits{}),
 		SpareRuntime:  d.spareRuntime,
 		PersistentDir: s.PersistentVolumesDir,
 		AlephEnv:      alephEnv(s),
@@ -208,6 +211,7 @@ func apiOptions(s *config.Settings, p *pool.Pool, db *records.DB, allocs *alloca
 		Version:            version,
 		DomainName:         s.DomainName,
 		Pool:               p,
+		Control:            p,
 		Records:            db,
 		Config:             func() any { return configPage(s) },
 		PublicConfig:       func() any { return publicConfig(s) },

@@ -32,6 +32,18 @@ func (s *Server) page(path string, h http.HandlerFunc) {
 // does: 403 with its texts when Origin or the method is missing or the
 // method is not the route's, else 200 echoing origin, method and headers.
 func (s *Server) preflight(w http.ResponseWriter, r *http.Request) {
+	// aiohttp's web.get also routes HEAD.
+	s.preflightFor(http.MethodGet, http.MethodHead)(w, r)
+}
+
+// preflightFor is preflight for a route of the given methods.
+func (s *Server) preflightFor(methods ...string) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		s.answerPreflight(w, r, methods)
+	}
+}
+
+func (s *Server) answerPreflight(w http.ResponseWriter, r *http.Request, methods []string) {
 	origin := r.Header.Get("Origin")
 	method := r.Header.Get("Access-Control-Request-Method")
 	forbid := func(text string) {
@@ -46,7 +58,7 @@ func (s *Server) preflight(w http.ResponseWriter, r *http.Request) {
 	case method == "":
 		forbid("CORS preflight request failed: 'Access-Control-Request-Method' header is not specified")
 		return
-	case method != http.MethodGet && method != http.MethodHead: // aiohttp's web.get also routes HEAD
+	case !slices.Contains(methods, method):
 		forbid(fmt.Sprintf("CORS preflight request failed: request method '%s' is not allowed for '%s' origin", method, origin))
 		return
 	}

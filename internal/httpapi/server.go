@@ -13,6 +13,7 @@ import (
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
+	"github.com/aleph-vm-go/vm-supervisor/internal/ownerauth"
 	"github.com/aleph-vm-go/vm-supervisor/internal/pep440"
 	"github.com/aleph-vm-go/vm-supervisor/internal/pool"
 	"github.com/aleph-vm-go/vm-supervisor/internal/records"
@@ -66,7 +67,10 @@ type Options struct {
 	AllocationTokenHash string
 	// Limits bound what clients can hold (NewHTTPServer, Listener).
 	Limits Limits
-	Logger *slog.Logger
+	// Control serves the owner's /control/machine/{ref}/... routes; nil
+	// leaves them out.
+	Control Control
+	Logger  *slog.Logger
 }
 
 // Server implements http.Handler.
@@ -75,6 +79,7 @@ type Server struct {
 	log      *slog.Logger
 	mux      *http.ServeMux
 	sessions *sessions
+	auth     ownerauth.Verifier
 }
 
 // New builds the route table.
@@ -106,6 +111,7 @@ func New(opts Options) *Server {
 	s.page("/status/check/fastapi/detail", s.handleCheckFastAPIDetail)
 	s.page("/status/config", s.handlePublicConfig)
 	s.mux.HandleFunc("POST /control/allocations", s.handleAllocations)
+	s.controlRoutes()
 	s.mux.HandleFunc("/", s.handleByHost)
 	return s
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 	"github.com/aleph-vm-go/vm-supervisor/internal/mountinfo"
 	"github.com/aleph-vm-go/vm-supervisor/internal/network"
+	"github.com/aleph-vm-go/vm-supervisor/internal/proglog"
 	"github.com/aleph-vm-go/vm-supervisor/internal/records"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
 )
@@ -252,6 +253,7 @@ func (e *Execution) adoptSpare(ctx context.Context, sp *spare) error {
 	e.id, e.stateDir, e.instance, e.net = sp.id, sp.stateDir, sp.inst, sp.net
 	e.log = e.pool.log.With("program", e.hash, "execution", e.id)
 	sp.output.setLogger(e.log)
+	sp.output.setSink(e.programLog())
 	e.prepared = time.Now()
 	if err := sp.inst.(backend.CodeLoader).LoadCode(ctx, e.spec()); err != nil {
 		return err
@@ -306,7 +308,9 @@ func (e *Execution) spec() backend.Spec {
 	spec := SpecFor(e.prog, e.pool.opts.PersistentDir)
 	spec.ExecutionID = e.id
 	spec.StateDir = e.stateDir
-	spec.ProgramOutput = newLineLogger(e.log, e.pool.opts.ProgramLogs)
+	out := newLineLogger(e.log, e.pool.opts.ProgramLogs)
+	out.sink = e.programLog()
+	spec.ProgramOutput = out
 	spec.Logger = e.log
 	if e.net != nil {
 		spec.Network = &e.net.Network
@@ -510,6 +514,9 @@ func (e *Execution) finish(ctx context.Context, cause error) {
 		e.stoppingAt = stopping
 		e.saveRecord(ctx, true)
 		if cause != nil {
+			if l := e.programLog(); l != nil {
+				l.Append(proglog.Stderr, "execution ended: "+cause.Error())
+			}
 			e.log.Info("execution ended", "cause", cause)
 		} else {
 			e.log.Info("execution stopped")

@@ -18,6 +18,7 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/network"
+	"github.com/aleph-vm-go/vm-supervisor/internal/proglog"
 	"github.com/aleph-vm-go/vm-supervisor/internal/records"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
 )
@@ -71,7 +72,9 @@ type Options struct {
 	MaxRequestTimeout time.Duration
 	// ProgramLogs bounds what programs may write to the supervisor's log.
 	ProgramLogs LogLimits
-	Logger      *slog.Logger
+	// Logs keeps each program's output for its owner (nil: not kept).
+	Logs   *proglog.Registry
+	Logger *slog.Logger
 }
 
 // Networks hands out and takes back execution networks

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/time/rate"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/proglog"
 )
 
 // Defaults for LogLimits fields left at zero.
@@ -52,6 +54,7 @@ func (l LogLimits) withDefaults() LogLimits {
 type lineLogger struct {
 	mu      sync.Mutex
 	log     *slog.Logger
+	sink    *proglog.Buffer // the owner's copy (nil: none), outside the rate limits
 	buf     bytes.Buffer
 	limiter *rate.Limiter
 	left    int64 // bytes the execution may still log
@@ -75,6 +78,13 @@ func (w *lineLogger) setLogger(l *slog.Logger) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.log = l
+}
+
+// setSink sends later lines to a program's log as well.
+func (w *lineLogger) setSink(b *proglog.Buffer) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.sink = b
 }
 
 func (w *lineLogger) Write(p []byte) (int, error) {
@@ -108,8 +118,14 @@ func (w *lineLogger) Write(p []byte) (int, error) {
 
 // emit logs the buffered line if the limits allow it.
 func (w *lineLogger) emit() {
-	msg := "guest: " + strings.TrimRight(w.buf.String(), "\r")
+	line := strings.TrimRight(w.buf.String(), "\r")
 	w.buf.Reset()
+	if w.sink != nil {
+		// Bounded by the buffer itself, so not rate-limited: the owner
+		// sees the latest lines even when the supervisor's log drops them.
+		w.sink.Append(proglog.Stdout, line)
+	}
+	msg := "guest: " + line
 	n := len(msg)
 	now := time.Now()
 	switch {

@@ -264,6 +264,14 @@ def cpu_burn(seconds: float = 5, processes: int = 8):
     return {"burned": seconds, "processes": processes}
 
 
+@app.get("/print")
+def print_lines(text: str, n: int = 1):
+    """Prints n numbered lines to stdout (the owner's logs read them)."""
+    for i in range(n):
+        print(f"{text} {i}", flush=True)
+    return {"printed": n}
+
+
 @app.get("/log-flood")
 def log_flood(mib: int = 100):
     """Prints mib MiB of lines to stdout and stderr."""
