@@ -47,6 +47,9 @@ type Execution struct {
 	transport *http.Transport
 	stateDir  string
 	net       *network.Network // nil: loopback only
+	// eventToken marks the requests that carry an Aleph message to the
+	// program (event.go): only the host knows it.
+	eventToken string
 
 	defined, prepared, started time.Time
 
@@ -77,6 +80,7 @@ func newExecution(p *Pool, prog *sources.Program) *Execution {
 		prog:       prog,
 		log:        p.log.With("program", prog.Hash, "execution", id),
 		defined:    time.Now(),
+		eventToken: newEventToken(),
 		stopping:   make(chan struct{}),
 		finishDone: make(chan struct{}),
 	}
@@ -383,6 +387,7 @@ func (e *Execution) guestConfig() guest.Config {
 		env["ALEPH_ADDRESS_TO_USE"] = label
 		hostname = label
 	}
+	env[EventTokenVar] = e.eventToken
 	cfg := guest.Config{
 		ProgramHash: e.hash,
 		Interface:   iface,
