@@ -51,6 +51,10 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 	if err != nil {
 		return err
 	}
+	react := newReactor(s, st, source, log)
+	if react != nil {
+		source = react.Observe(source)
+	}
 	db, err := records.Open(ctx, s.ExecutionDatabase)
 	if err != nil {
 		return fmt.Errorf("opening execution records: %w", err)
@@ -116,6 +120,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 			})
 		},
 	}, log))
+	defer startWatching(ctx, s, react, p, log)()
 
 	token, err := writeLoginToken(s.ExecutionRoot)
 	if err != nil {

@@ -11,6 +11,7 @@ import (
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
+	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
 )
 
 // EventTokenVar and EventTokenHeader carry an execution's event token:
@@ -75,4 +76,15 @@ func (p *Pool) Deliver(ctx context.Context, hash string, event []byte) ([]byte, 
 		return body, errkind.Wrap(errkind.ProgramFailed, fmt.Errorf("program %s failed on a message (%d): %s", hash, resp.StatusCode, body))
 	}
 	return body, nil
+}
+
+// Programs returns the programs of the running executions.
+func (p *Pool) Programs() []*sources.Program {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]*sources.Program, 0, len(p.running))
+	for _, e := range p.running {
+		out = append(out, e.prog)
+	}
+	return out
 }
