@@ -47,13 +47,9 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 	if err != nil {
 		return err
 	}
-	source, err := newSource(s, st, log)
+	source, react, err := newWatchedSource(s, st, log)
 	if err != nil {
 		return err
-	}
-	react := newReactor(s, st, source, log)
-	if react != nil {
-		source = react.Observe(source)
 	}
 	db, err := records.Open(ctx, s.ExecutionDatabase)
 	if err != nil {

@@ -13,6 +13,20 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/watcher"
 )
 
+// newWatchedSource is newSource with the reactor watching the programs it
+// resolves (nil when nothing is watched).
+func newWatchedSource(s *config.Settings, st *store.Store, log *slog.Logger) (pool.ProgramSource, *reactor.Reactor, error) {
+	source, err := newSource(s, st, log)
+	if err != nil {
+		return nil, nil, err
+	}
+	r := newReactor(s, st, source, log)
+	if r != nil {
+		source = r.Observe(source)
+	}
+	return source, r, nil
+}
+
 // newReactor returns the reactor to the Aleph message stream, or nil when
 // neither WATCH_FOR_MESSAGES nor WATCH_FOR_UPDATES is set or programs do
 // not come from the network (fake-data mode). Programs of the local store

@@ -65,12 +65,6 @@ func optional(d descriptor) descriptor {
 	return d
 }
 
-// notUsedYet marks a setting as accepted but ignored until feature lands.
-func notUsedYet(feature string, d descriptor) descriptor {
-	d.notUsedYet = feature
-	return d
-}
-
 func boolean(name, help string, f func(*Settings) *bool) descriptor {
 	return descriptor{
 		name: name, help: help,

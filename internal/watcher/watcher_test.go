@@ -202,9 +202,9 @@ func TestReconnectCatchesUpWithoutDuplicates(t *testing.T) {
 	s.push(post(t, "b", now+6), now+6)
 	waitFor(t, func() bool { return s.connections() == 2 })
 
-	ms := rec.wait(t, 2)
+	rec.wait(t, 2)
 	time.Sleep(100 * time.Millisecond) // a duplicate would arrive now
-	ms = rec.wait(t, 2)
+	ms := rec.wait(t, 2)
 	if len(ms) != 2 {
 		t.Fatalf("got %d messages after the catch-up, want 2 (a, b once each)", len(ms))
 	}

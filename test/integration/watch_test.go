@@ -65,7 +65,6 @@ func (s *supervisor) until(t *testing.T, what, path string, within time.Duration
 func TestWatchMessages(t *testing.T) {
 	s := startSupervisor(t)
 	api := s.api
-	runtime := s.addRuntime(runtimeFile)
 	waitConnections := func(n int) {
 		t.Helper()
 		deadline := time.Now().Add(60 * time.Second)
@@ -78,17 +77,7 @@ func TestWatchMessages(t *testing.T) {
 	}
 	waitConnections(1)
 
-	codeRef := api.publishFile(t, watchOwner, watchCode(t, "v1"), "")
-	program := api.publish(t, "PROGRAM", watchOwner, "WATCHTEST", map[string]any{
-		"type": "vm-function", "address": watchOwner, "time": 1700000000.0, "allow_amend": false,
-		"code":    map[string]any{"encoding": "zip", "entrypoint": "main:app", "ref": codeRef, "use_latest": true},
-		"runtime": map[string]any{"ref": runtime, "use_latest": false, "comment": ""},
-		"on":      map[string]any{"http": true, "message": []any{map[string]any{"channel": "WATCHTEST", "type": "POST"}}},
-		"environment": map[string]any{
-			"reproducible": false, "internet": false, "aleph_api": false, "shared_cache": false,
-		},
-		"resources": map[string]any{"vcpus": 1, "memory": 256, "seconds": 30},
-	})
+	program, codeRef := publishWatchedProgram(t, s)
 	events := func() []string {
 		r := s.get("/vm/" + program + "/events")
 		var out []string
@@ -172,4 +161,24 @@ func TestWatchMessages(t *testing.T) {
 			t.Fatalf("%d executions after a message for the forgotten program", n)
 		}
 	})
+}
+
+// publishWatchedProgram publishes watchApp v1 (code followed with
+// use_latest) subscribed to POSTs on channel WATCHTEST.
+func publishWatchedProgram(t *testing.T, s *supervisor) (program, codeRef string) {
+	t.Helper()
+	api := s.api
+	runtime := s.addRuntime(runtimeFile)
+	codeRef = api.publishFile(t, watchOwner, watchCode(t, "v1"), "")
+	program = api.publish(t, "PROGRAM", watchOwner, "WATCHTEST", map[string]any{
+		"type": "vm-function", "address": watchOwner, "time": 1700000000.0, "allow_amend": false,
+		"code":    map[string]any{"encoding": "zip", "entrypoint": "main:app", "ref": codeRef, "use_latest": true},
+		"runtime": map[string]any{"ref": runtime, "use_latest": false, "comment": ""},
+		"on":      map[string]any{"http": true, "message": []any{map[string]any{"channel": "WATCHTEST", "type": "POST"}}},
+		"environment": map[string]any{
+			"reproducible": false, "internet": false, "aleph_api": false, "shared_cache": false,
+		},
+		"resources": map[string]any{"vcpus": 1, "memory": 256, "seconds": 30},
+	})
+	return program, codeRef
 }
