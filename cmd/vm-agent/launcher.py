@@ -10,11 +10,17 @@
 #     decided here so the agent's behaviour does not depend on the uvicorn
 #     version of the runtime);
 #   - an unhandled exception answers 500 with the traceback as text/plain,
-#     which aleph-vm users rely on to debug programs they cannot log into.
+#     which aleph-vm users rely on to debug programs they cannot log into;
+#   - a request bearing the execution's event token (given by the host in
+#     EVENT_TOKEN_VAR, removed from the program's environment) is an Aleph
+#     message for the program: it is handed over as aleph-vm's runtime
+#     does, as an ASGI scope {"type": "aleph.message"} whose receive()
+#     answers {"type": "aleph.message", "body": <message JSON str>}.
 # A program that cannot start (its import raises, its lifespan startup
 # fails) leaves its traceback in START_ERROR beside the socket: the agent
 # hands it to the supervisor, which answers it, as aleph-vm does.
 import asyncio
+import hmac
 import importlib
 import importlib.machinery
 import importlib.util
@@ -35,6 +41,8 @@ HOLD_LIMIT = 1 << 20
 # sys.path right after the code, ahead of the runtime's own packages.
 PACKAGES_DIR = "/opt/packages"
 START_ERROR = "start-error.txt"
+EVENT_TOKEN_VAR = "_ALEPH_EVENT_TOKEN"
+EVENT_TOKEN_HEADER = b"aleph-event-token"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -104,9 +112,10 @@ def as_asgi3(app):
 
 
 class Wrapper:
-    def __init__(self, app, on_startup_failed):
+    def __init__(self, app, on_startup_failed, event_token=None):
         self.app = app
         self.on_startup_failed = on_startup_failed
+        self.event_token = (event_token or "").encode()
         self.lifespan_queue = None
         self.lifespan_task = None
         self.lifespan_done = None
@@ -116,9 +125,64 @@ class Wrapper:
         if kind == "lifespan":
             await self.lifespan(scope, receive, send)
         elif kind == "http":
-            await self.http(scope, receive, send)
+            if self.is_event(scope):
+                await self.event(receive, send)
+            else:
+                await self.http(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+    def is_event(self, scope):
+        if not self.event_token:
+            return False
+        for name, value in scope.get("headers", ()):
+            if name.lower() == EVENT_TOKEN_HEADER:
+                return hmac.compare_digest(value, self.event_token)
+        return False
+
+    async def event(self, receive, send):
+        chunks = []
+        while True:
+            m = await receive()
+            if m["type"] != "http.request":
+                return
+            chunks.append(m.get("body", b""))
+            if not m.get("more_body"):
+                break
+        body = b"".join(chunks).decode("utf-8", "replace")
+
+        async def event_receive():
+            return {"type": "aleph.message", "body": body, "more_body": False}
+
+        sent = []
+
+        async def event_send(message):
+            sent.append(message)
+
+        status, ctype = 200, b"application/json"
+        try:
+            result = await self.app({"type": "aleph.message"}, event_receive, event_send)
+            # Some wrappers return the handler's coroutine rather than
+            # awaiting it.
+            if inspect.isawaitable(result):
+                await result
+            answer = sent[0] if sent else None
+            if isinstance(answer, dict) and "body" in answer and "type" in answer:
+                answer = answer["body"]
+            if isinstance(answer, (bytes, bytearray)):
+                answer = answer.decode("utf-8", "replace")
+            import json
+            out = json.dumps(answer, default=str).encode()
+        except Exception:
+            text = traceback.format_exc()
+            print(text, file=sys.stderr, flush=True)
+            status, ctype, out = 500, b"text/plain; charset=utf-8", text.encode()
+        await send({
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", ctype), (b"content-length", str(len(out)).encode())],
+        })
+        await send({"type": "http.response.body", "body": out})
 
     async def http(self, scope, receive, send):
         held = []
@@ -314,12 +378,13 @@ def main():
         spec = importlib.util.spec_from_file_location("_aleph_asgi_server", os.path.join(HERE, "asgi_server.py"))
         server_module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(server_module)
+    event_token = os.environ.pop(EVENT_TOKEN_VAR, None)
     try:
         app = as_asgi3(load_app(entrypoint, code_dir))
     except BaseException:
         report_start_failure(socket_path, traceback.format_exc())
         sys.exit(3)
-    wrapped = Wrapper(app, lambda text: report_start_failure(socket_path, text))
+    wrapped = Wrapper(app, lambda text: report_start_failure(socket_path, text), event_token)
 
     if server_module is not None:
         sys.exit(server_module.serve(wrapped, socket_path, lambda text: None))

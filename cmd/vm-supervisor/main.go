@@ -38,9 +38,6 @@ func run(args []string, stdout, stderr io.Writer) int {
 	for _, name := range opts.Unknown {
 		log.Warn("ignoring unknown setting", "name", name)
 	}
-	for _, name := range opts.NotUsedYet {
-		log.Warn("setting accepted but not used yet", "name", name)
-	}
 	if opts.PrintSettings {
 		if err := settings.Print(stdout); err != nil {
 			fmt.Fprintln(stderr, "vm-supervisor:", err)

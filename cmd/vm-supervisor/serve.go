@@ -49,7 +49,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 	if err != nil {
 		return err
 	}
-	source, err := newSource(s, st, log)
+	source, react, err := newWatchedSource(s, st, log)
 	if err != nil {
 		return err
 	}
@@ -118,6 +118,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 			})
 		},
 	}, log))
+	defer startWatching(ctx, s, react, p, log)()
 
 	token, err := writeLoginToken(s.ExecutionRoot)
 	if err != nil {

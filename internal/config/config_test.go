@@ -335,38 +335,21 @@ func TestHelp(t *testing.T) {
 }
 
 func TestPrintAndRedaction(t *testing.T) {
-	s, opts, err := Load(nil, []string{
+	s, _, err := Load(nil, []string{
 		"ALEPH_VM_REDIS_URL=redis://user:hunter2@cache.example:6379/0",
 		"ALEPH_VM_ALLOCATION_TOKEN_HASH=" + strings.Repeat("ab", 32),
 	}, "")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(opts.NotUsedYet) != 0 {
-		t.Errorf("NotUsedYet = %q, want none: both settings given are used", opts.NotUsedYet)
-	}
 	var b bytes.Buffer
 	if err := s.Print(&b); err != nil {
 		t.Fatal(err)
 	}
 	out := b.String()
-	var lines []string
-	comments := 0
-	for _, l := range strings.Split(strings.TrimSuffix(out, "\n"), "\n") {
-		if strings.HasPrefix(l, "# ") {
-			comments++
-			if !strings.Contains(l, "not used yet") {
-				t.Errorf("comment %q does not say the setting is unused", l)
-			}
-			continue
-		}
-		lines = append(lines, l)
-	}
+	lines := strings.Split(strings.TrimSuffix(out, "\n"), "\n")
 	if len(lines) != len(table) {
 		t.Errorf("%d lines for %d settings", len(lines), len(table))
-	}
-	if !strings.Contains(out, "# ALEPH_VM_WATCH_FOR_MESSAGES is accepted but not used yet") || comments != 2 {
-		t.Errorf("%d not-used-yet comments, want 2 including WATCH_FOR_MESSAGES:\n%s", comments, out)
 	}
 	for _, want := range []string{
 		"ALEPH_VM_SUPERVISOR_PORT = 4020\n",

@@ -33,9 +33,6 @@ type Options struct {
 	// Unknown lists ALEPH_VM_* names from .env or the environment that are
 	// no setting of ours, so a typo can be logged instead of ignored.
 	Unknown []string
-	// NotUsedYet lists the settings given that are accepted but do nothing
-	// yet, for the caller to warn about once.
-	NotUsedYet []string
 }
 
 // LogLevel maps Verbosity to a slog level.
@@ -133,17 +130,10 @@ func newFlagSet(fv *flagValues) *pflag.FlagSet {
 }
 
 // Usage writes the flag list, one flag a line with the setting it sets,
-// then the settings that are accepted but not used yet, for the caller to
-// frame with its synopsis.
+// for the caller to frame with its synopsis.
 func Usage(w io.Writer) {
 	fs := newFlagSet(&flagValues{opts: &Options{}})
 	fmt.Fprint(w, fs.FlagUsagesWrapped(100))
-	fmt.Fprint(w, "\nAccepted for compatibility with aleph-vm, but not used yet:\n")
-	for _, d := range table {
-		if d.notUsedYet != "" {
-			fmt.Fprintf(w, "  %s%s (%s): waits for %s\n", EnvPrefix, d.name, d.help, d.notUsedYet)
-		}
-	}
 }
 
 type rawValue struct {
@@ -166,14 +156,9 @@ func Load(args []string, environ []string, dotenvPath string) (*Settings, *Optio
 		return nil, opts, err
 	}
 	addFlagSettings(raw, fs, fv)
-	s, given, err := apply(raw)
+	s, err := apply(raw)
 	if err != nil {
 		return nil, opts, err
-	}
-	for _, d := range table {
-		if given[d.name] && d.notUsedYet != "" {
-			opts.NotUsedYet = append(opts.NotUsedYet, EnvPrefix+d.name)
-		}
 	}
 	for k := range unknown {
 		opts.Unknown = append(opts.Unknown, k)
@@ -271,7 +256,7 @@ func addFlagSettings(raw map[string]rawValue, fs *pflag.FlagSet, fv *flagValues)
 
 // apply sets the raw values over the defaults and validates the result;
 // given tells which settings had a value.
-func apply(raw map[string]rawValue) (*Settings, map[string]bool, error) {
+func apply(raw map[string]rawValue) (*Settings, error) {
 	s := Default()
 	given := map[string]bool{}
 	// Table order, not map order, so that the first error reported is the
@@ -290,7 +275,7 @@ func apply(raw map[string]rawValue) (*Settings, map[string]bool, error) {
 			err = d.set(s, v)
 		}
 		if err != nil {
-			return nil, nil, &SettingError{Name: d.name, Value: rv.value, Source: rv.source, Reason: err.Error()}
+			return nil, &SettingError{Name: d.name, Value: rv.value, Source: rv.source, Reason: err.Error()}
 		}
 	}
 	s.deriveFromExecutionRoot(given)
@@ -298,9 +283,9 @@ func apply(raw map[string]rawValue) (*Settings, map[string]bool, error) {
 		if rv, ok := raw[serr.Name]; ok {
 			serr.Source = rv.source
 		}
-		return nil, nil, serr
+		return nil, serr
 	}
-	return s, given, nil
+	return s, nil
 }
 
 // readDotenv parses the file without touching the process environment. A

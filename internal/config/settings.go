@@ -255,11 +255,6 @@ func netJoinHostPort(host string, port int) string {
 // filled in.
 func (s *Settings) Print(w io.Writer) error {
 	for _, d := range table {
-		if d.notUsedYet != "" {
-			if _, err := fmt.Fprintf(w, "# %s%s is accepted but not used yet: it waits for %s.\n", EnvPrefix, d.name, d.notUsedYet); err != nil {
-				return fmt.Errorf("print settings: %w", err)
-			}
-		}
 		if _, err := fmt.Fprintf(w, "%s%s = %s\n", EnvPrefix, d.name, formatValue(d.printable(s))); err != nil {
 			return fmt.Errorf("print settings: %w", err)
 		}

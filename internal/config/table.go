@@ -29,10 +29,6 @@ type descriptor struct {
 	get func(s *Settings) any
 	// redact, when set, replaces get for anything shown to people.
 	redact func(s *Settings) any
-	// notUsedYet names the feature that will read a setting which is
-	// accepted for compatibility with aleph-vm's settings files but does
-	// nothing yet, so that help, printouts and logs can say so.
-	notUsedYet string
 }
 
 func (d descriptor) printable(s *Settings) any {
@@ -62,12 +58,6 @@ func str(name, help string, f func(*Settings) *string, check ...func(string) err
 
 func optional(d descriptor) descriptor {
 	d.optional = true
-	return d
-}
-
-// notUsedYet marks a setting as accepted but ignored until feature lands.
-func notUsedYet(feature string, d descriptor) descriptor {
-	d.notUsedYet = feature
 	return d
 }
 
@@ -138,10 +128,10 @@ var table = []descriptor{
 	smallInt("SUPERVISOR_PORT", "port the HTTP service listens on", 1, 65535, func(s *Settings) *int { return &s.SupervisorPort }),
 	str("DOMAIN_NAME", "host name of the status page; other hosts route to programs", func(s *Settings) *string { return &s.DomainName }),
 	seconds("REUSE_TIMEOUT", "seconds an idle execution stays warm", true, func(s *Settings) *time.Duration { return &s.ReuseTimeout }),
-	notUsedYet("the message watcher", boolean("WATCH_FOR_MESSAGES", "follow Aleph messages that trigger programs",
-		func(s *Settings) *bool { return &s.WatchForMessages })),
-	notUsedYet("the message watcher", boolean("WATCH_FOR_UPDATES", "follow amends of running programs",
-		func(s *Settings) *bool { return &s.WatchForUpdates })),
+	boolean("WATCH_FOR_MESSAGES", "run programs whose on.message filters match new Aleph messages",
+		func(s *Settings) *bool { return &s.WatchForMessages }),
+	boolean("WATCH_FOR_UPDATES", "stop warm programs when a use_latest ref of theirs is amended",
+		func(s *Settings) *bool { return &s.WatchForUpdates }),
 
 	str("API_SERVER", "Aleph API server", func(s *Settings) *string { return &s.APIServer }, checkHTTPURL),
 	str("IPFS_GATEWAY", "IPFS gateway for IPFS-stored files", func(s *Settings) *string { return &s.IPFSGateway }, checkHTTPURL),

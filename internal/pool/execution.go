@@ -48,6 +48,9 @@ type Execution struct {
 	transport *http.Transport
 	stateDir  string
 	net       *network.Network // nil: loopback only
+	// eventToken marks the requests that carry an Aleph message to the
+	// program (event.go): only the host knows it.
+	eventToken string
 
 	defined, prepared, started time.Time
 
@@ -78,6 +81,7 @@ func newExecution(p *Pool, prog *sources.Program) *Execution {
 		prog:       prog,
 		log:        p.log.With("program", prog.Hash, "execution", id),
 		defined:    time.Now(),
+		eventToken: newEventToken(),
 		stopping:   make(chan struct{}),
 		finishDone: make(chan struct{}),
 	}
@@ -391,6 +395,7 @@ func (e *Execution) guestConfig() guest.Config {
 		env["ALEPH_ADDRESS_TO_USE"] = label
 		hostname = label
 	}
+	env[EventTokenVar] = e.eventToken
 	cfg := guest.Config{
 		ProgramHash: e.hash,
 		Interface:   iface,

@@ -87,6 +87,9 @@ type Resolver struct {
 	// requests for an unknown hash cost no API call for a while.
 	notFoundMu sync.Mutex
 	notFound   map[string]missing
+
+	forgottenMu sync.Mutex
+	forgotten   map[string]bool // FORGET messages seen (forget.go)
 }
 
 type missing struct {
@@ -143,6 +146,9 @@ func (r *Resolver) Message(ctx context.Context, hash string) (*message.Message, 
 
 func (r *Resolver) message(ctx context.Context, hash string) (*message.Message, error) {
 	if err := message.ValidateItemHash(hash); err != nil {
+		return nil, err
+	}
+	if err := r.forgottenErr(hash); err != nil {
 		return nil, err
 	}
 	m, err := r.store.GetMessage(hash)

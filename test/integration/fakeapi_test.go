@@ -19,12 +19,17 @@ type alephAPI struct {
 	mu       sync.Mutex
 	messages map[string]map[string]any
 	files    map[string][]byte
+	stream   *apiStream // /api/ws0/messages (fakeapi_stream_test.go)
 }
 
 func newAlephAPI(t *testing.T) *alephAPI {
 	a := &alephAPI{messages: map[string]map[string]any{}, files: map[string][]byte{}}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /api/v0/messages.json", func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Query().Has("refs") {
+			a.amends(w, r)
+			return
+		}
 		a.mu.Lock()
 		defer a.mu.Unlock()
 		found := []any{}
@@ -61,8 +66,9 @@ func newAlephAPI(t *testing.T) *alephAPI {
 		}
 		_, _ = w.Write(b)
 	})
+	a.serveStream(t, mux)
 	a.srv = httptest.NewServer(mux)
-	t.Cleanup(a.srv.Close)
+	t.Cleanup(func() { a.srv.Close() })
 	return a
 }
 
