@@ -27,10 +27,13 @@ const emulatedInitTimeout = 120 * time.Second
 // selectBackend builds the backend that HYPERVISOR names. `auto` follows
 // hostcheck's order (firecracker, qemu with KVM, gvisor, emulated qemu)
 // and moves on when a candidate cannot be built here.
-func selectBackend(s *config.Settings, log *slog.Logger) (backend.Backend, error) {
+// selectBackend builds the backend HYPERVISOR names, or the best one this
+// host runs for auto. agentProfileDir, when set (--profile), makes gVisor
+// agents profile themselves there.
+func selectBackend(s *config.Settings, agentProfileDir string, log *slog.Logger) (backend.Backend, error) {
 	switch s.Hypervisor {
 	case config.HypervisorGVisor:
-		return newGVisor(s, log)
+		return newGVisor(s, agentProfileDir, log)
 	case config.HypervisorQemu:
 		return newQemu(s, log)
 	case config.HypervisorFirecracker:
@@ -46,7 +49,7 @@ func selectBackend(s *config.Settings, log *slog.Logger) (backend.Backend, error
 	candidates := []candidate{
 		{"firecracker", kvm && report.OK("firecracker"), func() (backend.Backend, error) { return newFirecracker(s, log) }},
 		{"qemu (KVM)", kvm && report.OK("qemu"), func() (backend.Backend, error) { return newQemu(s, log) }},
-		{"gvisor", report.OK("runsc"), func() (backend.Backend, error) { return newGVisor(s, log) }},
+		{"gvisor", report.OK("runsc"), func() (backend.Backend, error) { return newGVisor(s, agentProfileDir, log) }},
 		{"qemu (emulated)", !kvm && report.OK("qemu"), func() (backend.Backend, error) { return newQemu(s, log) }},
 	}
 	var errs []error
@@ -81,10 +84,7 @@ func hostReport(s *config.Settings) *hostcheck.Report {
 	})
 }
 
-// agentProfileDir is set by --profile: agents then profile themselves too.
-var agentProfileDir string
-
-func newGVisor(s *config.Settings, log *slog.Logger) (backend.Backend, error) {
+func newGVisor(s *config.Settings, agentProfileDir string, log *slog.Logger) (backend.Backend, error) {
 	if _, err := os.Stat(s.AgentPath); err != nil {
 		return nil, fmt.Errorf("vm-agent binary (ALEPH_VM_AGENT_PATH=%s): %w", s.AgentPath, err)
 	}

@@ -34,6 +34,7 @@ import (
 
 // serve runs the HTTP service until ctx ends, then stops every sandbox.
 func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *slog.Logger, stdout io.Writer) error {
+	var agentProfileDir string
 	if opts.Profile {
 		stopProfile, err := startProfile(s.ExecutionRoot)
 		if err != nil {
@@ -59,7 +60,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 	}
 	defer db.Close()
 
-	be, beErr := selectBackend(s, log)
+	be, beErr := selectBackend(s, agentProfileDir, log)
 	if beErr != nil {
 		log.Warn("no isolation backend available: programs will answer 503", "err", beErr)
 	} else {
@@ -71,10 +72,6 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 		return err
 	}
 	log.Info("admission", "memory_mib", capacity.MemoryMiB, "vcpus", capacity.VCPUs, "max_executions", s.MaxExecutions)
-	networks, netErr := newNetworks(ctx, s, be, log)
-	if netErr != nil {
-		log.Error("program networking unavailable: programs asking for the internet will be refused", "err", netErr)
-	}
 	if c, ok := be.(backend.Closer); ok {
 		defer func() {
 			if err := c.Close(); err != nil {
@@ -82,15 +79,8 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 			}
 		}()
 	}
-	var poolNetworks pool.Networks
-	if networks != nil {
-		poolNetworks = networks // a nil *Manager must not become a non-nil interface
-		defer func() {
-			if err := networks.Close(); err != nil {
-				log.Warn("removing the network firewall", "err", err)
-			}
-		}()
-	}
+	poolNetworks, closeNetworks, netErr := openNetworks(ctx, s, be, log)
+	defer closeNetworks()
 	var spareRuntime pool.SpareRuntime
 	// Only some backends' sandboxes can receive their code after starting.
 	if _, ok := be.(backend.SpareMaker); s.Prewarm && ok {
@@ -141,6 +131,23 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 		return err
 	}
 	return listenAndServe(ctx, s, api, p, log, stdout)
+}
+
+// openNetworks sets up program networking. Without it programs asking for
+// the internet are refused (netErr says why), the rest run.
+func openNetworks(ctx context.Context, s *config.Settings, be backend.Backend, log *slog.Logger) (networks pool.Networks, closeNetworks func(), netErr error) {
+	manager, netErr := newNetworks(ctx, s, be, log)
+	if netErr != nil {
+		log.Error("program networking unavailable: programs asking for the internet will be refused", "err", netErr)
+	}
+	if manager == nil {
+		return nil, func() {}, netErr // a nil *Manager must not become a non-nil interface
+	}
+	return manager, func() {
+		if err := manager.Close(); err != nil {
+			log.Warn("removing the network firewall", "err", err)
+		}
+	}, netErr
 }
 
 // poolDeps are what serve opened for the pool.
