@@ -116,7 +116,7 @@ func newFlagSet(fv *flagValues) *pflag.FlagSet {
 	fs.BoolVarP(&o.PrintSettings, "print-settings", "p", false, "print every setting (secrets redacted)")
 	fs.BoolVar(&o.PrintSettings, "print-config", false, "alias of --print-settings")
 	fs.BoolVarP(&o.DoNotRun, "do-not-run", "n", false, "exit after printing settings instead of serving")
-	fs.BoolVar(&o.Profile, "profile", false, "write a CPU profile of the supervisor to EXECUTION_ROOT/cpu.pprof until it stops")
+	fs.BoolVar(&o.Profile, "profile", false, "CPU-profile the supervisor (EXECUTION_ROOT/cpu.pprof) and every gVisor agent (EXECUTION_ROOT/agent-profiles) until it stops")
 	fs.IntVar(&o.Benchmark, "benchmark", 0, "run the fake-data program N times and report timings")
 	fs.StringVarP(&fv.fakeDataProgram, "fake-data-program", "f", "", "serve this program directory for every request (ALEPH_VM_FAKE_DATA_PROGRAM)")
 	fv.settingsV = make(map[string]*rawFlag, len(settingFlags))
