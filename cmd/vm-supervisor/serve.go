@@ -83,7 +83,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 	defer closeNetworks()
 	var spareRuntime pool.SpareRuntime
 	// Only some backends' sandboxes can receive their code after starting.
-	if _, ok := be.(backend.SpareMaker); s.Prewarm && ok {
+	if _, ok := be.(backend.SpareMaker); s.Prewarm && s.SparesMemoryMiB > 0 && ok {
 		spareRuntime = defaultRuntimeFile(st)
 	}
 	signer, err := loadNodeKey(s, log)
@@ -183,13 +183,14 @@ func poolOptions(s *config.Settings, d poolDeps, log *slog.Logger) pool.Options 
 			MaxBytes:       s.ProgramLogMaxBytes,
 		},
 		// Each program's output for its owner (/control/machine/{ref}/logs).
-		Logs:          proglog.NewRegistry(proglog.Limits{}),
-		SpareRuntime:  d.spareRuntime,
-		PersistentDir: s.PersistentVolumesDir,
-		AlephEnv:      alephEnv(s),
-		Networks:      d.networks,
-		NetworkError:  d.networkErr,
-		Logger:        log,
+		Logs:           proglog.NewRegistry(proglog.Limits{}),
+		SpareRuntime:   d.spareRuntime,
+		SpareMemoryMiB: s.SparesMemoryMiB,
+		PersistentDir:  s.PersistentVolumesDir,
+		AlephEnv:       alephEnv(s),
+		Networks:       d.networks,
+		NetworkError:   d.networkErr,
+		Logger:         log,
 	}
 }
 

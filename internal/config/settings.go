@@ -70,6 +70,9 @@ type Settings struct {
 	InitTimeout     time.Duration
 	// Prewarm keeps a spare sandbox for the default runtime (PREWARM).
 	Prewarm bool
+	// SparesMemoryMiB bounds the memory of all pre-warmed sandboxes
+	// together (SPARES_MEMORY_MIB); it counts against admission too.
+	SparesMemoryMiB int
 
 	CacheRoot            string
 	ExecutionRoot        string
@@ -169,6 +172,7 @@ func Default() *Settings {
 		AgentPath:               defaultAgentPath(),
 		InitTimeout:             20 * time.Second,
 		Prewarm:                 true,
+		SparesMemoryMiB:         1024,
 		CacheRoot:               "/var/cache/aleph/vm",
 		ExecutionRoot:           "/var/lib/aleph/vm",
 		MaxProgramArchiveSize:   10_000_000,

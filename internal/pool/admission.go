@@ -28,9 +28,9 @@ const DefaultCapacityWait = 5 * time.Second
 // aleph-vm words its 503 "Insufficient capacity".
 const insufficientCapacity = "This CRN cannot host the requested workload at this time."
 
-// committedLocked sums the reservations of every execution not yet fully
-// stopped. p.mu must be held.
-func (p *Pool) committedLocked() (memoryMiB, vcpus, count int) {
+// executionsCommittedLocked sums the reservations of every execution not
+// yet fully stopped. p.mu must be held.
+func (p *Pool) executionsCommittedLocked() (memoryMiB, vcpus, count int) {
 	for e := range p.all {
 		v, m := resources(e.prog.Content)
 		memoryMiB += m
@@ -38,6 +38,14 @@ func (p *Pool) committedLocked() (memoryMiB, vcpus, count int) {
 		count++
 	}
 	return memoryMiB, vcpus, count
+}
+
+// committedLocked is executionsCommittedLocked with the memory of spares,
+// which are sandboxes too (idle ones use no CPU and are not executions).
+// p.mu must be held.
+func (p *Pool) committedLocked() (memoryMiB, vcpus, count int) {
+	memoryMiB, vcpus, count = p.executionsCommittedLocked()
+	return memoryMiB + p.spareMemoryLocked(), vcpus, count
 }
 
 // shortfallLocked says why prog cannot be admitted now, or "" if it can.
@@ -69,13 +77,23 @@ func (p *Pool) neverFits(prog *sources.Program) string {
 	return ""
 }
 
-// admit reserves prog's resources for exec, evicting idle executions
-// (least recently used first) when the node is full. It returns an
-// errkind.NoCapacity error when even that is not enough.
+// admit reserves prog's resources for exec, stopping spares (least
+// useful first) and then idle executions (least recently used first) when
+// the node is full. It returns an errkind.NoCapacity error when even that
+// is not enough.
 func (p *Pool) admit(ctx context.Context, exec *Execution) error {
 	if why := p.neverFits(exec.prog); why != "" {
 		return p.refuse(exec, why)
 	}
+	_, mem := resources(exec.prog.Content)
+	waiting := false
+	defer func() {
+		if waiting {
+			p.mu.Lock()
+			p.waitingMiB -= mem
+			p.mu.Unlock()
+		}
+	}()
 	// A node full of busy executions may have room a moment later (a
 	// request ends, an execution idles out): wait a little before 503.
 	deadline := time.Now().Add(p.opts.CapacityWait)
@@ -91,6 +109,15 @@ func (p *Pool) admit(ctx context.Context, exec *Execution) error {
 			p.stopped.Add(1)
 			p.mu.Unlock()
 			return nil
+		}
+		if !waiting { // spares being made now give way when they are ready
+			waiting = true
+			p.waitingMiB += mem
+		}
+		if sp := p.spareInTheWayLocked(mem); sp != nil {
+			p.mu.Unlock()
+			p.dropSpare(sp, "a program needs its memory")
+			continue
 		}
 		victim := p.idlestLocked()
 		p.mu.Unlock()
@@ -113,6 +140,16 @@ func (p *Pool) admit(ctx context.Context, exec *Execution) error {
 func (p *Pool) refuse(exec *Execution, why string) error {
 	p.log.Warn("refusing program: insufficient capacity", "program", exec.hash, "short_of", why)
 	return errkind.New(errkind.NoCapacity, "Insufficient capacity: %s (%s)", insufficientCapacity, why)
+}
+
+// spareInTheWayLocked takes out the least useful idle spare when memory
+// is what the node is short of, for the caller to drop. p.mu must be held.
+func (p *Pool) spareInTheWayLocked(mem int) *spare {
+	cm, _, _ := p.committedLocked()
+	if c := p.opts.Capacity.MemoryMiB; c <= 0 || cm+mem <= c {
+		return nil
+	}
+	return p.dropSpareLocked()
 }
 
 // idlestLocked returns the running execution without requests in flight

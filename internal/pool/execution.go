@@ -152,11 +152,12 @@ func (e *Execution) armIdleTimerLocked() {
 	})
 }
 
-// boot starts the sandbox and the program inside it.
-func (e *Execution) boot(ctx context.Context) error {
+// boot starts the program in sp, or in a sandbox of its own when sp is nil
+// or cannot be used.
+func (e *Execution) boot(ctx context.Context, sp *spare) error {
 	ctx, cancel := context.WithTimeout(ctx, e.pool.opts.InitTimeout)
 	defer cancel()
-	err := e.bootSteps(ctx)
+	err := e.bootSteps(ctx, sp)
 	if err != nil && ctx.Err() == context.DeadlineExceeded {
 		return errkind.Wrap(errkind.BadGateway, fmt.Errorf(
 			"program %s did not start within INIT_TIMEOUT (%s): %w", e.hash, e.pool.opts.InitTimeout, err))
@@ -164,8 +165,8 @@ func (e *Execution) boot(ctx context.Context) error {
 	return err
 }
 
-func (e *Execution) bootSteps(ctx context.Context) error {
-	if sp := e.pool.takeSpare(e.prog); sp != nil {
+func (e *Execution) bootSteps(ctx context.Context, sp *spare) error {
+	if sp != nil {
 		err := e.adoptSpare(ctx, sp)
 		if err == nil && !sp.alive() {
 			// It died as it was taken, before its watcher could replace it:
@@ -174,7 +175,6 @@ func (e *Execution) bootSteps(ctx context.Context) error {
 			e.pool.spareDied(sp)
 		}
 		if err == nil {
-			e.pool.refillSpare(sp.shape)
 			err = e.connect(ctx, sp.client)
 			if err == nil {
 				// A spare that runs a program is proof that starts work.
@@ -193,7 +193,6 @@ func (e *Execution) bootSteps(ctx context.Context) error {
 		e.pool.discardSpare(sp, err.Error())
 		e.id = uuid.NewString()
 		e.log = e.pool.log.With("program", e.hash, "execution", e.id)
-		e.pool.refillSpare(sp.shape)
 	}
 	dir, err := e.pool.stateDir(e.id)
 	if err != nil {

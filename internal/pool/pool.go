@@ -52,9 +52,20 @@ type Options struct {
 	GuestAPI func(prog *sources.Program) http.Handler
 	// AlephEnv is added to every program's environment (ALEPH_API_HOST...).
 	AlephEnv map[string]string
-	// SpareRuntime, when set, keeps one pre-warmed sandbox ready for
-	// programs on that runtime with default resources.
+	// SpareRuntime, when set, turns spares on: pre-warmed sandboxes for
+	// every shape of program in recent demand, and always one for that
+	// runtime with default resources (sparesplan.go).
 	SpareRuntime SpareRuntime
+	// SpareMemoryMiB bounds the memory of all spares together; it is also
+	// reserved from Capacity, and given back whenever a program needs it
+	// (0: DefaultSpareMemoryMiB).
+	SpareMemoryMiB int
+	// SpareDemandHalfLife is how fast the demand of a shape is forgotten
+	// (0: DefaultSpareDemandHalfLife).
+	SpareDemandHalfLife time.Duration
+	// SpareStartsAtOnce bounds spares being started together (0: one per
+	// core, at most 4).
+	SpareStartsAtOnce int
 	// Networks gives programs with environment.internet a network of
 	// their own; nil means they run with loopback only.
 	Networks Networks
@@ -96,12 +107,14 @@ type Pool struct {
 	draining bool
 	stopped  sync.WaitGroup
 
-	spare        map[spareShape]*spare
-	makingSpare  map[spareShape]bool
-	spareBackoff map[spareShape]spareBackoff
-	spares       sync.WaitGroup
-	quit         chan struct{} // closed at Shutdown: spare backoffs end
-	quitOnce     sync.Once
+	shapes      map[spareShape]*shapeState
+	makingTotal int // spares being started, all shapes
+	// waitingMiB is the memory of starts waiting for room: spares give
+	// it up first.
+	waitingMiB int
+	spares     sync.WaitGroup
+	quit       chan struct{} // closed at Shutdown: the spares' timer ends
+	quitOnce   sync.Once
 
 	// kept holds the hashes the node keeps running (Keep). Its own lock:
 	// executions read it while holding their mutex, and p.mu is taken
@@ -128,6 +141,15 @@ func New(opts Options) *Pool {
 	if opts.InitTimeout <= 0 {
 		opts.InitTimeout = 20 * time.Second
 	}
+	if opts.SpareMemoryMiB <= 0 {
+		opts.SpareMemoryMiB = DefaultSpareMemoryMiB
+	}
+	if opts.SpareDemandHalfLife <= 0 {
+		opts.SpareDemandHalfLife = DefaultSpareDemandHalfLife
+	}
+	if opts.SpareStartsAtOnce <= 0 {
+		opts.SpareStartsAtOnce = defaultSpareStarts()
+	}
 	p := &Pool{
 		opts:     opts,
 		log:      opts.Logger,
@@ -136,15 +158,13 @@ func New(opts Options) *Pool {
 		all:      map[*Execution]struct{}{},
 		kept:     map[string]bool{},
 
-		spare:        map[spareShape]*spare{},
-		makingSpare:  map[spareShape]bool{},
-		spareBackoff: map[spareShape]spareBackoff{},
-		quit:         make(chan struct{}),
+		shapes: map[spareShape]*shapeState{},
+		quit:   make(chan struct{}),
 	}
-	// Both shapes are common: the SDKs default to the internet, tests and
-	// simple functions go without.
-	p.refillSpare(spareShape{internet: false})
-	p.refillSpare(spareShape{internet: true})
+	if p.sparesOn() {
+		p.spares.Add(1)
+		go p.runSpares()
+	}
 	return p
 }
 
@@ -234,10 +254,16 @@ func (p *Pool) launch(ctx context.Context, hash string) (*Execution, error) {
 		return nil, errkind.Wrap(errkind.NoBackend, fmt.Errorf("no backend available: %w", err))
 	}
 	exec := newExecution(p, prog)
+	// Taken before admission: its memory moves from the spares to the
+	// execution instead of being counted twice.
+	sp := p.takeSpare(prog)
 	if err := p.admit(ctx, exec); err != nil {
+		if sp != nil {
+			p.returnSpare(sp)
+		}
 		return nil, err
 	}
-	if err := exec.boot(ctx); err != nil {
+	if err := exec.boot(ctx, sp); err != nil {
 		exec.finish(context.Background(), err)
 		return nil, err
 	}

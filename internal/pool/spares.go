@@ -3,6 +3,7 @@ package pool
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"sync"
 	"time"
@@ -16,11 +17,11 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
 )
 
-// A spare is a sandbox started before any request, for the default runtime
-// and default resources, with its guest channel open and (under gVisor)
-// the interpreter already importing uvicorn and FastAPI. A cold request
-// whose program matches takes it and only loads its code, which removes
-// the sandbox and interpreter start from the request path.
+// A spare is a sandbox started before any request for one shape (runtime,
+// memory, vCPUs, internet or not), with its guest channel open and (under
+// gVisor) the interpreter already importing uvicorn and FastAPI. A cold
+// request whose program has that shape takes it and only loads its code,
+// which removes the sandbox and interpreter start from the request path.
 type spare struct {
 	id       string
 	stateDir string
@@ -45,52 +46,56 @@ func (sp *spare) claim() bool {
 	return won
 }
 
-// spareShape is what a spare was made for besides the default runtime and
-// resources: a network is attached when the sandbox starts, so programs
-// with and without the internet need spares of their own. The pool keeps
-// one spare of each (the internet one only when networking works).
+// spareShape is everything fixed when a sandbox starts: a program can
+// only take a spare started with its runtime, its resources, and a
+// network if it asks for the internet.
 type spareShape struct {
-	internet bool
+	runtime   string // content hash of the runtime image
+	memoryMiB int
+	vcpus     int
+	internet  bool
 }
 
-func shapeOf(prog *sources.Program) spareShape {
-	return spareShape{internet: prog.Content.Environment.Internet}
+// shapeOf gives the shape of the spare prog could run in, or false when
+// no spare fits it: data and volumes are attached when a sandbox starts.
+func shapeOf(prog *sources.Program) (spareShape, bool) {
+	if prog.Runtime.Hash == "" || prog.Data != nil || len(prog.Volumes) > 0 {
+		return spareShape{}, false
+	}
+	vcpus, mem := resources(prog.Content)
+	return spareShape{runtime: prog.Runtime.Hash, memoryMiB: mem, vcpus: vcpus,
+		internet: prog.Content.Environment.Internet}, true
 }
 
-// SpareRuntime names the runtime spares are made for: the one most
-// programs use (the local store's default).
+// SpareRuntime names the runtime most programs use (the local store's
+// default): its default shapes always have a spare, demand or not.
 type SpareRuntime func(ctx context.Context) (sources.File, error)
 
-// spareFits tells whether a program can run in a spare: same runtime,
-// default resources, nothing to attach at start.
-func spareFits(prog *sources.Program, sp *spare) bool {
-	vcpus, mem := resources(prog.Content)
-	return prog.Runtime.Hash == sp.runtime.Hash && prog.Runtime.Hash != "" &&
-		vcpus == message.DefaultVCPUs && mem == message.DefaultMemory &&
-		prog.Data == nil && len(prog.Volumes) == 0
-}
-
-// takeSpare hands out the spare of the program's shape if the program fits
-// it. The caller then either uses it and calls refillSpare, or gives it
-// back with returnSpare.
+// takeSpare records a cold start of prog's shape and hands out an idle
+// spare of that shape, if any. The caller then either uses it, or gives
+// it back with returnSpare.
 func (p *Pool) takeSpare(prog *sources.Program) *spare {
-	shape := shapeOf(prog)
+	if !p.sparesOn() {
+		return nil
+	}
+	shape, ok := shapeOf(prog)
+	if !ok || (shape.internet && p.opts.Networks == nil) {
+		return nil
+	}
+	var sp *spare
 	p.mu.Lock()
-	sp := p.spare[shape]
-	if sp == nil {
-		p.mu.Unlock()
-		p.refillSpare(shape) // never made, or the last attempt failed
-		return nil
+	st := p.shapeLocked(shape, prog.Runtime)
+	st.demandAdd(time.Now(), p.opts.SpareDemandHalfLife)
+	// The oldest first: the longest warm, its imports surely done.
+	for len(st.idle) > 0 && sp == nil {
+		first := st.idle[0]
+		st.idle = st.idle[1:]
+		if first.claim() { // else its watcher saw it die and is discarding it
+			sp = first
+		}
 	}
-	if !spareFits(prog, sp) {
-		p.mu.Unlock()
-		return nil
-	}
-	delete(p.spare, shape)
 	p.mu.Unlock()
-	if !sp.claim() { // its watcher saw it die and is discarding it
-		return nil
-	}
+	p.reconcileSpares() // the one taken is replaced at once
 	return sp
 }
 
@@ -117,18 +122,18 @@ func (p *Pool) watchSpare(sp *spare) {
 	if !sp.claim() {
 		return // handed out at the same moment: the taker sees the death
 	}
-	// Before the spare leaves the map: a cold request that finds no spare
-	// refills at once, and must find the backoff already in place.
+	// Before the spare leaves the pool: a cold request that finds no
+	// spare refills at once, and must find the backoff already in place.
 	p.spareDied(sp)
 	p.mu.Lock()
-	if p.spare[sp.shape] == sp {
-		delete(p.spare, sp.shape)
+	if st := p.shapes[sp.shape]; st != nil {
+		st.remove(sp)
 	}
 	p.mu.Unlock()
-	p.log.Warn("spare sandbox died; replacing it", "execution", sp.id, "internet", sp.shape.internet,
+	p.log.Warn("spare sandbox died; replacing it", "execution", sp.id, "shape", sp.shape.String(),
 		"idle_for", time.Since(sp.created).Round(time.Millisecond), "why", why)
 	p.discardSpare(sp, why)
-	p.refillSpare(sp.shape)
+	p.reconcileSpares()
 }
 
 // alive tells whether the spare's sandbox and guest session are still up.
@@ -169,108 +174,78 @@ type spareBackoff struct {
 func (p *Pool) spareOutcome(shape spareShape, failed bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	b := p.spareBackoff[shape]
-	if !failed {
-		b.failures, b.notBefore = 0, time.Time{}
-		p.spareBackoff[shape] = b
+	st := p.shapes[shape]
+	if st == nil {
 		return
 	}
-	b.failures++
-	delay := sparesBackoffFirst << min(b.failures-1, 16)
-	b.notBefore = time.Now().Add(min(delay, sparesBackoffMax))
-	p.spareBackoff[shape] = b
+	if !failed {
+		st.backoff = spareBackoff{}
+		return
+	}
+	st.backoff.failures++
+	delay := sparesBackoffFirst << min(st.backoff.failures-1, 16)
+	st.backoff.notBefore = time.Now().Add(min(delay, sparesBackoffMax))
 }
 
 // returnSpare puts back a spare that was taken but not changed (its
-// program's code was refused), unless another took its place meanwhile.
+// program's code was refused, or the node had no room for the program).
 func (p *Pool) returnSpare(sp *spare) {
 	sp.output.setLogger(p.log.With("execution", sp.id, "spare", true))
 	p.mu.Lock()
-	if !p.draining && p.spare[sp.shape] == nil && !p.makingSpare[sp.shape] {
-		select {
-		case <-sp.inst.Done():
-		default:
-			// A fresh claim and watcher: the spare is idle again. A new
-			// struct, since the old watcher may still read the old one.
-			back := &spare{id: sp.id, stateDir: sp.stateDir, shape: sp.shape, runtime: sp.runtime,
-				inst: sp.inst, client: sp.client, net: sp.net, output: sp.output, created: sp.created,
-				taken: make(chan struct{})}
-			p.spare[sp.shape] = back
-			p.mu.Unlock()
-			go p.watchSpare(back)
-			return
-		}
+	if st := p.shapes[sp.shape]; st != nil && !p.draining && sp.alive() {
+		// A fresh claim and watcher: the spare is idle again. A new
+		// struct, since the old watcher may still read the old one.
+		back := &spare{id: sp.id, stateDir: sp.stateDir, shape: sp.shape, runtime: sp.runtime,
+			inst: sp.inst, client: sp.client, net: sp.net, output: sp.output, created: sp.created,
+			taken: make(chan struct{})}
+		st.idle = append([]*spare{back}, st.idle...) // still the oldest
+		p.mu.Unlock()
+		go p.watchSpare(back)
+		p.reconcileSpares() // one too many now, if a replacement was made
+		return
 	}
 	p.mu.Unlock()
 	p.discardSpare(sp, "it could not be put back")
-	p.refillSpare(sp.shape)
+	p.reconcileSpares()
 }
 
-// refillSpare starts making a spare of shape unless one exists, is being
-// made, is backing off after failures, or spares are off. Spares with the
-// internet are made only when the pool can give networks.
-func (p *Pool) refillSpare(shape spareShape) {
-	if p.opts.SpareRuntime == nil || p.opts.Backend == nil {
-		return
-	}
-	if shape.internet && p.opts.Networks == nil {
-		return
-	}
-	p.mu.Lock()
-	if p.draining || p.spare[shape] != nil || p.makingSpare[shape] {
-		p.mu.Unlock()
-		return
-	}
-	wait := time.Until(p.spareBackoff[shape].notBefore)
-	p.makingSpare[shape] = true
-	p.spares.Add(1)
-	p.mu.Unlock()
+// startSpare makes one spare of shape in the background; the caller has
+// counted it in st.making and p.spares.
+func (p *Pool) startSpare(shape spareShape, rt sources.File) {
 	go func() {
 		defer p.spares.Done()
-		if wait > 0 {
-			select {
-			case <-time.After(wait):
-			case <-p.quit:
-				p.mu.Lock()
-				delete(p.makingSpare, shape)
-				p.mu.Unlock()
-				return
-			}
-		}
-		sp, err := p.makeSpare(shape)
+		sp, err := p.makeSpare(shape, rt)
 		if err != nil {
 			p.spareOutcome(shape, true)
 		}
 		p.mu.Lock()
-		delete(p.makingSpare, shape)
+		st := p.shapes[shape]
+		st.making--
+		p.makingTotal--
 		if err == nil && !p.draining {
-			p.spare[shape] = sp
+			st.idle = append(st.idle, sp)
 			go p.watchSpare(sp)
 			sp = nil
 		}
-		b := p.spareBackoff[shape]
+		b := st.backoff
 		p.mu.Unlock()
 		if err != nil {
-			p.log.Warn("could not make a spare sandbox", "internet", shape.internet, "err", err,
+			p.log.Warn("could not make a spare sandbox", "shape", shape.String(), "err", err,
 				"failures", b.failures, "next_attempt_in", time.Until(b.notBefore).Round(time.Second))
-			return
 		}
 		if sp != nil { // made while shutting down
 			p.discardSpare(sp, "the supervisor is shutting down")
 		}
+		p.reconcileSpares()
 	}()
 }
 
-func (p *Pool) makeSpare(shape spareShape) (sp *spare, err error) {
+func (p *Pool) makeSpare(shape spareShape, rt sources.File) (sp *spare, err error) {
 	if _, ok := p.opts.Backend.(backend.SpareMaker); !ok {
 		return nil, errors.New("backend " + p.opts.Backend.Name() + " cannot load code into a running sandbox")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), p.opts.InitTimeout)
 	defer cancel()
-	rt, err := p.opts.SpareRuntime(ctx)
-	if err != nil {
-		return nil, err
-	}
 	id := uuid.NewString()
 	dir, err := p.stateDir(id)
 	if err != nil {
@@ -294,8 +269,8 @@ func (p *Pool) makeSpare(shape spareShape) (sp *spare, err error) {
 		RuntimePath:   rt.Path,
 		RuntimeHash:   rt.Hash,
 		DeferCode:     true,
-		VCPUs:         message.DefaultVCPUs,
-		MemoryMiB:     message.DefaultMemory,
+		VCPUs:         shape.vcpus,
+		MemoryMiB:     shape.memoryMiB,
 		Internet:      shape.internet,
 		StateDir:      dir,
 		ProgramOutput: sp.output,
@@ -315,7 +290,7 @@ func (p *Pool) makeSpare(shape spareShape) (sp *spare, err error) {
 		return nil, err
 	}
 	sp.created = time.Now()
-	log.Debug("spare sandbox ready", "internet", shape.internet)
+	log.Debug("spare sandbox ready", "shape", shape.String())
 	return sp, nil
 }
 
@@ -334,21 +309,94 @@ func (p *Pool) discardSpare(sp *spare, why string) {
 		cancel()
 	}
 	p.releaseNetwork(sp.net, p.log)
-	os.RemoveAll(sp.stateDir)
+	_ = os.RemoveAll(sp.stateDir)
 }
 
 // stopSpares ends the idle spares and waits for those being made.
 func (p *Pool) stopSpares() {
 	p.quitOnce.Do(func() { close(p.quit) })
 	p.mu.Lock()
-	idle := make([]*spare, 0, len(p.spare))
-	for shape, sp := range p.spare {
-		idle = append(idle, sp)
-		delete(p.spare, shape)
+	var idle []*spare
+	for _, st := range p.shapes {
+		idle = append(idle, st.idle...)
+		st.idle = nil
 	}
 	p.mu.Unlock()
 	for _, sp := range idle {
 		p.discardSpare(sp, "the supervisor is shutting down")
 	}
 	p.spares.Wait()
+}
+
+// dropSpareLocked takes the least useful idle spare out of the pool, to
+// make room for a program; the caller discards it. p.mu must be held.
+func (p *Pool) dropSpareLocked() *spare {
+	now := time.Now()
+	var worst *shapeState
+	var worstValue float64
+	for _, st := range p.shapes {
+		if len(st.idle) == 0 {
+			continue
+		}
+		v := st.value(len(st.idle), now, p.opts.SpareDemandHalfLife)
+		if worst == nil || v < worstValue {
+			worst, worstValue = st, v
+		}
+	}
+	if worst == nil {
+		return nil
+	}
+	sp := worst.idle[len(worst.idle)-1]
+	worst.idle = worst.idle[:len(worst.idle)-1]
+	if !sp.claim() {
+		return nil // dying: its watcher discards it
+	}
+	worst.dropping++
+	return sp
+}
+
+// dropSpare discards a spare taken by dropSpareLocked; its memory stays
+// counted until its sandbox is gone.
+func (p *Pool) dropSpare(sp *spare, why string) {
+	p.discardSpare(sp, why)
+	p.mu.Lock()
+	if st := p.shapes[sp.shape]; st != nil {
+		st.dropping--
+	}
+	p.mu.Unlock()
+}
+
+// remove takes sp out of the idle list, if it is there.
+func (st *shapeState) remove(sp *spare) {
+	for i, s := range st.idle {
+		if s == sp {
+			st.idle = append(st.idle[:i], st.idle[i+1:]...)
+			return
+		}
+	}
+}
+
+// String names a shape in logs.
+func (s spareShape) String() string {
+	net := "no-internet"
+	if s.internet {
+		net = "internet"
+	}
+	short := s.runtime
+	if len(short) > 12 {
+		short = short[:12]
+	}
+	return fmt.Sprintf("%s/%dMiB/%dvcpu/%s", short, s.memoryMiB, s.vcpus, net)
+}
+
+// defaultShapes are the shapes of the default runtime with default
+// resources: both are common (the SDKs default to the internet, tests and
+// simple functions go without), so they keep a spare without demand.
+func (p *Pool) defaultShapes(rt sources.File) []spareShape {
+	shapes := []spareShape{{runtime: rt.Hash, memoryMiB: message.DefaultMemory, vcpus: message.DefaultVCPUs}}
+	if p.opts.Networks != nil {
+		shapes = append(shapes, spareShape{runtime: rt.Hash, memoryMiB: message.DefaultMemory,
+			vcpus: message.DefaultVCPUs, internet: true})
+	}
+	return shapes
 }

@@ -64,7 +64,10 @@ type Backend struct {
 	// LoadCodeError, when it returns an error, refuses the code given to
 	// a pre-warmed sandbox (backend.CodeLoader).
 	LoadCodeError func(spec backend.Spec) error
-	Logger        *slog.Logger
+	// StartDelay is how long each start takes (runsc and the
+	// interpreter's imports), so that refills can lag behind demand.
+	StartDelay time.Duration
+	Logger     *slog.Logger
 
 	mu        sync.Mutex
 	sandboxes []*Sandbox
@@ -85,9 +88,16 @@ func (b *Backend) Name() string { return "fake" }
 func (b *Backend) MakesSpares() {}
 
 // Start starts an in-process sandbox whose agent waits for the host.
-func (b *Backend) Start(_ context.Context, spec backend.Spec) (backend.Instance, error) {
+func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Instance, error) {
 	if err := spec.Check(); err != nil {
 		return nil, err
+	}
+	if b.StartDelay > 0 {
+		select {
+		case <-time.After(b.StartDelay):
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
 	}
 	if b.StartError != nil {
 		if err := b.StartError(spec); err != nil {
