@@ -229,14 +229,21 @@ func (p *Pool) reconcileSpares() {
 			p.reconcileSpares()
 		}()
 	}
-	for _, st := range starts {
-		p.startSpare(st.shape, st.rt)
+	for _, s := range starts {
+		p.startSpare(s.shape, s.rt)
 	}
+}
+
+// spareStart is one spare to start: its shape and where its runtime is,
+// as they were when it was counted.
+type spareStart struct {
+	shape spareShape
+	rt    sources.File
 }
 
 // sparesToStartLocked counts in, and returns, the spares to start now,
 // most valuable shape first. p.mu must be held.
-func (p *Pool) sparesToStartLocked(want map[*shapeState]int, now time.Time) []*shapeState {
+func (p *Pool) sparesToStartLocked(want map[*shapeState]int, now time.Time) []spareStart {
 	short := make([]*shapeState, 0, len(want))
 	for st, n := range want {
 		if len(st.idle)+st.making < n {
@@ -255,7 +262,7 @@ func (p *Pool) sparesToStartLocked(want map[*shapeState]int, now time.Time) []*s
 	})
 	budget := p.spareBudgetLocked()
 	used := p.spareMemoryLocked()
-	var starts []*shapeState
+	var starts []spareStart
 	for _, st := range short {
 		if wait := time.Until(st.backoff.notBefore); wait > 0 {
 			p.retryAfterLocked(st, wait)
@@ -267,7 +274,7 @@ func (p *Pool) sparesToStartLocked(want map[*shapeState]int, now time.Time) []*s
 			p.makingTotal++
 			used += st.shape.memoryMiB
 			p.spares.Add(1)
-			starts = append(starts, st)
+			starts = append(starts, spareStart{st.shape, st.rt})
 		}
 	}
 	return starts
