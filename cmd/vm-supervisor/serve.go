@@ -24,6 +24,7 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guestapi"
 	"github.com/aleph-vm-go/vm-supervisor/internal/httpapi"
+	"github.com/aleph-vm-go/vm-supervisor/internal/metrics"
 	"github.com/aleph-vm-go/vm-supervisor/internal/nodekey"
 	"github.com/aleph-vm-go/vm-supervisor/internal/pool"
 	"github.com/aleph-vm-go/vm-supervisor/internal/records"
@@ -103,8 +104,9 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 		return err
 	}
 	defer closeGuestCache()
+	m := metrics.New()
 	p := pool.New(poolOptions(s, poolDeps{
-		source: source, backend: be, backendErr: beErr, records: db, capacity: capacity,
+		metrics: m, source: source, backend: be, backendErr: beErr, records: db, capacity: capacity,
 		spareRuntime: spareRuntime, networks: poolNetworks, networkErr: netErr,
 		guestAPI: func(prog *sources.Program) http.Handler {
 			return guestapi.New(guestapi.Options{
@@ -128,7 +130,9 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 
 	// One instance: it uploads the bundled example once and remembers it.
 	selfTest := selfTestProgram(s, st)
-	api := httpapi.New(apiOptions(s, p, db, token, selfTest, log))
+	apiOpts := apiOptions(s, p, db, token, selfTest, log)
+	apiOpts.Metrics = m
+	api := httpapi.New(apiOpts)
 
 	if opts.Benchmark > 0 {
 		err := runBenchmark(ctx, api, selfTest, opts.Benchmark, stdout)
@@ -140,6 +144,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 
 // poolDeps are what serve opened for the pool.
 type poolDeps struct {
+	metrics      *metrics.Metrics
 	source       pool.ProgramSource
 	backend      backend.Backend
 	backendErr   error
@@ -175,6 +180,7 @@ func poolOptions(s *config.Settings, d poolDeps, log *slog.Logger) pool.Options 
 		AlephEnv:      alephEnv(s),
 		Networks:      d.networks,
 		NetworkError:  d.networkErr,
+		Metrics:       d.metrics,
 		Logger:        log,
 	}
 }
@@ -247,9 +253,9 @@ func listenAndServe(ctx context.Context, s *config.Settings, api *httpapi.Server
 	case <-ctx.Done():
 		log.Info("shutting down")
 	}
-	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	_ = srv.Shutdown(sctx)
+	// In-flight requests finish within DRAIN_TIMEOUT, new ones get 503;
+	// then the sandboxes stop.
+	api.Shutdown(srv, s.DrainTimeout)
 	shutdownPool(p, log)
 	if errors.Is(err, http.ErrServerClosed) {
 		err = nil

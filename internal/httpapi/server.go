@@ -13,6 +13,7 @@ import (
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
+	"github.com/aleph-vm-go/vm-supervisor/internal/metrics"
 	"github.com/aleph-vm-go/vm-supervisor/internal/pep440"
 	"github.com/aleph-vm-go/vm-supervisor/internal/pool"
 	"github.com/aleph-vm-go/vm-supervisor/internal/records"
@@ -62,7 +63,10 @@ type Options struct {
 	DiskPath string
 	// Limits bound what clients can hold (NewHTTPServer, Listener).
 	Limits Limits
-	Logger *slog.Logger
+	// Metrics records request latencies and errors and is served at
+	// /metrics on the node's own host; nil: no metrics.
+	Metrics *metrics.Metrics
+	Logger  *slog.Logger
 }
 
 // Server implements http.Handler.
@@ -71,6 +75,7 @@ type Server struct {
 	log      *slog.Logger
 	mux      *http.ServeMux
 	sessions *sessions
+	drain    drain
 }
 
 // New builds the route table.
@@ -107,6 +112,11 @@ func New(opts Options) *Server {
 
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Server", "aleph-vm/"+s.opts.Version)
+	if !s.drain.begin() {
+		s.refuseDraining(w, r)
+		return
+	}
+	defer s.drain.end()
 	s.mux.ServeHTTP(w, r)
 }
 
@@ -133,8 +143,14 @@ func (s *Server) handleVM(w http.ResponseWriter, r *http.Request) {
 func (s *Server) handleByHost(w http.ResponseWriter, r *http.Request) {
 	host := hostOnly(r.Host)
 	if s.isOwnHost(host) {
-		if r.URL.Path == "/" {
+		switch {
+		case r.URL.Path == "/":
 			s.handleIndex(w, r)
+			return
+		case r.URL.Path == "/metrics" && s.opts.Metrics != nil:
+			// Only on the node's own host: programs' hosts keep their
+			// own /metrics.
+			s.handleMetrics(w, r)
 			return
 		}
 		s.writeError(w, r, errkind.New(errkind.NotFound, "no route for %s", r.URL.Path))

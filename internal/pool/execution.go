@@ -47,6 +47,7 @@ type Execution struct {
 	transport *http.Transport
 	stateDir  string
 	net       *network.Network // nil: loopback only
+	fromSpare bool             // adopted a pre-warmed spare (set by boot)
 
 	defined, prepared, started time.Time
 
@@ -170,6 +171,8 @@ func (e *Execution) bootSteps(ctx context.Context) error {
 			if err == nil {
 				// A spare that runs a program is proof that starts work.
 				e.pool.spareOutcome(sp.shape, false)
+				e.fromSpare = true
+				e.pool.opts.Metrics.SpareHit()
 			}
 			return err
 		}
@@ -185,6 +188,9 @@ func (e *Execution) bootSteps(ctx context.Context) error {
 		e.id = uuid.NewString()
 		e.log = e.pool.log.With("program", e.hash, "execution", e.id)
 		e.pool.refillSpare(sp.shape)
+	}
+	if e.pool.opts.SpareRuntime != nil {
+		e.pool.opts.Metrics.SpareMiss()
 	}
 	dir, err := e.pool.stateDir(e.id)
 	if err != nil {
