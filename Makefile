@@ -172,10 +172,10 @@ DEB_ARCH := $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
 DEB_VERSION ?= $(shell v=$$(git describe --tags --always 2>/dev/null | sed 's/^v//'); \
 	case "$$v" in ([0-9]*.*) echo "$$v" | sed 's/-\([0-9]*\)-g/+\1.g/';; \
 	(*) echo "0.0~git$$(git log -1 --format=%cd --date=format:%Y%m%d 2>/dev/null).$${v:-unknown}";; esac)
-DEB_ROOT := $(DEB_OUT)/aleph-vm-go_$(DEB_VERSION)_$(DEB_ARCH)
+DEB_ROOT = $(abspath $(DEB_OUT))/aleph-vm-go_$(DEB_VERSION)_$(DEB_ARCH)
 deb:
 	rm -rf $(DEB_ROOT)
-	$(MAKE) --no-print-directory install DESTDIR=$(CURDIR)/$(DEB_ROOT) PREFIX=/opt/aleph-vm-go SYSCONFDIR=/etc UNITDIR=/usr/lib/systemd/system
+	$(MAKE) --no-print-directory install DESTDIR=$(DEB_ROOT) PREFIX=/opt/aleph-vm-go SYSCONFDIR=/etc UNITDIR=/usr/lib/systemd/system
 	install -d $(DEB_ROOT)/DEBIAN
 	install -m 0644 packaging/debian/conffiles $(DEB_ROOT)/DEBIAN/conffiles
 	install -m 0755 packaging/debian/postinst packaging/debian/prerm packaging/debian/postrm $(DEB_ROOT)/DEBIAN/
