@@ -130,9 +130,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 
 	// One instance: it uploads the bundled example once and remembers it.
 	selfTest := selfTestProgram(s, st)
-	apiOpts := apiOptions(s, p, db, token, selfTest, log)
-	apiOpts.Metrics = m
-	api := httpapi.New(apiOpts)
+	api := httpapi.New(apiOptions(s, p, db, token, selfTest, m, log))
 
 	if opts.Benchmark > 0 {
 		err := runBenchmark(ctx, api, selfTest, opts.Benchmark, stdout)
@@ -206,7 +204,7 @@ func recoverEarlierRun(ctx context.Context, s *config.Settings, be backend.Backe
 }
 
 // apiOptions are the HTTP service's settings.
-func apiOptions(s *config.Settings, p *pool.Pool, db *records.DB, token string, selfTest func(context.Context) (string, error), log *slog.Logger) httpapi.Options {
+func apiOptions(s *config.Settings, p *pool.Pool, db *records.DB, token string, selfTest func(context.Context) (string, error), m *metrics.Metrics, log *slog.Logger) httpapi.Options {
 	return httpapi.Options{
 		Version:            version,
 		DomainName:         s.DomainName,
@@ -230,7 +228,8 @@ func apiOptions(s *config.Settings, p *pool.Pool, db *records.DB, token string, 
 			MaxConnectionsPerClient: s.HTTPMaxConnectionsPerClient,
 			UnlimitedClients:        s.HTTPUnlimitedClients,
 		},
-		Logger: log,
+		Metrics: m,
+		Logger:  log,
 	}
 }
 
