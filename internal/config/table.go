@@ -206,6 +206,8 @@ var table = []descriptor{
 		func(s *Settings) *int64 { return &s.GuestCacheMaxBytes }),
 	integer("GUEST_CACHE_MAX_TOTAL_BYTES", "bytes of values all programs may keep in the embedded guest cache (not Redis)", 1, math.MaxInt64,
 		func(s *Settings) *int64 { return &s.GuestCacheMaxTotalBytes }),
+	seconds("DRAIN_TIMEOUT", "seconds a stopping supervisor (SIGTERM) lets requests in flight finish while new ones get 503; keep systemd's TimeoutStopSec above it", true,
+		func(s *Settings) *time.Duration { return &s.DrainTimeout }),
 	seconds("HTTP_READ_HEADER_TIMEOUT", "seconds a client has to send a request's headers (slowloris); 0 = no limit", true,
 		func(s *Settings) *time.Duration { return &s.HTTPReadHeaderTimeout }),
 	seconds("HTTP_IDLE_TIMEOUT", "seconds an idle keep-alive connection stays open; 0 = no limit", true,

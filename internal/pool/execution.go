@@ -51,6 +51,7 @@ type Execution struct {
 	// eventToken marks the requests that carry an Aleph message to the
 	// program (event.go): only the host knows it.
 	eventToken string
+	fromSpare  bool // adopted a pre-warmed spare (set by boot)
 
 	defined, prepared, started time.Time
 
@@ -179,6 +180,8 @@ func (e *Execution) bootSteps(ctx context.Context) error {
 			if err == nil {
 				// A spare that runs a program is proof that starts work.
 				e.pool.spareOutcome(sp.shape, false)
+				e.fromSpare = true
+				e.pool.opts.Metrics.SpareHit()
 			}
 			return err
 		}
@@ -194,6 +197,9 @@ func (e *Execution) bootSteps(ctx context.Context) error {
 		e.id = uuid.NewString()
 		e.log = e.pool.log.With("program", e.hash, "execution", e.id)
 		e.pool.refillSpare(sp.shape)
+	}
+	if e.pool.opts.SpareRuntime != nil {
+		e.pool.opts.Metrics.SpareMiss()
 	}
 	dir, err := e.pool.stateDir(e.id)
 	if err != nil {
