@@ -312,12 +312,17 @@ def wait_for_job(socket_path, code_dir):
     """Preload mode: import the heavy modules now, then wait on stdin for
     the program (entrypoint and environment) the agent hands over."""
     import json
+    import time
 
+    began = time.monotonic()
     for name in ("uvicorn", "fastapi", "starlette.applications", "pydantic"):
         try:
             __import__(name)
         except Exception:  # a runtime without them still serves other apps
             pass
+    # The operator (and the tests) can tell when a spare is fully warm.
+    print("launcher: preloaded in %.1fs; waiting for a program" % (time.monotonic() - began),
+          file=sys.stderr, flush=True)
     line = sys.stdin.readline()
     if not line:
         sys.exit(0)  # no program for us: the agent discarded this interpreter
