@@ -109,20 +109,10 @@ func fillPlaceholder(dst, src string) (int64, error) {
 // configureCode drops the code drive from a spare's Config while it has
 // no code (a program without a code file took it).
 func (i *instance) configureCode(drives []vmimage.Drive) []vmimage.Drive {
-	if !i.spec.DeferCode {
-		return drives
-	}
 	i.mu.Lock()
-	loaded := i.codeLoaded
-	i.mu.Unlock()
-	if loaded {
-		return drives
+	defer i.mu.Unlock()
+	if i.spec.DeferCode && !i.codeLoaded {
+		return vmimage.WithoutCode(drives)
 	}
-	out := make([]vmimage.Drive, 0, len(drives))
-	for _, d := range drives {
-		if d.Role != vmimage.RoleCode {
-			out = append(out, d)
-		}
-	}
-	return out
+	return drives
 }

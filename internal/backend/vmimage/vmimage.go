@@ -195,6 +195,19 @@ func FillGuest(drives []Drive, cfg *guest.Config) {
 	}
 }
 
+// WithoutCode returns drives less the code drive: a spare's Config names
+// no code device while its placeholder is still empty (a program without
+// a code file took it). Device names stay those of attachment order.
+func WithoutCode(drives []Drive) []Drive {
+	out := make([]Drive, 0, len(drives))
+	for _, d := range drives {
+		if d.Role != RoleCode {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
 // DeviceName is the name Linux gives the n-th virtio-blk disk (0-based):
 // vda … vdz, vdaa … vdzz, as the kernel's disk-name scheme counts.
 func DeviceName(n int) string {
