@@ -315,7 +315,13 @@ def wait_for_job(socket_path, code_dir):
     import time
 
     began = time.monotonic()
-    for name in ("uvicorn", "fastapi", "starlette.applications", "pydantic"):
+    # Beyond the frameworks: what uvicorn imports only when it starts
+    # serving (its protocol, lifespan and loop modules), and aiohttp, which
+    # Aleph programs use to reach the API. Under emulation (QEMU TCG) each
+    # of these costs a noticeable share of a cold start.
+    for name in ("uvicorn", "fastapi", "fastapi.responses", "starlette.applications", "pydantic",
+                 "uvicorn.protocols.http.auto", "uvicorn.protocols.websockets.auto",
+                 "uvicorn.lifespan.on", "uvicorn.loops.auto", "aiohttp"):
         try:
             __import__(name)
         except Exception:  # a runtime without them still serves other apps
