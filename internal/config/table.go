@@ -149,7 +149,7 @@ var table = []descriptor{
 		get: func(s *Settings) any { return string(s.Hypervisor) },
 	},
 	boolean("USE_JAILER", "run firecracker under its jailer", func(s *Settings) *bool { return &s.UseJailer }),
-	boolean("PREWARM", "keep one pre-warmed sandbox ready for the default runtime (gvisor)", func(s *Settings) *bool { return &s.Prewarm }),
+	boolean("PREWARM", "keep one pre-warmed sandbox ready for the default runtime (gvisor, qemu)", func(s *Settings) *bool { return &s.Prewarm }),
 	str("FIRECRACKER_PATH", "firecracker binary", func(s *Settings) *string { return &s.FirecrackerPath }),
 	str("JAILER_PATH", "jailer binary", func(s *Settings) *string { return &s.JailerPath }),
 	str("LINUX_PATH", "guest kernel (uncompressed vmlinux)", func(s *Settings) *string { return &s.LinuxPath }),
