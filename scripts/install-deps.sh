@@ -5,6 +5,9 @@
 set -eu
 
 PACKAGES="debootstrap squashfs-tools e2fsprogs qemu-system-x86 redis-server iproute2 nftables busybox-static cpio zip unzip ca-certificates wrk"
+# systemd-analyze checks the installed unit (make install); dpkg-deb
+# builds and reads the package (make deb).
+PACKAGES="$PACKAGES systemd dpkg"
 
 missing=""
 for p in $PACKAGES; do

@@ -64,10 +64,11 @@ func (a *agent) serve(ctx context.Context, ch io.ReadWriteCloser) (int, error) {
 	defer closeWithin(sess, 2*time.Second, a.log)
 
 	// The interpreter warms up while the host connects and sends the
-	// Config. Only where the root is final before the Config (not in VMs,
-	// whose set-up mounts come later).
+	// Config. In VMs the root is final before the channel opens; only the
+	// code (and no volumes: spares take none) is mounted by the set-up,
+	// before the interpreter is handed the program.
 	var pre *preloaded
-	if a.o.preload && a.setup == nil {
+	if a.o.preload {
 		if pre, err = startPreload(a.programSpec(), a.reaper, a.log); err != nil {
 			a.log.Warn("could not preload the interpreter", "err", err)
 			pre = nil

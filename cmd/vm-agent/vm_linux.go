@@ -48,6 +48,9 @@ const (
 	cmdlineChannel  = "aleph.channel"
 	cmdlineLogLevel = "aleph.log"
 	cmdlineHalt     = "aleph.halt" // poweroff | reboot; default: haltCommand
+	// cmdlinePreload=1 marks a spare VM: its code drive is empty until
+	// the host fills it, so the interpreter preloads meanwhile.
+	cmdlinePreload = "aleph.preload"
 )
 
 // vmState records what the VM set-up mounted, for the final unmount.
@@ -74,6 +77,9 @@ func runVM(o options, explicit map[string]bool) {
 		if v, ok := args[cmdlineChannel]; ok {
 			o.channel = v
 		}
+	}
+	if v, ok := args[cmdlinePreload]; ok && !explicit["preload"] {
+		o.preload = v == "1"
 	}
 	if v, ok := args[cmdlineLogLevel]; ok && !explicit["log-level"] {
 		o.logLevel = v
@@ -381,6 +387,12 @@ func (st *vmState) mount(ctx context.Context, device, dir, fstype string, readOn
 	if err := waitFile(ctx, device); err != nil {
 		return fmt.Errorf("waiting for %s: %w", device, err)
 	}
+	// A spare's code drive exists from boot with no content; the host
+	// fills it and resizes it just before the Config, and the kernel
+	// learns the new capacity asynchronously.
+	if err := waitNonEmpty(ctx, device); err != nil {
+		return fmt.Errorf("waiting for %s to have content: %w", device, err)
+	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
@@ -393,6 +405,19 @@ func (st *vmState) mount(ctx context.Context, device, dir, fstype string, readOn
 	}
 	st.mounts = append(st.mounts, dir)
 	return nil
+}
+
+// waitNonEmpty waits until the block device has a non-zero capacity.
+// Devices without a sysfs size (not a whole disk) are not waited for.
+func waitNonEmpty(ctx context.Context, device string) error {
+	sizeFile := filepath.Join("/sys/class/block", filepath.Base(device), "size")
+	return pollUntil(ctx, 5*time.Millisecond, func() (bool, error) {
+		b, err := os.ReadFile(sizeFile)
+		if err != nil {
+			return true, nil
+		}
+		return strings.TrimSpace(string(b)) != "0", nil
+	})
 }
 
 // shutdown leaves the drives consistent before the VM ends: nothing may

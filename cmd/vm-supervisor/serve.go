@@ -25,6 +25,7 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guestapi"
 	"github.com/aleph-vm-go/vm-supervisor/internal/httpapi"
+	"github.com/aleph-vm-go/vm-supervisor/internal/metrics"
 	"github.com/aleph-vm-go/vm-supervisor/internal/nodekey"
 	"github.com/aleph-vm-go/vm-supervisor/internal/pool"
 	"github.com/aleph-vm-go/vm-supervisor/internal/proglog"
@@ -95,8 +96,9 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 		return err
 	}
 	defer closeGuestCache()
+	m := metrics.New()
 	p := pool.New(poolOptions(s, poolDeps{
-		source: source, backend: be, backendErr: beErr, records: db, capacity: capacity,
+		metrics: m, source: source, backend: be, backendErr: beErr, records: db, capacity: capacity,
 		spareRuntime: spareRuntime, networks: poolNetworks, networkErr: netErr,
 		guestAPI: func(prog *sources.Program) http.Handler {
 			return guestapi.New(guestapi.Options{
@@ -123,7 +125,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 	selfTest := selfTestProgram(s, st)
 	allocs := startAllocations(s, p, log)
 	defer allocs.Close() // the saved allocation stays for the next start
-	api := httpapi.New(apiOptions(s, p, db, allocs, token, selfTest, log))
+	api := httpapi.New(apiOptions(s, p, db, allocs, token, selfTest, m, log))
 
 	if opts.Benchmark > 0 {
 		err := runBenchmark(ctx, api, selfTest, opts.Benchmark, stdout)
@@ -152,6 +154,7 @@ func openNetworks(ctx context.Context, s *config.Settings, be backend.Backend, l
 
 // poolDeps are what serve opened for the pool.
 type poolDeps struct {
+	metrics      *metrics.Metrics
 	source       pool.ProgramSource
 	backend      backend.Backend
 	backendErr   error
@@ -190,6 +193,7 @@ func poolOptions(s *config.Settings, d poolDeps, log *slog.Logger) pool.Options 
 		AlephEnv:       alephEnv(s),
 		Networks:       d.networks,
 		NetworkError:   d.networkErr,
+		Metrics:        d.metrics,
 		Logger:         log,
 	}
 }
@@ -215,7 +219,7 @@ func recoverEarlierRun(ctx context.Context, s *config.Settings, be backend.Backe
 }
 
 // apiOptions are the HTTP service's settings.
-func apiOptions(s *config.Settings, p *pool.Pool, db *records.DB, allocs *allocations.Manager, token string, selfTest func(context.Context) (string, error), log *slog.Logger) httpapi.Options {
+func apiOptions(s *config.Settings, p *pool.Pool, db *records.DB, allocs *allocations.Manager, token string, selfTest func(context.Context) (string, error), m *metrics.Metrics, log *slog.Logger) httpapi.Options {
 	return httpapi.Options{
 		Version:            version,
 		DomainName:         s.DomainName,
@@ -243,7 +247,8 @@ func apiOptions(s *config.Settings, p *pool.Pool, db *records.DB, allocs *alloca
 			MaxConnectionsPerClient: s.HTTPMaxConnectionsPerClient,
 			UnlimitedClients:        s.HTTPUnlimitedClients,
 		},
-		Logger: log,
+		Metrics: m,
+		Logger:  log,
 	}
 }
 
@@ -266,9 +271,9 @@ func listenAndServe(ctx context.Context, s *config.Settings, api *httpapi.Server
 	case <-ctx.Done():
 		log.Info("shutting down")
 	}
-	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	_ = srv.Shutdown(sctx)
+	// In-flight requests finish within DRAIN_TIMEOUT, new ones get 503;
+	// then the sandboxes stop.
+	api.Shutdown(srv, s.DrainTimeout)
 	shutdownPool(p, log)
 	if errors.Is(err, http.ErrServerClosed) {
 		err = nil

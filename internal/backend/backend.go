@@ -148,6 +148,10 @@ type GuestConfigurer interface {
 //
 // They are sampled while the sandbox runs and only ever grow; after its
 // exit they are the last sample, raised by the exit's rusage.
+//
+// MemoryBytes is the one figure that is not a counter: the memory the
+// sandbox holds at the last sample (the cgroup's working set under gVisor,
+// the VMM's resident set for VMs), for the node's metrics; 0 after exit.
 type Usage struct {
 	CPUTimeUser   time.Duration
 	CPUTimeSystem time.Duration
@@ -155,6 +159,7 @@ type Usage struct {
 	IOWriteCount  uint64
 	IOReadBytes   uint64
 	IOWriteBytes  uint64
+	MemoryBytes   uint64
 }
 
 // Instance is a running sandbox.

@@ -266,8 +266,9 @@ func (p *Process) procSample() (Usage, bool) {
 	return ProcUsage(p.cmd.Process.Pid)
 }
 
-// Max is the larger of u and v, figure by figure: the best of two lower
-// bounds of the same counters.
+// Max is the larger of u and v, counter by counter: the best of two lower
+// bounds of the same counters. MemoryBytes, a level, is v's: the later
+// reading.
 func (u Usage) Max(v Usage) Usage {
 	return Usage{
 		CPUTimeUser:   max(u.CPUTimeUser, v.CPUTimeUser),
@@ -276,6 +277,7 @@ func (u Usage) Max(v Usage) Usage {
 		IOWriteCount:  max(u.IOWriteCount, v.IOWriteCount),
 		IOReadBytes:   max(u.IOReadBytes, v.IOReadBytes),
 		IOWriteBytes:  max(u.IOWriteBytes, v.IOWriteBytes),
+		MemoryBytes:   v.MemoryBytes,
 	}
 }
 
@@ -295,8 +297,9 @@ func rusageOf(ps *os.ProcessState) Usage {
 // clockTicks is USER_HZ, which Linux fixes at 100 for /proc.
 const clockTicks = 100
 
-// ProcUsage reads a live process's CPU time (/proc/<pid>/stat) and I/O
-// (/proc/<pid>/io); ok is false when the process is gone.
+// ProcUsage reads a live process's CPU time (/proc/<pid>/stat), I/O
+// (/proc/<pid>/io) and resident memory (/proc/<pid>/statm); ok is false
+// when the process is gone.
 func ProcUsage(pid int) (u Usage, ok bool) {
 	stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
@@ -320,6 +323,12 @@ func ProcUsage(pid int) (u Usage, ok bool) {
 	if err == nil {
 		u.IOReadCount, u.IOWriteCount = io.IOReadCount, io.IOWriteCount
 		u.IOReadBytes, u.IOWriteBytes = io.IOReadBytes, io.IOWriteBytes
+	}
+	if statm, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/statm"); err == nil {
+		if f := strings.Fields(string(statm)); len(f) > 1 {
+			pages, _ := strconv.ParseUint(f[1], 10, 64)
+			u.MemoryBytes = pages * uint64(os.Getpagesize())
+		}
 	}
 	return u, true
 }

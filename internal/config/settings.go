@@ -92,6 +92,9 @@ type Settings struct {
 	MaxProgramSeconds     int     // MAX_PROGRAM_SECONDS: cap on resources.seconds
 	ProgramLogBytesPerSec int     // PROGRAM_LOG_RATE: bytes/s of program output logged
 	ProgramLogMaxBytes    int64   // PROGRAM_LOG_MAX_BYTES: per execution
+	// DrainTimeout bounds how long a stopping supervisor waits for the
+	// requests in flight (new ones get 503 meanwhile).
+	DrainTimeout time.Duration
 	// HTTP service limits against hostile clients (HTTP_*); a timeout of
 	// zero disables its bound.
 	HTTPReadHeaderTimeout time.Duration // accept (or end of the previous request) to end of headers
@@ -197,6 +200,8 @@ func Default() *Settings {
 		GuestCacheMaxBytes:      64 << 20,
 		GuestCacheMaxTotalBytes: 1 << 30,
 
+		// aleph-vm's unit gives its supervisor TimeoutStopSec=30s.
+		DrainTimeout: 30 * time.Second,
 		// Ours: nginx's and Apache's defaults where they have one.
 		HTTPReadHeaderTimeout: 10 * time.Second,
 		HTTPIdleTimeout:       75 * time.Second,

@@ -19,7 +19,7 @@ const (
 	NotFound             // unknown hash or route: 404
 	Unavailable          // code/runtime/API unreachable or missing: 400/503 per context
 	NoBackend            // no sandbox backend can run here: 503
-	NoCapacity           // pool full or draining: 503
+	NoCapacity           // pool full: 503
 	Timeout              // program did not answer in time: 504
 	BadGateway           // sandbox or program crashed / no answer: 502
 	TooLarge             // body or archive above limit: 413
@@ -30,6 +30,7 @@ const (
 	Upstream             // remote API answered an error: 502
 	ResourceMissing      // a ref of the program (code, runtime, volume) cannot be obtained: 400
 	ProgramFailed        // the program's own code failed to start (traceback for the client): 500
+	ShuttingDown         // the supervisor is draining before it stops: 503
 )
 
 var names = map[Kind]string{
@@ -38,7 +39,7 @@ var names = map[Kind]string{
 	Timeout: "timeout", BadGateway: "bad gateway", TooLarge: "too large",
 	Forbidden: "forbidden", Unauthorized: "unauthorized", Conflict: "conflict",
 	Unsupported: "unsupported", Upstream: "upstream error", ResourceMissing: "resource missing",
-	ProgramFailed: "program failed",
+	ProgramFailed: "program failed", ShuttingDown: "shutting down",
 }
 
 func (k Kind) String() string { return names[k] }

@@ -33,7 +33,7 @@ func HTTPStatus(err error) int {
 		return http.StatusConflict
 	case TooLarge:
 		return http.StatusRequestEntityTooLarge
-	case Unavailable, NoBackend, NoCapacity:
+	case Unavailable, NoBackend, NoCapacity, ShuttingDown:
 		return http.StatusServiceUnavailable
 	case Timeout:
 		return http.StatusGatewayTimeout

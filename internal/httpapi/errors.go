@@ -23,6 +23,7 @@ func statusFor(err error) int {
 // logged in full but shown to the client without detail.
 func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	code := statusFor(err)
+	s.opts.Metrics.Error(errorKind(err))
 	msg := err.Error()
 	// A program that could not start answers its own traceback as text,
 	// as aleph-vm does: that is how its author learns why.

@@ -17,6 +17,8 @@ import (
 // forward sends the request to the program's sandbox, starting it if
 // needed, and streams the answer back.
 func (s *Server) forward(w http.ResponseWriter, r *http.Request, hash, path string) {
+	w, record := s.timeRequest(w, r)
+	defer record()
 	if r.ContentLength > s.opts.MaxRequestBodySize {
 		s.writeError(w, r, errkind.New(errkind.TooLarge,
 			"request body of %d bytes exceeds the limit of %d bytes", r.ContentLength, s.opts.MaxRequestBodySize))

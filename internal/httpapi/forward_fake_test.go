@@ -38,6 +38,7 @@ type program struct {
 type live struct {
 	url    string
 	srv    *Server
+	hs     *http.Server
 	pool   *pool.Pool
 	b      *pooltest.Backend
 	hashes map[string]string
@@ -45,7 +46,13 @@ type live struct {
 
 func startLive(t *testing.T, programs map[string]program, tune func(*pool.Options)) *live {
 	t.Helper()
-	st := pooltest.NewStore(t)
+	return startLiveOn(t, pooltest.NewStore(t), programs, tune, nil)
+}
+
+// startLiveOn is startLive on a given store, with the server's options
+// tuned too (tuneAPI may be nil).
+func startLiveOn(t *testing.T, st *pooltest.Store, programs map[string]program, tune func(*pool.Options), tuneAPI func(*Options)) *live {
+	t.Helper()
 	byHash := map[string]program{}
 	l := &live{hashes: map[string]string{}}
 	for name, prog := range programs {
@@ -67,8 +74,13 @@ func startLive(t *testing.T, programs map[string]program, tune func(*pool.Option
 		tune(&opts)
 	}
 	l.pool = pool.New(opts)
-	l.srv = New(Options{Version: "test", DomainName: "node.example", Pool: l.pool, MaxRequestBodySize: 1000, Logger: quiet})
+	apiOpts := Options{Version: "test", DomainName: "node.example", Pool: l.pool, MaxRequestBodySize: 1000, Logger: quiet}
+	if tuneAPI != nil {
+		tuneAPI(&apiOpts)
+	}
+	l.srv = New(apiOpts)
 	hs := l.srv.NewHTTPServer(context.Background())
+	l.hs = hs
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

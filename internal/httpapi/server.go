@@ -13,6 +13,7 @@ import (
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
+	"github.com/aleph-vm-go/vm-supervisor/internal/metrics"
 	"github.com/aleph-vm-go/vm-supervisor/internal/ownerauth"
 	"github.com/aleph-vm-go/vm-supervisor/internal/pep440"
 	"github.com/aleph-vm-go/vm-supervisor/internal/pool"
@@ -70,6 +71,9 @@ type Options struct {
 	// Control serves the owner's /control/machine/{ref}/... routes; nil
 	// leaves them out.
 	Control Control
+	// Metrics records request latencies and errors and is served at
+	// /metrics on the node's own host; nil: no metrics.
+	Metrics *metrics.Metrics
 	Logger  *slog.Logger
 }
 
@@ -80,6 +84,7 @@ type Server struct {
 	mux      *http.ServeMux
 	sessions *sessions
 	auth     ownerauth.Verifier
+	drain    drain
 }
 
 // New builds the route table.
@@ -118,6 +123,11 @@ func New(opts Options) *Server {
 
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Server", "aleph-vm/"+s.opts.Version)
+	if !s.drain.begin() {
+		s.refuseDraining(w, r)
+		return
+	}
+	defer s.drain.end()
 	s.mux.ServeHTTP(w, r)
 }
 
@@ -144,8 +154,14 @@ func (s *Server) handleVM(w http.ResponseWriter, r *http.Request) {
 func (s *Server) handleByHost(w http.ResponseWriter, r *http.Request) {
 	host := hostOnly(r.Host)
 	if s.isOwnHost(host) {
-		if r.URL.Path == "/" {
+		switch {
+		case r.URL.Path == "/":
 			s.handleIndex(w, r)
+			return
+		case r.URL.Path == "/metrics" && s.opts.Metrics != nil:
+			// Only on the node's own host: programs' hosts keep their
+			// own /metrics.
+			s.handleMetrics(w, r)
 			return
 		}
 		s.writeError(w, r, errkind.New(errkind.NotFound, "no route for %s", r.URL.Path))

@@ -101,7 +101,7 @@ func (p *Pool) admit(ctx context.Context, exec *Execution) error {
 		p.mu.Lock()
 		if p.draining {
 			p.mu.Unlock()
-			return errkind.New(errkind.NoCapacity, "supervisor is shutting down")
+			return errkind.New(errkind.ShuttingDown, "supervisor is shutting down")
 		}
 		why := p.shortfallLocked(exec.prog)
 		if why == "" {

@@ -51,6 +51,7 @@ type Execution struct {
 	// eventToken marks the requests that carry an Aleph message to the
 	// program (event.go): only the host knows it.
 	eventToken string
+	fromSpare  bool // adopted a pre-warmed spare (set by boot)
 
 	defined, prepared, started time.Time
 
@@ -179,6 +180,8 @@ func (e *Execution) bootSteps(ctx context.Context, sp *spare) error {
 			if err == nil {
 				// A spare that runs a program is proof that starts work.
 				e.pool.spareOutcome(sp.shape, false)
+				e.fromSpare = true
+				e.pool.opts.Metrics.SpareHit()
 			}
 			return err
 		}
@@ -193,6 +196,9 @@ func (e *Execution) bootSteps(ctx context.Context, sp *spare) error {
 		e.pool.discardSpare(sp, err.Error())
 		e.id = uuid.NewString()
 		e.log = e.pool.log.With("program", e.hash, "execution", e.id)
+	}
+	if e.pool.opts.SpareRuntime != nil {
+		e.pool.opts.Metrics.SpareMiss()
 	}
 	dir, err := e.pool.stateDir(e.id)
 	if err != nil {

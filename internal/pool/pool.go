@@ -17,6 +17,7 @@ import (
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
+	"github.com/aleph-vm-go/vm-supervisor/internal/metrics"
 	"github.com/aleph-vm-go/vm-supervisor/internal/network"
 	"github.com/aleph-vm-go/vm-supervisor/internal/proglog"
 	"github.com/aleph-vm-go/vm-supervisor/internal/records"
@@ -84,8 +85,11 @@ type Options struct {
 	// ProgramLogs bounds what programs may write to the supervisor's log.
 	ProgramLogs LogLimits
 	// Logs keeps each program's output for its owner (nil: not kept).
-	Logs   *proglog.Registry
-	Logger *slog.Logger
+	Logs *proglog.Registry
+	// Metrics receives cold starts and spare hits, and reads the pool's
+	// state when scraped; nil records nothing.
+	Metrics *metrics.Metrics
+	Logger  *slog.Logger
 }
 
 // Networks hands out and takes back execution networks
@@ -106,6 +110,7 @@ type Pool struct {
 	all      map[*Execution]struct{} // every execution not yet fully stopped
 	draining bool
 	stopped  sync.WaitGroup
+	cpuDone  float64 // CPU seconds of the sandboxes of finished executions
 
 	shapes      map[spareShape]*shapeState
 	makingTotal int // spares being started, all shapes
@@ -165,6 +170,7 @@ func New(opts Options) *Pool {
 		p.spares.Add(1)
 		go p.runSpares()
 	}
+	opts.Metrics.ObservePool(p.metricsSnapshot)
 	return p
 }
 
@@ -184,7 +190,7 @@ func (p *Pool) Acquire(ctx context.Context, hash string) (*Execution, error) {
 		p.mu.Lock()
 		if p.draining {
 			p.mu.Unlock()
-			return nil, errkind.New(errkind.NoCapacity, "supervisor is shutting down")
+			return nil, errkind.New(errkind.ShuttingDown, "supervisor is shutting down")
 		}
 		if e := p.running[hash]; e != nil && e.acquire() {
 			p.mu.Unlock()
@@ -219,7 +225,11 @@ func (p *Pool) Acquire(ctx context.Context, hash string) (*Execution, error) {
 func (p *Pool) start(hash string, call *startCall) {
 	ctx, cancel := context.WithTimeout(context.Background(), p.opts.InitTimeout+2*time.Minute)
 	defer cancel()
+	begun := time.Now()
 	exec, err := p.launch(ctx, hash)
+	if err == nil {
+		p.opts.Metrics.ColdStart(exec.fromSpare, time.Since(begun))
+	}
 
 	p.mu.Lock()
 	delete(p.starting, hash)
@@ -303,8 +313,15 @@ func (p *Pool) forget(e *Execution) {
 }
 
 func (p *Pool) finished(e *Execution) {
+	var cpu float64
+	if e.instance != nil {
+		// Stopped: the final figures, at least any sample scraped before.
+		u := e.instance.Usage()
+		cpu = (u.CPUTimeUser + u.CPUTimeSystem).Seconds()
+	}
 	p.mu.Lock()
 	delete(p.all, e)
+	p.cpuDone += cpu
 	p.mu.Unlock()
 	p.stopped.Done()
 }

@@ -486,8 +486,8 @@ func TestShutdownWithRequestsInFlight(t *testing.T) {
 	}()
 	eventually(t, "idle execution stopped", 3*time.Second, func() bool { return b.Sandboxes()[0].Exited() })
 	for _, h := range []string{slow, idle, other} {
-		if _, err := f.p.Acquire(context.Background(), h); errkind.Of(err) != errkind.NoCapacity || !strings.Contains(err.Error(), "shutting down") {
-			t.Errorf("Acquire during shutdown: %v, want NoCapacity (shutting down)", err)
+		if _, err := f.p.Acquire(context.Background(), h); errkind.Of(err) != errkind.ShuttingDown {
+			t.Errorf("Acquire during shutdown: %v, want ShuttingDown", err)
 		}
 	}
 	select {

@@ -190,6 +190,11 @@ func startSupervisor(t *testing.T, extraEnv ...string) *supervisor {
 		// import FastAPI on these 2-core machines.
 		"ALEPH_VM_INIT_TIMEOUT=180",
 	)
+	if hypervisor != "gvisor" {
+		// Spare VMs would share the cores with the VM a test measures
+		// under TCG; the tests of VM spares turn them on.
+		s.env = append(s.env, "ALEPH_VM_PREWARM=false")
+	}
 	s.env = append(s.env, extraEnv...)
 	s.cli("runtime", "add", runtimeFile, "--default")
 	t.Cleanup(func() {

@@ -164,6 +164,18 @@ func BootArgs(printSystemLogs bool, hasInitrd bool, init string) string {
 	return strings.Join(args, " ")
 }
 
+// PreloadArg marks a spare (Spec.DeferCode) on the kernel command line:
+// the agent preloads the interpreter while its code drive is empty.
+const PreloadArg = "aleph.preload=1"
+
+func bootArgs(spec backend.Spec, p ConfigParams) string {
+	args := BootArgs(p.PrintSystemLogs, p.InitrdPath != "", p.Init)
+	if spec.DeferCode {
+		args += " " + PreloadArg
+	}
+	return args
+}
+
 // ConfigParams are the paths of a configuration as Firecracker sees them
 // (inside the jail when jailed) plus boot choices.
 type ConfigParams struct {
@@ -208,7 +220,7 @@ func BuildConfig(spec backend.Spec, drives []vmimage.Drive, p ConfigParams) (*VM
 	cfg := &VMConfig{
 		BootSource: BootSource{
 			KernelImagePath: p.KernelPath,
-			BootArgs:        BootArgs(p.PrintSystemLogs, p.InitrdPath != "", p.Init),
+			BootArgs:        bootArgs(spec, p),
 			InitrdPath:      p.InitrdPath,
 		},
 		MachineConfig:     MachineConfig{VCPUCount: vcpus, MemSizeMiB: mem, SMT: false},

@@ -17,7 +17,6 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend/vmimage"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
-	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
 	"github.com/aleph-vm-go/vm-supervisor/internal/tailbuf"
 )
 
@@ -35,6 +34,7 @@ type instance struct {
 	stderr *tailbuf.Buffer // the VMM's last words
 
 	stopper backend.StopOnce
+	spare   spareState
 }
 
 var (
@@ -207,11 +207,6 @@ func lastLines(s string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, " | ")
-}
-
-// ConfigureGuest implements backend.GuestConfigurer.
-func (i *instance) ConfigureGuest(cfg *guest.Config) {
-	vmimage.FillGuest(i.drives, cfg)
 }
 
 // Channel implements backend.Instance: a hybrid-vsock connection to the

@@ -119,9 +119,10 @@ func (c cgroup) remove(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// usage reads the CPU time of the whole sandbox; ok is false when the cgroup is
-// gone (the sandbox exited) or unreadable.
+// usage reads the CPU time and memory of the whole sandbox; ok is false
+// when the cgroup is gone (the sandbox exited) or unreadable.
 func (c cgroup) usage() (u backend.Usage, ok bool) {
+	u.MemoryBytes = c.workingSet()
 	if c.v1 {
 		user, err1 := readUint(filepath.Join(c.dir("cpuacct"), "cpuacct.usage_user"))
 		sys, err2 := readUint(filepath.Join(c.dir("cpuacct"), "cpuacct.usage_sys"))
@@ -140,6 +141,29 @@ func (c cgroup) usage() (u backend.Usage, ok bool) {
 	u.CPUTimeUser = time.Duration(kv["user_usec"]) * time.Microsecond
 	u.CPUTimeSystem = time.Duration(kv["system_usec"]) * time.Microsecond
 	return u, true
+}
+
+// workingSet is the memory cgroup's usage less its inactive file cache,
+// which the kernel reclaims first (what the kubelet and cAdvisor call the
+// working set); 0 when unreadable.
+func (c cgroup) workingSet() uint64 {
+	usageFile, inactiveKey := "memory.current", "inactive_file"
+	if c.v1 {
+		usageFile, inactiveKey = "memory.usage_in_bytes", "total_inactive_file"
+	}
+	usage, err := readUint(filepath.Join(c.dir("memory"), usageFile))
+	if err != nil {
+		return 0
+	}
+	stat, err := os.ReadFile(filepath.Join(c.dir("memory"), "memory.stat"))
+	if err != nil {
+		return usage
+	}
+	inactive := keyValues(string(stat))[inactiveKey]
+	if inactive > usage {
+		return 0
+	}
+	return usage - inactive
 }
 
 // pids lists the processes in the sandbox's cgroup.

@@ -60,6 +60,8 @@ type instance struct {
 
 	mu      sync.Mutex
 	channel io.Closer
+	// codeLoaded: a spare's code drive has been filled (LoadCode).
+	codeLoaded bool
 
 	stopper backend.StopOnce
 }
@@ -84,7 +86,7 @@ var _ backend.GuestConfigurer = (*instance)(nil)
 // ConfigureGuest implements backend.GuestConfigurer: it names the code
 // and volume drives in the Config the host sends the agent.
 func (i *instance) ConfigureGuest(cfg *guest.Config) {
-	vmimage.GuestDrives(i.prepared, cfg)
+	vmimage.FillGuest(i.configureCode(i.drives), cfg)
 }
 
 func (i *instance) prepareImages(ctx context.Context) (backend.Undo, error) {
@@ -117,6 +119,10 @@ func (i *instance) qemuArgs() []string {
 	if mem <= 0 {
 		mem = DefaultMemoryMiB
 	}
+	kargs := b.kernelArgs()
+	if i.spec.DeferCode {
+		kargs = append(kargs, preloadArg)
+	}
 	args := []string{
 		"-M", "microvm,acpi=" + string(b.acpi),
 		"-accel", string(b.accel),
@@ -130,7 +136,7 @@ func (i *instance) qemuArgs() []string {
 		"-S",
 		"-kernel", b.opts.KernelPath,
 		"-initrd", b.opts.InitrdPath,
-		"-append", strings.Join(b.kernelArgs(), " "),
+		"-append", strings.Join(kargs, " "),
 		"-qmp", "unix:" + qemuEscape(i.qmpSock) + ",server=on,wait=off",
 		// The console is QEMU's stdout, read line by line by the backend.
 		"-chardev", "stdio,id=console,signal=off",
@@ -143,7 +149,10 @@ func (i *instance) qemuArgs() []string {
 	// which is the order vmimage.GuestDrives named them in.
 	for _, d := range i.drives {
 		ro := "off"
-		if d.ReadOnly {
+		// A spare's code placeholder stays writable for QEMU: block_resize
+		// needs it (see LoadCode). The file is the VM's own copy, and the
+		// agent mounts it read-only.
+		if d.ReadOnly && (d.Role != vmimage.RoleCode || !i.spec.DeferCode) {
 			ro = "on"
 		}
 		args = append(args,

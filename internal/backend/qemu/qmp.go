@@ -99,9 +99,21 @@ func (q *qmp) execute(ctx context.Context, command string) error {
 
 // query runs one command and returns its result.
 func (q *qmp) query(ctx context.Context, command string) (json.RawMessage, error) {
+	return q.call(ctx, command, nil)
+}
+
+// call runs one command with arguments (nil: none) and returns its result.
+func (q *qmp) call(ctx context.Context, command string, args any) (json.RawMessage, error) {
 	q.cmdMu.Lock()
 	defer q.cmdMu.Unlock()
-	b, _ := json.Marshal(map[string]string{"execute": command})
+	msg := map[string]any{"execute": command}
+	if args != nil {
+		msg["arguments"] = args
+	}
+	b, err := json.Marshal(msg)
+	if err != nil {
+		return nil, fmt.Errorf("qmp %s: %w", command, err)
+	}
 	if _, err := q.conn.Write(append(b, '\n')); err != nil {
 		return nil, fmt.Errorf("qmp %s: %w", command, err)
 	}

@@ -103,6 +103,11 @@ func (p *Prepared) Cleanup() error {
 		return nil
 	}
 	var errs []error
+	if p.Code != nil && p.Code.Temporary {
+		if err := os.Remove(p.Code.Path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("vmimage: %w", err))
+		}
+	}
 	for _, v := range p.Volumes {
 		if v.Temporary {
 			if err := os.Remove(v.Path); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -147,7 +152,7 @@ func GuestDrives(p *Prepared, cfg *guest.Config) []Drive {
 	if p.Code != nil {
 		drives = append(drives, Drive{
 			ID: "code", Role: RoleCode, HostPath: p.Code.Path, ReadOnly: true,
-			FSType: p.Code.FSType, Mount: guest.CodeDir,
+			FSType: p.Code.FSType, Mount: guest.CodeDir, Temporary: p.Code.Temporary,
 		})
 	}
 	for n, v := range p.Volumes {
@@ -188,6 +193,19 @@ func FillGuest(drives []Drive, cfg *guest.Config) {
 			})
 		}
 	}
+}
+
+// WithoutCode returns drives less the code drive: a spare's Config names
+// no code device while its placeholder is still empty (a program without
+// a code file took it). Device names stay those of attachment order.
+func WithoutCode(drives []Drive) []Drive {
+	out := make([]Drive, 0, len(drives))
+	for _, d := range drives {
+		if d.Role != RoleCode {
+			out = append(out, d)
+		}
+	}
+	return out
 }
 
 // DeviceName is the name Linux gives the n-th virtio-blk disk (0-based):
@@ -266,11 +284,15 @@ func (p *Preparer) prepare(ctx context.Context, spec backend.Spec, create bool) 
 		}
 	}()
 
-	if spec.CodePath != "" {
-		img, err := p.squashfsOf(ctx, source{
-			path: spec.CodePath, hash: spec.CodeHash, encoding: spec.CodeEncoding,
-			entrypoint: spec.Entrypoint, what: "code",
-		}, create)
+	switch {
+	case spec.DeferCode:
+		img, err := placeholder(spec, create)
+		if err != nil {
+			return nil, err
+		}
+		out.Code = &img
+	case spec.CodePath != "":
+		img, err := p.CodeImage(ctx, spec, create)
 		if err != nil {
 			return nil, err
 		}
@@ -339,6 +361,42 @@ func (p *Preparer) prepare(ctx context.Context, spec backend.Spec, create bool) 
 		out.Data = &VolumeImage{Image: img, Mount: spec.DataMount}
 	}
 	return out, nil
+}
+
+// PlaceholderName is the file, in a spare's StateDir, behind its code
+// drive until LoadCode fills it.
+const PlaceholderName = "code-placeholder.img"
+
+// placeholder is the code drive of a spare (Spec.DeferCode): an empty file
+// of its own, so the guest sees a code device of zero size from boot on
+// and the VMM swaps or fills it once a program is assigned (virtio-mmio
+// devices cannot be hot-plugged, and the kernel probes them only at boot).
+func placeholder(spec backend.Spec, create bool) (Image, error) {
+	if spec.StateDir == "" {
+		return Image{}, errors.New("vmimage: spec has no StateDir for the code placeholder")
+	}
+	img := Image{Path: filepath.Join(spec.StateDir, PlaceholderName), FSType: FSSquashfs, ReadOnly: true, Temporary: true}
+	if create {
+		f, err := os.OpenFile(img.Path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+		if err != nil {
+			return Image{}, fmt.Errorf("vmimage: code placeholder: %w", err)
+		}
+		if err := f.Close(); err != nil {
+			return Image{}, fmt.Errorf("vmimage: code placeholder: %w", err)
+		}
+	}
+	return img, nil
+}
+
+// CodeImage returns the read-only squashfs image of spec's code (the file
+// itself, or its cached conversion; with create false only its path).
+// Errors about the code itself have the kinds InvalidInput, TooLarge or
+// ResourceMissing.
+func (p *Preparer) CodeImage(ctx context.Context, spec backend.Spec, create bool) (Image, error) {
+	return p.squashfsOf(ctx, source{
+		path: spec.CodePath, hash: spec.CodeHash, encoding: spec.CodeEncoding,
+		entrypoint: spec.Entrypoint, what: "code",
+	}, create)
 }
 
 type source struct {

@@ -181,6 +181,9 @@ type Sandbox struct {
 	code *backend.Spec // what LoadCode gave
 	ctrl *guest.ControlConn
 	sess *yamux.Session
+
+	usageMu sync.Mutex
+	usage   backend.Usage
 }
 
 // Channel returns the host's end of the pipe.
@@ -208,8 +211,19 @@ func (s *Sandbox) Err() error {
 	}
 }
 
-// Usage is zero: nothing is measured.
-func (s *Sandbox) Usage() backend.Usage { return backend.Usage{} }
+// Usage is what SetUsage last gave (zero: nothing is measured).
+func (s *Sandbox) Usage() backend.Usage {
+	s.usageMu.Lock()
+	defer s.usageMu.Unlock()
+	return s.usage
+}
+
+// SetUsage sets the figures Usage reports, as a backend's sampling would.
+func (s *Sandbox) SetUsage(u backend.Usage) {
+	s.usageMu.Lock()
+	s.usage = u
+	s.usageMu.Unlock()
+}
 
 // LoadCode takes a pre-warmed sandbox's code, or refuses it per
 // Backend.LoadCodeError. Like gVisor's, it works on a dead sandbox too
