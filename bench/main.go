@@ -38,6 +38,8 @@ type figures struct {
 	WarmP90Ms     float64   `json:"warm_p90_ms"`
 	WarmP99Ms     float64   `json:"warm_p99_ms"`
 	ThroughputRPS float64   `json:"throughput_rps_c8"`
+	// WarmMs are the concurrency-1 latencies, for the chart.
+	WarmMs []float64 `json:"warm_ms,omitempty"`
 }
 
 type result struct {
@@ -63,6 +65,11 @@ type result struct {
 	// same platform and limits, reached over a host unix socket: gVisor's
 	// own cost, without our relay.
 	Floor figures `json:"floor"`
+	// Spares: different programs back to back, and a cold start after
+	// idling (bench/spares.go).
+	Spares sparesFigures `json:"spares"`
+	// Density: idle warm programs' memory (bench/density.go).
+	Density densityFigures `json:"density"`
 }
 
 var (
@@ -134,6 +141,17 @@ func run(ctx context.Context) error {
 		*r.into = f
 	}
 	if !*warmOnly {
+		fmt.Fprintf(os.Stderr, "== spares: %d different programs back to back, then a cold start after %s idle\n", *backToBackN, *idleFor)
+		if res.Spares, err = benchSpares(ctx); err != nil {
+			return fmt.Errorf("spares: %w", err)
+		}
+		if *densityN > 0 {
+			fmt.Fprintf(os.Stderr, "== density: %d idle warm programs\n", *densityN)
+			if res.Density, err = benchDensity(ctx, *densityN); err != nil {
+				// The other rows are still worth their table.
+				fmt.Fprintln(os.Stderr, "bench: density:", err)
+			}
+		}
 		fmt.Fprintln(os.Stderr, "== host side of an execution's network, in-process")
 		if err := benchNetworkSetup(ctx, &res); err != nil {
 			return fmt.Errorf("network setup: %w", err)
@@ -150,6 +168,15 @@ func run(ctx context.Context) error {
 		return err
 	}
 	fmt.Println("JSON:", path)
+	chart := strings.TrimSuffix(path, ".json") + ".svg"
+	var svgText strings.Builder
+	if err := writeChart(&svgText, res); err != nil {
+		return err
+	}
+	if err := os.WriteFile(chart, []byte(svgText.String()), 0o644); err != nil {
+		return err
+	}
+	fmt.Println("chart:", chart)
 	return nil
 }
 
@@ -175,6 +202,9 @@ func printTable(w io.Writer, r result) {
 	row("cold, internet, spare (p50)", r.Internet.ColdMedianMs, r.Native.ColdMedianMs, "ms")
 	row("cold, internet, no spare", r.InternetNoSpare.ColdMedianMs, r.Native.ColdMedianMs, "ms")
 	row("floor: uvicorn in runsc", r.Floor.ColdMedianMs, r.Native.ColdMedianMs, "ms")
+	row("first burst, 5 programs (p50)", median0(r.Spares.FirstBurstMs), r.Native.ColdMedianMs, "ms")
+	row("back-to-back programs (p50)", r.Spares.BackToBackMedianMs, r.Native.ColdMedianMs, "ms")
+	row(fmt.Sprintf("spare after %.0f s idle", r.Spares.IdleSeconds), r.Spares.AfterIdleMs, r.Native.ColdMedianMs, "ms")
 
 	// Warm: the three side by side; sup/floor is what our relay adds to
 	// gVisor, sup/native what a user sees.
@@ -188,6 +218,12 @@ func printTable(w io.Writer, r result) {
 	warm("latency p90 (c=1)", r.Supervisor.WarmP90Ms, r.Floor.WarmP90Ms, r.Native.WarmP90Ms, "ms")
 	warm("latency p99 (c=1)", r.Supervisor.WarmP99Ms, r.Floor.WarmP99Ms, r.Native.WarmP99Ms, "ms")
 	warm("throughput (c=8)", r.Supervisor.ThroughputRPS, r.Floor.ThroughputRPS, r.Native.ThroughputRPS, "rq/s")
+	if d := r.Density; d.Programs > 0 {
+		fmt.Fprintf(w, "\n| %-24s | %14s | %14s | %14s | %14s |\n", "density, idle programs", "cgroup / each", "RSS / each", "PSS / each", "fit in 24 GiB")
+		fmt.Fprintf(w, "|%s|%s|%s|%s|%s|\n", strings.Repeat("-", 26), strings.Repeat("-", 16), strings.Repeat("-", 16), strings.Repeat("-", 16), strings.Repeat("-", 16))
+		fmt.Fprintf(w, "| %-24s | %10.1f MiB | %10.1f MiB | %10.1f MiB | %14d |\n", fmt.Sprintf("%d warm, idle", d.Programs),
+			d.CgroupMiB, d.RSSMiB, d.PSSMiB, d.FitIn24GiB)
+	}
 	fmt.Fprintln(w)
 	if r.NetworkSetupP50 > 0 {
 		fmt.Fprintf(w, "network's share of a cold start (p50): %.1f ms host-side set-up (release %.1f ms);\n",
@@ -470,6 +506,7 @@ func measureWarm(ctx context.Context, c *http.Client, url string, f *figures) er
 	f.WarmP50Ms = lat[len(lat)/2]
 	f.WarmP90Ms = lat[len(lat)*9/10]
 	f.WarmP99Ms = lat[len(lat)*99/100]
+	f.WarmMs = lat
 
 	var count atomic.Int64
 	var firstErr atomic.Value
@@ -498,6 +535,14 @@ func measureWarm(ctx context.Context, c *http.Client, url string, f *figures) er
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// median0 is median, or 0 without samples.
+func median0(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	return median(v)
+}
 
 func median(v []float64) float64 {
 	s := append([]float64(nil), v...)
