@@ -130,7 +130,7 @@ func (p *Pool) watchSpare(sp *spare) {
 		st.remove(sp)
 	}
 	p.mu.Unlock()
-	p.log.Warn("spare sandbox died; replacing it", "execution", sp.id, "shape", sp.shape.String(),
+	p.log.Warn("spare sandbox died; replacing it", "execution", sp.id, "internet", sp.shape.internet, "shape", sp.shape.String(),
 		"idle_for", time.Since(sp.created).Round(time.Millisecond), "why", why)
 	p.discardSpare(sp, why)
 	p.reconcileSpares()
@@ -230,7 +230,7 @@ func (p *Pool) startSpare(shape spareShape, rt sources.File) {
 		b := st.backoff
 		p.mu.Unlock()
 		if err != nil {
-			p.log.Warn("could not make a spare sandbox", "shape", shape.String(), "err", err,
+			p.log.Warn("could not make a spare sandbox", "internet", shape.internet, "shape", shape.String(), "err", err,
 				"failures", b.failures, "next_attempt_in", time.Until(b.notBefore).Round(time.Second))
 		}
 		if sp != nil { // made while shutting down
@@ -290,7 +290,7 @@ func (p *Pool) makeSpare(shape spareShape, rt sources.File) (sp *spare, err erro
 		return nil, err
 	}
 	sp.created = time.Now()
-	log.Debug("spare sandbox ready", "shape", shape.String())
+	log.Debug("spare sandbox ready", "internet", shape.internet, "shape", shape.String())
 	return sp, nil
 }
 
