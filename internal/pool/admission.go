@@ -41,11 +41,12 @@ func (p *Pool) executionsCommittedLocked() (memoryMiB, vcpus, count int) {
 }
 
 // committedLocked is executionsCommittedLocked with the memory of spares,
-// which are sandboxes too (idle ones use no CPU and are not executions).
+// which are sandboxes too (idle ones use no CPU and are not executions);
+// a spare lent to a start is that start's.
 // p.mu must be held.
 func (p *Pool) committedLocked() (memoryMiB, vcpus, count int) {
 	memoryMiB, vcpus, count = p.executionsCommittedLocked()
-	return memoryMiB + p.spareMemoryLocked(), vcpus, count
+	return memoryMiB + p.spareMemoryLocked() - p.lentMemoryLocked(), vcpus, count
 }
 
 // shortfallLocked says why prog cannot be admitted now, or "" if it can.

@@ -175,6 +175,9 @@ func (e *Execution) bootSteps(ctx context.Context, sp *spare) error {
 			err = errors.New("the spare sandbox died as it was taken")
 			e.pool.spareDied(sp)
 		}
+		if !codeRefused(err) {
+			e.pool.spareUsed(sp) // used, or lost: either way it is replaced
+		}
 		if err == nil {
 			err = e.connect(ctx, sp.client)
 			if err == nil {

@@ -92,11 +92,23 @@ func (p *Pool) takeSpare(prog *sources.Program) *spare {
 		st.idle = st.idle[1:]
 		if first.claim() { // else its watcher saw it die and is discarding it
 			sp = first
+			st.lent++
 		}
 	}
 	p.mu.Unlock()
-	p.reconcileSpares() // the one taken is replaced at once
+	p.reconcileSpares() // the demand may ask for more
 	return sp
+}
+
+// spareUsed ends the lending of sp, which the cold start used (or lost):
+// a replacement may start.
+func (p *Pool) spareUsed(sp *spare) {
+	p.mu.Lock()
+	if st := p.shapes[sp.shape]; st != nil && st.lent > 0 {
+		st.lent--
+	}
+	p.mu.Unlock()
+	p.reconcileSpares()
 }
 
 // watchSpare replaces an idle spare the moment it dies (sandbox exit or
@@ -192,7 +204,11 @@ func (p *Pool) spareOutcome(shape spareShape, failed bool) {
 func (p *Pool) returnSpare(sp *spare) {
 	sp.output.setLogger(p.log.With("execution", sp.id, "spare", true))
 	p.mu.Lock()
-	if st := p.shapes[sp.shape]; st != nil && !p.draining && sp.alive() {
+	st := p.shapes[sp.shape]
+	if st != nil && st.lent > 0 {
+		st.lent--
+	}
+	if st != nil && !p.draining && sp.alive() {
 		// A fresh claim and watcher: the spare is idle again. A new
 		// struct, since the old watcher may still read the old one.
 		back := &spare{id: sp.id, stateDir: sp.stateDir, shape: sp.shape, runtime: sp.runtime,

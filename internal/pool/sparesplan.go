@@ -43,8 +43,12 @@ type shapeState struct {
 	at     time.Time
 	floor  int // spares kept without demand (the default shapes: 1)
 
-	idle       []*spare
-	making     int // being started
+	idle   []*spare
+	making int // being started
+	// lent: handed to a cold start that has not used it yet. Counted
+	// until then, so that a spare given back (code refused, no room)
+	// does not leave a needless replacement behind.
+	lent       int
 	dropping   int // taken out, their sandbox not yet stopped
 	backoff    spareBackoff
 	retryArmed bool // a reconcile waits for the backoff to end
@@ -84,7 +88,7 @@ func (st *shapeState) value(k int, now time.Time, halfLife time.Duration) float6
 
 // held is the memory the shape's spares hold or are about to.
 func (st *shapeState) held() int {
-	return (len(st.idle) + st.making + st.dropping) * st.shape.memoryMiB
+	return (len(st.idle) + st.making + st.dropping + st.lent) * st.shape.memoryMiB
 }
 
 func (p *Pool) sparesOn() bool {
@@ -103,6 +107,16 @@ func (p *Pool) shapeLocked(shape spareShape, rt sources.File) *shapeState {
 		st.rt = rt
 	}
 	return st
+}
+
+// lentMemoryLocked is the memory of spares lent to cold starts, which
+// admission counts as theirs. p.mu must be held.
+func (p *Pool) lentMemoryLocked() int {
+	n := 0
+	for _, st := range p.shapes {
+		n += st.lent * st.shape.memoryMiB
+	}
+	return n
 }
 
 // spareMemoryLocked is the memory all spares hold. p.mu must be held.
@@ -197,7 +211,7 @@ func (p *Pool) reconcileSpares() {
 	// ready, unless the budget needs their room at once.
 	var drop []*spare
 	for _, st := range p.shapes {
-		for len(st.idle) > want[st] {
+		for len(st.idle) > 0 && len(st.idle)+st.lent > want[st] {
 			sp := st.idle[len(st.idle)-1] // the newest: the oldest are taken first
 			st.idle = st.idle[:len(st.idle)-1]
 			if sp.claim() { // else it is dying and its watcher discards it
@@ -246,15 +260,15 @@ type spareStart struct {
 func (p *Pool) sparesToStartLocked(want map[*shapeState]int, now time.Time) []spareStart {
 	short := make([]*shapeState, 0, len(want))
 	for st, n := range want {
-		if len(st.idle)+st.making < n {
+		if len(st.idle)+st.making+st.lent < n {
 			short = append(short, st)
 		}
 	}
 	hl := p.opts.SpareDemandHalfLife
 	sort.Slice(short, func(i, j int) bool {
 		a, b := short[i], short[j]
-		va := a.value(len(a.idle)+a.making+1, now, hl)
-		vb := b.value(len(b.idle)+b.making+1, now, hl)
+		va := a.value(len(a.idle)+a.making+a.lent+1, now, hl)
+		vb := b.value(len(b.idle)+b.making+b.lent+1, now, hl)
 		if va != vb {
 			return va > vb
 		}
@@ -268,7 +282,7 @@ func (p *Pool) sparesToStartLocked(want map[*shapeState]int, now time.Time) []sp
 			p.retryAfterLocked(st, wait)
 			continue
 		}
-		for len(st.idle)+st.making < want[st] && p.makingTotal < p.opts.SpareStartsAtOnce &&
+		for len(st.idle)+st.making+st.lent < want[st] && p.makingTotal < p.opts.SpareStartsAtOnce &&
 			used+st.shape.memoryMiB <= budget {
 			st.making++
 			p.makingTotal++
@@ -349,6 +363,7 @@ type SpareInfo struct {
 	Idle        int     `json:"idle"`     // ready to take
 	Starting    int     `json:"starting"` // being made
 	Stopping    int     `json:"stopping"` // dropped, not yet stopped
+	Lent        int     `json:"lent"`     // taken by a cold start, not yet used
 	Demand      float64 `json:"demand"`   // decayed count of recent cold starts
 }
 
@@ -362,7 +377,7 @@ func (p *Pool) Spares() []SpareInfo {
 		st.decay(now, p.opts.SpareDemandHalfLife)
 		s := st.shape
 		out = append(out, SpareInfo{RuntimeHash: s.runtime, MemoryMiB: s.memoryMiB, VCPUs: s.vcpus,
-			Internet: s.internet, Idle: len(st.idle), Starting: st.making, Stopping: st.dropping,
+			Internet: s.internet, Idle: len(st.idle), Starting: st.making, Stopping: st.dropping, Lent: st.lent,
 			Demand: st.demand})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Demand > out[j].Demand })
