@@ -71,9 +71,9 @@ func shapeOf(prog *sources.Program) (spareShape, bool) {
 // default): its default shapes always have a spare, demand or not.
 type SpareRuntime func(ctx context.Context) (sources.File, error)
 
-// takeSpare records a cold start of prog's shape and hands out an idle
-// spare of that shape, if any. The caller then either uses it, or gives
-// it back with returnSpare.
+// takeSpare hands out an idle spare of prog's shape, if any, lent until
+// the caller uses it (spareUsed) or gives it back (returnSpare); without
+// one, the cold start counts toward the shape's demand at once.
 func (p *Pool) takeSpare(prog *sources.Program) *spare {
 	if !p.sparesOn() {
 		return nil
@@ -85,7 +85,6 @@ func (p *Pool) takeSpare(prog *sources.Program) *spare {
 	var sp *spare
 	p.mu.Lock()
 	st := p.shapeLocked(shape, prog.Runtime)
-	st.demandAdd(time.Now(), p.opts.SpareDemandHalfLife)
 	// The oldest first: the longest warm, its imports surely done.
 	for len(st.idle) > 0 && sp == nil {
 		first := st.idle[0]
@@ -95,17 +94,23 @@ func (p *Pool) takeSpare(prog *sources.Program) *spare {
 			st.lent++
 		}
 	}
+	if sp == nil { // a cold start without a spare: demand now
+		st.demandAdd(time.Now(), p.opts.SpareDemandHalfLife)
+	}
 	p.mu.Unlock()
-	p.reconcileSpares() // the demand may ask for more
+	if sp == nil {
+		p.reconcileSpares()
+	}
 	return sp
 }
 
 // spareUsed ends the lending of sp, which the cold start used (or lost):
-// a replacement may start.
+// its demand counts, and a replacement may start.
 func (p *Pool) spareUsed(sp *spare) {
 	p.mu.Lock()
-	if st := p.shapes[sp.shape]; st != nil && st.lent > 0 {
-		st.lent--
+	if st := p.shapes[sp.shape]; st != nil {
+		st.lent = max(st.lent-1, 0)
+		st.demandAdd(time.Now(), p.opts.SpareDemandHalfLife)
 	}
 	p.mu.Unlock()
 	p.reconcileSpares()
@@ -201,6 +206,8 @@ func (p *Pool) spareOutcome(shape spareShape, failed bool) {
 
 // returnSpare puts back a spare that was taken but not changed (its
 // program's code was refused, or the node had no room for the program).
+// No cold start took place, so it counts as no demand: refused code sent
+// again and again must not crowd out other shapes.
 func (p *Pool) returnSpare(sp *spare) {
 	sp.output.setLogger(p.log.With("execution", sp.id, "spare", true))
 	p.mu.Lock()
