@@ -388,7 +388,7 @@ func benchSupervisor(ctx context.Context, prewarm, internet bool) (figures, erro
 			keepProfiles(filepath.Join(dir, "exec"), prewarm, internet)
 		}
 	}()
-	if err := waitOK(ctx, base+"/status/check/version", 30*time.Second); err != nil {
+	if err := waitOK(ctx, base+"/about/usage/system", 30*time.Second); err != nil {
 		return f, err
 	}
 	// A first, uncounted start fills the caches (code extraction, runtime

@@ -109,7 +109,7 @@ func (s *supervisor) start(ctx context.Context) error {
 	if err := s.cmd.Start(); err != nil {
 		return err
 	}
-	return waitOK(ctx, s.base+"/status/check/version", 30*time.Second)
+	return waitOK(ctx, s.base+"/about/usage/system", 30*time.Second)
 }
 
 func (s *supervisor) stop() {
