@@ -436,12 +436,10 @@ func waitRecords(base string, n int, limit time.Duration) error {
 	for time.Now().Before(deadline) {
 		resp, err := httpClient.Get(base + "/about/executions/records")
 		if err == nil {
-			var body struct {
-				Records []json.RawMessage `json:"records"`
-			}
-			err = json.NewDecoder(resp.Body).Decode(&body)
+			var records []json.RawMessage // aleph-vm's list of rows
+			err = json.NewDecoder(resp.Body).Decode(&records)
 			resp.Body.Close()
-			if err == nil && len(body.Records) >= n {
+			if err == nil && len(records) >= n {
 				return nil
 			}
 		}
