@@ -24,7 +24,7 @@ func TestWebsocketToProgram(t *testing.T) {
 	if err != nil {
 		t.Fatalf("dial: %v", err)
 	}
-	defer conn.CloseNow()
+	defer func() { _ = conn.CloseNow() }()
 	conn.SetReadLimit(1 << 20)
 	for i, msg := range []string{"hello", strings.Repeat("x", 200_000)} {
 		if err := conn.Write(ctx, websocket.MessageText, []byte(msg)); err != nil {
