@@ -19,7 +19,9 @@ func TestHostileSocketDirectory(t *testing.T) {
 	if hypervisor != "gvisor" {
 		t.Skip("the direct HTTP path is gVisor's")
 	}
-	s := startSupervisor(t, "ALEPH_VM_PREWARM=false")
+	// With spares (the default): the first program adopts one, so the
+	// direct path is checked through a spare's launcher too.
+	s := startSupervisor(t)
 
 	// A host socket the program would like the supervisor to reach.
 	hostSock := filepath.Join(t.TempDir(), "host.sock")
@@ -44,8 +46,9 @@ func TestHostileSocketDirectory(t *testing.T) {
 	t.Run("fill", func(t *testing.T) {
 		prog := s.upload("testdata/sockswap", "main:app", "--env", "ROLE=fill")
 		expect(t, s.get("/vm/"+prog+"/"), http.StatusOK)
-		if !strings.Contains(s.logs.String(), "http=direct") {
-			t.Fatalf("the supervisor did not take the direct HTTP path; log:\n%s", tail(s.logs.String(), 40))
+		logs := s.logs.String()
+		if !strings.Contains(logs, "using a pre-warmed sandbox") || !strings.Contains(logs, "http=direct") {
+			t.Fatalf("the supervisor did not take the direct HTTP path to a spare; log:\n%s", tail(logs, 40))
 		}
 		r := s.get("/vm/" + prog + "/fill")
 		expect(t, r, http.StatusOK)
