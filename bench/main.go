@@ -352,7 +352,7 @@ func benchSupervisor(ctx context.Context, prewarm, internet bool) (figures, erro
 			keepProfiles(filepath.Join(dir, "exec"), prewarm, internet)
 		}
 	}()
-	if err := waitOK(ctx, base+"/status/check/version", 30*time.Second); err != nil {
+	if err := waitOK(ctx, base+"/about/usage/system", 30*time.Second); err != nil {
 		return f, err
 	}
 	// A first, uncounted start fills the caches (code extraction, runtime
@@ -400,12 +400,11 @@ func waitRecords(base string, n int, limit time.Duration) error {
 	for time.Now().Before(deadline) {
 		resp, err := httpClient.Get(base + "/about/executions/records")
 		if err == nil {
-			var body struct {
-				Records []json.RawMessage `json:"records"`
-			}
-			err = json.NewDecoder(resp.Body).Decode(&body)
+			// aleph-vm's shape: a bare list of records.
+			var recs []json.RawMessage
+			err = json.NewDecoder(resp.Body).Decode(&recs)
 			resp.Body.Close()
-			if err == nil && len(body.Records) >= n {
+			if err == nil && len(recs) >= n {
 				return nil
 			}
 		}
