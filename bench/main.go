@@ -436,10 +436,11 @@ func waitRecords(base string, n int, limit time.Duration) error {
 	for time.Now().Before(deadline) {
 		resp, err := httpClient.Get(base + "/about/executions/records")
 		if err == nil {
-			var records []json.RawMessage // aleph-vm's list of rows
-			err = json.NewDecoder(resp.Body).Decode(&records)
+			// aleph-vm's shape: a bare list of records.
+			var recs []json.RawMessage
+			err = json.NewDecoder(resp.Body).Decode(&recs)
 			resp.Body.Close()
-			if err == nil && len(records) >= n {
+			if err == nil && len(recs) >= n {
 				return nil
 			}
 		}

@@ -46,6 +46,9 @@ func newAgent(o options, log *slog.Logger) *agent {
 }
 
 func (a *agent) programSocket() string {
+	if a.o.programSocket != "" {
+		return a.o.programSocket
+	}
 	return filepath.Join(a.o.socketDir, filepath.Base(guest.ProgramSocket))
 }
 func (a *agent) apiSocket() string {

@@ -17,7 +17,7 @@
 #     does, as an ASGI scope {"type": "aleph.message"} whose receive()
 #     answers {"type": "aleph.message", "body": <message JSON str>}.
 # A program that cannot start (its import raises, its lifespan startup
-# fails) leaves its traceback in START_ERROR beside the socket: the agent
+# fails) leaves its traceback in START_ERROR beside this file: the agent
 # hands it to the supervisor, which answers it, as aleph-vm does.
 import asyncio
 import hmac
@@ -46,9 +46,9 @@ EVENT_TOKEN_HEADER = b"aleph-event-token"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def report_start_failure(socket_path, text):
+def report_start_failure(text):
     print(text, file=sys.stderr, flush=True)
-    path = os.path.join(os.path.dirname(socket_path), START_ERROR)
+    path = os.path.join(HERE, START_ERROR)
     try:
         with open(path + ".tmp", "w") as f:
             f.write(text)
@@ -393,9 +393,9 @@ def main():
     try:
         app = as_asgi3(load_app(entrypoint, code_dir))
     except BaseException:
-        report_start_failure(socket_path, traceback.format_exc())
+        report_start_failure(traceback.format_exc())
         sys.exit(3)
-    wrapped = Wrapper(app, lambda text: report_start_failure(socket_path, text), event_token)
+    wrapped = Wrapper(app, report_start_failure, event_token)
 
     if server_module is not None:
         sys.exit(server_module.serve(wrapped, socket_path, lambda text: None))
@@ -409,7 +409,8 @@ def main():
         # Longer than the host's idle timeout, so the host closes idle
         # connections first and never reuses one uvicorn is closing.
         timeout_keep_alive=75,
-        # Only the agent can reach the socket: trust its forwarded headers.
+        # Only the host (the supervisor's proxy, or the agent) reaches the
+        # socket: trust its forwarded headers.
         forwarded_allow_ips="*",
         server_header=False,
         # The supervisor logs every request; an access log line here would

@@ -77,6 +77,7 @@ func startLauncher(t *testing.T, cfg guest.Config, code string) (*launched, erro
 	}
 	t.Cleanup(func() { os.RemoveAll(sockDir) })
 	spec := programSpec{
+		dir:       sockDir,
 		codeDir:   code,
 		python:    python3(t),
 		socket:    filepath.Join(sockDir, "asgi.sock"),

@@ -37,6 +37,10 @@ type options struct {
 	channel   string
 	codeDir   string
 	socketDir string
+	// programSocket is where ASGI programs listen; empty: in socketDir.
+	// Under gVisor it is in a host directory, so the host can reach the
+	// program without the agent.
+	programSocket string
 	// compatAPISocket also serves the guest API (empty: not at all).
 	compatAPISocket string
 	python          string
@@ -56,6 +60,7 @@ func main() {
 	flag.StringVar(&o.channel, "channel", "stdio", "guest channel: stdio | vsock:PORT | serial:PATH")
 	flag.StringVar(&o.codeDir, "code-dir", guest.CodeDir, "directory holding the program's code")
 	flag.StringVar(&o.socketDir, "socket-dir", filepath.Dir(guest.ProgramSocket), "directory of the program and guest API unix sockets")
+	flag.StringVar(&o.programSocket, "program-socket", "", "unix socket ASGI programs listen on (default: asgi.sock in --socket-dir)")
 	flag.StringVar(&o.compatAPISocket, "compat-api-socket", guest.CompatGuestAPISocket, "second guest API socket, at aleph-vm's path (empty: none)")
 	flag.StringVar(&o.python, "python", "/usr/bin/python3", "Python interpreter of the runtime")
 	flag.DurationVar(&o.stopTimeout, "stop-timeout", 5*time.Second, "how long the program may take to stop before it is killed")

@@ -36,7 +36,7 @@ var launcherSource string
 //go:embed asgi_server.py
 var asgiServerSource string
 
-// startErrorFile, beside the program socket, is where the launcher leaves
+// startErrorFile, beside the launcher, is where the launcher leaves
 // the traceback of a program that could not start.
 const startErrorFile = "start-error.txt"
 
@@ -46,6 +46,7 @@ const alephLibs = "/opt/aleph/libs"
 
 // programSpec is what the agent's flags decide about how programs run.
 type programSpec struct {
+	dir       string // the launcher's files (the agent's private socket directory)
 	codeDir   string
 	python    string
 	socket    string // ASGI programs listen here
@@ -54,6 +55,7 @@ type programSpec struct {
 
 func (a *agent) programSpec() programSpec {
 	return programSpec{
+		dir:       a.o.socketDir,
 		codeDir:   a.o.codeDir,
 		python:    a.o.python,
 		socket:    a.programSocket(),
@@ -116,11 +118,14 @@ func programEnv(cfg guest.Config, spec programSpec, log *slog.Logger) []string {
 }
 
 // programCommand builds the command line of the program in cfg.
-// writeLauncher puts the launcher beside the program's socket. A file
+// writeLauncher puts the launcher in the agent's socket directory. A file
 // rather than -c: tracebacks and process listings then name it instead of
 // showing "<string>" or the whole source.
 func writeLauncher(spec programSpec) (string, error) {
-	dir := filepath.Dir(spec.socket)
+	dir := spec.dir
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", fmt.Errorf("write launcher: %w", err)
+	}
 	if err := os.WriteFile(filepath.Join(dir, "asgi_server.py"), []byte(asgiServerSource), 0o644); err != nil {
 		return "", fmt.Errorf("write launcher: %w", err)
 	}
@@ -152,7 +157,7 @@ var pyIdentifier = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 
 // startError is the traceback the launcher left for a failed start, if any.
 func startError(spec programSpec) string {
-	b, err := os.ReadFile(filepath.Join(filepath.Dir(spec.socket), startErrorFile))
+	b, err := os.ReadFile(filepath.Join(spec.dir, startErrorFile))
 	if err != nil {
 		return ""
 	}

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"net"
 	"net/netip"
 	"regexp"
 	"time"
@@ -126,6 +127,15 @@ type SpareMaker interface {
 	Backend
 	// MakesSpares says nothing; it names the capability.
 	MakesSpares()
+}
+
+// DirectDialer is implemented by instances whose ASGI program the host
+// can reach without the guest channel: DialHTTP connects to the program's
+// own HTTP server (uvicorn's unix socket), so requests bypass the agent
+// and the channel's multiplexer. The pool uses it for ASGI programs only;
+// executables, and backends without it, go through the guest channel.
+type DirectDialer interface {
+	DialHTTP(ctx context.Context) (net.Conn, error)
 }
 
 // GuestConfigurer is implemented by instances of VM backends: before the

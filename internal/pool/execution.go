@@ -300,9 +300,10 @@ func (e *Execution) connect(ctx context.Context, client *guest.Client) error {
 	if e.pool.opts.GuestAPI != nil {
 		client.ServeGuestAPI(e.pool.opts.GuestAPI(e.prog))
 	}
+	dial, path := httpDialer(inst, cfg, client)
 	e.transport = &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			return client.DialHTTP(ctx)
+			return dial(ctx)
 		},
 		MaxIdleConnsPerHost: 32,
 		IdleConnTimeout:     60 * time.Second, // below uvicorn's 75 s keep-alive: the host closes first
@@ -312,8 +313,20 @@ func (e *Execution) connect(ctx context.Context, client *guest.Client) error {
 	e.started = time.Now()
 	e.state = stateRunning
 	e.mu.Unlock()
-	e.log.Info("program ready", "boot", e.started.Sub(e.prepared).Round(time.Millisecond))
+	e.log.Info("program ready", "boot", e.started.Sub(e.prepared).Round(time.Millisecond), "http", path)
 	return nil
+}
+
+// httpDialer is the one place that decides how requests reach the
+// program: an ASGI program whose sandbox the host can reach directly
+// (backend.DirectDialer) is dialled there, bypassing the agent and the
+// guest channel; executables and other backends go through the channel,
+// where the agent bridges each stream to the program.
+func httpDialer(inst backend.Instance, cfg guest.Config, client *guest.Client) (dial func(context.Context) (net.Conn, error), path string) {
+	if d, ok := inst.(backend.DirectDialer); ok && cfg.Interface == guest.InterfaceASGI {
+		return d.DialHTTP, "direct"
+	}
+	return client.DialHTTP, "guest channel"
 }
 
 func (e *Execution) spec() backend.Spec {

@@ -202,9 +202,10 @@ func (b *Backend) Name() string { return "gvisor" }
 func (b *Backend) MakesSpares() {}
 
 var (
-	_ backend.SpareMaker = (*Backend)(nil)
-	_ backend.Reaper     = (*Backend)(nil)
-	_ backend.CodeLoader = (*instance)(nil)
+	_ backend.SpareMaker   = (*Backend)(nil)
+	_ backend.Reaper       = (*Backend)(nil)
+	_ backend.CodeLoader   = (*instance)(nil)
+	_ backend.DirectDialer = (*instance)(nil)
 )
 
 // Reap kills and deletes every container left in RootDir, e.g. by a

@@ -51,7 +51,8 @@ type instance struct {
 	skelDir      string
 	bundleDir    string
 	rootfs       string
-	memLimit     int64 // bytes, program memory plus the Sentry's overhead
+	memLimit     int64       // bytes, program memory plus the Sentry's overhead
+	http         *httpSocket // the program's HTTP socket, seen from the host
 
 	stdin     *os.File // our end: writes reach the agent's stdin
 	stdout    *os.File // our end: reads come from the agent's stdout
@@ -407,6 +408,9 @@ func (i *instance) writeBundle(context.Context) (backend.Undo, error) {
 		if i.b.opts.AgentProfileDir != "" {
 			args = append(args, "--cpu-profile", agentProfileDir+"/cpu.pprof")
 		}
+		if i.http != nil {
+			args = append(args, "--program-socket", httpSocketDir+"/"+httpSocketName)
+		}
 	}
 	vcpus := max(i.spec.VCPUs, 1)
 	mem := i.spec.MemoryMiB
@@ -473,7 +477,10 @@ func (i *instance) runRunsc() error {
 		// size is half the program's memory, as tmpfs(5) defaults to half
 		// of RAM, so a program filling / gets ENOSPC while it still has
 		// memory left to handle it, instead of being killed.
-		"--overlay2", fmt.Sprintf("root:memory,size=%dm", RootOverlayMiB(i.spec.MemoryMiB))}
+		"--overlay2", fmt.Sprintf("root:memory,size=%dm", RootOverlayMiB(i.spec.MemoryMiB)),
+		// The program may make sockets the host can reach (its HTTP
+		// socket, httpsock.go), never reach the host's.
+		"--host-uds", "create"}
 	if o.Debug {
 		dir := filepath.Join(o.DebugLogDir, i.id)
 		if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -719,6 +726,7 @@ func (i *instance) Steps() []backend.Step {
 		{Name: "prepare code", Run: i.prepareCode},
 		{Name: "mount runtime", Run: i.mountRuntime},
 		{Name: "mount volumes", Run: i.mountVolumes},
+		{Name: "prepare HTTP socket", Run: i.prepareHTTPSocket},
 		{Name: "assemble root", Run: i.assembleRoot},
 		{Name: "write bundle", Run: i.writeBundle},
 		{Name: "prepare cgroup", Run: i.prepareCgroup},
