@@ -31,7 +31,10 @@ type densityFigures struct {
 func benchDensity(ctx context.Context, n int) (densityFigures, error) {
 	var f densityFigures
 	// Without spares (they would be counted as programs) and kept warm.
-	s, err := newSupervisor("ALEPH_VM_PREWARM=false", "ALEPH_VM_REUSE_TIMEOUT=3600")
+	// Idle programs use no CPU: the vCPU bound (cores times 4) would
+	// evict all but a few.
+	s, err := newSupervisor("ALEPH_VM_PREWARM=false", "ALEPH_VM_REUSE_TIMEOUT=3600",
+		fmt.Sprintf("ALEPH_VM_VCPU_OVERCOMMIT_FACTOR=%d", n))
 	if err != nil {
 		return f, err
 	}

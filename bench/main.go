@@ -107,6 +107,15 @@ func run(ctx context.Context) error {
 	res := result{Time: time.Now().UTC(), Backend: "gvisor"}
 	res.Host, _ = os.Hostname()
 
+	if *densityOnly {
+		d, err := benchDensity(ctx, *densityN)
+		if err != nil {
+			return err
+		}
+		res.Density = d
+		printTable(os.Stdout, res)
+		return nil
+	}
 	fmt.Fprintln(os.Stderr, "== native baseline: uvicorn in a chroot of the runtime")
 	native, err := withRoot(func(root string) (figures, error) { return benchNative(ctx, root) })
 	if err != nil {

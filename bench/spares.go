@@ -17,6 +17,7 @@ var (
 	backToBackN = flag.Int("back-to-back", 5, "different programs started back to back, per round")
 	idleFor     = flag.Duration("idle", 60*time.Second, "idle time before the cold start measured after idling")
 	densityN    = flag.Int("density", 50, "idle warm programs for the density row (0: skip)")
+	densityOnly = flag.Bool("density-only", false, "only the density row")
 )
 
 // sparesFigures are the cold starts of many different programs of one
