@@ -202,14 +202,21 @@ func poolOptions(s *config.Settings, d poolDeps, log *slog.Logger) pool.Options 
 // sandboxes (which would hold mounts and memory forever), execution
 // directories, loop devices, and the open records of its executions.
 func recoverEarlierRun(ctx context.Context, s *config.Settings, be backend.Backend, db *records.DB, log *slog.Logger) {
-	if r, ok := be.(backend.Reaper); ok {
-		if err := r.Reap(ctx); err != nil {
-			log.Warn("reaping sandboxes left by a previous run", "err", err)
+	reap := func() {
+		if r, ok := be.(backend.Reaper); ok {
+			if err := r.Reap(ctx); err != nil {
+				log.Warn("reaping sandboxes left by a previous run", "err", err)
+			}
 		}
 	}
+	reap()
 	if err := pool.SweepExecutions(ctx, s.ExecutionRoot, log); err != nil {
 		log.Warn("removing what an earlier run left", "err", err)
 	}
+	// A sandbox whose start was under way at the crash is not listed yet
+	// by the first pass; the sweep killed its runtime process, and what
+	// that process registered meanwhile is reaped now.
+	reap()
 	pool.SweepLoopDevices(log, s.ExecutionRoot, s.PersistentVolumesDir)
 	if n, err := db.CloseUnfinished(ctx, time.Now()); err != nil {
 		log.Warn("closing the records of an earlier run", "err", err)

@@ -82,7 +82,8 @@ func TestMetricsMoveWithTraffic(t *testing.T) {
 	l := startLiveOn(t, st, map[string]program{
 		"a":    {},
 		"big":  {upload: big},
-		"fail": {upload: big, agent: pooltest.Agent{Handler: fails}},
+		// Another shape than big, so that no spare learnt from big fits it.
+		"fail": {upload: store.UploadOptions{MemoryMiB: 512}, agent: pooltest.Agent{Handler: fails}},
 	}, func(o *pool.Options) {
 		o.SpareRuntime, o.Metrics = st.SpareRuntime, m
 	}, func(o *Options) { o.Metrics = m })

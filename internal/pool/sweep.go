@@ -1,7 +1,6 @@
 package pool
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -9,13 +8,10 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strconv"
-	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/loopdev"
 	"github.com/aleph-vm-go/vm-supervisor/internal/mountinfo"
+	"github.com/aleph-vm-go/vm-supervisor/internal/procs"
 )
 
 // SweepExecutions removes what executions of an earlier run left under
@@ -34,7 +30,7 @@ func SweepExecutions(ctx context.Context, executionRoot string, log *slog.Logger
 		return fmt.Errorf("sweeping executions: %w", err)
 	}
 	log.Warn("removing what an earlier run left", "executions", len(entries), "dir", dir)
-	if err := killProcessesUsing(ctx, dir+"/"); err != nil {
+	if err := procs.KillMentioning(ctx, dir+"/"); err != nil {
 		log.Warn("stray sandbox processes", "err", err)
 	}
 	if err := mountinfo.DetachUnder(dir); err != nil {
@@ -54,45 +50,6 @@ func SweepExecutions(ctx context.Context, executionRoot string, log *slog.Logger
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// killProcessesUsing SIGKILLs every process whose command line mentions
-// prefix, and waits (up to 5 s) until they are gone.
-func killProcessesUsing(ctx context.Context, prefix string) error {
-	pids := processesMentioning(prefix)
-	for _, pid := range pids {
-		_ = unix.Kill(pid, unix.SIGKILL)
-	}
-	deadline := time.Now().Add(5 * time.Second)
-	for len(pids) > 0 {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("processes %v did not die", pids)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(50 * time.Millisecond):
-		}
-		pids = processesMentioning(prefix)
-	}
-	return nil
-}
-
-func processesMentioning(prefix string) []int {
-	entries, _ := os.ReadDir("/proc")
-	self := os.Getpid()
-	var out []int
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == self {
-			continue
-		}
-		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err == nil && bytes.Contains(cmdline, []byte(prefix)) {
-			out = append(out, pid)
-		}
-	}
-	return out
 }
 
 // SweepLoopDevices detaches loop devices bound to image files under dirs

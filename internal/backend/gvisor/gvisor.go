@@ -31,6 +31,7 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend/codeprep"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/mountinfo"
+	"github.com/aleph-vm-go/vm-supervisor/internal/procs"
 )
 
 // Defaults for Options fields left at zero.
@@ -212,6 +213,12 @@ var (
 // crashed supervisor. Call it at start-up, before any Start: it does not
 // spare sandboxes of this process.
 func (b *Backend) Reap(ctx context.Context) error {
+	// runsc processes of a crashed run (a start under way, sandboxes,
+	// gofers) carry our --root; ended first, none of them can register a
+	// container after the listing below.
+	if err := procs.KillMentioning(ctx, b.opts.RootDir+"\x00"); err != nil {
+		b.log.Warn("runsc processes of an earlier run", "err", err)
+	}
 	out, err := b.runscCmd(ctx, "list", "-quiet").Output()
 	if err != nil {
 		return fmt.Errorf("gvisor: runsc list: %w", err)
