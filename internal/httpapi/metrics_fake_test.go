@@ -80,8 +80,8 @@ func TestMetricsMoveWithTraffic(t *testing.T) {
 	fails := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(500) })
 	big := store.UploadOptions{MemoryMiB: 256} // does not fit the spares
 	l := startLiveOn(t, st, map[string]program{
-		"a":    {},
-		"big":  {upload: big},
+		"a":   {},
+		"big": {upload: big},
 		// Another shape than big, so that no spare learnt from big fits it.
 		"fail": {upload: store.UploadOptions{MemoryMiB: 512}, agent: pooltest.Agent{Handler: fails}},
 	}, func(o *pool.Options) {
