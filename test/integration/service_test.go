@@ -126,7 +126,7 @@ func TestDrainOnSIGTERM(t *testing.T) {
 	}
 	var refused response
 	for {
-		refused = s.get("/status/check/version")
+		refused = s.get("/status/check/version?reference=0")
 		if refused.Status != 200 || time.Since(signalled) > 3*time.Second {
 			break
 		}
