@@ -22,7 +22,7 @@ import (
 // sandbox (runsc --host-uds=create lets the sandbox bind it), and the
 // client connects to that socket directly. It is the floor our relay adds
 // to.
-func benchFloor(ctx context.Context, root string) (figures, error) {
+func benchFloor(ctx context.Context, root string, behindProxy *figures) (figures, error) {
 	var f figures
 	dir, err := os.MkdirTemp("", "bench-floor-")
 	if err != nil {
@@ -107,7 +107,13 @@ func benchFloor(ctx context.Context, root string) (figures, error) {
 	f.ColdStartMs = []float64{ms(time.Since(t0))}
 	f.ColdMedianMs = f.ColdStartMs[0]
 	fmt.Fprintf(os.Stderr, "   cold start: %.0f ms\n", f.ColdMedianMs)
-	return f, measureWarm(ctx, client, "http://floor/", &f)
+	if err := measureWarm(ctx, client, "http://floor/", &f); err != nil {
+		return f, err
+	}
+	fmt.Fprintln(os.Stderr, "== floor behind a bare Go reverse proxy")
+	var err2 error
+	*behindProxy, err2 = measureBareProxy(ctx, sock)
+	return f, err2
 }
 
 // newClient is the one client configuration every row uses; only how it

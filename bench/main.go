@@ -65,6 +65,9 @@ type result struct {
 	// same platform and limits, reached over a host unix socket: gVisor's
 	// own cost, without our relay.
 	Floor figures `json:"floor"`
+	// FloorProxy is the floor behind a bare net/http reverse proxy in its
+	// own process (bench/bareproxy.go): what one Go HTTP hop costs here.
+	FloorProxy figures `json:"floor_bare_proxy"`
 	// Spares: different programs back to back, and a cold start after
 	// idling (bench/spares.go).
 	Spares sparesFigures `json:"spares"`
@@ -94,6 +97,13 @@ func envOr(k, def string) string {
 
 func main() {
 	flag.Parse()
+	if *serveBareProxy != "" {
+		if err := runBareProxy(*serveBareProxy); err != nil {
+			fmt.Fprintln(os.Stderr, "bench: bare proxy:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if err := run(context.Background()); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
@@ -116,6 +126,16 @@ func run(ctx context.Context) error {
 		printTable(os.Stdout, res)
 		return nil
 	}
+	if *sparesOnly {
+		fmt.Fprintf(os.Stderr, "== spares: %d different programs back to back, then a cold start after %s idle\n", *backToBackN, *idleFor)
+		spares, err := benchSpares(ctx)
+		if err != nil {
+			return err
+		}
+		res.Spares = spares
+		printTable(os.Stdout, res)
+		return nil
+	}
 	fmt.Fprintln(os.Stderr, "== native baseline: uvicorn in a chroot of the runtime")
 	native, err := withRoot(func(root string) (figures, error) { return benchNative(ctx, root) })
 	if err != nil {
@@ -123,7 +143,7 @@ func run(ctx context.Context) error {
 	}
 	res.Native = native
 	fmt.Fprintln(os.Stderr, "== floor: uvicorn in a runsc sandbox, reached over a host unix socket, no relay")
-	floor, err := withRoot(func(root string) (figures, error) { return benchFloor(ctx, root) })
+	floor, err := withRoot(func(root string) (figures, error) { return benchFloor(ctx, root, &res.FloorProxy) })
 	if err != nil {
 		return fmt.Errorf("floor: %w", err)
 	}
@@ -227,6 +247,10 @@ func printTable(w io.Writer, r result) {
 	warm("latency p90 (c=1)", r.Supervisor.WarmP90Ms, r.Floor.WarmP90Ms, r.Native.WarmP90Ms, "ms")
 	warm("latency p99 (c=1)", r.Supervisor.WarmP99Ms, r.Floor.WarmP99Ms, r.Native.WarmP99Ms, "ms")
 	warm("throughput (c=8)", r.Supervisor.ThroughputRPS, r.Floor.ThroughputRPS, r.Native.ThroughputRPS, "rq/s")
+	if p := r.FloorProxy; p.WarmP50Ms > 0 {
+		fmt.Fprintf(w, "\nfloor behind a bare Go reverse proxy (one net/http hop, no pool, no agent): p50 %.2f ms (%s floor), %.0f rq/s at c=8 (%s floor)\n",
+			p.WarmP50Ms, ratio(p.WarmP50Ms, r.Floor.WarmP50Ms), p.ThroughputRPS, ratio(p.ThroughputRPS, r.Floor.ThroughputRPS))
+	}
 	if d := r.Density; d.Programs > 0 {
 		fmt.Fprintf(w, "\n| %-24s | %14s | %14s | %14s | %14s |\n", "density, idle programs", "cgroup / each", "RSS / each", "PSS / each", "fit in 24 GiB")
 		fmt.Fprintf(w, "|%s|%s|%s|%s|%s|\n", strings.Repeat("-", 26), strings.Repeat("-", 16), strings.Repeat("-", 16), strings.Repeat("-", 16), strings.Repeat("-", 16))

@@ -18,6 +18,8 @@ var (
 	idleFor     = flag.Duration("idle", 60*time.Second, "idle time before the cold start measured after idling")
 	densityN    = flag.Int("density", 50, "idle warm programs for the density row (0: skip)")
 	densityOnly = flag.Bool("density-only", false, "only the density row")
+	sparesOnly  = flag.Bool("spares-only", false, "only the back-to-back and after-idle rows")
+	verbose     = flag.Bool("v", false, "the supervisors log at info level (which spare served which start)")
 )
 
 // sparesFigures are the cold starts of many different programs of one
@@ -104,7 +106,11 @@ func (s *supervisor) uploadVariants(prefix string, n int) ([]string, error) {
 }
 
 func (s *supervisor) start(ctx context.Context) error {
-	s.cmd = exec.Command(filepath.Join(*binDir, "vm-supervisor"))
+	var args []string
+	if *verbose {
+		args = append(args, "-v")
+	}
+	s.cmd = exec.Command(filepath.Join(*binDir, "vm-supervisor"), args...)
 	s.cmd.Env = s.env
 	s.cmd.Stderr = os.Stderr
 	if err := s.cmd.Start(); err != nil {

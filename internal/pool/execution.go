@@ -24,6 +24,7 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/proglog"
 	"github.com/aleph-vm-go/vm-supervisor/internal/records"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
+	"github.com/aleph-vm-go/vm-supervisor/internal/syncrt"
 )
 
 type state int
@@ -45,7 +46,7 @@ type Execution struct {
 
 	instance  backend.Instance
 	client    *guest.Client
-	transport *http.Transport
+	transport *syncrt.Transport
 	stateDir  string
 	net       *network.Network // nil: loopback only
 	// eventToken marks the requests that carry an Aleph message to the
@@ -301,13 +302,19 @@ func (e *Execution) connect(ctx context.Context, client *guest.Client) error {
 		client.ServeGuestAPI(e.pool.opts.GuestAPI(e.prog))
 	}
 	dial, path := httpDialer(inst, cfg, client)
-	e.transport = &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			return dial(ctx)
+	const keepIdle = 60 * time.Second // below uvicorn's 75 s keep-alive: the host closes first
+	e.transport = &syncrt.Transport{
+		Dial: dial,
+		Fallback: &http.Transport{
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				return dial(ctx)
+			},
+			MaxIdleConnsPerHost: 32,
+			IdleConnTimeout:     keepIdle,
+			DisableCompression:  true,
 		},
-		MaxIdleConnsPerHost: 32,
-		IdleConnTimeout:     60 * time.Second, // below uvicorn's 75 s keep-alive: the host closes first
-		DisableCompression:  true,
+		MaxIdle:     32,
+		IdleTimeout: keepIdle,
 	}
 	e.mu.Lock()
 	e.started = time.Now()
