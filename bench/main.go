@@ -369,15 +369,9 @@ func benchSupervisor(ctx context.Context, prewarm, internet bool) (figures, erro
 	defer os.RemoveAll(dir)
 	port := freePort()
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	env := append(os.Environ(),
-		"ALEPH_VM_EXECUTION_ROOT="+filepath.Join(dir, "exec"),
-		"ALEPH_VM_CACHE_ROOT="+filepath.Join(dir, "cache"),
-		fmt.Sprintf("ALEPH_VM_SUPERVISOR_PORT=%d", port),
-		"ALEPH_VM_HYPERVISOR=gvisor",
-		"ALEPH_VM_API_SERVER=http://127.0.0.1:9",
+	env := append(supervisorEnv(dir, port),
 		"ALEPH_VM_REUSE_TIMEOUT=1",
 		fmt.Sprintf("ALEPH_VM_PREWARM=%v", prewarm),
-		"ALEPH_VM_RUNSC_PLATFORM="+*platform,
 	)
 	sup := filepath.Join(*binDir, "vm-supervisor")
 	cli := func(args ...string) (string, error) {

@@ -36,6 +36,23 @@ type sparesFigures struct {
 	IdleSeconds float64 `json:"idle_seconds"`
 }
 
+// supervisorEnv is what every bench supervisor runs with: its own
+// directories and port, gVisor on the bench's platform, and an Aleph API
+// that is not there (programs come from the local store), so nothing
+// watches its message stream.
+func supervisorEnv(dir string, port int) []string {
+	return append(os.Environ(),
+		"ALEPH_VM_EXECUTION_ROOT="+filepath.Join(dir, "exec"),
+		"ALEPH_VM_CACHE_ROOT="+filepath.Join(dir, "cache"),
+		fmt.Sprintf("ALEPH_VM_SUPERVISOR_PORT=%d", port),
+		"ALEPH_VM_HYPERVISOR=gvisor",
+		"ALEPH_VM_API_SERVER=http://127.0.0.1:9",
+		"ALEPH_VM_WATCH_FOR_MESSAGES=false",
+		"ALEPH_VM_WATCH_FOR_UPDATES=false",
+		"ALEPH_VM_RUNSC_PLATFORM="+*platform,
+	)
+}
+
 // supervisor is one vm-supervisor run of the bench, in a directory of its
 // own, with the runtime added as default.
 type supervisor struct {
@@ -51,15 +68,7 @@ func newSupervisor(extraEnv ...string) (*supervisor, error) {
 	}
 	port := freePort()
 	s := &supervisor{dir: dir, base: fmt.Sprintf("http://127.0.0.1:%d", port)}
-	s.env = append(os.Environ(),
-		"ALEPH_VM_EXECUTION_ROOT="+filepath.Join(dir, "exec"),
-		"ALEPH_VM_CACHE_ROOT="+filepath.Join(dir, "cache"),
-		fmt.Sprintf("ALEPH_VM_SUPERVISOR_PORT=%d", port),
-		"ALEPH_VM_HYPERVISOR=gvisor",
-		"ALEPH_VM_API_SERVER=http://127.0.0.1:9",
-		"ALEPH_VM_RUNSC_PLATFORM="+*platform,
-	)
-	s.env = append(s.env, extraEnv...)
+	s.env = append(supervisorEnv(dir, port), extraEnv...)
 	if _, err := s.cli("runtime", "add", *runtime, "--default"); err != nil {
 		_ = os.RemoveAll(dir)
 		return nil, fmt.Errorf("runtime add: %w", err)
