@@ -241,15 +241,18 @@ func printTable(w io.Writer, r result) {
 		fmt.Fprintf(w, "| %-24s | %9.2f %-4s | %9.2f %-4s | %9.2f %-4s | %9s | %9s |\n",
 			name, sup, unit, floor, unit, nat, unit, ratio(sup, floor), ratio(sup, nat))
 	}
-	fmt.Fprintf(w, "\n| %-24s | %14s | %14s | %14s | %9s | %9s |\n", "warm", "supervisor", "floor", "native", "sup/floor", "sup/nat")
-	fmt.Fprintf(w, "|%s|%s|%s|%s|%s|%s|\n", strings.Repeat("-", 26), strings.Repeat("-", 16), strings.Repeat("-", 16), strings.Repeat("-", 16), strings.Repeat("-", 11), strings.Repeat("-", 11))
-	warm("latency p50 (c=1)", r.Supervisor.WarmP50Ms, r.Floor.WarmP50Ms, r.Native.WarmP50Ms, "ms")
-	warm("latency p90 (c=1)", r.Supervisor.WarmP90Ms, r.Floor.WarmP90Ms, r.Native.WarmP90Ms, "ms")
-	warm("latency p99 (c=1)", r.Supervisor.WarmP99Ms, r.Floor.WarmP99Ms, r.Native.WarmP99Ms, "ms")
-	warm("throughput (c=8)", r.Supervisor.ThroughputRPS, r.Floor.ThroughputRPS, r.Native.ThroughputRPS, "rq/s")
-	if p := r.FloorProxy; p.WarmP50Ms > 0 {
-		fmt.Fprintf(w, "\nfloor behind a bare Go reverse proxy (one net/http hop, no pool, no agent): p50 %.2f ms (%s floor), %.0f rq/s at c=8 (%s floor)\n",
-			p.WarmP50Ms, ratio(p.WarmP50Ms, r.Floor.WarmP50Ms), p.ThroughputRPS, ratio(p.ThroughputRPS, r.Floor.ThroughputRPS))
+	// Not in a -spares-only or -density-only run.
+	if r.Supervisor.WarmP50Ms > 0 {
+		fmt.Fprintf(w, "\n| %-24s | %14s | %14s | %14s | %9s | %9s |\n", "warm", "supervisor", "floor", "native", "sup/floor", "sup/nat")
+		fmt.Fprintf(w, "|%s|%s|%s|%s|%s|%s|\n", strings.Repeat("-", 26), strings.Repeat("-", 16), strings.Repeat("-", 16), strings.Repeat("-", 16), strings.Repeat("-", 11), strings.Repeat("-", 11))
+		warm("latency p50 (c=1)", r.Supervisor.WarmP50Ms, r.Floor.WarmP50Ms, r.Native.WarmP50Ms, "ms")
+		warm("latency p90 (c=1)", r.Supervisor.WarmP90Ms, r.Floor.WarmP90Ms, r.Native.WarmP90Ms, "ms")
+		warm("latency p99 (c=1)", r.Supervisor.WarmP99Ms, r.Floor.WarmP99Ms, r.Native.WarmP99Ms, "ms")
+		warm("throughput (c=8)", r.Supervisor.ThroughputRPS, r.Floor.ThroughputRPS, r.Native.ThroughputRPS, "rq/s")
+		if p := r.FloorProxy; p.WarmP50Ms > 0 {
+			fmt.Fprintf(w, "\nfloor behind a bare Go reverse proxy (one net/http hop, no pool, no agent): p50 %.2f ms (%s floor), %.0f rq/s at c=8 (%s floor)\n",
+				p.WarmP50Ms, ratio(p.WarmP50Ms, r.Floor.WarmP50Ms), p.ThroughputRPS, ratio(p.ThroughputRPS, r.Floor.ThroughputRPS))
+		}
 	}
 	if d := r.Density; d.Programs > 0 {
 		fmt.Fprintf(w, "\n| %-24s | %14s | %14s | %14s | %14s |\n", "density, idle programs", "cgroup / each", "RSS / each", "PSS / each", "fit in 24 GiB")
