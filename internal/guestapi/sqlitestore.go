@@ -5,14 +5,11 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
-	"net/url"
 	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
-
-	_ "modernc.org/sqlite" // registers the "sqlite" driver
+	"github.com/aleph-vm-go/vm-supervisor/internal/sqlitedb"
 )
 
 // DiskStore is the embedded store: one SQLite file (the driver the
@@ -55,22 +52,13 @@ END;
 
 // OpenDisk opens (or creates) the store at path.
 func OpenDisk(ctx context.Context, path string, limits Limits) (*DiskStore, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return nil, fmt.Errorf("guest cache: %w", err)
-	}
-	q := url.Values{}
-	// auto_vacuum only takes effect on a new file, before the first table.
-	q.Add("_pragma", "auto_vacuum(INCREMENTAL)")
-	q.Add("_pragma", "busy_timeout(10000)")
-	q.Add("_pragma", "journal_mode(WAL)")
-	q.Add("_pragma", "synchronous(NORMAL)")
-	// The WAL is truncated back to this after checkpoints.
-	q.Add("_pragma", "journal_size_limit(16777216)")
-	q.Set("_txlock", "immediate")
-	dsn := (&url.URL{Scheme: "file", Path: path, RawQuery: q.Encode()}).String()
-	db, err := sql.Open("sqlite", dsn)
+	db, err := sqlitedb.Open(path,
+		// auto_vacuum only takes effect on a new file, before the first table.
+		"auto_vacuum(INCREMENTAL)",
+		// The WAL is truncated back to this after checkpoints.
+		"journal_size_limit(16777216)")
 	if err != nil {
-		return nil, fmt.Errorf("guest cache: open %s: %w", path, err)
+		return nil, fmt.Errorf("guest cache: %w", err)
 	}
 	// One connection: writes are serialised anyway, and at most one
 	// value is materialised by the driver at a time.

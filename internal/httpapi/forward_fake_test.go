@@ -195,7 +195,7 @@ func TestProgramRouteStatuses(t *testing.T) {
 		{name: "backend cannot start", method: "GET", path: vm("no runsc") + "/", code: 502, has: "starting sandbox: runsc: exit status 128"},
 		{name: "too slow", method: "GET", path: vm("slow") + "/", code: 504, has: "did not answer within 500ms"},
 		{name: "killed mid-request", method: "GET", path: vm("killed") + "/", code: 502, has: "memory limit reached"},
-		{name: "exits mid-request", method: "GET", path: vm("exits") + "/", code: 502, has: "ended"},
+		{name: "exits mid-request", method: "GET", path: vm("exits") + "/", code: 502, has: "ended: program exited by itself: exit status 3; last output: ValueError"},
 		{name: "connection reset", method: "GET", path: vm("resets") + "/", code: 502, has: "gave no response"},
 		{name: "disk full", method: "GET", path: vm("disk full") + "/", code: 507, has: "insufficient storage: no space left on device on this node"},
 	}

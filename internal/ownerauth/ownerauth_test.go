@@ -12,25 +12,11 @@ import (
 	"time"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
-	"github.com/aleph-vm-go/vm-supervisor/internal/nodekey"
+	"github.com/aleph-vm-go/vm-supervisor/internal/nodekey/nodekeytest"
 	"github.com/aleph-vm-go/vm-supervisor/internal/ownerauth"
 )
 
 const domain = "node.example.org"
-
-// fixedWallet is a constant secp256k1 key, so failures reproduce.
-func fixedWallet(t *testing.T, b byte) *nodekey.Key {
-	t.Helper()
-	secret := make([]byte, 32)
-	for i := range secret {
-		secret[i] = b
-	}
-	k, err := nodekey.New(secret)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
-}
 
 func ephemeralKey(t *testing.T) *ecdsa.PrivateKey {
 	t.Helper()
@@ -53,7 +39,7 @@ func request(t *testing.T, c *ownerauth.Credentials, op ownerauth.Operation, met
 }
 
 func TestRequest(t *testing.T) {
-	wallet := fixedWallet(t, 7)
+	wallet := nodekeytest.Fixed(t, 7)
 	key := ephemeralKey(t)
 	v := ownerauth.Verifier{Domain: domain}
 	good, err := ownerauth.Authorize(wallet, key, domain, time.Now().Add(time.Hour))
@@ -63,7 +49,7 @@ func TestRequest(t *testing.T) {
 	expired, _ := ownerauth.Authorize(wallet, key, domain, time.Now().Add(-time.Second))
 	// Another wallet's signature over the payload naming wallet.
 	forged := *good
-	other, _ := ownerauth.Authorize(fixedWallet(t, 9), key, domain, time.Now().Add(time.Hour))
+	other, _ := ownerauth.Authorize(nodekeytest.Fixed(t, 9), key, domain, time.Now().Add(time.Hour))
 	forged.PubKey.Signature = other.PubKey.Signature
 	// A key the wallet never approved signs the operation.
 	stranger, _ := ownerauth.Authorize(wallet, ephemeralKey(t), domain, time.Now().Add(time.Hour))
@@ -112,7 +98,7 @@ func TestRequest(t *testing.T) {
 }
 
 func TestRequestWrongPath(t *testing.T) {
-	wallet := fixedWallet(t, 7)
+	wallet := nodekeytest.Fixed(t, 7)
 	c, _ := ownerauth.Authorize(wallet, ephemeralKey(t), domain, time.Now().Add(time.Hour))
 	r := request(t, c, ownerauth.NewOperation("POST", "/control/machine/abc/stop", domain), "POST", "/control/machine/abc/erase")
 	_, err := ownerauth.Verifier{Domain: domain}.Request(r)
@@ -124,7 +110,7 @@ func TestRequestWrongPath(t *testing.T) {
 
 func TestMalformedHeaders(t *testing.T) {
 	v := ownerauth.Verifier{Domain: domain}
-	c, _ := ownerauth.Authorize(fixedWallet(t, 7), ephemeralKey(t), domain, time.Now().Add(time.Hour))
+	c, _ := ownerauth.Authorize(nodekeytest.Fixed(t, 7), ephemeralKey(t), domain, time.Now().Add(time.Hour))
 	valid, _ := c.Headers(ownerauth.NewOperation("GET", "/", domain))
 	cases := []struct {
 		name, pub, op, reason string
@@ -175,7 +161,7 @@ func TestUpstreamFixture(t *testing.T) {
 }
 
 func TestMessage(t *testing.T) {
-	wallet := fixedWallet(t, 7)
+	wallet := nodekeytest.Fixed(t, 7)
 	c, _ := ownerauth.Authorize(wallet, ephemeralKey(t), domain, time.Now().Add(time.Hour))
 	v := ownerauth.Verifier{Domain: domain}
 	msg, _ := c.AuthMessage(ownerauth.NewOperation("GET", "/control/machine/abc/stream_logs", domain))

@@ -284,8 +284,9 @@ func (p *Pool) launch(ctx context.Context, hash string) (*Execution, error) {
 func (p *Pool) watch(e *Execution) {
 	select {
 	case <-e.instance.Done():
-		e.log.Warn("sandbox exited", "err", e.instance.Err())
-		e.finish(context.Background(), fmt.Errorf("sandbox exited: %w", e.instance.Err()))
+		cause := e.programsAccount(fmt.Errorf("sandbox exited: %w", e.instance.Err()))
+		e.log.Warn("sandbox exited", "cause", cause)
+		e.finish(context.Background(), cause)
 	case <-e.client.Done():
 		// The channel usually closes because the sandbox is going down:
 		// its exit (the memory limit, a crash) is the cause to report.
@@ -297,10 +298,26 @@ func (p *Pool) watch(e *Execution) {
 			}
 		case <-time.After(time.Second):
 		}
+		cause = e.programsAccount(cause)
 		e.log.Warn("guest channel closed", "cause", cause)
 		e.finish(context.Background(), cause)
 	case <-e.stopping:
 	}
+}
+
+// programsAccount prefers the agent's word on a program that ended by
+// itself (its exit status and last output lines) to the sandbox's, which
+// only says the sandbox went down with it. The agent's last status may
+// still be on its way when the sandbox's exit is seen.
+func (e *Execution) programsAccount(sandboxCause error) error {
+	select {
+	case <-e.client.Done():
+	case <-time.After(time.Second):
+	}
+	if perr := e.client.Err(); perr != nil {
+		return fmt.Errorf("program exited by itself: %w", perr)
+	}
+	return sandboxCause
 }
 
 // forget removes an execution so that the next request starts a new one.

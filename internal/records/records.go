@@ -9,12 +9,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net/url"
-	"os"
-	"path/filepath"
 	"time"
 
-	_ "modernc.org/sqlite" // registers the "sqlite" driver
+	"github.com/aleph-vm-go/vm-supervisor/internal/sqlitedb"
 )
 
 // Record is one execution: when each phase began, what it consumed and
@@ -137,22 +134,9 @@ const timeLayout = "2006-01-02T15:04:05.000000000Z"
 // Open opens (creating if needed) the database at path and brings its
 // schema up to date.
 func Open(ctx context.Context, path string) (*DB, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return nil, fmt.Errorf("records: create directory: %w", err)
-	}
-	q := url.Values{}
-	// WAL lets /about readers run while the pool writes; busy_timeout makes
-	// concurrent writers wait for the lock instead of failing at once.
-	q.Add("_pragma", "busy_timeout(10000)")
-	q.Add("_pragma", "journal_mode(WAL)")
-	q.Add("_pragma", "synchronous(NORMAL)")
-	// Take the write lock at BEGIN, so a migration or insert never has to
-	// upgrade a read lock (which fails with SQLITE_BUSY, timeout or not).
-	q.Set("_txlock", "immediate")
-	dsn := (&url.URL{Scheme: "file", Path: path, RawQuery: q.Encode()}).String()
-	db, err := sql.Open("sqlite", dsn)
+	db, err := sqlitedb.Open(path)
 	if err != nil {
-		return nil, fmt.Errorf("records: open %s: %w", path, err)
+		return nil, fmt.Errorf("records: %w", err)
 	}
 	d := &DB{db: db}
 	if err := d.migrate(ctx); err != nil {

@@ -16,24 +16,11 @@ import (
 	"github.com/coder/websocket/wsjson"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/nodekey"
+	"github.com/aleph-vm-go/vm-supervisor/internal/nodekey/nodekeytest"
 	"github.com/aleph-vm-go/vm-supervisor/internal/ownerauth"
 )
 
 const controlDomain = "node.test"
-
-// wallet is a fixed secp256k1 key, so a failure reproduces.
-func wallet(t *testing.T, b byte) *nodekey.Key {
-	t.Helper()
-	secret := make([]byte, 32)
-	for i := range secret {
-		secret[i] = b
-	}
-	k, err := nodekey.New(secret)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
-}
 
 func credentials(t *testing.T, w *nodekey.Key, expires time.Time) *ownerauth.Credentials {
 	t.Helper()
@@ -128,7 +115,7 @@ func readUntil(ctx context.Context, t *testing.T, conn *websocket.Conn, want str
 // forged or expired key 401, with aleph-vm's bodies.
 func TestOwnerControl(t *testing.T) {
 	s := startSupervisor(t, "ALEPH_VM_DOMAIN_NAME="+controlDomain)
-	owner, other := wallet(t, 0x11), wallet(t, 0x22)
+	owner, other := nodekeytest.Fixed(t, 0x11), nodekeytest.Fixed(t, 0x22)
 	hash := s.republish(s.upload("testdata/probe", "main:app"), func(c map[string]any) {
 		c["address"] = owner.Address()
 	})

@@ -218,7 +218,13 @@ func TestLimits(t *testing.T) {
 		expect(t, s.get("/vm/"+hash+"/"), http.StatusOK)
 	})
 	t.Run("crash", func(t *testing.T) {
-		expect(t, s.get("/vm/"+hash+"/crash"), http.StatusBadGateway)
+		r := s.get("/vm/" + hash + "/crash")
+		expect(t, r, http.StatusBadGateway)
+		// The agent's account (exit status, last lines), not the
+		// sandbox's "guest channel closed".
+		if !strings.Contains(string(r.Body), "program exited by itself: exit status 1") {
+			t.Errorf("the 502 does not say how the program ended: %s", r.Body)
+		}
 		expect(t, s.get("/vm/"+hash+"/"), http.StatusOK)
 	})
 	t.Run("memory", func(t *testing.T) {
