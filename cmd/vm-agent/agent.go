@@ -55,6 +55,24 @@ func (a *agent) apiSocket() string {
 	return filepath.Join(a.o.socketDir, filepath.Base(guest.GuestAPISocket))
 }
 
+var closedChan = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
+
+// tellWarm tells the host, once warm is closed, that this pre-warmed
+// sandbox is done with its heavy imports (guest.StreamWarm).
+func tellWarm(ctx context.Context, sess *yamux.Session, warm <-chan struct{}, log *slog.Logger) {
+	select {
+	case <-warm:
+	case <-sess.CloseChan():
+		return
+	}
+	s, err := guest.OpenStream(ctx, sess, guest.StreamWarm)
+	if err != nil {
+		log.Debug("could not say the interpreter is warm", "err", err)
+		return
+	}
+	_ = s.Close()
+}
+
 // serve runs one sandbox's life: read the Config, start the program, serve
 // streams until told to stop or the program or the host goes away. It
 // returns the agent's exit code.
@@ -72,10 +90,14 @@ func (a *agent) serve(ctx context.Context, ch io.ReadWriteCloser) (int, error) {
 	// before the interpreter is handed the program.
 	var pre *preloaded
 	if a.o.preload {
+		warm := closedChan
 		if pre, err = startPreload(a.programSpec(), a.reaper, a.log); err != nil {
 			a.log.Warn("could not preload the interpreter", "err", err)
 			pre = nil
+		} else {
+			warm = pre.warm
 		}
+		go tellWarm(ctx, sess, warm, a.log)
 	}
 	defer func() {
 		if pre != nil {

@@ -329,6 +329,15 @@ def wait_for_job(socket_path, code_dir):
     # The operator (and the tests) can tell when a spare is fully warm.
     print("launcher: preloaded in %.1fs; waiting for a program" % (time.monotonic() - began),
           file=sys.stderr, flush=True)
+    # The agent hears it too, through the pipe it gave us, and tells the
+    # host that this sandbox no longer keeps a core busy.
+    warm_fd = os.environ.get("ALEPH_AGENT_WARM_FD")
+    if warm_fd:
+        try:
+            os.write(int(warm_fd), b"w")
+            os.close(int(warm_fd))
+        except (OSError, ValueError):
+            pass
     line = sys.stdin.readline()
     if not line:
         sys.exit(0)  # no program for us: the agent discarded this interpreter

@@ -21,6 +21,9 @@ import (
 type preloaded struct {
 	prog  *program
 	stdin io.WriteCloser
+	// warm is closed once the launcher's imports are done, or it ended
+	// before saying so.
+	warm chan struct{}
 }
 
 // startPreload starts the launcher in preload mode, with no program yet and
@@ -39,17 +42,34 @@ func startPreload(spec programSpec, r *reaper, log *slog.Logger) (*preloaded, er
 	cmd := exec.Command(spec.python, launcher, "--preload", spec.socket, spec.codeDir)
 	cmd.Dir = "/"
 	// PYTHONPATH as the program will have it: it acts at start-up only.
-	cmd.Env = []string{"PATH=" + basePath, "HOME=/root", "LANG=C.UTF-8", "PYTHONUNBUFFERED=1", "PYTHONPATH=" + alephLibs}
+	cmd.Env = []string{"PATH=" + basePath, "HOME=/root", "LANG=C.UTF-8", "PYTHONUNBUFFERED=1", "PYTHONPATH=" + alephLibs,
+		"ALEPH_AGENT_WARM_FD=3"}
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		return nil, err
 	}
-	prog, err := launch(cmd, "unix", spec.socket, r, log.With("preload", true))
+	warmR, warmW, err := os.Pipe()
 	if err != nil {
 		stdin.Close()
 		return nil, err
 	}
-	return &preloaded{prog: prog, stdin: stdin}, nil
+	cmd.ExtraFiles = []*os.File{warmW} // fd 3
+	prog, err := launch(cmd, "unix", spec.socket, r, log.With("preload", true))
+	warmW.Close()
+	if err != nil {
+		warmR.Close()
+		stdin.Close()
+		return nil, err
+	}
+	p := &preloaded{prog: prog, stdin: stdin, warm: make(chan struct{})}
+	go func() {
+		// One byte when the imports are done; EOF if the launcher ended
+		// first. Either way it no longer warms up.
+		_, _ = warmR.Read(make([]byte, 1))
+		warmR.Close()
+		close(p.warm)
+	}()
+	return p, nil
 }
 
 // preloadJob is what the launcher reads on its stdin.

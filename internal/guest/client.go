@@ -51,6 +51,9 @@ type Client struct {
 	srv     *http.Server
 
 	api *StreamListener
+
+	warm     chan struct{} // closed when the agent says its interpreter is warm
+	warmOnce sync.Once
 }
 
 // Connect starts the multiplexer over ch, sends cfg and waits for the
@@ -86,6 +89,7 @@ func Dial(ch io.ReadWriteCloser, log *slog.Logger) (*Client, error) {
 		stopped: make(chan Status, 1),
 		done:    make(chan struct{}),
 		api:     NewStreamListener(sess),
+		warm:    make(chan struct{}),
 	}
 	// Accept from the start: the program may call the guest API during its
 	// lifespan startup, before the caller had a chance to ServeGuestAPI,
@@ -93,6 +97,10 @@ func Dial(ch io.ReadWriteCloser, log *slog.Logger) (*Client, error) {
 	go c.acceptLoop()
 	return c, nil
 }
+
+// Warm is closed once a pre-warmed agent said that its interpreter
+// finished its imports; never for an agent that does not pre-warm.
+func (c *Client) Warm() <-chan struct{} { return c.warm }
 
 // Closed is closed as soon as the multiplexed session ends, whether or not
 // Start was called: how an idle spare's death is noticed.
@@ -271,6 +279,11 @@ func (c *Client) acceptLoop() {
 		}
 		go func() {
 			kind, err := ReadStreamType(s, 10*time.Second)
+			if err == nil && kind == StreamWarm {
+				s.Close()
+				c.warmOnce.Do(func() { close(c.warm) })
+				return
+			}
 			if err != nil || kind != StreamGuestAPI {
 				c.log.Warn("rejecting guest stream", "type", kind, "err", err)
 				s.Close()

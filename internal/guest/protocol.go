@@ -15,6 +15,11 @@
 //	                     HTTP/1.1 connection to the program (keep-alive ok).
 //	StreamGuestAPI('A')  guest→host: the rest of the stream is one HTTP/1.1
 //	                     connection to the host's guest API (internal/guestapi).
+//	StreamWarm    ('W')  guest→host, at most once, empty: a pre-warmed
+//	                     agent's interpreter has finished its imports (or
+//	                     could not start), so the sandbox no longer keeps a
+//	                     core busy. The host bounds how many spares warm up
+//	                     at once by it.
 //
 // Control stream lifecycle, in order:
 //
@@ -48,6 +53,7 @@ const (
 	StreamControl  byte = 'C'
 	StreamHTTP     byte = 'H'
 	StreamGuestAPI byte = 'A'
+	StreamWarm     byte = 'W'
 )
 
 // Paths inside the sandbox, common to all backends.

@@ -65,8 +65,13 @@ type Options struct {
 	// (0: DefaultSpareDemandHalfLife).
 	SpareDemandHalfLife time.Duration
 	// SpareStartsAtOnce bounds spares being started together (0: one per
-	// core, at most 4).
+	// core, at most 4). A spare counts until its agent says that its
+	// interpreter is warm (guest.StreamWarm), at most SpareWarmLimit:
+	// a sandbox that is up but still importing keeps a core busy.
 	SpareStartsAtOnce int
+	// SpareWarmLimit is how long a spare whose agent never says it is
+	// warm counts as starting (0: DefaultSpareWarmLimit).
+	SpareWarmLimit time.Duration
 	// Networks gives programs with environment.internet a network of
 	// their own; nil means they run with loopback only.
 	Networks Networks
@@ -113,7 +118,7 @@ type Pool struct {
 	cpuDone  float64 // CPU seconds of the sandboxes of finished executions
 
 	shapes      map[spareShape]*shapeState
-	makingTotal int // spares being started, all shapes
+	makingTotal int // spares being started or still warming up, all shapes
 	// waitingMiB is the memory of starts waiting for room: spares give
 	// it up first.
 	waitingMiB int
@@ -154,6 +159,9 @@ func New(opts Options) *Pool {
 	}
 	if opts.SpareStartsAtOnce <= 0 {
 		opts.SpareStartsAtOnce = defaultSpareStarts()
+	}
+	if opts.SpareWarmLimit <= 0 {
+		opts.SpareWarmLimit = DefaultSpareWarmLimit
 	}
 	p := &Pool{
 		opts:     opts,

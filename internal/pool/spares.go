@@ -232,6 +232,36 @@ func (p *Pool) returnSpare(sp *spare) {
 	p.reconcileSpares()
 }
 
+// DefaultSpareWarmLimit bounds how long a spare whose agent never says it
+// is warm holds its start slot.
+const DefaultSpareWarmLimit = 20 * time.Second
+
+// releaseStartWhenWarm gives back sp's start slot once its interpreter's
+// imports are done, whether it waits idle or was already taken (a taken
+// spare still imports), or once it is gone. Until then another spare
+// start would only slow this one and any cold start waiting for it: on
+// two cores three spares importing at once made a cold start that took
+// one of them wait 1.8 s instead of 0.1 s.
+func (p *Pool) releaseStartWhenWarm(sp *spare) {
+	limit := time.NewTimer(p.opts.SpareWarmLimit)
+	defer limit.Stop()
+	by := "agent"
+	select {
+	case <-sp.client.Warm():
+	case <-sp.client.Closed():
+		by = "end of its session"
+	case <-sp.inst.Done():
+		by = "end of its sandbox"
+	case <-limit.C:
+		by = "time limit"
+	}
+	p.log.Debug("spare warm", "execution", sp.id, "after", time.Since(sp.created).Round(time.Millisecond), "by", by)
+	p.mu.Lock()
+	p.makingTotal--
+	p.mu.Unlock()
+	p.reconcileSpares()
+}
+
 // startSpare makes one spare of shape in the background; the caller has
 // counted it in st.making and p.spares.
 func (p *Pool) startSpare(shape spareShape, rt sources.File) {
@@ -244,7 +274,12 @@ func (p *Pool) startSpare(shape spareShape, rt sources.File) {
 		p.mu.Lock()
 		st := p.shapes[shape]
 		st.making--
-		p.makingTotal--
+		if err == nil {
+			// Takeable at once, but its start slot is held while it warms.
+			go p.releaseStartWhenWarm(sp)
+		} else {
+			p.makingTotal--
+		}
 		if err == nil && !p.draining {
 			st.idle = append(st.idle, sp)
 			go p.watchSpare(sp)

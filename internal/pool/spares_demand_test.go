@@ -2,6 +2,7 @@ package pool_test
 
 import (
 	"fmt"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -172,5 +173,55 @@ func TestBackToBackColdStartsUseSpares(t *testing.T) {
 		if !servedBySpare(t, f, hash) {
 			t.Errorf("back-to-back cold start %d had no spare", i+1)
 		}
+	}
+}
+
+// A spare that is up but still importing holds its start slot, so with
+// one start at a time spares warm up one after the other; an agent that
+// never says it is warm frees its slot after SpareWarmLimit.
+func TestSparesWarmUpOneAtATime(t *testing.T) {
+	const warming = 300 * time.Millisecond
+	for _, c := range []struct {
+		name             string
+		warmAfter, limit time.Duration
+	}{
+		{"the agent says it is warm", warming, time.Minute},
+		{"the agent never says", -1, warming},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			b := &pooltest.Backend{WarmAfter: c.warmAfter}
+			st := pooltest.NewStore(t)
+			f := newFixtureOn(t, b, st, func(o *pool.Options) {
+				o.SpareRuntime = st.SpareRuntime
+				o.SpareMemoryMiB = 4096
+				o.SpareStartsAtOnce = 1
+				o.SpareWarmLimit = c.limit
+			})
+			waitSpares(t, b, 1)
+			for i := range 4 {
+				serveOnce(t, f.p, f.st.Program(t, fmt.Sprint("burst-", i), store.UploadOptions{MemoryMiB: 256}))
+			}
+			eventually(t, "spares for the next burst", 10*time.Second, func() bool { return idleSpares(b, 256) >= 3 })
+			var starts []time.Time
+			for _, s := range b.Sandboxes() {
+				if s.Spec.DeferCode && s.Spec.MemoryMiB == 256 {
+					starts = append(starts, s.StartedAt)
+				}
+			}
+			slices.SortFunc(starts, time.Time.Compare)
+			for i := 1; i < len(starts); i++ {
+				// A little slack for the timer that ends the warm-up.
+				if gap := starts[i].Sub(starts[i-1]); gap < warming*8/10 {
+					t.Errorf("spare %d started %s after the one before, which was still warming up (%s)", i+1, gap, warming)
+				}
+			}
+			if c.warmAfter >= 0 {
+				for _, s := range b.Alive() {
+					if s.Spec.DeferCode && s.Code() == nil && time.Since(s.StartedAt) > 2*warming && !s.Warm() {
+						t.Errorf("spare %s never said it was warm", s.Spec.ExecutionID)
+					}
+				}
+			}
+		})
 	}
 }

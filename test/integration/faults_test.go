@@ -156,6 +156,11 @@ func TestIdleSpareStaysAlive(t *testing.T) {
 	if now := s.runscContainers(); !slices.Equal(now, spares) {
 		t.Errorf("spares changed while idle: %v, then %v", spares, now)
 	}
+	// Each agent said when its interpreter was warm (guest.StreamWarm),
+	// which lets the next spare start.
+	if n := strings.Count(s.logs.String(), "by=agent"); n < 2 {
+		t.Errorf("%d spares said they were warm, want 2:\n%s", n, tail(s.logs.String(), 30))
+	}
 	if strings.Contains(s.logs.String(), "spare sandbox died") {
 		t.Errorf("a spare died while idle:\n%s", tail(s.logs.String(), 30))
 	}

@@ -67,7 +67,11 @@ type Backend struct {
 	// StartDelay is how long each start takes (runsc and the
 	// interpreter's imports), so that refills can lag behind demand.
 	StartDelay time.Duration
-	Logger     *slog.Logger
+	// WarmAfter is when a spare's agent says its interpreter is warm
+	// (guest.StreamWarm), counted from its session's start; negative:
+	// never, as an agent that does not pre-warm.
+	WarmAfter time.Duration
+	Logger    *slog.Logger
 
 	mu        sync.Mutex
 	sandboxes []*Sandbox
@@ -174,6 +178,7 @@ type Sandbox struct {
 	stopped     atomic.Bool // Stop was called
 
 	ready    chan struct{} // closed once the agent answered Ready
+	warm     atomic.Bool   // the agent said its interpreter is warm
 	requests atomic.Int64
 
 	mu   sync.Mutex
@@ -279,6 +284,9 @@ func (s *Sandbox) Exited() bool {
 	}
 }
 
+// Warm reports whether the agent said its interpreter is warm.
+func (s *Sandbox) Warm() bool { return s.warm.Load() }
+
 // Stopped reports whether the pool called Stop.
 func (s *Sandbox) Stopped() bool { return s.stopped.Load() }
 
@@ -329,6 +337,19 @@ func (s *Sandbox) serve() {
 		return
 	}
 	defer sess.Close()
+	if s.Spec.DeferCode && s.b.WarmAfter >= 0 {
+		go func() {
+			select {
+			case <-time.After(s.b.WarmAfter):
+			case <-sess.CloseChan():
+				return
+			}
+			if st, err := guest.OpenStream(context.Background(), sess, guest.StreamWarm); err == nil {
+				s.warm.Store(true)
+				_ = st.Close()
+			}
+		}()
+	}
 	stream, err := sess.AcceptStream()
 	if err != nil {
 		s.exit(nil) // the host went away (or the sandbox was stopped) before configuring it
