@@ -45,7 +45,8 @@
 //
 // Changes to the first sketch: Config.StartTimeoutMS (the agent's own bound
 // on program start, so a slow start is reported with the program's output
-// rather than as a bare host timeout), Status.Exited, and OpStop.
+// rather than as a bare host timeout), Status.Exited, OpStop and
+// StreamWarm.
 package guest
 
 // Stream type bytes, written first on every yamux stream.
