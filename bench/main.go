@@ -445,10 +445,6 @@ func benchSupervisor(ctx context.Context, prewarm, internet bool) (figures, erro
 		return f, nil
 	}
 	f.ColdMedianMs = median(f.ColdStartMs)
-	// The last cold start took the spare and a new one is warming (its
-	// Python imports take a core for a second or two): warm is the
-	// steady state, measured once that is done.
-	time.Sleep(3 * time.Second)
 	if err := measureWarm(ctx, httpClient, url, &f); err != nil {
 		return f, err
 	}
@@ -522,6 +518,12 @@ func waitOKWith(ctx context.Context, c *http.Client, url string, limit time.Dura
 // measureWarm fills warm latency (concurrency 1) and throughput
 // (concurrency 8); the keep-alive keeps the execution warm throughout.
 func measureWarm(ctx context.Context, c *http.Client, url string, f *figures) error {
+	// Warm is the steady state: after the last cold start took the spare,
+	// a new one imports Python for a second or two.
+	if err := get(c, url); err != nil {
+		return err
+	}
+	waitQuiet(20*time.Second, func() { _ = get(c, url) })
 	for range 20 { // settle: JIT-free Python, but caches and connections warm up
 		if err := get(c, url); err != nil {
 			return err
