@@ -63,7 +63,10 @@ func OpenDisk(ctx context.Context, path string, limits Limits) (*DiskStore, erro
 	// One connection: writes are serialised anyway, and at most one
 	// value is materialised by the driver at a time.
 	db.SetMaxOpenConns(1)
-	if _, err := db.ExecContext(ctx, diskSchema); err != nil {
+	if err := sqlitedb.RetryBusy(ctx, func() error {
+		_, err := db.ExecContext(ctx, diskSchema)
+		return err
+	}); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("guest cache: schema of %s: %w", path, err)
 	}

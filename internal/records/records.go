@@ -139,7 +139,7 @@ func Open(ctx context.Context, path string) (*DB, error) {
 		return nil, fmt.Errorf("records: %w", err)
 	}
 	d := &DB{db: db}
-	if err := d.migrate(ctx); err != nil {
+	if err := sqlitedb.RetryBusy(ctx, func() error { return d.migrate(ctx) }); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("records: %s: %w", path, err)
 	}

@@ -4,13 +4,16 @@
 package sqlitedb
 
 import (
+	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"net/url"
 	"os"
 	"path/filepath"
+	"time"
 
-	_ "modernc.org/sqlite" // registers the "sqlite" driver
+	"modernc.org/sqlite" // also registers the "sqlite" driver
 )
 
 // Open opens (creating if needed) the database at path, its directory
@@ -40,4 +43,32 @@ func Open(path string, pragmas ...string) (*sql.DB, error) {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
 	return db, nil
+}
+
+// busyCode is SQLITE_BUSY; extended codes keep it in their low byte.
+const busyCode = 5
+
+// Busy reports whether err is SQLite's "database is locked".
+func Busy(err error) bool {
+	var se *sqlite.Error
+	return errors.As(err, &se) && se.Code()&0xff == busyCode
+}
+
+// RetryBusy runs fn again while it fails with SQLITE_BUSY, a few times
+// with growing pauses. busy_timeout does not cover every case: while a
+// brand-new file is turned to WAL mode, another connection's first
+// transaction can be refused at once (4 runs in 300 of 8 concurrent opens,
+// on a loaded machine).
+func RetryBusy(ctx context.Context, fn func() error) error {
+	for attempt := 1; ; attempt++ {
+		err := fn()
+		if err == nil || !Busy(err) || attempt == 20 {
+			return err
+		}
+		select {
+		case <-time.After(time.Duration(attempt) * 10 * time.Millisecond):
+		case <-ctx.Done():
+			return fmt.Errorf("%w (after: %w)", ctx.Err(), err)
+		}
+	}
 }
