@@ -112,28 +112,23 @@ func (p *Pool) shapeLocked(shape spareShape, rt sources.File) *shapeState {
 // lentMemoryLocked is the memory of spares lent to cold starts, which
 // admission counts as theirs. p.mu must be held.
 func (p *Pool) lentMemoryLocked() int {
-	n := 0
-	for _, st := range p.shapes {
-		n += st.lent * st.shape.memoryMiB
-	}
-	return n
+	return p.sumShapesLocked(func(st *shapeState) int { return st.lent * st.shape.memoryMiB })
 }
 
 // spareMemoryLocked is the memory all spares hold. p.mu must be held.
-func (p *Pool) spareMemoryLocked() int {
-	n := 0
-	for _, st := range p.shapes {
-		n += st.held()
-	}
-	return n
-}
+func (p *Pool) spareMemoryLocked() int { return p.sumShapesLocked((*shapeState).held) }
 
 // droppingMemoryLocked is the memory of spares being stopped. p.mu must
 // be held.
 func (p *Pool) droppingMemoryLocked() int {
+	return p.sumShapesLocked(func(st *shapeState) int { return st.dropping * st.shape.memoryMiB })
+}
+
+// sumShapesLocked adds f over every shape. p.mu must be held.
+func (p *Pool) sumShapesLocked(f func(*shapeState) int) int {
 	n := 0
 	for _, st := range p.shapes {
-		n += st.dropping * st.shape.memoryMiB
+		n += f(st)
 	}
 	return n
 }

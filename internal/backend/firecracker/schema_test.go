@@ -188,6 +188,24 @@ var configSections = []configSection{
 // validateConfigFile checks a whole --config-file document: its top-level
 // keys are those of the example file, the required sections are there,
 // and each section validates against its definition.
+// validPlan builds the plan and fails the test unless its config file
+// passes Firecracker's schema; it returns the plan and that file decoded.
+func validPlan(t *testing.T, defs schemaSet, opts Options, spec backend.Spec, drives []vmimage.Drive) (*Plan, map[string]any) {
+	t.Helper()
+	plan, err := BuildPlan(opts, spec, drives)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc map[string]any
+	if err := json.Unmarshal(plan.ConfigJSON, &doc); err != nil {
+		t.Fatal(err)
+	}
+	if errs := validateConfigFile(t, defs, doc); len(errs) > 0 {
+		t.Fatalf("jailed=%v: config rejected:\n%s\n%s", opts.UseJailer, strings.Join(errs, "\n"), plan.ConfigJSON)
+	}
+	return plan, doc
+}
+
 func validateConfigFile(t *testing.T, defs schemaSet, doc map[string]any) []string {
 	t.Helper()
 	example := exampleKeys(t)
@@ -484,17 +502,7 @@ func TestFixtureConfigsValidate(t *testing.T) {
 			t.Run(fmt.Sprintf("%s/jailed=%v", filepath.Base(f), jailed), func(t *testing.T) {
 				spec, prep := fixtureSpec(t, prog)
 				opts := Options{UseJailer: jailed, KernelPath: "/opt/vm/vmlinux", InitrdPath: "/opt/vm/initramfs.cpio.gz", JailerUID: 990, JailerGID: 990, CgroupVersion: 1}.withDefaults()
-				plan, err := BuildPlan(opts, spec, vmimage.GuestDrives(prep, nil))
-				if err != nil {
-					t.Fatal(err)
-				}
-				var doc map[string]any
-				if err := json.Unmarshal(plan.ConfigJSON, &doc); err != nil {
-					t.Fatal(err)
-				}
-				if errs := validateConfigFile(t, defs, doc); len(errs) > 0 {
-					t.Fatalf("config rejected:\n%s\n%s", strings.Join(errs, "\n"), plan.ConfigJSON)
-				}
+				plan, _ := validPlan(t, defs, opts, spec, vmimage.GuestDrives(prep, nil))
 
 				// What the issue asks of it, beyond the schema.
 				mc := plan.Config.MachineConfig
@@ -565,17 +573,7 @@ func TestNetworkConfigValidates(t *testing.T) {
 		spec := testSpec(1, 128)
 		spec.Network = testNetwork()
 		opts := Options{UseJailer: jailed, KernelPath: "/opt/vm/vmlinux", JailerUID: 990, JailerGID: 990, CgroupVersion: 2}.withDefaults()
-		plan, err := BuildPlan(opts, spec, testDrives())
-		if err != nil {
-			t.Fatal(err)
-		}
-		var doc map[string]any
-		if err := json.Unmarshal(plan.ConfigJSON, &doc); err != nil {
-			t.Fatal(err)
-		}
-		if errs := validateConfigFile(t, defs, doc); len(errs) > 0 {
-			t.Fatalf("jailed=%v: config rejected:\n%s\n%s", jailed, strings.Join(errs, "\n"), plan.ConfigJSON)
-		}
+		_, doc := validPlan(t, defs, opts, spec, testDrives())
 		nics, _ := doc["network-interfaces"].([]any)
 		if len(nics) != 1 {
 			t.Fatalf("jailed=%v: network-interfaces = %v", jailed, doc["network-interfaces"])

@@ -28,17 +28,7 @@ func TestSparePlanValidates(t *testing.T) {
 		}
 		drives := vmimage.GuestDrives(prep, nil)
 		opts := Options{UseJailer: jailed, KernelPath: "/opt/vm/vmlinux", InitrdPath: "/opt/vm/initrd", JailerUID: 990, JailerGID: 990, CgroupVersion: 2}.withDefaults()
-		plan, err := BuildPlan(opts, spec, drives)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var doc map[string]any
-		if err := json.Unmarshal(plan.ConfigJSON, &doc); err != nil {
-			t.Fatal(err)
-		}
-		if errs := validateConfigFile(t, defs, doc); len(errs) > 0 {
-			t.Fatalf("jailed=%v: config rejected:\n%s\n%s", jailed, strings.Join(errs, "\n"), plan.ConfigJSON)
-		}
+		plan, _ := validPlan(t, defs, opts, spec, drives)
 		if args := plan.Config.BootSource.BootArgs; !strings.Contains(args, PreloadArg) {
 			t.Errorf("jailed=%v: boot args %q lack %s", jailed, args, PreloadArg)
 		}

@@ -4,7 +4,6 @@ import (
 	"archive/zip"
 	"bytes"
 	"context"
-	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -78,17 +77,7 @@ func TestNamedVolumesReachTheConfig(t *testing.T) {
 
 	for _, jailed := range []bool{false, true} {
 		opts.UseJailer = jailed
-		plan, err := BuildPlan(opts, spec, vmimage.GuestDrives(prep, nil))
-		if err != nil {
-			t.Fatal(err)
-		}
-		var doc map[string]any
-		if err := json.Unmarshal(plan.ConfigJSON, &doc); err != nil {
-			t.Fatal(err)
-		}
-		if errs := validateConfigFile(t, defs, doc); len(errs) > 0 {
-			t.Fatalf("jailed=%v: config rejected:\n%s\n%s", jailed, strings.Join(errs, "\n"), plan.ConfigJSON)
-		}
+		plan, _ := validPlan(t, defs, opts, spec, vmimage.GuestDrives(prep, nil))
 		drives := plan.Config.Drives
 		if len(drives) != 5 { // runtime, persistent, ephemeral, zip volume, data
 			t.Fatalf("jailed=%v: drives %+v", jailed, drives)
