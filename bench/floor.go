@@ -22,7 +22,7 @@ import (
 // sandbox (runsc --host-uds=create lets the sandbox bind it), and the
 // client connects to that socket directly. It is the floor our relay adds
 // to.
-func benchFloor(ctx context.Context, root string, behindProxy *figures) (figures, error) {
+func benchFloor(ctx context.Context, root string, behindProxy, behindSplice *figures) (figures, error) {
 	var f figures
 	dir, err := os.MkdirTemp("", "bench-floor-")
 	if err != nil {
@@ -112,7 +112,11 @@ func benchFloor(ctx context.Context, root string, behindProxy *figures) (figures
 	}
 	fmt.Fprintln(os.Stderr, "== floor behind a bare Go reverse proxy")
 	var err2 error
-	*behindProxy, err2 = measureBareProxy(ctx, sock)
+	if *behindProxy, err2 = measureBareProxy(ctx, sock, false); err2 != nil {
+		return f, err2
+	}
+	fmt.Fprintln(os.Stderr, "== floor behind a byte splice")
+	*behindSplice, err2 = measureBareProxy(ctx, sock, true)
 	return f, err2
 }
 

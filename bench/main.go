@@ -47,9 +47,12 @@ type result struct {
 	Host    string    `json:"host"`
 	Backend string    `json:"backend"`
 	// Supervisor runs with PREWARM (a spare sandbox waits for the
-	// program); NoSpare is the same with PREWARM=false, cold starts only.
+	// program); NoSpare is the same with PREWARM=false, cold starts only,
+	// each restoring the snapshot of a warm sandbox the first run left;
+	// NoSnapshot has neither spares nor snapshots: every start is fresh.
 	Supervisor figures `json:"supervisor"`
 	NoSpare    figures `json:"supervisor_no_spare"`
+	NoSnapshot figures `json:"supervisor_no_spare_no_snapshot"`
 	// The same with environment.internet: each execution gets its own
 	// namespace, veth, address and firewall chain.
 	Internet        figures `json:"supervisor_internet"`
@@ -68,6 +71,10 @@ type result struct {
 	// FloorProxy is the floor behind a bare net/http reverse proxy in its
 	// own process (bench/bareproxy.go): what one Go HTTP hop costs here.
 	FloorProxy figures `json:"floor_bare_proxy"`
+	// FloorSplice is the floor behind a process that only copies bytes
+	// between a loopback TCP connection and the floor's socket: the least
+	// any relay in a process of its own can cost.
+	FloorSplice figures `json:"floor_splice"`
 	// Spares: different programs back to back, and a cold start after
 	// idling (bench/spares.go).
 	Spares sparesFigures `json:"spares"`
@@ -143,27 +150,38 @@ func run(ctx context.Context) error {
 	}
 	res.Native = native
 	fmt.Fprintln(os.Stderr, "== floor: uvicorn in a runsc sandbox, reached over a host unix socket, no relay")
-	floor, err := withRoot(func(root string) (figures, error) { return benchFloor(ctx, root, &res.FloorProxy) })
+	floor, err := withRoot(func(root string) (figures, error) {
+		return benchFloor(ctx, root, &res.FloorProxy, &res.FloorSplice)
+	})
 	if err != nil {
 		return fmt.Errorf("floor: %w", err)
 	}
 	res.Floor = floor
+	// The first run's spares leave a snapshot of a warm sandbox in this
+	// directory; the runs without spares restore it.
+	snapshots, err := os.MkdirTemp("", "bench-snapshots-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(snapshots)
 	runs := []struct {
 		title             string
 		prewarm, internet bool
+		snapshots         string
 		into              *figures
 	}{
-		{"supervisor: the same app through vm-supervisor (pre-warmed spare)", true, false, &res.Supervisor},
-		{"supervisor without spares (PREWARM=false)", false, false, &res.NoSpare},
-		{"supervisor, program with internet (pre-warmed spare)", true, true, &res.Internet},
-		{"supervisor, program with internet, without spares", false, true, &res.InternetNoSpare},
+		{"supervisor: the same app through vm-supervisor (pre-warmed spare)", true, false, snapshots, &res.Supervisor},
+		{"supervisor without spares (PREWARM=false), restoring a snapshot of a warm sandbox", false, false, snapshots, &res.NoSpare},
+		{"supervisor without spares or snapshots (PREWARM=false, SNAPSHOT_CACHE_MAX_MIB=0)", false, false, "", &res.NoSnapshot},
+		{"supervisor, program with internet (pre-warmed spare)", true, true, snapshots, &res.Internet},
+		{"supervisor, program with internet, without spares", false, true, snapshots, &res.InternetNoSpare},
 	}
 	if *warmOnly {
 		runs = runs[:1]
 	}
 	for _, r := range runs {
 		fmt.Fprintln(os.Stderr, "== "+r.title)
-		f, err := benchSupervisor(ctx, r.prewarm, r.internet)
+		f, err := benchSupervisor(ctx, r.prewarm, r.internet, r.snapshots)
 		if err != nil {
 			return fmt.Errorf("%s: %w", r.title, err)
 		}
@@ -227,7 +245,8 @@ func printTable(w io.Writer, r result) {
 	fmt.Fprintf(w, "\n| %-28s | %17s | %17s | %8s |\n", "cold start", "supervisor", "native (base)", "ratio")
 	fmt.Fprintf(w, "|%s|%s|%s|%s|\n", strings.Repeat("-", 30), strings.Repeat("-", 19), strings.Repeat("-", 19), strings.Repeat("-", 10))
 	row("cold start, spare (p50)", r.Supervisor.ColdMedianMs, r.Native.ColdMedianMs, "ms")
-	row("cold start, no spare (p50)", r.NoSpare.ColdMedianMs, r.Native.ColdMedianMs, "ms")
+	row("no spare, snapshot (p50)", r.NoSpare.ColdMedianMs, r.Native.ColdMedianMs, "ms")
+	row("no spare, no snapshot (p50)", r.NoSnapshot.ColdMedianMs, r.Native.ColdMedianMs, "ms")
 	row("cold, internet, spare (p50)", r.Internet.ColdMedianMs, r.Native.ColdMedianMs, "ms")
 	row("cold, internet, no spare", r.InternetNoSpare.ColdMedianMs, r.Native.ColdMedianMs, "ms")
 	row("floor: uvicorn in runsc", r.Floor.ColdMedianMs, r.Native.ColdMedianMs, "ms")
@@ -252,6 +271,10 @@ func printTable(w io.Writer, r result) {
 		if p := r.FloorProxy; p.WarmP50Ms > 0 {
 			fmt.Fprintf(w, "\nfloor behind a bare Go reverse proxy (one net/http hop, no pool, no agent): p50 %.2f ms (%s floor), %.0f rq/s at c=8 (%s floor)\n",
 				p.WarmP50Ms, ratio(p.WarmP50Ms, r.Floor.WarmP50Ms), p.ThroughputRPS, ratio(p.ThroughputRPS, r.Floor.ThroughputRPS))
+		}
+		if p := r.FloorSplice; p.WarmP50Ms > 0 {
+			fmt.Fprintf(w, "floor behind a byte splice (TCP to unix socket, io.Copy both ways; the least any relay process costs): p50 %.2f ms (%s floor, %s native), %.0f rq/s at c=8 (%s floor)\n",
+				p.WarmP50Ms, ratio(p.WarmP50Ms, r.Floor.WarmP50Ms), ratio(p.WarmP50Ms, r.Native.WarmP50Ms), p.ThroughputRPS, ratio(p.ThroughputRPS, r.Floor.ThroughputRPS))
 		}
 	}
 	if d := r.Density; d.Programs > 0 {
@@ -363,7 +386,10 @@ func benchNative(ctx context.Context, root string) (figures, error) {
 
 // --- through the supervisor -------------------------------------------
 
-func benchSupervisor(ctx context.Context, prewarm, internet bool) (figures, error) {
+// benchSupervisor measures one supervisor run; snapshots, when set, is
+// the directory its gVisor backend keeps snapshots of warm sandboxes in,
+// shared between runs; empty turns snapshots off.
+func benchSupervisor(ctx context.Context, prewarm, internet bool, snapshots string) (figures, error) {
 	var f figures
 	dir, err := os.MkdirTemp("", "bench-supervisor-")
 	if err != nil {
@@ -376,6 +402,17 @@ func benchSupervisor(ctx context.Context, prewarm, internet bool) (figures, erro
 		"ALEPH_VM_REUSE_TIMEOUT=1",
 		fmt.Sprintf("ALEPH_VM_PREWARM=%v", prewarm),
 	)
+	if snapshots == "" {
+		env = append(env, "ALEPH_VM_SNAPSHOT_CACHE_MAX_MIB=0")
+	} else {
+		// The backend keeps them in CACHE_ROOT/snapshots.
+		if err := os.MkdirAll(filepath.Join(dir, "cache"), 0o755); err != nil {
+			return f, err
+		}
+		if err := os.Symlink(snapshots, filepath.Join(dir, "cache", "snapshots")); err != nil {
+			return f, err
+		}
+	}
 	sup := filepath.Join(*binDir, "vm-supervisor")
 	cli := func(args ...string) (string, error) {
 		cmd := exec.Command(sup, args...)

@@ -33,6 +33,9 @@ type agent struct {
 	// to the host as a start failure.
 	setup func(ctx context.Context, cfg guest.Config, log *slog.Logger) error
 
+	// held is the interpreter warmed before the channel opened (--hold).
+	held *preloaded
+
 	mu   sync.Mutex
 	prog *program
 }
@@ -89,7 +92,10 @@ func (a *agent) serve(ctx context.Context, ch io.ReadWriteCloser) (int, error) {
 	// code (and no volumes: spares take none) is mounted by the set-up,
 	// before the interpreter is handed the program.
 	var pre *preloaded
-	if a.o.preload {
+	if a.held != nil {
+		pre, a.held = a.held, nil
+		go tellWarm(ctx, sess, closedChan, a.log)
+	} else if a.o.preload {
 		warm := closedChan
 		if pre, err = startPreload(a.programSpec(), a.reaper, a.log); err != nil {
 			a.log.Warn("could not preload the interpreter", "err", err)

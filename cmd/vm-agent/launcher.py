@@ -342,6 +342,11 @@ def wait_for_job(socket_path, code_dir):
     if not line:
         sys.exit(0)  # no program for us: the agent discarded this interpreter
     job = json.loads(line)
+    # This interpreter may be one of many restored from the same checkpoint
+    # (the host's snapshots of warm spares): the random module's state,
+    # drawn when it was imported, would be the same in all of them.
+    if "random" in sys.modules:
+        sys.modules["random"].seed()
     os.environ.clear()
     os.environ.update(job["env"])
     # Code that ships its own copy of a module imported above (a vendored

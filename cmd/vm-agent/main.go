@@ -47,6 +47,7 @@ type options struct {
 	stopTimeout     time.Duration
 	logLevel        string
 	preload         bool
+	hold            bool
 	// init selects the micro-VM mode; also chosen when the agent runs as
 	// /init with PID 1 (under gVisor it is PID 1 too, but not /init).
 	init bool
@@ -66,6 +67,7 @@ func main() {
 	flag.DurationVar(&o.stopTimeout, "stop-timeout", 5*time.Second, "how long the program may take to stop before it is killed")
 	flag.StringVar(&o.logLevel, "log-level", "info", "debug | info | warn | error")
 	flag.BoolVar(&o.preload, "preload", false, "start Python and import uvicorn/FastAPI before the Config arrives (stdio channel)")
+	flag.BoolVar(&o.hold, "hold", false, "with --preload on stdio: once warm, say \"held\" on stdout and wait for a line on stdin before serving, so the host can checkpoint a sandbox that has no session yet")
 	flag.BoolVar(&o.init, "init", false, "run as the init of a micro-VM (implied when started as /init with PID 1)")
 	flag.StringVar(&o.cpuProfile, "cpu-profile", "", "write a CPU profile of the agent to this file (profiling only)")
 	flag.Parse()
@@ -112,11 +114,19 @@ func main() {
 }
 
 func run(ctx context.Context, o options, log *slog.Logger) (int, error) {
+	a := newAgent(o, log)
+	if o.hold {
+		if o.channel != "stdio" || !o.preload {
+			return 2, errors.New("--hold needs --preload and the stdio channel")
+		}
+		if err := a.holdWarm(); err != nil {
+			return 1, err
+		}
+	}
 	ch, err := openChannel(ctx, o.channel, log)
 	if err != nil {
 		return 2, err
 	}
-	a := newAgent(o, log)
 	return a.serve(ctx, ch)
 }
 

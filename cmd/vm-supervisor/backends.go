@@ -99,6 +99,8 @@ func newGVisor(s *config.Settings, agentProfileDir string, log *slog.Logger) (ba
 		// The program archive is at most MAX_PROGRAM_ARCHIVE_SIZE; what it
 		// unpacks to is bounded by codeprep's limits.
 		CodeCacheMaxBytes: s.CodeCacheMaxMiB << 20,
+		SnapshotDir:       snapshotDir(s),
+		SnapshotMaxBytes:  s.SnapshotCacheMaxMiB << 20,
 		Logger:            log,
 		Debug:             s.PrintSystemLogs,
 		AgentProfileDir:   agentProfileDir,
@@ -183,4 +185,13 @@ func startTimeout(s *config.Settings, be backend.Backend, log *slog.Logger) time
 	}
 	log.Warn("qemu runs emulated (no usable KVM): starts get more than INIT_TIMEOUT", "init_timeout", s.InitTimeout, "used", emulatedInitTimeout)
 	return emulatedInitTimeout
+}
+
+// snapshotDir is where gVisor keeps checkpoints of warm sandboxes, or ""
+// when SNAPSHOT_CACHE_MAX_MIB turns them off.
+func snapshotDir(s *config.Settings) string {
+	if s.SnapshotCacheMaxMiB <= 0 {
+		return ""
+	}
+	return filepath.Join(s.CacheRoot, "snapshots")
 }

@@ -43,7 +43,12 @@ type Spec struct {
 	// DeferCode starts a sandbox before its program is known (a pre-warmed
 	// spare): the code directory starts empty and Instance.LoadCode fills
 	// it once a program is assigned. Backends without CodeLoader ignore it.
-	DeferCode  bool
+	DeferCode bool
+	// Snapshot lets the backend start the sandbox by restoring a
+	// checkpoint of a warm one of the same shape, when it keeps such
+	// checkpoints (gVisor) and the spec has nothing a checkpoint cannot
+	// share (network, volumes, data). Set for spare-shaped starts.
+	Snapshot   bool
 	Entrypoint string // module:attr (ASGI) or executable name; plain code is written as <module>.py
 
 	DataPath     string // optional data archive (zip or squashfs)

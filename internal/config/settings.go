@@ -84,6 +84,7 @@ type Settings struct {
 	MaxRuntimeSize        int64
 	MaxRequestBodySize    int64
 	CodeCacheMaxMiB       int64 // CODE_CACHE_MAX_MIB: extracted code kept on disk
+	SnapshotCacheMaxMiB   int64 // SNAPSHOT_CACHE_MAX_MIB: checkpoints of warm sandboxes; 0 = none
 
 	// Admission: what the node commits to executions at once.
 	MaxExecutions         int     // 0 = bounded by memory and vCPUs only
@@ -188,6 +189,7 @@ func Default() *Settings {
 		ProgramLogBytesPerSec:   16 << 10,
 		ProgramLogMaxBytes:      8 << 20,
 		CodeCacheMaxMiB:         4096,
+		SnapshotCacheMaxMiB:     1024,
 		AllowVMNetworking:       true,
 		NetworkInterface:        "",
 		DNSResolution:           DNSDetect,

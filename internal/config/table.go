@@ -175,6 +175,8 @@ var table = []descriptor{
 	integer("MAX_RUNTIME_SIZE", "largest runtime image, in bytes", 1, math.MaxInt64, func(s *Settings) *int64 { return &s.MaxRuntimeSize }),
 	integer("CODE_CACHE_MAX_MIB", "disk space for extracted program code (gvisor), in MiB; least recently used code beyond it is removed",
 		64, math.MaxInt32, func(s *Settings) *int64 { return &s.CodeCacheMaxMiB }),
+	integer("SNAPSHOT_CACHE_MAX_MIB", "disk space for checkpoints of warm sandboxes (gvisor, about 30 MiB per runtime and resource shape), restored instead of starting afresh; 0 disables them",
+		0, math.MaxInt32, func(s *Settings) *int64 { return &s.SnapshotCacheMaxMiB }),
 	integer("MAX_REQUEST_BODY_SIZE", "largest HTTP request body forwarded to a program, in bytes", 1, math.MaxInt64,
 		func(s *Settings) *int64 { return &s.MaxRequestBodySize }),
 	smallInt("MAX_EXECUTIONS", "most executions at once; 0 = as many as memory and vCPUs allow", 0, 1<<20,

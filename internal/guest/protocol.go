@@ -137,3 +137,9 @@ type Command struct {
 // OpStop asks the agent to stop the program (ASGI lifespan shutdown runs)
 // and exit; the agent answers Status{Stopped: true}.
 const OpStop = "stop"
+
+// HoldReadyLine is what an agent started with --hold writes raw on its
+// stdio channel once its interpreter is warm, before any session: the host
+// may checkpoint the sandbox there. One newline from the host (the first
+// one, or a restoring host's) releases it into the session.
+const HoldReadyLine = "held\n"

@@ -344,6 +344,9 @@ func (e *Execution) spec() backend.Spec {
 	out.sink = e.programLog()
 	spec.ProgramOutput = out
 	spec.Logger = e.log
+	// Spare-shaped programs may start from a snapshot of a warm sandbox
+	// when the backend keeps one; the backend tells which fit.
+	spec.Snapshot = true
 	if e.net != nil {
 		spec.Network = &e.net.Network
 	}

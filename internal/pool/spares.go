@@ -327,6 +327,7 @@ func (p *Pool) makeSpare(shape spareShape, rt sources.File) (sp *spare, err erro
 		RuntimePath:   rt.Path,
 		RuntimeHash:   rt.Hash,
 		DeferCode:     true,
+		Snapshot:      true,
 		VCPUs:         shape.vcpus,
 		MemoryMiB:     shape.memoryMiB,
 		Internet:      shape.internet,

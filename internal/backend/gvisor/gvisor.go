@@ -23,6 +23,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -105,6 +106,13 @@ type Options struct {
 	// bind-mounted writable into the sandbox. For profiling only: the
 	// program can write there too. Empty (the default): no such mount.
 	AgentProfileDir string
+	// SnapshotDir, when set, keeps checkpoints of warm sandboxes, one per
+	// shape, that starts marked Spec.Snapshot restore (snapshot.go).
+	// Empty: every sandbox starts afresh.
+	SnapshotDir string
+	// SnapshotMaxBytes bounds the images in SnapshotDir, least recently
+	// used removed first; DefaultSnapshotMaxBytes when zero.
+	SnapshotMaxBytes int64
 }
 
 // Backend starts gVisor sandboxes. It is safe for concurrent use.
@@ -113,6 +121,11 @@ type Backend struct {
 	runsc string
 	log   *slog.Logger
 	code  *codeprep.Cache
+	snaps *snapshotStore // nil without Options.SnapshotDir
+
+	binOnce sync.Once // hashes of runsc and the agent, for snapshot keys
+	binIDs  string
+	binErr  error
 }
 
 var _ backend.Backend = (*Backend)(nil)
@@ -188,7 +201,16 @@ func New(opts Options) (*Backend, error) {
 	if err != nil {
 		return nil, fmt.Errorf("gvisor: %w", err)
 	}
-	return &Backend{opts: opts, runsc: runsc, log: log, code: code}, nil
+	b := &Backend{opts: opts, runsc: runsc, log: log, code: code}
+	if opts.SnapshotDir != "" {
+		if opts.SnapshotMaxBytes <= 0 {
+			opts.SnapshotMaxBytes = DefaultSnapshotMaxBytes
+		}
+		if b.snaps, err = openSnapshotStore(opts.SnapshotDir, opts.SnapshotMaxBytes, log); err != nil {
+			return nil, fmt.Errorf("gvisor: snapshots: %w", err)
+		}
+	}
+	return b, nil
 }
 
 // NetworkLink implements backend.Networker: runsc's netstack runs in a
@@ -272,6 +294,15 @@ var containerIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`
 // undoes whatever was done when a step fails.
 func (b *Backend) Start(ctx context.Context, spec backend.Spec) (backend.Instance, error) {
 	log := spec.StartLogger(b.log, "gvisor")
+	if b.restorable(spec) {
+		inst, fallback, err := b.startFromSnapshot(ctx, spec, log)
+		if err == nil || !fallback {
+			return inst, err
+		}
+		if !errors.Is(err, errNoSnapshot) {
+			log.Warn("could not restore a warm sandbox; starting afresh", "err", err)
+		}
+	}
 	return backend.Start(ctx, "gvisor", spec, log, newInstance(b, spec, log))
 }
 

@@ -54,6 +54,15 @@ type instance struct {
 	memLimit     int64       // bytes, program memory plus the Sentry's overhead
 	http         *httpSocket // the program's HTTP socket, seen from the host
 
+	// Snapshots (snapshot.go): hold runs the agent with --hold; a sandbox
+	// with restoreFrom is restored from that image instead of started,
+	// releaseImage is called once it is gone, and early holds the agent's
+	// first bytes, read to see the restore work.
+	hold         bool
+	restoreFrom  string
+	releaseImage func()
+	early        []byte
+
 	stdin     *os.File // our end: writes reach the agent's stdin
 	stdout    *os.File // our end: reads come from the agent's stdout
 	stderrEnd chan struct{}
@@ -411,6 +420,9 @@ func (i *instance) writeBundle(context.Context) (backend.Undo, error) {
 		if i.http != nil {
 			args = append(args, "--program-socket", httpSocketDir+"/"+httpSocketName)
 		}
+		if i.hold {
+			args = append(args, "--hold")
+		}
 	}
 	vcpus := max(i.spec.VCPUs, 1)
 	mem := i.spec.MemoryMiB
@@ -488,7 +500,11 @@ func (i *instance) runRunsc() error {
 		}
 		args = append(args, "--debug", "--debug-log", dir+"/")
 	}
-	args = append(args, "run", "--bundle", i.bundleDir, i.id)
+	if i.restoreFrom != "" {
+		args = append(args, "restore", "--image-path", i.restoreFrom, "--bundle", i.bundleDir, i.id)
+	} else {
+		args = append(args, "run", "--bundle", i.bundleDir, i.id)
+	}
 
 	inR, inW, err := os.Pipe()
 	if err != nil {
@@ -624,18 +640,26 @@ func (i *instance) Channel(ctx context.Context) (io.ReadWriteCloser, error) {
 	if err := i.TakeChannel(); err != nil {
 		return nil, err
 	}
-	return &stdioChannel{w: i.stdin, r: i.stdout}, nil
+	return &stdioChannel{w: i.stdin, r: i.stdout, early: i.early}, nil
 }
 
 // stdioChannel joins the two pipe ends into one stream. Closing it is what
 // tells the agent that the host is gone (EOF on its stdin).
 type stdioChannel struct {
-	w, r *os.File
-	once sync.Once
-	err  error
+	w, r  *os.File
+	early []byte // read from r before the channel was handed out
+	once  sync.Once
+	err   error
 }
 
-func (c *stdioChannel) Read(p []byte) (int, error)  { return c.r.Read(p) }
+func (c *stdioChannel) Read(p []byte) (int, error) {
+	if len(c.early) > 0 {
+		n := copy(p, c.early)
+		c.early = c.early[n:]
+		return n, nil
+	}
+	return c.r.Read(p)
+}
 func (c *stdioChannel) Write(p []byte) (int, error) { return c.w.Write(p) }
 func (c *stdioChannel) Close() error {
 	c.once.Do(func() { c.err = errors.Join(c.w.Close(), c.r.Close()) })
@@ -683,6 +707,9 @@ func (i *instance) endRunsc(ctx context.Context) error {
 		i.log.Warn("sandbox output still open after stop")
 	}
 	i.cancel()
+	if i.releaseImage != nil {
+		i.releaseImage()
+	}
 	return err
 }
 

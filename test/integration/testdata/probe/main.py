@@ -186,6 +186,13 @@ async def echo(request: Request):
     return {"length": n, "sha256": h.hexdigest()}
 
 
+@app.get("/random")
+async def rand():
+    """Python's random module, whose state a restored snapshot would share."""
+    import random
+    return {"random": random.random(), "hostname": socket.gethostname()}
+
+
 @app.get("/crash")
 async def crash():
     os._exit(1)

@@ -1,0 +1,83 @@
+package integration
+
+import (
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// snapshotImages lists the complete snapshot images of a supervisor's
+// gVisor backend.
+func (s *supervisor) snapshotImages() []string {
+	dirs, _ := filepath.Glob(filepath.Join(s.cache, "snapshots", "*", "complete"))
+	return dirs
+}
+
+// With spares on, the gVisor backend checkpoints one warm sandbox of the
+// default shape and restores it for every later spare; after a restart
+// without spares, a cold start restores the same image instead of
+// starting afresh. Programs restored from one image still draw their
+// own random numbers (the launcher re-seeds Python's random module).
+func TestSnapshotRestoredSandboxes(t *testing.T) {
+	if hypervisor != "gvisor" {
+		t.Skip("snapshots are a gVisor feature")
+	}
+	s := startSupervisor(t)
+	first := s.upload("testdata/probe", "main:app")
+	for deadline := time.Now().Add(90 * time.Second); len(s.snapshotImages()) == 0; time.Sleep(200 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no snapshot image after 90 s of spares")
+		}
+	}
+	// The first spare of the shape made the image, then was restored from
+	// it: the image is in use from the start.
+	waitLog(t, s, "restored a warm sandbox", 60*time.Second)
+	r := s.get("/vm/" + first + "/random")
+	expect(t, r, http.StatusOK)
+	firstRandom := r.json(t)["random"]
+
+	s.shutdown()
+	if len(s.snapshotImages()) != 1 {
+		t.Fatalf("want the image kept across restarts, have %v", s.snapshotImages())
+	}
+	s.restart("ALEPH_VM_PREWARM=false")
+	mark := len(s.logs.String())
+
+	// A program the supervisor never ran, with no spare to take.
+	code := t.TempDir()
+	src, err := os.ReadFile("testdata/probe/main.py")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(code, "main.py"), append(src, "\n# another program\n"...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	second := s.upload(code, "main:app")
+	r = s.get("/vm/" + second + "/random")
+	expect(t, r, http.StatusOK)
+	after := s.logs.String()[mark:]
+	if !strings.Contains(after, "restored a warm sandbox") {
+		t.Errorf("the cold start without a spare did not restore the snapshot:\n%s", tail(after, 60))
+	}
+	if strings.Contains(after, "made a snapshot") {
+		t.Errorf("a program's start made a snapshot: only spares should")
+	}
+	if got := r.json(t)["random"]; got == firstRandom {
+		t.Errorf("two programs restored from one snapshot drew the same random number %v", got)
+	}
+	// It serves like any other: the rest of its API works.
+	expect(t, s.get("/vm/"+second+"/"), http.StatusOK)
+}
+
+// waitLog waits until the supervisor's log holds want.
+func waitLog(t *testing.T, s *supervisor, want string, d time.Duration) {
+	t.Helper()
+	for deadline := time.Now().Add(d); !strings.Contains(s.logs.String(), want); time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("log has no %q after %s", want, d)
+		}
+	}
+}
