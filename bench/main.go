@@ -157,35 +157,8 @@ func run(ctx context.Context) error {
 		return fmt.Errorf("floor: %w", err)
 	}
 	res.Floor = floor
-	// The first run's spares leave a snapshot of a warm sandbox in this
-	// directory; the runs without spares restore it.
-	snapshots, err := os.MkdirTemp("", "bench-snapshots-")
-	if err != nil {
+	if err := benchSupervisors(ctx, &res); err != nil {
 		return err
-	}
-	defer os.RemoveAll(snapshots)
-	runs := []struct {
-		title             string
-		prewarm, internet bool
-		snapshots         string
-		into              *figures
-	}{
-		{"supervisor: the same app through vm-supervisor (pre-warmed spare)", true, false, snapshots, &res.Supervisor},
-		{"supervisor without spares (PREWARM=false), restoring a snapshot of a warm sandbox", false, false, snapshots, &res.NoSpare},
-		{"supervisor without spares or snapshots (PREWARM=false, SNAPSHOT_CACHE_MAX_MIB=0)", false, false, "", &res.NoSnapshot},
-		{"supervisor, program with internet (pre-warmed spare)", true, true, snapshots, &res.Internet},
-		{"supervisor, program with internet, without spares", false, true, snapshots, &res.InternetNoSpare},
-	}
-	if *warmOnly {
-		runs = runs[:1]
-	}
-	for _, r := range runs {
-		fmt.Fprintln(os.Stderr, "== "+r.title)
-		f, err := benchSupervisor(ctx, r.prewarm, r.internet, r.snapshots)
-		if err != nil {
-			return fmt.Errorf("%s: %w", r.title, err)
-		}
-		*r.into = f
 	}
 	if !*warmOnly {
 		fmt.Fprintf(os.Stderr, "== spares: %d different programs back to back, then a cold start after %s idle\n", *backToBackN, *idleFor)
@@ -224,6 +197,41 @@ func run(ctx context.Context) error {
 		return err
 	}
 	fmt.Println("chart:", chart)
+	return nil
+}
+
+// benchSupervisors runs the supervisor rows, each in a supervisor of its
+// own. The first run's spares leave a snapshot of a warm sandbox in a
+// shared directory; the runs without spares restore it.
+func benchSupervisors(ctx context.Context, res *result) error {
+	snapshots, err := os.MkdirTemp("", "bench-snapshots-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(snapshots)
+	runs := []struct {
+		title             string
+		prewarm, internet bool
+		snapshots         string
+		into              *figures
+	}{
+		{"supervisor: the same app through vm-supervisor (pre-warmed spare)", true, false, snapshots, &res.Supervisor},
+		{"supervisor without spares (PREWARM=false), restoring a snapshot of a warm sandbox", false, false, snapshots, &res.NoSpare},
+		{"supervisor without spares or snapshots (PREWARM=false, SNAPSHOT_CACHE_MAX_MIB=0)", false, false, "", &res.NoSnapshot},
+		{"supervisor, program with internet (pre-warmed spare)", true, true, snapshots, &res.Internet},
+		{"supervisor, program with internet, without spares", false, true, snapshots, &res.InternetNoSpare},
+	}
+	if *warmOnly {
+		runs = runs[:1]
+	}
+	for _, r := range runs {
+		fmt.Fprintln(os.Stderr, "== "+r.title)
+		f, err := benchSupervisor(ctx, r.prewarm, r.internet, r.snapshots)
+		if err != nil {
+			return fmt.Errorf("%s: %w", r.title, err)
+		}
+		*r.into = f
+	}
 	return nil
 }
 
@@ -287,8 +295,8 @@ func printTable(w io.Writer, r result) {
 	if r.NetworkSetupP50 > 0 {
 		fmt.Fprintf(w, "network's share of a cold start (p50): %.1f ms host-side set-up (release %.1f ms);\n",
 			r.NetworkSetupP50, r.NetworkReleaseMs)
-		fmt.Fprintf(w, "internet vs none, no spare: %+.0f ms; with spare: %+.0f ms\n\n",
-			r.InternetNoSpare.ColdMedianMs-r.NoSpare.ColdMedianMs, r.Internet.ColdMedianMs-r.Supervisor.ColdMedianMs)
+		fmt.Fprintf(w, "internet vs none, no spare or snapshot: %+.0f ms; with spare: %+.0f ms\n\n",
+			r.InternetNoSpare.ColdMedianMs-r.NoSnapshot.ColdMedianMs, r.Internet.ColdMedianMs-r.Supervisor.ColdMedianMs)
 	}
 }
 

@@ -76,6 +76,33 @@ func tellWarm(ctx context.Context, sess *yamux.Session, warm <-chan struct{}, lo
 	_ = s.Close()
 }
 
+// preloadInterpreter starts the interpreter that warms up while the host
+// connects and sends the Config (or takes the one warmed before the
+// session, --hold), and tells the host once it is warm. In VMs the root is
+// final before the channel opens; only the code (and no volumes: spares
+// take none) is mounted by the set-up, before the interpreter is handed
+// the program. It returns nil without --preload, or when the interpreter
+// could not start.
+func (a *agent) preloadInterpreter(ctx context.Context, sess *yamux.Session) *preloaded {
+	if a.held != nil {
+		pre := a.held
+		a.held = nil
+		go tellWarm(ctx, sess, closedChan, a.log)
+		return pre
+	}
+	if !a.o.preload {
+		return nil
+	}
+	pre, err := startPreload(a.programSpec(), a.reaper, a.log)
+	if err != nil {
+		a.log.Warn("could not preload the interpreter", "err", err)
+		go tellWarm(ctx, sess, closedChan, a.log)
+		return nil
+	}
+	go tellWarm(ctx, sess, pre.warm, a.log)
+	return pre
+}
+
 // serve runs one sandbox's life: read the Config, start the program, serve
 // streams until told to stop or the program or the host goes away. It
 // returns the agent's exit code.
@@ -87,24 +114,7 @@ func (a *agent) serve(ctx context.Context, ch io.ReadWriteCloser) (int, error) {
 	}
 	defer closeWithin(sess, 2*time.Second, a.log)
 
-	// The interpreter warms up while the host connects and sends the
-	// Config. In VMs the root is final before the channel opens; only the
-	// code (and no volumes: spares take none) is mounted by the set-up,
-	// before the interpreter is handed the program.
-	var pre *preloaded
-	if a.held != nil {
-		pre, a.held = a.held, nil
-		go tellWarm(ctx, sess, closedChan, a.log)
-	} else if a.o.preload {
-		warm := closedChan
-		if pre, err = startPreload(a.programSpec(), a.reaper, a.log); err != nil {
-			a.log.Warn("could not preload the interpreter", "err", err)
-			pre = nil
-		} else {
-			warm = pre.warm
-		}
-		go tellWarm(ctx, sess, warm, a.log)
-	}
+	pre := a.preloadInterpreter(ctx, sess)
 	defer func() {
 		if pre != nil {
 			pre.prog.stop(a.o.stopTimeout)

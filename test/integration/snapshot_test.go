@@ -81,3 +81,52 @@ func waitLog(t *testing.T, s *supervisor, want string, d time.Duration) {
 		}
 	}
 }
+
+// An image that does not restore (here, its files truncated) costs one
+// failed attempt: the cold start goes afresh and answers, the image is
+// removed, and the next start does not try it again.
+func TestBrokenSnapshotFallsBackToAFreshStart(t *testing.T) {
+	if hypervisor != "gvisor" {
+		t.Skip("snapshots are a gVisor feature")
+	}
+	s := startSupervisor(t)
+	hash := s.upload("testdata/probe", "main:app")
+	for deadline := time.Now().Add(90 * time.Second); len(s.snapshotImages()) == 0; time.Sleep(200 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no snapshot image after 90 s of spares")
+		}
+	}
+	s.shutdown()
+	image := filepath.Dir(s.snapshotImages()[0])
+	files, _ := filepath.Glob(filepath.Join(image, "*.img"))
+	if len(files) == 0 {
+		t.Fatalf("no image files in %s", image)
+	}
+	for _, f := range files {
+		if err := os.Truncate(f, 100); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.restart("ALEPH_VM_PREWARM=false")
+	mark := len(s.logs.String())
+	expect(t, s.get("/vm/"+hash+"/"), http.StatusOK)
+	after := s.logs.String()[mark:]
+	if !strings.Contains(after, "dropping a snapshot that did not restore") {
+		t.Errorf("the broken image was not dropped:\n%s", tail(after, 60))
+	}
+	if _, err := os.Stat(image); !os.IsNotExist(err) {
+		t.Errorf("broken image still there: %v", err)
+	}
+	// Ended, then started again: a fresh start, without a second try.
+	s.get("/vm/" + hash + "/crash")
+	for deadline := time.Now().Add(30 * time.Second); s.runningExecutions() != 0; time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the crashed program's execution did not end")
+		}
+	}
+	mark = len(s.logs.String())
+	expect(t, s.get("/vm/"+hash+"/"), http.StatusOK)
+	if after := s.logs.String()[mark:]; strings.Contains(after, "restor") {
+		t.Errorf("the second start tried a snapshot again:\n%s", tail(after, 60))
+	}
+}

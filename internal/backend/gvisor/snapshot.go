@@ -51,6 +51,10 @@ const snapshotFormat = "1"
 // failed starts afresh before trying again.
 const snapshotRetryAfter = 10 * time.Minute
 
+// restoreTimeout bounds a restore, which takes a fifth of a second here:
+// past it the image is taken for broken and the start goes afresh.
+const restoreTimeout = 20 * time.Second
+
 // completeMark is written last into a finished image directory.
 const completeMark = "complete"
 
@@ -152,6 +156,8 @@ func (s *snapshotStore) acquire(ctx context.Context, key string, build func(ctx 
 		close(done)
 		if err != nil {
 			s.failed[key] = time.Now()
+		} else {
+			s.lastUse[key] = time.Now() // counted by the eviction below
 		}
 		s.mu.Unlock()
 		if err != nil {
@@ -332,7 +338,7 @@ func (b *Backend) startFromSnapshot(ctx context.Context, spec backend.Spec, log 
 		release()
 		return nil, ctx.Err() == nil, err
 	}
-	if err := i.awaitRestore(ctx); err != nil {
+	if err := i.awaitRestore(ctx, restoreTimeout); err != nil {
 		_ = started.Stop(context.WithoutCancel(ctx))
 		if ctx.Err() == nil {
 			b.snaps.drop(key, err)
@@ -406,7 +412,9 @@ func (i *instance) awaitHeld(ctx context.Context) error {
 // awaitRestore releases a restored agent from its hold and waits for its
 // first bytes (its session's first frame), proof that the restore worked.
 // They are kept for the channel's reader.
-func (i *instance) awaitRestore(ctx context.Context) error {
+func (i *instance) awaitRestore(ctx context.Context, limit time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
 	if _, err := i.stdin.Write([]byte("\n")); err != nil {
 		return fmt.Errorf("releasing the restored agent: %w", err)
 	}
