@@ -123,6 +123,12 @@ func (a *agent) serve(ctx context.Context, ch io.ReadWriteCloser) (int, error) {
 
 	ctrl, err := acceptControl(ctx, sess)
 	if err != nil {
+		if sess.IsClosed() {
+			// A spare the host discarded, or a host that stopped: nothing
+			// failed here.
+			a.log.Info("the host left before sending a program")
+			return 0, nil
+		}
 		return 1, err
 	}
 	var cfg guest.Config

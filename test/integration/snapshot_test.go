@@ -16,11 +16,12 @@ func (s *supervisor) snapshotImages() []string {
 	return dirs
 }
 
-// With spares on, the gVisor backend checkpoints one warm sandbox of the
-// default shape and restores it for every later spare; after a restart
-// without spares, a cold start restores the same image instead of
-// starting afresh. Programs restored from one image still draw their
-// own random numbers (the launcher re-seeds Python's random module).
+// With spares on, the gVisor backend checkpoints the first warm spare of
+// the default shape in place, and restores that image for every later
+// spare; after a restart without spares, a cold start restores the same
+// image instead of starting afresh. Programs restored from one image
+// still draw their own random numbers (the launcher re-seeds Python's
+// random module).
 func TestSnapshotRestoredSandboxes(t *testing.T) {
 	if hypervisor != "gvisor" {
 		t.Skip("snapshots are a gVisor feature")
@@ -32,12 +33,15 @@ func TestSnapshotRestoredSandboxes(t *testing.T) {
 			t.Fatal("no snapshot image after 90 s of spares")
 		}
 	}
-	// The first spare of the shape made the image, then was restored from
-	// it: the image is in use from the start.
-	waitLog(t, s, "restored a warm sandbox", 60*time.Second)
+	// The checkpointed spare goes on serving: the program takes it.
 	r := s.get("/vm/" + first + "/random")
 	expect(t, r, http.StatusOK)
 	firstRandom := r.json(t)["random"]
+	if !strings.Contains(s.logs.String(), "using a pre-warmed sandbox") {
+		t.Error("the program did not run in the checkpointed spare")
+	}
+	// Its replacement is a restore.
+	waitLog(t, s, "restored a warm sandbox", 60*time.Second)
 
 	s.shutdown()
 	if len(s.snapshotImages()) != 1 {

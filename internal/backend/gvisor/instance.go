@@ -57,11 +57,15 @@ type instance struct {
 	// Snapshots (snapshot.go): hold runs the agent with --hold; a sandbox
 	// with restoreFrom is restored from that image instead of started,
 	// releaseImage is called once it is gone, and early holds the agent's
-	// first bytes, read to see the restore work.
+	// first bytes, read to see the restore work. A fresh sandbox being
+	// checkpointed has holdDone, closed once its agent is released (the
+	// channel carries nothing before); heldSeen tells the agent got warm.
 	hold         bool
 	restoreFrom  string
 	releaseImage func()
 	early        []byte
+	holdDone     chan struct{}
+	heldSeen     bool
 
 	stdin     *os.File // our end: writes reach the agent's stdin
 	stdout    *os.File // our end: reads come from the agent's stdout
@@ -640,19 +644,23 @@ func (i *instance) Channel(ctx context.Context) (io.ReadWriteCloser, error) {
 	if err := i.TakeChannel(); err != nil {
 		return nil, err
 	}
-	return &stdioChannel{w: i.stdin, r: i.stdout, early: i.early}, nil
+	return &stdioChannel{w: i.stdin, r: i.stdout, early: i.early, ready: i.holdDone}, nil
 }
 
 // stdioChannel joins the two pipe ends into one stream. Closing it is what
 // tells the agent that the host is gone (EOF on its stdin).
 type stdioChannel struct {
 	w, r  *os.File
-	early []byte // read from r before the channel was handed out
+	early []byte        // read from r before the channel was handed out
+	ready chan struct{} // nil, or closed once the agent's hold is over
 	once  sync.Once
 	err   error
 }
 
 func (c *stdioChannel) Read(p []byte) (int, error) {
+	if c.ready != nil {
+		<-c.ready
+	}
 	if len(c.early) > 0 {
 		n := copy(p, c.early)
 		c.early = c.early[n:]
@@ -660,7 +668,12 @@ func (c *stdioChannel) Read(p []byte) (int, error) {
 	}
 	return c.r.Read(p)
 }
-func (c *stdioChannel) Write(p []byte) (int, error) { return c.w.Write(p) }
+func (c *stdioChannel) Write(p []byte) (int, error) {
+	if c.ready != nil {
+		<-c.ready
+	}
+	return c.w.Write(p)
+}
 func (c *stdioChannel) Close() error {
 	c.once.Do(func() { c.err = errors.Join(c.w.Close(), c.r.Close()) })
 	return c.err

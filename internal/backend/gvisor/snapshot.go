@@ -16,6 +16,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
@@ -51,6 +52,10 @@ const snapshotFormat = "1"
 // failed starts afresh before trying again.
 const snapshotRetryAfter = 10 * time.Minute
 
+// holdTimeout bounds the wait for a fresh sandbox to get warm before its
+// checkpoint (a second or two here, far longer under load).
+const holdTimeout = 2 * time.Minute
+
 // restoreTimeout bounds a restore, which takes a fifth of a second here:
 // past it the image is taken for broken and the start goes afresh.
 const restoreTimeout = 20 * time.Second
@@ -74,7 +79,7 @@ type snapshotStore struct {
 	log      *slog.Logger
 
 	mu      sync.Mutex
-	making  map[string]chan struct{} // closed when the key's image is made or failed
+	making  map[string]bool
 	inUse   map[string]int
 	failed  map[string]time.Time
 	lastUse map[string]time.Time
@@ -85,7 +90,7 @@ func openSnapshotStore(dir string, maxBytes int64, log *slog.Logger) (*snapshotS
 		return nil, err
 	}
 	s := &snapshotStore{dir: dir, maxBytes: maxBytes, log: log,
-		making: map[string]chan struct{}{}, inUse: map[string]int{},
+		making: map[string]bool{}, inUse: map[string]int{},
 		failed: map[string]time.Time{}, lastUse: map[string]time.Time{}}
 	// Images of an earlier run stay usable; half-made ones do not.
 	entries, err := os.ReadDir(dir)
@@ -105,66 +110,63 @@ func openSnapshotStore(dir string, maxBytes int64, log *slog.Logger) (*snapshotS
 	return s, nil
 }
 
-// acquire returns the image directory of key, made by build the first
-// time, and a release to call once the sandbox restored from it is gone.
-// It returns errNoSnapshot while the key's last failure is recent, and
-// when build is nil and there is no image yet.
-func (s *snapshotStore) acquire(ctx context.Context, key string, build func(ctx context.Context, dir string) error) (string, func(), error) {
+// take returns the image directory of key and a release to call once
+// the sandbox restored from it is gone; errNoSnapshot when there is no
+// image.
+func (s *snapshotStore) take(key string) (string, func(), error) {
 	final := filepath.Join(s.dir, key)
-	for {
-		s.mu.Lock()
-		if t, ok := s.failed[key]; ok && time.Since(t) < snapshotRetryAfter {
-			s.mu.Unlock()
-			return "", nil, errNoSnapshot
-		}
-		if wait, ok := s.making[key]; ok {
-			s.mu.Unlock()
-			if build == nil {
-				return "", nil, errNoSnapshot
-			}
-			select {
-			case <-wait:
-				continue
-			case <-ctx.Done():
-				return "", nil, ctx.Err()
-			}
-		}
-		if _, err := os.Stat(filepath.Join(final, completeMark)); err == nil {
-			s.inUse[key]++
-			s.lastUse[key] = time.Now()
-			s.mu.Unlock()
-			var once sync.Once
-			return final, func() {
-				once.Do(func() {
-					s.mu.Lock()
-					s.inUse[key]--
-					s.mu.Unlock()
-				})
-			}, nil
-		}
-		if build == nil {
-			s.mu.Unlock()
-			return "", nil, errNoSnapshot
-		}
-		done := make(chan struct{})
-		s.making[key] = done
-		s.mu.Unlock()
-
-		err := s.makeImage(ctx, key, build)
-		s.mu.Lock()
-		delete(s.making, key)
-		close(done)
-		if err != nil {
-			s.failed[key] = time.Now()
-		} else {
-			s.lastUse[key] = time.Now() // counted by the eviction below
-		}
-		s.mu.Unlock()
-		if err != nil {
-			return "", nil, fmt.Errorf("snapshot of a warm sandbox: %w", err)
-		}
-		s.evict()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, err := os.Stat(filepath.Join(final, completeMark)); err != nil {
+		return "", nil, errNoSnapshot
 	}
+	s.inUse[key]++
+	s.lastUse[key] = time.Now()
+	var once sync.Once
+	return final, func() {
+		once.Do(func() {
+			s.mu.Lock()
+			s.inUse[key]--
+			s.mu.Unlock()
+		})
+	}, nil
+}
+
+// claim reserves the making of key's image for the caller, who then calls
+// make; false when the image exists, is being made, or failed recently.
+func (s *snapshotStore) claim(key string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if t, ok := s.failed[key]; ok && time.Since(t) < snapshotRetryAfter {
+		return false
+	}
+	if s.making[key] {
+		return false
+	}
+	if _, err := os.Stat(filepath.Join(s.dir, key, completeMark)); err == nil {
+		return false
+	}
+	s.making[key] = true
+	return true
+}
+
+// make makes key's image, claimed by the caller, with build (which writes
+// it into a directory of its own), then keeps the images within bounds.
+func (s *snapshotStore) make(ctx context.Context, key string, build func(ctx context.Context, dir string) error) error {
+	err := s.makeImage(ctx, key, build)
+	s.mu.Lock()
+	delete(s.making, key)
+	if err != nil {
+		s.failed[key] = time.Now()
+	} else {
+		s.lastUse[key] = time.Now() // counted by the eviction below
+	}
+	s.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("snapshot of a warm sandbox: %w", err)
+	}
+	s.evict()
+	return nil
 }
 
 func (s *snapshotStore) makeImage(ctx context.Context, key string, build func(ctx context.Context, dir string) error) error {
@@ -291,42 +293,44 @@ func (b *Backend) snapshotKey(spec backend.Spec) (string, error) {
 	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
-// fileIdentities hashes the contents of the runsc and agent binaries: a
-// snapshot holds the agent's memory and the Sentry's state format, so a
-// rebuilt binary of either makes every image stale.
+// fileIdentities names the runsc and agent binaries by path, size,
+// modification time and inode: a snapshot holds the agent's memory and
+// the Sentry's state format, so a rebuilt binary of either makes every
+// image stale. (Hashing their 70 MB would delay the first spare.)
 func fileIdentities(paths ...string) (string, error) {
-	h := sha256.New()
+	var b strings.Builder
 	for _, p := range paths {
-		f, err := os.Open(p)
+		fi, err := os.Stat(p)
 		if err != nil {
 			return "", err
 		}
-		_, err = io.Copy(h, f)
-		f.Close()
-		if err != nil {
-			return "", err
+		var ino uint64
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			ino = st.Ino
 		}
+		abs, _ := filepath.Abs(p)
+		fmt.Fprintf(&b, "%s:%d:%d:%d;", abs, fi.Size(), fi.ModTime().UnixNano(), ino)
 	}
-	return hex.EncodeToString(h.Sum(nil)), nil
+	return b.String(), nil
 }
 
-// startFromSnapshot starts spec by restoring its shape's image, making
-// the image first if there is none. fallback is true when the ordinary
-// start should be tried instead (no image, or it would not restore).
+// startFromSnapshot starts spec by restoring its shape's image. Without
+// one, a spare's start makes it: its sandbox starts afresh with the agent
+// holding, is checkpointed in place once warm (runsc checkpoint
+// --leave-running) and then goes on as an ordinary spare; its channel is
+// handed out at once and carries nothing until the hold is over.
+// fallback is true when the ordinary start should be tried instead.
 func (b *Backend) startFromSnapshot(ctx context.Context, spec backend.Spec, log *slog.Logger) (inst backend.Instance, fallback bool, err error) {
 	key, err := b.snapshotKey(spec)
 	if err != nil {
 		return nil, true, err
 	}
-	// Images are made for spares, off the request path: a program's own
-	// start restores one only if it is there.
-	var build func(ctx context.Context, dir string) error
-	if spec.DeferCode {
-		build = func(ctx context.Context, dir string) error { return b.checkpointWarm(ctx, spec, dir, log) }
+	image, release, err := b.snaps.take(key)
+	if errors.Is(err, errNoSnapshot) && spec.DeferCode && b.snaps.claim(key) {
+		return b.startAndCheckpoint(ctx, spec, key, log)
 	}
-	image, release, err := b.snaps.acquire(ctx, key, build)
 	if err != nil {
-		return nil, ctx.Err() == nil, err
+		return nil, true, err
 	}
 	warm := spec
 	warm.DeferCode = true
@@ -356,44 +360,51 @@ func (b *Backend) startFromSnapshot(ctx context.Context, spec backend.Spec, log 
 	return started, false, nil
 }
 
-// checkpointWarm starts a sandbox of spec's shape with the agent holding,
-// waits until it is warm and checkpoints it into dir; the sandbox ends
-// with the checkpoint.
-func (b *Backend) checkpointWarm(ctx context.Context, spec backend.Spec, dir string, log *slog.Logger) error {
-	tmpl := backend.Spec{
-		ExecutionID: spec.ExecutionID + "-snapshot",
-		RuntimePath: spec.RuntimePath,
-		RuntimeHash: spec.RuntimeHash,
-		DeferCode:   true,
-		VCPUs:       spec.VCPUs,
-		MemoryMiB:   spec.MemoryMiB,
-		StateDir:    filepath.Join(spec.StateDir, "snapshot"),
-		Logger:      log,
-	}
-	if err := os.Mkdir(tmpl.StateDir, 0o700); err != nil {
-		return err
-	}
-	defer os.RemoveAll(tmpl.StateDir)
-	i := newInstance(b, tmpl, log.With("snapshot", true))
+// startAndCheckpoint starts spec (a spare) afresh with the agent holding,
+// and makes key's image from it in the background (the caller claimed
+// it); the agent is released once the checkpoint is written.
+func (b *Backend) startAndCheckpoint(ctx context.Context, spec backend.Spec, key string, log *slog.Logger) (backend.Instance, bool, error) {
+	i := newInstance(b, spec, log)
 	i.hold = true
-	inst, err := backend.Start(ctx, "gvisor", tmpl, log, i)
+	i.holdDone = make(chan struct{})
+	started, err := backend.Start(ctx, "gvisor", spec, log, i)
 	if err != nil {
-		return err
+		_ = b.snaps.make(ctx, key, func(context.Context, string) error { return err })
+		return nil, false, err
 	}
-	defer func() { _ = inst.Stop(context.WithoutCancel(ctx)) }()
-	if err := i.awaitHeld(ctx); err != nil {
-		return err
-	}
-	out, err := b.runscCmd(ctx, "checkpoint", "--image-path", dir, i.id).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("runsc checkpoint: %w: %s", err, bytes.TrimSpace(out))
-	}
-	select {
-	case <-inst.Done():
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-	return nil
+	go func() {
+		defer close(i.holdDone)
+		// The spare's start has returned, so its deadline no longer bounds
+		// this; the hold's does, and Stop (closing the pipes) ends it.
+		hctx, cancel := context.WithTimeout(context.Background(), holdTimeout)
+		defer cancel()
+		err := b.snaps.make(hctx, key, func(ctx context.Context, dir string) error {
+			if err := i.awaitHeld(ctx); err != nil {
+				return err
+			}
+			out, err := b.runscCmd(ctx, "checkpoint", "--leave-running", "--image-path", dir, i.id).CombinedOutput()
+			if err != nil {
+				return fmt.Errorf("runsc checkpoint: %w: %s", err, bytes.TrimSpace(out))
+			}
+			return nil
+		})
+		if err != nil && !i.Exited() {
+			log.Warn("could not checkpoint a warm sandbox; this shape starts afresh for a while", "err", err,
+				"retry_after", snapshotRetryAfter)
+		}
+		if !i.heldSeen {
+			// The agent never said it was warm: whatever it writes later
+			// would reach the session as garbage, so the sandbox goes.
+			if i.Halt(fmt.Errorf("the agent did not get warm: %w", err)) {
+				_ = started.Stop(context.Background())
+			}
+			return
+		}
+		if _, err := i.stdin.Write([]byte("\n")); err != nil {
+			log.Debug("releasing the agent after the checkpoint", "err", err)
+		}
+	}()
+	return started, false, nil
 }
 
 // awaitHeld reads the agent's hold line from a sandbox started to be
@@ -406,6 +417,7 @@ func (i *instance) awaitHeld(ctx context.Context) error {
 	if string(got) != guest.HoldReadyLine {
 		return fmt.Errorf("waiting for the warm agent: it said %q", got)
 	}
+	i.heldSeen = true
 	return nil
 }
 

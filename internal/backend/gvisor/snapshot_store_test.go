@@ -6,8 +6,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -31,111 +29,79 @@ func openTestStore(t *testing.T, dir string, maxBytes int64) *snapshotStore {
 	return s
 }
 
+// makeTestImage claims and makes key's image.
+func makeTestImage(t *testing.T, s *snapshotStore, key string, size int) {
+	t.Helper()
+	if !s.claim(key) {
+		t.Fatalf("claim %s refused", key[:4])
+	}
+	if err := s.make(context.Background(), key, writeImage(size)); err != nil {
+		t.Fatal(err)
+	}
+}
+
 const keyA = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
 const keyB = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
 const keyC = "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc"
 
-// Sandboxes of one shape started together wait for one image, made once.
-func TestSnapshotMadeOnceForConcurrentStarts(t *testing.T) {
+// One start of a shape makes its image; the others, meanwhile and after,
+// neither make another nor wait for it.
+func TestSnapshotMadeOnce(t *testing.T) {
 	s := openTestStore(t, t.TempDir(), 1<<30)
-	var builds atomic.Int32
-	build := func(ctx context.Context, dir string) error {
-		builds.Add(1)
-		time.Sleep(50 * time.Millisecond)
-		return writeImage(1000)(ctx, dir)
+	if _, _, err := s.take(keyA); !errors.Is(err, errNoSnapshot) {
+		t.Fatalf("take before any image: %v, want errNoSnapshot", err)
 	}
-	var wg sync.WaitGroup
-	dirs := make([]string, 6)
-	for n := range dirs {
-		wg.Go(func() {
-			dir, release, err := s.acquire(context.Background(), keyA, build)
-			if err != nil {
-				t.Error(err)
-				return
-			}
-			defer release()
-			dirs[n] = dir
-		})
+	if !s.claim(keyA) {
+		t.Fatal("first claim refused")
 	}
-	wg.Wait()
-	if builds.Load() != 1 {
-		t.Errorf("image built %d times, want 1", builds.Load())
+	if s.claim(keyA) {
+		t.Error("a second claim was granted while the image is being made")
 	}
-	for _, d := range dirs {
-		if d != filepath.Join(s.dir, keyA) {
-			t.Errorf("acquired %q, want the key's directory", d)
-		}
+	if _, _, err := s.take(keyA); !errors.Is(err, errNoSnapshot) {
+		t.Errorf("take while the image is being made: %v, want errNoSnapshot", err)
 	}
-	if _, err := os.Stat(filepath.Join(s.dir, keyA, completeMark)); err != nil {
-		t.Errorf("finished image has no completion mark: %v", err)
+	if err := s.make(context.Background(), keyA, writeImage(1000)); err != nil {
+		t.Fatal(err)
 	}
-	// A program's own start (no build) takes the image that is there.
-	dir, release, err := s.acquire(context.Background(), keyA, nil)
-	if err != nil || dir == "" {
-		t.Fatalf("acquire without build: %q, %v", dir, err)
+	if s.claim(keyA) {
+		t.Error("claim granted for an image that exists")
+	}
+	dir, release, err := s.take(keyA)
+	if err != nil || dir != filepath.Join(s.dir, keyA) {
+		t.Fatalf("take: %q, %v", dir, err)
 	}
 	release()
-}
-
-// A program's start never makes an image, nor waits for one being made.
-func TestSnapshotNotMadeOnTheRequestPath(t *testing.T) {
-	s := openTestStore(t, t.TempDir(), 1<<30)
-	if _, _, err := s.acquire(context.Background(), keyA, nil); !errors.Is(err, errNoSnapshot) {
-		t.Fatalf("acquire without image nor build: %v, want errNoSnapshot", err)
+	if _, err := os.Stat(filepath.Join(dir, completeMark)); err != nil {
+		t.Errorf("finished image has no completion mark: %v", err)
 	}
-	started, finish := make(chan struct{}), make(chan struct{})
-	go func() {
-		_, release, err := s.acquire(context.Background(), keyA, func(ctx context.Context, dir string) error {
-			close(started)
-			<-finish
-			return writeImage(10)(ctx, dir)
-		})
-		if err == nil {
-			release()
-		}
-	}()
-	<-started
-	t0 := time.Now()
-	if _, _, err := s.acquire(context.Background(), keyA, nil); !errors.Is(err, errNoSnapshot) {
-		t.Errorf("acquire while the image is being made: %v, want errNoSnapshot", err)
-	}
-	if time.Since(t0) > time.Second {
-		t.Errorf("a program's start waited %v for an image being made", time.Since(t0))
-	}
-	close(finish)
 }
 
 // A failed checkpoint leaves nothing half-made, and the shape starts
 // afresh for a while instead of failing again at every start.
 func TestSnapshotFailureIsRemembered(t *testing.T) {
 	s := openTestStore(t, t.TempDir(), 1<<30)
-	var builds atomic.Int32
-	failing := func(ctx context.Context, dir string) error {
-		builds.Add(1)
+	if !s.claim(keyA) {
+		t.Fatal("claim refused")
+	}
+	err := s.make(context.Background(), keyA, func(ctx context.Context, dir string) error {
 		_ = writeImage(10)(ctx, dir)
 		return errors.New("runsc checkpoint: refused")
+	})
+	if err == nil {
+		t.Fatal("a failed build made an image")
 	}
-	if _, _, err := s.acquire(context.Background(), keyA, failing); err == nil || errors.Is(err, errNoSnapshot) {
-		t.Fatalf("first failure: %v, want the checkpoint's error", err)
+	if s.claim(keyA) {
+		t.Error("claim granted right after a failure")
 	}
-	if _, _, err := s.acquire(context.Background(), keyA, failing); !errors.Is(err, errNoSnapshot) {
-		t.Fatalf("right after a failure: %v, want errNoSnapshot", err)
-	}
-	if builds.Load() != 1 {
-		t.Errorf("built %d times, want 1", builds.Load())
-	}
-	entries, _ := os.ReadDir(s.dir)
-	if len(entries) != 0 {
+	if entries, _ := os.ReadDir(s.dir); len(entries) != 0 {
 		t.Errorf("a failed checkpoint left %v", entries)
 	}
 	// After the retry delay it is tried again.
 	s.mu.Lock()
 	s.failed[keyA] = time.Now().Add(-snapshotRetryAfter - time.Second)
 	s.mu.Unlock()
-	if _, release, err := s.acquire(context.Background(), keyA, writeImage(10)); err != nil {
-		t.Fatalf("after the retry delay: %v", err)
-	} else {
-		release()
+	if !s.claim(keyA) {
+		t.Error("claim refused after the retry delay")
 	}
 }
 
@@ -143,17 +109,16 @@ func TestSnapshotFailureIsRemembered(t *testing.T) {
 // fresh starts for a while.
 func TestSnapshotDropped(t *testing.T) {
 	s := openTestStore(t, t.TempDir(), 1<<30)
-	_, release, err := s.acquire(context.Background(), keyA, writeImage(10))
-	if err != nil {
-		t.Fatal(err)
-	}
-	release()
+	makeTestImage(t, s, keyA, 10)
 	s.drop(keyA, errors.New("restore failed"))
 	if _, err := os.Stat(filepath.Join(s.dir, keyA)); !os.IsNotExist(err) {
 		t.Errorf("dropped image still there: %v", err)
 	}
-	if _, _, err := s.acquire(context.Background(), keyA, writeImage(10)); !errors.Is(err, errNoSnapshot) {
-		t.Errorf("right after a drop: %v, want errNoSnapshot", err)
+	if _, _, err := s.take(keyA); !errors.Is(err, errNoSnapshot) {
+		t.Errorf("take after a drop: %v, want errNoSnapshot", err)
+	}
+	if s.claim(keyA) {
+		t.Error("claim granted right after a drop")
 	}
 }
 
@@ -161,22 +126,15 @@ func TestSnapshotDropped(t *testing.T) {
 // live sandbox was restored from.
 func TestSnapshotEviction(t *testing.T) {
 	s := openTestStore(t, t.TempDir(), 2500)
-	_, releaseA, err := s.acquire(context.Background(), keyA, writeImage(1000))
+	makeTestImage(t, s, keyA, 1000)
+	_, releaseA, err := s.take(keyA)
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, releaseB, err := s.acquire(context.Background(), keyB, writeImage(1000))
-	if err != nil {
-		t.Fatal(err)
-	}
-	releaseB()
+	makeTestImage(t, s, keyB, 1000)
 	// A, in use and the oldest, stays; B, the least recently used of the
 	// others, goes.
-	_, releaseC, err := s.acquire(context.Background(), keyC, writeImage(1000))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer releaseC()
+	makeTestImage(t, s, keyC, 1000)
 	present := func(key string) bool {
 		_, err := os.Stat(filepath.Join(s.dir, key, completeMark))
 		return err == nil
@@ -193,11 +151,7 @@ func TestSnapshotEviction(t *testing.T) {
 func TestSnapshotStoreReopen(t *testing.T) {
 	dir := t.TempDir()
 	s := openTestStore(t, dir, 1<<30)
-	_, release, err := s.acquire(context.Background(), keyA, writeImage(10))
-	if err != nil {
-		t.Fatal(err)
-	}
-	release()
+	makeTestImage(t, s, keyA, 10)
 	halfMade := filepath.Join(dir, keyB+".making-123")
 	unmarked := filepath.Join(dir, keyC)
 	for _, d := range []string{halfMade, unmarked} {
@@ -206,7 +160,7 @@ func TestSnapshotStoreReopen(t *testing.T) {
 		}
 	}
 	s = openTestStore(t, dir, 1<<30)
-	if _, release, err := s.acquire(context.Background(), keyA, nil); err != nil {
+	if _, release, err := s.take(keyA); err != nil {
 		t.Errorf("image of the earlier run: %v", err)
 	} else {
 		release()
