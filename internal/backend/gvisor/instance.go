@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -58,14 +59,16 @@ type instance struct {
 	// with restoreFrom is restored from that image instead of started,
 	// releaseImage is called once it is gone, and early holds the agent's
 	// first bytes, read to see the restore work. A fresh sandbox being
-	// checkpointed has holdDone, closed once its agent is released (the
-	// channel carries nothing before); heldSeen tells the agent got warm.
+	// checkpointed has held, which keeps the channel quiet until its
+	// agent is released; heldSeen tells the agent got warm, and adopted
+	// that a program took the sandbox meanwhile (no checkpoint then).
 	hold         bool
 	restoreFrom  string
 	releaseImage func()
 	early        []byte
-	holdDone     chan struct{}
+	held         *heldChannel
 	heldSeen     bool
+	adopted      atomic.Bool
 
 	stdin     *os.File // our end: writes reach the agent's stdin
 	stdout    *os.File // our end: reads come from the agent's stdout
@@ -143,6 +146,7 @@ func (i *instance) extractCode(ctx context.Context, spec backend.Spec) (*codepre
 // the code itself (errkind.InvalidInput, TooLarge, ResourceMissing) come
 // before anything is written there: the spare can still take other code.
 func (i *instance) LoadCode(ctx context.Context, spec backend.Spec) error {
+	i.adopted.Store(true)
 	if !i.spec.DeferCode {
 		return errors.New("gvisor: LoadCode on a sandbox that already has its code")
 	}
@@ -644,22 +648,26 @@ func (i *instance) Channel(ctx context.Context) (io.ReadWriteCloser, error) {
 	if err := i.TakeChannel(); err != nil {
 		return nil, err
 	}
-	return &stdioChannel{w: i.stdin, r: i.stdout, early: i.early, ready: i.holdDone}, nil
+	c := &stdioChannel{w: i.stdin, r: i.stdout, early: i.early}
+	if i.held != nil {
+		c.held = i.held
+	}
+	return c, nil
 }
 
 // stdioChannel joins the two pipe ends into one stream. Closing it is what
 // tells the agent that the host is gone (EOF on its stdin).
 type stdioChannel struct {
 	w, r  *os.File
-	early []byte        // read from r before the channel was handed out
-	ready chan struct{} // nil, or closed once the agent's hold is over
+	early []byte       // read from r before the channel was handed out
+	held  *heldChannel // nil, or the hold of an agent being checkpointed
 	once  sync.Once
 	err   error
 }
 
 func (c *stdioChannel) Read(p []byte) (int, error) {
-	if c.ready != nil {
-		<-c.ready
+	if c.held != nil {
+		<-c.held.released
 	}
 	if len(c.early) > 0 {
 		n := copy(p, c.early)
@@ -669,10 +677,48 @@ func (c *stdioChannel) Read(p []byte) (int, error) {
 	return c.r.Read(p)
 }
 func (c *stdioChannel) Write(p []byte) (int, error) {
-	if c.ready != nil {
-		<-c.ready
+	if c.held != nil && c.held.keep(p) {
+		return len(p), nil
 	}
 	return c.w.Write(p)
+}
+
+// heldChannel keeps a held agent's channel quiet: reads wait for the
+// release, and writes are kept, then sent after the release line (the
+// agent reads its stdin only then; a blocked write would time the host's
+// session out if the agent takes long to get warm).
+type heldChannel struct {
+	mu       sync.Mutex
+	kept     []byte
+	done     bool
+	released chan struct{}
+}
+
+func newHeldChannel() *heldChannel { return &heldChannel{released: make(chan struct{})} }
+
+// keep holds p until the release; false once released.
+func (h *heldChannel) keep(p []byte) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.done {
+		return false
+	}
+	h.kept = append(h.kept, p...)
+	return true
+}
+
+// release writes line, then what was kept, to w, and opens the channel.
+func (h *heldChannel) release(w io.Writer, line []byte) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.done {
+		return nil
+	}
+	defer close(h.released)
+	h.done = true
+	_, err := w.Write(append(line, h.kept...))
+	h.kept = nil
+	return err
 }
 func (c *stdioChannel) Close() error {
 	c.once.Do(func() { c.err = errors.Join(c.w.Close(), c.r.Close()) })
@@ -771,5 +817,17 @@ func (i *instance) Steps() []backend.Step {
 		{Name: "write bundle", Run: i.writeBundle},
 		{Name: "prepare cgroup", Run: i.prepareCgroup},
 		{Name: "start runsc", Run: i.startRunsc},
+	}
+}
+
+// abandon opens the channel of an agent that will not be released (its
+// sandbox is stopped): what was kept is dropped.
+func (h *heldChannel) abandon() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !h.done {
+		h.done = true
+		h.kept = nil
+		close(h.released)
 	}
 }

@@ -71,6 +71,10 @@ const DefaultSnapshotMaxBytes = 1 << 30
 // errNoSnapshot says a start should go the ordinary way.
 var errNoSnapshot = errors.New("no snapshot for this shape")
 
+// errSnapshotSkipped ends the making of an image without counting as a
+// failure: the next spare of the shape tries again.
+var errSnapshotSkipped = errors.New("snapshot skipped")
+
 // snapshotStore keeps the images under one directory, one per key, and
 // bounds their total size, least recently used first.
 type snapshotStore struct {
@@ -156,6 +160,10 @@ func (s *snapshotStore) make(ctx context.Context, key string, build func(ctx con
 	err := s.makeImage(ctx, key, build)
 	s.mu.Lock()
 	delete(s.making, key)
+	if errors.Is(err, errSnapshotSkipped) {
+		s.mu.Unlock()
+		return err
+	}
 	if err != nil {
 		s.failed[key] = time.Now()
 	} else {
@@ -366,14 +374,13 @@ func (b *Backend) startFromSnapshot(ctx context.Context, spec backend.Spec, log 
 func (b *Backend) startAndCheckpoint(ctx context.Context, spec backend.Spec, key string, log *slog.Logger) (backend.Instance, bool, error) {
 	i := newInstance(b, spec, log)
 	i.hold = true
-	i.holdDone = make(chan struct{})
+	i.held = newHeldChannel()
 	started, err := backend.Start(ctx, "gvisor", spec, log, i)
 	if err != nil {
 		_ = b.snaps.make(ctx, key, func(context.Context, string) error { return err })
 		return nil, false, err
 	}
 	go func() {
-		defer close(i.holdDone)
 		// The spare's start has returned, so its deadline no longer bounds
 		// this; the hold's does, and Stop (closing the pipes) ends it.
 		hctx, cancel := context.WithTimeout(context.Background(), holdTimeout)
@@ -382,13 +389,18 @@ func (b *Backend) startAndCheckpoint(ctx context.Context, spec backend.Spec, key
 			if err := i.awaitHeld(ctx); err != nil {
 				return err
 			}
+			if i.adopted.Load() {
+				// A program took the spare while it warmed: it is not kept
+				// waiting for a checkpoint; the next spare makes one.
+				return errSnapshotSkipped
+			}
 			out, err := b.runscCmd(ctx, "checkpoint", "--leave-running", "--image-path", dir, i.id).CombinedOutput()
 			if err != nil {
 				return fmt.Errorf("runsc checkpoint: %w: %s", err, bytes.TrimSpace(out))
 			}
 			return nil
 		})
-		if err != nil && !i.Exited() {
+		if err != nil && !i.Exited() && !errors.Is(err, errSnapshotSkipped) {
 			log.Warn("could not checkpoint a warm sandbox; this shape starts afresh for a while", "err", err,
 				"retry_after", snapshotRetryAfter)
 		}
@@ -398,9 +410,10 @@ func (b *Backend) startAndCheckpoint(ctx context.Context, spec backend.Spec, key
 			if i.Halt(fmt.Errorf("the agent did not get warm: %w", err)) {
 				_ = started.Stop(context.Background())
 			}
+			i.held.abandon()
 			return
 		}
-		if _, err := i.stdin.Write([]byte("\n")); err != nil {
+		if err := i.held.release(i.stdin, []byte("\n")); err != nil {
 			log.Debug("releasing the agent after the checkpoint", "err", err)
 		}
 	}()

@@ -3,6 +3,7 @@ package gvisor
 import (
 	"context"
 	"errors"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -169,5 +170,66 @@ func TestSnapshotStoreReopen(t *testing.T) {
 		if _, err := os.Stat(d); !os.IsNotExist(err) {
 			t.Errorf("%s survived the reopen", filepath.Base(d))
 		}
+	}
+}
+
+// A held agent's channel keeps what the host writes (its session may
+// send the Config while the agent still warms) and sends it after the
+// release line, in order; reads wait for the release.
+func TestHeldChannelKeepsWritesUntilRelease(t *testing.T) {
+	stdinR, stdinW, err := os.Pipe() // the agent's stdin
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdoutR, stdoutW, err := os.Pipe() // the agent's stdout
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []*os.File{stdinR, stdinW, stdoutR, stdoutW} {
+		defer f.Close()
+	}
+	h := newHeldChannel()
+	c := &stdioChannel{w: stdinW, r: stdoutR, held: h}
+	read := make(chan string, 1)
+	go func() {
+		b := make([]byte, 1)
+		n, _ := c.Read(b)
+		read <- string(b[:n])
+	}()
+	// The agent has something to say, but the host must not see it yet.
+	if _, err := stdoutW.Write([]byte("f")); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{"config ", "window"} {
+		if n, err := c.Write([]byte(p)); err != nil || n != len(p) {
+			t.Fatalf("write while held: %d, %v", n, err)
+		}
+	}
+	select {
+	case got := <-read:
+		t.Fatalf("a read returned %q while the agent was held", got)
+	case <-time.After(100 * time.Millisecond):
+	}
+	if err := h.release(stdinW, []byte("\n")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Write([]byte(" after")); err != nil {
+		t.Fatal(err)
+	}
+	want := "\nconfig window after"
+	got := make([]byte, len(want))
+	if _, err := io.ReadFull(stdinR, got); err != nil {
+		t.Fatal(err)
+	}
+	if string(got) != want {
+		t.Errorf("the agent's stdin got %q, want %q", got, want)
+	}
+	select {
+	case got := <-read:
+		if got != "f" {
+			t.Errorf("read %q after the release, want the agent's byte", got)
+		}
+	case <-time.After(5 * time.Second):
+		t.Error("the read did not go on after the release")
 	}
 }
