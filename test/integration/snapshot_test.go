@@ -28,11 +28,7 @@ func TestSnapshotRestoredSandboxes(t *testing.T) {
 	}
 	s := startSupervisor(t)
 	first := s.upload("testdata/probe", "main:app")
-	for deadline := time.Now().Add(90 * time.Second); len(s.snapshotImages()) == 0; time.Sleep(200 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("no snapshot image after 90 s of spares")
-		}
-	}
+	waitSnapshotImage(t, s)
 	// The checkpointed spare goes on serving: the program takes it.
 	r := s.get("/vm/" + first + "/random")
 	expect(t, r, http.StatusOK)
@@ -76,6 +72,16 @@ func TestSnapshotRestoredSandboxes(t *testing.T) {
 	expect(t, s.get("/vm/"+second+"/"), http.StatusOK)
 }
 
+// waitSnapshotImage waits until the spares have made a snapshot image.
+func waitSnapshotImage(t *testing.T, s *supervisor) {
+	t.Helper()
+	for deadline := time.Now().Add(90 * time.Second); len(s.snapshotImages()) == 0; time.Sleep(200 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no snapshot image after 90 s of spares")
+		}
+	}
+}
+
 // waitLog waits until the supervisor's log holds want.
 func waitLog(t *testing.T, s *supervisor, want string, d time.Duration) {
 	t.Helper()
@@ -95,11 +101,7 @@ func TestBrokenSnapshotFallsBackToAFreshStart(t *testing.T) {
 	}
 	s := startSupervisor(t)
 	hash := s.upload("testdata/probe", "main:app")
-	for deadline := time.Now().Add(90 * time.Second); len(s.snapshotImages()) == 0; time.Sleep(200 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("no snapshot image after 90 s of spares")
-		}
-	}
+	waitSnapshotImage(t, s)
 	s.shutdown()
 	image := filepath.Dir(s.snapshotImages()[0])
 	files, _ := filepath.Glob(filepath.Join(image, "*.img"))
