@@ -244,6 +244,16 @@ func (h *hostListener) Accepted() []string {
 	return append([]string(nil), h.from...)
 }
 
+// waitAccepted waits until the listener has recorded n connections.
+func (h *hostListener) waitAccepted(t *testing.T, n int, d time.Duration) {
+	t.Helper()
+	for deadline := time.Now().Add(d); len(h.Accepted()) < n; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the host listener recorded %v, want %d control connections", h.Accepted(), n)
+		}
+	}
+}
+
 // dialFromHost checks that the test itself reaches addr:port.
 func dialFromHost(t *testing.T, addr netip.Addr, port int) {
 	t.Helper()
@@ -378,6 +388,10 @@ func networkFirewall(t *testing.T, s *supervisor, inet *testInternet, online, pe
 		dialFromHost(t, a, host.Port)
 		dialFromHost(t, a, s.port)
 	}
+	// The listener records a connection when its accept loop runs, which
+	// on a loaded machine may trail the dial: the two control dials must
+	// be counted before the programs' attempts are.
+	host.waitAccepted(t, 2, 10*time.Second)
 	controls := len(host.Accepted())
 	var l map[string]any
 	callInto(t, s, peer, fmt.Sprintf("/listen?port=%d", peerPort), &l)
@@ -457,6 +471,7 @@ func TestNetworkEgressAllow(t *testing.T) {
 	host := newHostListener(t)
 	gw := gatewayOf(programAddress(t, s, hash))
 	dialFromHost(t, gw, host.Port)
+	host.waitAccepted(t, 1, 10*time.Second)
 	target := netip.AddrPortFrom(gw, uint16(host.Port)).String()
 	if r := connectAll(t, s, hash, false, target)[target]; r.Connected {
 		t.Errorf("EGRESS_ALLOW=10.99.0.0/24 opened the host: the program reached a host listener on its gateway %s", target)
