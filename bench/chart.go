@@ -33,7 +33,7 @@ func writeChart(w io.Writer, r result) error {
 	add("no spare, snapshot", r.NoSpare.ColdStartMs)
 	add("no spare, no snapshot", r.NoSnapshot.ColdStartMs)
 	add("internet, spare", r.Internet.ColdStartMs)
-	add("internet, no spare", r.InternetNoSpare.ColdStartMs)
+	add("internet, no spare, snapshot", r.InternetNoSpare.ColdStartMs)
 	add("first burst of programs", r.Spares.FirstBurstMs)
 	add("back-to-back programs", r.Spares.BackToBackMs)
 	if r.Spares.AfterIdleMs > 0 {

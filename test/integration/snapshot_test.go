@@ -2,6 +2,7 @@ package integration
 
 import (
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -73,11 +74,14 @@ func TestSnapshotRestoredSandboxes(t *testing.T) {
 }
 
 // waitSnapshotImage waits until the spares have made a snapshot image.
-func waitSnapshotImage(t *testing.T, s *supervisor) {
+func waitSnapshotImage(t *testing.T, s *supervisor) { waitSnapshotImages(t, s, 1) }
+
+// waitSnapshotImages waits until the spares have made n snapshot images.
+func waitSnapshotImages(t *testing.T, s *supervisor, n int) {
 	t.Helper()
-	for deadline := time.Now().Add(90 * time.Second); len(s.snapshotImages()) == 0; time.Sleep(200 * time.Millisecond) {
+	for deadline := time.Now().Add(90 * time.Second); len(s.snapshotImages()) < n; time.Sleep(200 * time.Millisecond) {
 		if time.Now().After(deadline) {
-			t.Fatal("no snapshot image after 90 s of spares")
+			t.Fatalf("%d snapshot images after 90 s of spares, want %d", len(s.snapshotImages()), n)
 		}
 	}
 }
@@ -134,5 +138,45 @@ func TestBrokenSnapshotFallsBackToAFreshStart(t *testing.T) {
 	expect(t, s.get("/vm/"+hash+"/"), http.StatusOK)
 	if after := s.logs.String()[mark:]; strings.Contains(after, "restor") {
 		t.Errorf("the second start tried a snapshot again:\n%s", tail(after, 60))
+	}
+}
+
+// Programs with the internet restore their shape's snapshot too: runsc
+// re-reads the network from each restored sandbox's own namespace, so two
+// programs restored from one image side by side each have the address of
+// their own execution, and reach the (test) internet from it.
+func TestSnapshotWithInternet(t *testing.T) {
+	if hypervisor != "gvisor" {
+		t.Skip("snapshots are a gVisor feature")
+	}
+	inet := newTestInternet(t)
+	s := startNetworkSupervisor(t, inet)
+	waitSnapshotImages(t, s, 2) // the default shapes: without and with the internet
+	s.shutdown()
+	s.restart("ALEPH_VM_PREWARM=false")
+	mark := len(s.logs.String())
+
+	code := t.TempDir()
+	src, err := os.ReadFile("testdata/probe/main.py")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(code, "main.py"), append(src, "\n# another program\n"...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	programs := []string{s.upload("testdata/probe", "main:app", "--internet"), s.upload(code, "main:app", "--internet")}
+	var addresses []netip.Prefix
+	for _, h := range programs {
+		wantTestInternetPage(t, inet, "the test internet from a restored sandbox",
+			fetch(t, s, h, "http://"+inet.Addr.String()+"/"), inet.Addr)
+		wantTestInternetPage(t, inet, "http://inet.test/ from a restored sandbox",
+			fetch(t, s, h, "http://inet.test/"), inet.Addr)
+		addresses = append(addresses, programAddress(t, s, h)) // its own, as the operator page lists it
+	}
+	if addresses[0] == addresses[1] {
+		t.Errorf("two restored programs share the address %s", addresses[0])
+	}
+	if n := strings.Count(s.logs.String()[mark:], "restored a warm sandbox"); n != 2 {
+		t.Errorf("%d restores for 2 cold starts without spares, want 2", n)
 	}
 }

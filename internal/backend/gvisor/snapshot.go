@@ -27,7 +27,7 @@ import (
 // second to start here, most of it Python importing uvicorn and FastAPI;
 // restoring a checkpoint of one that already did costs a fifth of that
 // (docs/snapshots.md). So for every shape of spare-like sandbox (runtime,
-// memory, vCPUs, no network, no volumes) the backend checkpoints one warm
+// memory, vCPUs, internet or not; no volumes) the backend checkpoints one warm
 // sandbox once, and later starts of that shape restore it instead: the
 // pool's spares refill faster and with less CPU, and a cold start that
 // finds no spare waits for a restore instead of a fresh start.
@@ -40,9 +40,10 @@ import (
 // what was drawn before the checkpoint: the interpreter's hash seed and
 // the sandbox's hostname.
 //
-// Sandboxes with a network are always started afresh: gVisor's netstack
-// is saved with the address of the checkpointed sandbox, and each
-// execution has its own.
+// Sandboxes with a network restore too: runsc restore reads the network
+// of the restoring sandbox's own namespace (address, routes, link) and
+// configures the saved netstack with it, so each restored sandbox has its
+// execution's address (TestSnapshotWithInternet).
 
 // snapshotFormat is bumped when what a snapshot holds changes in a way
 // its key does not see.
@@ -277,7 +278,7 @@ func dirBytes(dir string) int64 {
 // pool marks (Spec.Snapshot), shaped like a spare, started by our agent
 // with its interpreter preloaded on the stdio channel.
 func (b *Backend) restorable(spec backend.Spec) bool {
-	return b.snaps != nil && spec.Snapshot && spec.Network == nil && len(spec.Volumes) == 0 &&
+	return b.snaps != nil && spec.Snapshot && len(spec.Volumes) == 0 &&
 		spec.DataPath == "" && len(b.opts.Command) == 0 &&
 		slices.Contains(b.opts.AgentArgs, "--preload") && !slices.Contains(b.opts.AgentArgs, "--hold")
 }
@@ -295,8 +296,8 @@ func (b *Backend) snapshotKey(spec backend.Spec) (string, error) {
 		return "", b.binErr
 	}
 	h := sha256.New()
-	fmt.Fprintf(h, "format %s\nruntime %s\nmemory %d\nvcpus %d\nplatform %s\nargs %q\noverhead %d\npids %d\nprofile %t\ndebug %t\nbinaries %s\n",
-		snapshotFormat, rt, spec.MemoryMiB, spec.VCPUs, b.opts.Platform, b.opts.AgentArgs,
+	fmt.Fprintf(h, "format %s\nruntime %s\nmemory %d\nvcpus %d\nnetwork %t\nplatform %s\nargs %q\noverhead %d\npids %d\nprofile %t\ndebug %t\nbinaries %s\n",
+		snapshotFormat, rt, spec.MemoryMiB, spec.VCPUs, spec.Network != nil, b.opts.Platform, b.opts.AgentArgs,
 		b.opts.MemoryOverheadMiB, b.opts.PidsLimit, b.opts.AgentProfileDir != "", b.opts.Debug, b.binIDs)
 	return hex.EncodeToString(h.Sum(nil)), nil
 }
