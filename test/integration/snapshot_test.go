@@ -48,14 +48,7 @@ func TestSnapshotRestoredSandboxes(t *testing.T) {
 	mark := len(s.logs.String())
 
 	// A program the supervisor never ran, with no spare to take.
-	code := t.TempDir()
-	src, err := os.ReadFile("testdata/probe/main.py")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(code, "main.py"), append(src, "\n# another program\n"...), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	code := anotherProbe(t)
 	second := s.upload(code, "main:app")
 	r = s.get("/vm/" + second + "/random")
 	expect(t, r, http.StatusOK)
@@ -90,6 +83,20 @@ func waitSnapshotImages(t *testing.T, s *supervisor, n int) {
 			t.Fatalf("%d snapshot images after 90 s of spares, want %d", len(s.snapshotImages()), n)
 		}
 	}
+}
+
+// anotherProbe is a copy of the probe program with another hash.
+func anotherProbe(t *testing.T) string {
+	t.Helper()
+	code := t.TempDir()
+	src, err := os.ReadFile("testdata/probe/main.py")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(code, "main.py"), append(src, "\n# another program\n"...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return code
 }
 
 // waitLog waits until the supervisor's log holds want.
@@ -163,14 +170,7 @@ func TestSnapshotWithInternet(t *testing.T) {
 	s.restart("ALEPH_VM_PREWARM=false")
 	mark := len(s.logs.String())
 
-	code := t.TempDir()
-	src, err := os.ReadFile("testdata/probe/main.py")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(code, "main.py"), append(src, "\n# another program\n"...), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	code := anotherProbe(t)
 	programs := []string{s.upload("testdata/probe", "main:app", "--internet"), s.upload(code, "main:app", "--internet")}
 	var addresses []netip.Prefix
 	for _, h := range programs {
