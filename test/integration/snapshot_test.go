@@ -24,9 +24,7 @@ func (s *supervisor) snapshotImages() []string {
 // still draw their own random numbers (the launcher re-seeds Python's
 // random module).
 func TestSnapshotRestoredSandboxes(t *testing.T) {
-	if hypervisor != "gvisor" {
-		t.Skip("snapshots are a gVisor feature")
-	}
+	snapshotsUnderTest(t)
 	s := startSupervisor(t)
 	first := s.upload("testdata/probe", "main:app")
 	waitDefaultImages(t, s)
@@ -64,6 +62,14 @@ func TestSnapshotRestoredSandboxes(t *testing.T) {
 	}
 	// It serves like any other: the rest of its API works.
 	expect(t, s.get("/vm/"+second+"/"), http.StatusOK)
+}
+
+// snapshotsUnderTest skips the VM passes: snapshots are a gVisor feature.
+func snapshotsUnderTest(t *testing.T) {
+	t.Helper()
+	if hypervisor != "gvisor" {
+		t.Skip("snapshots are a gVisor feature")
+	}
 }
 
 // defaultShapes is how many shapes always have a spare, hence an image:
@@ -113,9 +119,7 @@ func waitLog(t *testing.T, s *supervisor, want string, d time.Duration) {
 // failed attempt: the cold start goes afresh and answers, the image is
 // removed, and the next start does not try it again.
 func TestBrokenSnapshotFallsBackToAFreshStart(t *testing.T) {
-	if hypervisor != "gvisor" {
-		t.Skip("snapshots are a gVisor feature")
-	}
+	snapshotsUnderTest(t)
 	s := startSupervisor(t)
 	hash := s.upload("testdata/probe", "main:app")
 	waitDefaultImages(t, s)
@@ -160,9 +164,7 @@ func TestBrokenSnapshotFallsBackToAFreshStart(t *testing.T) {
 // programs restored from one image side by side each have the address of
 // their own execution, and reach the (test) internet from it.
 func TestSnapshotWithInternet(t *testing.T) {
-	if hypervisor != "gvisor" {
-		t.Skip("snapshots are a gVisor feature")
-	}
+	snapshotsUnderTest(t)
 	inet := newTestInternet(t)
 	s := startNetworkSupervisor(t, inet)
 	waitDefaultImages(t, s)
