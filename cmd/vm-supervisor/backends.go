@@ -193,5 +193,5 @@ func snapshotDir(s *config.Settings) string {
 	if s.SnapshotCacheMaxMiB <= 0 {
 		return ""
 	}
-	return filepath.Join(s.CacheRoot, "snapshots")
+	return filepath.Join(s.CacheRoot, config.SnapshotDirName)
 }

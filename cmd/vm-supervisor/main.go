@@ -76,9 +76,31 @@ Flags:
 	config.Usage(w)
 }
 
+// ensureDirs makes the supervisor's directories, private where programs'
+// data lives, before anything writes in them (see config.EnsureDirs).
+func ensureDirs(s *config.Settings, log *slog.Logger) error {
+	tightened, err := s.EnsureDirs()
+	for _, dir := range tightened {
+		log.Warn("made a directory private (0700): it holds programs' data or secrets and was open to other users", "dir", dir)
+	}
+	return err
+}
+
 func runSubcommand(ctx context.Context, s *config.Settings, args []string, stdout, stderr io.Writer) int {
+	// Every sub-command but check writes to the roots: they are made
+	// (private) first.
+	dirs := func() bool {
+		if err := ensureDirs(s, slog.Default()); err != nil {
+			fmt.Fprintln(stderr, "vm-supervisor:", err)
+			return false
+		}
+		return true
+	}
 	switch {
 	case len(args) >= 2 && args[0] == "program" && args[1] == "upload":
+		if !dirs() {
+			return 1
+		}
 		st, err := openStore(s)
 		if err != nil {
 			fmt.Fprintln(stderr, "vm-supervisor:", err)
@@ -86,8 +108,14 @@ func runSubcommand(ctx context.Context, s *config.Settings, args []string, stdou
 		}
 		return cmdProgramUpload(ctx, st, args[2:], stdout, stderr, "http://"+s.Addr())
 	case len(args) >= 2 && args[0] == "program" && args[1] == "inspect":
+		if !dirs() {
+			return 1
+		}
 		return cmdProgramInspect(ctx, s, args[2:], stdout, stderr)
 	case len(args) >= 2 && args[0] == "runtime" && args[1] == "add":
+		if !dirs() {
+			return 1
+		}
 		return cmdRuntimeAdd(ctx, s, args[2:], stdout, stderr)
 	case len(args) == 1 && args[0] == "check":
 		return cmdCheck(s, stdout)

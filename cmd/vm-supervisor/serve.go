@@ -35,6 +35,9 @@ import (
 
 // serve runs the HTTP service until ctx ends, then stops every sandbox.
 func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *slog.Logger, stdout io.Writer) error {
+	if err := ensureDirs(s, log); err != nil {
+		return err
+	}
 	var agentProfileDir string
 	if opts.Profile {
 		stopProfile, err := startProfile(s.ExecutionRoot)
@@ -43,9 +46,6 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 		}
 		defer stopProfile()
 		agentProfileDir = filepath.Join(s.ExecutionRoot, "agent-profiles")
-	}
-	if err := s.EnsureDirs(); err != nil {
-		return err
 	}
 	st, err := openStore(s)
 	if err != nil {

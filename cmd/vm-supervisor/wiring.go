@@ -22,7 +22,7 @@ import (
 )
 
 func openStore(s *config.Settings) (*store.Store, error) {
-	st, err := store.Open(filepath.Join(s.ExecutionRoot, "store"))
+	st, err := store.Open(filepath.Join(s.ExecutionRoot, config.StoreDirName))
 	if err != nil {
 		return nil, fmt.Errorf("opening the local program store: %w", err)
 	}

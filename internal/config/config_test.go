@@ -435,19 +435,62 @@ func TestEnsureDirs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := s.EnsureDirs(); err != nil {
-		t.Fatal(err)
+	if tightened, err := s.EnsureDirs(); err != nil || len(tightened) != 0 {
+		t.Fatalf("fresh roots: tightened %v, err %v", tightened, err)
 	}
-	for p, mode := range map[string]os.FileMode{
+	want := map[string]os.FileMode{
 		s.CacheRoot: 0o755, s.ExecutionRoot: 0o700, s.PersistentVolumesDir: 0o700,
-	} {
-		fi, err := os.Stat(p)
-		if err != nil {
+		filepath.Join(s.ExecutionRoot, "store"): 0o700,
+		filepath.Join(s.CacheRoot, "code"):      0o700,
+		filepath.Join(s.CacheRoot, "snapshots"): 0o700,
+		filepath.Join(s.CacheRoot, "vm-images"): 0o700,
+		filepath.Dir(s.ExecutionDatabase):       0o700,
+	}
+	check := func() {
+		t.Helper()
+		for p, mode := range want {
+			fi, err := os.Stat(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !fi.IsDir() || fi.Mode().Perm() != mode {
+				t.Errorf("%s: mode %v, want %v", p, fi.Mode(), mode)
+			}
+		}
+	}
+	check()
+
+	// Roots an older version left open are tightened, and said to be.
+	loose := []string{s.ExecutionRoot, filepath.Join(s.ExecutionRoot, "store"), filepath.Join(s.CacheRoot, "snapshots")}
+	for _, p := range loose {
+		if err := os.Chmod(p, 0o755); err != nil {
 			t.Fatal(err)
 		}
-		if !fi.IsDir() || fi.Mode().Perm()&^mode != 0 {
-			t.Errorf("%s: mode %v, want at most %v", p, fi.Mode(), mode)
-		}
+	}
+	tightened, err := s.EnsureDirs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(tightened, ",") != strings.Join(loose, ",") {
+		t.Errorf("tightened %v, want %v", tightened, loose)
+	}
+	check()
+}
+
+// A shared directory given as a private root is refused, not chmodded.
+func TestPrivateDirRefusesSharedDirectories(t *testing.T) {
+	shared := filepath.Join(t.TempDir(), "shared")
+	if err := os.Mkdir(shared, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(shared, 0o777|os.ModeSticky); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := PrivateDir(shared); err == nil {
+		t.Error("a sticky directory was accepted as a private one")
+	}
+	if fi, _ := os.Stat(shared); fi.Mode().Perm() != 0o777 {
+		t.Errorf("the shared directory's mode changed to %v", fi.Mode())
 	}
 }
 

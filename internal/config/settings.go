@@ -284,25 +284,85 @@ func (s *Settings) Redacted() map[string]any {
 	return m
 }
 
-// EnsureDirs creates the directories the supervisor writes to. The
-// execution root and volumes hold login tokens and user data, so they are
-// private; the cache only holds public, hash-checked content.
-func (s *Settings) EnsureDirs() error {
+// EnsureDirs creates the directories the supervisor writes to, before
+// anything is written in them; every sub-command that writes calls it
+// first. The execution root holds the login token, the node key, the
+// execution records, the guest cache, volumes and the local store (the
+// code and data of programs uploaded here), so it is private, and so are
+// the parts of the cache that hold programs' code (extracted archives)
+// or sandboxes' memory (snapshots, VM code images). The rest of the cache only holds
+// public, hash-checked downloads.
+//
+// A private directory that exists with a looser mode (an older version
+// made the execution root 0755) is tightened to 0700, and each one
+// tightened is returned so the caller can say so: a warning alone would
+// leave the programs' data readable until someone acts on it. A directory
+// with the sticky bit (a shared one such as /tmp, given as a root by
+// mistake) or the filesystem root is left alone: that is an error.
+func (s *Settings) EnsureDirs() (tightened []string, err error) {
 	dirs := []struct {
-		path string
-		mode os.FileMode
+		path    string
+		private bool
 	}{
-		{s.CacheRoot, 0o755},
-		{s.ExecutionRoot, 0o700},
-		{s.PersistentVolumesDir, 0o700},
-		{filepath.Dir(s.ExecutionDatabase), 0o700},
+		{s.ExecutionRoot, true},
+		{filepath.Join(s.ExecutionRoot, StoreDirName), true},
+		{s.PersistentVolumesDir, true},
+		{filepath.Dir(s.ExecutionDatabase), true},
+		{s.CacheRoot, false},
+		{filepath.Join(s.CacheRoot, CodeCacheDirName), true},
+		{filepath.Join(s.CacheRoot, SnapshotDirName), true},
+		{filepath.Join(s.CacheRoot, VMImageDirName), true},
 	}
 	for _, d := range dirs {
-		if err := os.MkdirAll(d.path, d.mode); err != nil {
-			return fmt.Errorf("create directory: %w", err)
+		if !d.private {
+			if err := os.MkdirAll(d.path, 0o755); err != nil {
+				return tightened, fmt.Errorf("create directory: %w", err)
+			}
+			continue
+		}
+		t, err := PrivateDir(d.path)
+		if err != nil {
+			return tightened, err
+		}
+		if t {
+			tightened = append(tightened, d.path)
 		}
 	}
-	return nil
+	return tightened, nil
+}
+
+// Where the supervisor keeps what EnsureDirs makes private: the local
+// store under the execution root; extracted code (gVisor), snapshot
+// images (gVisor) and code images (VMs) under the cache root.
+const (
+	StoreDirName     = "store"
+	CodeCacheDirName = "code"
+	SnapshotDirName  = "snapshots"
+	VMImageDirName   = "vm-images"
+)
+
+// PrivateDir creates dir (and missing parents) with mode 0700, or makes an
+// existing dir 0700 if group or others had any access to it, and says
+// whether it did the latter. It refuses to tighten a directory with the
+// sticky bit, or "/": those are shared by design.
+func PrivateDir(dir string) (tightened bool, err error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return false, fmt.Errorf("create directory: %w", err)
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return false, fmt.Errorf("create directory: %w", err)
+	}
+	if fi.Mode().Perm()&0o077 == 0 {
+		return false, nil
+	}
+	if fi.Mode()&os.ModeSticky != 0 || filepath.Clean(dir) == "/" {
+		return false, fmt.Errorf("directory %s is shared (mode %v): give the supervisor a directory of its own", dir, fi.Mode())
+	}
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return false, fmt.Errorf("make directory private: %w", err)
+	}
+	return true, nil
 }
 
 func formatValue(v any) string {

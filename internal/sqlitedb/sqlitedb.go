@@ -17,7 +17,7 @@ import (
 )
 
 // Open opens (creating if needed) the database at path, its directory
-// made 0700. Every connection runs pragmas first (in order: some, like
+// made 0700 and the file 0600. Every connection runs pragmas first (in order: some, like
 // auto_vacuum, only act on a new file), then the shared ones:
 //   - WAL, so that readers run while a writer writes;
 //   - busy_timeout, so that concurrent writers wait for the lock instead
@@ -28,6 +28,12 @@ import (
 func Open(path string, pragmas ...string) (*sql.DB, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("create directory: %w", err)
+	}
+	// The file is made (or made again) 0600 before SQLite writes to it:
+	// it holds programs' data, and SQLite gives its -wal and -shm files
+	// the mode of the database file.
+	if err := privateFile(path); err != nil {
+		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
 	q := url.Values{}
 	for _, p := range pragmas {
@@ -43,6 +49,19 @@ func Open(path string, pragmas ...string) (*sql.DB, error) {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
 	return db, nil
+}
+
+// privateFile creates path 0600 if missing, or makes it 0600.
+func privateFile(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := f.Chmod(0o600); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 // busyCode is SQLITE_BUSY; extended codes keep it in their low byte.
