@@ -342,11 +342,7 @@ def wait_for_job(socket_path, code_dir):
     if not line:
         sys.exit(0)  # no program for us: the agent discarded this interpreter
     job = json.loads(line)
-    # This interpreter may be one of many restored from the same checkpoint
-    # (the host's snapshots of warm spares): the random module's state,
-    # drawn when it was imported, would be the same in all of them.
-    if "random" in sys.modules:
-        sys.modules["random"].seed()
+    reseed()
     os.environ.clear()
     os.environ.update(job["env"])
     # Code that ships its own copy of a module imported above (a vendored
@@ -360,6 +356,46 @@ def wait_for_job(socket_path, code_dir):
         os.execv(sys.executable, [sys.executable, os.path.abspath(__file__),
                                   job["entrypoint"], socket_path, code_dir])
     return job["entrypoint"], socket_path, code_dir
+
+
+def reseed():
+    """This interpreter may be one of many restored from the same checkpoint
+    (the host's snapshots of warm spares): whatever was drawn from the
+    kernel's generator before the checkpoint and kept is the same in all of
+    them, and would be known to every other program restored from it. Draw
+    it again, from the kernel's generator, which is not in the image. Only
+    for modules already imported: one imported later draws its own.
+
+    What cannot be drawn again in a running interpreter is accepted: the
+    str/bytes hash seed (it only decides dict and set layouts; knowing it
+    helps flood one's own program's dicts with colliding keys) and the
+    memory layout (ASLR). The spare holds no program, code or secret at the
+    checkpoint."""
+    mods = sys.modules
+    # The random module's global generator (random.random, choice, ...).
+    if "random" in mods:
+        mods["random"].seed()
+    # multiprocessing's authentication key, drawn when multiprocessing.process
+    # is imported and inherited by its children: it authenticates their
+    # connections (Listener/Client, managers).
+    if "multiprocessing.process" in mods:
+        mods["multiprocessing.process"].current_process().authkey = os.urandom(32)
+    # tempfile's name generator: a random.Random of its own, made on first
+    # use and made again only in another process id (a restore keeps it).
+    if "tempfile" in mods:
+        mods["tempfile"]._name_sequence = None
+    # aiohttp's websocket client masks: WebSocketWriter's default random
+    # argument is one random.Random made when aiohttp.http_websocket was
+    # imported (aiohttp 3.8; later versions may draw otherwise).
+    writer = getattr(mods.get("aiohttp.http_websocket"), "WebSocketWriter", None)
+    defaults = getattr(getattr(writer, "__init__", None), "__kwdefaults__", None) or {}
+    if hasattr(defaults.get("random"), "seed"):
+        defaults["random"].seed()
+    # OpenSSL's generator (ssl.RAND_bytes, TLS handshakes' randoms and
+    # ephemeral keys) keeps its state in the process: add fresh entropy,
+    # which reseeds its primary generator and so the ones drawn from it.
+    if "ssl" in mods:
+        mods["ssl"].RAND_add(os.urandom(48), 48.0)
 
 
 def top_level_names(code_dir):
