@@ -35,10 +35,12 @@ import (
 // What is checkpointed is the moment the agent holds (cmd/vm-agent,
 // hold.go): the interpreter warm, no guest session yet, no program, no
 // socket bound on the host. Nothing there belongs to a program, so one
-// image serves every program of the shape; the launcher re-seeds Python's
-// random module when it takes its program. What every restore shares is
-// what was drawn before the checkpoint: the interpreter's hash seed and
-// the sandbox's hostname.
+// image serves every program of the shape; the launcher draws again, when
+// it takes its program, every generator state the interpreter kept
+// (random, multiprocessing's authkey, tempfile's names, aiohttp's
+// websocket masks, OpenSSL's). What every restore shares is what cannot
+// be drawn again: the interpreter's hash seed, the memory layout and
+// gVisor's boot id. runsc restore gives each sandbox its own hostname.
 //
 // Sandboxes with a network restore too: runsc restore reads the network
 // of the restoring sandbox's own namespace (address, routes, link) and
