@@ -10,6 +10,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/nodekey/nodekeytest"
+	"github.com/aleph-vm-go/vm-supervisor/internal/ownerauth"
 )
 
 // Attacks through the Aleph message stream (issue 20, findings 3, 6 and
@@ -355,4 +358,56 @@ func TestMsgsFlood(t *testing.T) {
 	}
 	expect(t, s.get("/vm/"+neighbour+"/"), http.StatusOK)
 	expectBody(t, s.get("/vm/"+program+"/"), http.StatusOK, "slow")
+}
+
+// TestMsgsControlReplay: a captured owner request (its two signed
+// headers) cannot be sent again: the owner's stop works once, and the
+// same headers replayed once the program runs again are refused with 401
+// and leave it running; a replayed logs read is refused too.
+func TestMsgsControlReplay(t *testing.T) {
+	backendIndependent(t)
+	s := startSupervisor(t, "ALEPH_VM_DOMAIN_NAME="+controlDomain)
+	owner := nodekeytest.Fixed(t, 0x11)
+	hash := s.republish(s.upload("testdata/probe", "main:app"), func(c map[string]any) {
+		c["address"] = owner.Address()
+	})
+	expect(t, s.get("/vm/"+hash+"/"), http.StatusOK)
+	mine := credentials(t, owner, time.Now().Add(time.Hour))
+	base := "/control/machine/" + hash
+	captured := func(method, path string) *http.Request {
+		h, err := mine.Headers(ownerauth.NewOperation(method, path, controlDomain))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req, err := http.NewRequest(method, s.base+path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header = h
+		return req
+	}
+	replay := func(req *http.Request) *http.Request {
+		again, _ := http.NewRequest(req.Method, req.URL.String(), nil)
+		again.Header = req.Header.Clone()
+		return again
+	}
+
+	stop := captured("POST", base+"/stop")
+	expectBody(t, s.send(replay(stop)), http.StatusOK, "Stopped VM with ref "+hash)
+	expect(t, s.get("/vm/"+hash+"/"), http.StatusOK) // running again
+	r := s.send(replay(stop))
+	if r.Status != http.StatusUnauthorized || r.json(t)["error"] != "Operation already used" {
+		t.Fatalf("replayed stop: %d %s, want 401 Operation already used", r.Status, r.Body)
+	}
+	if n := s.runningExecutions(); n != 1 {
+		t.Fatalf("%d executions after a replayed stop, want 1", n)
+	}
+
+	logs := captured("GET", base+"/logs")
+	expect(t, s.send(replay(logs)), http.StatusOK)
+	if r := s.send(replay(logs)); r.Status != http.StatusUnauthorized {
+		t.Fatalf("replayed logs read: %d %s, want 401", r.Status, r.Body)
+	}
+	// A new operation of the same key still works.
+	expect(t, s.signed(mine, "GET", base+"/logs"), http.StatusOK)
 }
