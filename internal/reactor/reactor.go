@@ -63,7 +63,8 @@ type Options struct {
 	Forgetter Forgetter
 	API       API
 	// Messages runs subscribed programs; Updates stops programs whose
-	// refs are amended. FORGETs are always honoured.
+	// refs are amended by their owner. Owners' FORGETs are honoured
+	// whatever these say.
 	Messages bool
 	Updates  bool
 	// QueueSize, Deliveries and DeliveriesTotal bound on.message
@@ -187,9 +188,10 @@ func (r *Reactor) Handle(ctx context.Context, m *message.Message) {
 	}
 }
 
-// Wait waits for the program runs and stops Handle started, once the
-// context given to Handle is done, and reports the dropped deliveries
-// not reported yet.
+// Wait waits for the deliveries and stops Handle started (the queued
+// deliveries run first, unless the context given to Handle is done), and
+// reports the dropped deliveries not reported yet. Call it once Handle is
+// no longer called.
 func (r *Reactor) Wait() {
 	r.wg.Wait()
 	r.reportDrops()
