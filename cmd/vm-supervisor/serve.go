@@ -110,7 +110,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 			})
 		},
 	}, log))
-	defer startWatching(ctx, s, react, p, log)()
+	defer startWatching(ctx, s, react, p, m, log)()
 
 	token, err := writeLoginToken(s.ExecutionRoot)
 	if err != nil {

@@ -7,8 +7,10 @@ import (
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/config"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
+	"github.com/aleph-vm-go/vm-supervisor/internal/metrics"
 	"github.com/aleph-vm-go/vm-supervisor/internal/pool"
 	"github.com/aleph-vm-go/vm-supervisor/internal/reactor"
+	"github.com/aleph-vm-go/vm-supervisor/internal/sources/alephapi"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources/store"
 	"github.com/aleph-vm-go/vm-supervisor/internal/watcher"
 )
@@ -37,7 +39,16 @@ func newReactor(s *config.Settings, st *store.Store, source pool.ProgramSource, 
 	if (!s.WatchForMessages && !s.WatchForUpdates) || s.FakeDataProgram != "" {
 		return nil
 	}
-	opts := reactor.Options{Messages: s.WatchForMessages, Updates: s.WatchForUpdates, Logger: log}
+	opts := reactor.Options{
+		Messages: s.WatchForMessages, Updates: s.WatchForUpdates,
+		// FORGETs are confirmed, and delegations read, on the API the
+		// stream comes from.
+		API:             alephapi.New(s.APIServer, s.IPFSGateway, alephapi.WithLogger(log)),
+		QueueSize:       s.MessageQueueSize,
+		Deliveries:      s.MessageDeliveries,
+		DeliveriesTotal: s.MessageDeliveriesTotal,
+		Logger:          log,
+	}
 	if f, ok := source.(reactor.Forgetter); ok {
 		opts.Forgetter = f
 	}
@@ -60,11 +71,11 @@ func newReactor(s *config.Settings, st *store.Store, source pool.ProgramSource, 
 
 // startWatching follows the API's message stream until the returned stop
 // is called; r may be nil (nothing to do).
-func startWatching(ctx context.Context, s *config.Settings, r *reactor.Reactor, p *pool.Pool, log *slog.Logger) (stop func()) {
+func startWatching(ctx context.Context, s *config.Settings, r *reactor.Reactor, p *pool.Pool, m *metrics.Metrics, log *slog.Logger) (stop func()) {
 	if r == nil {
 		return func() {}
 	}
-	r.Use(p)
+	r.Use(p, m)
 	ctx, cancel := context.WithCancel(ctx)
 	w := watcher.New(watcher.Options{APIServer: s.APIServer, Handle: r.Handle, Logger: log})
 	var wg sync.WaitGroup

@@ -53,6 +53,13 @@ type Settings struct {
 	// event-triggered programs and for amends of running ones.
 	WatchForMessages bool
 	WatchForUpdates  bool
+	// MessageQueueSize bounds the on.message deliveries waiting for one
+	// program; MessageDeliveries bounds those under way for one program,
+	// MessageDeliveriesTotal those under way on the node. Deliveries past
+	// a full queue are dropped and counted.
+	MessageQueueSize       int
+	MessageDeliveries      int
+	MessageDeliveriesTotal int
 
 	APIServer   string
 	IPFSGateway string // IPFS_GATEWAY
@@ -163,6 +170,9 @@ func Default() *Settings {
 		ReuseTimeout:            3600 * time.Second,
 		WatchForMessages:        true,
 		WatchForUpdates:         true,
+		MessageQueueSize:        64,
+		MessageDeliveries:       4,
+		MessageDeliveriesTotal:  16,
 		APIServer:               "https://official.aleph.cloud",
 		IPFSGateway:             "https://ipfs.aleph.im/ipfs/",
 		Hypervisor:              HypervisorAuto,

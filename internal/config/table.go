@@ -132,6 +132,12 @@ var table = []descriptor{
 		func(s *Settings) *bool { return &s.WatchForMessages }),
 	boolean("WATCH_FOR_UPDATES", "stop warm programs when a use_latest ref of theirs is amended",
 		func(s *Settings) *bool { return &s.WatchForUpdates }),
+	smallInt("MESSAGE_QUEUE_SIZE", "on.message deliveries waiting for one program at most; more are dropped and counted", 1, 1<<20,
+		func(s *Settings) *int { return &s.MessageQueueSize }),
+	smallInt("MESSAGE_DELIVERIES", "on.message deliveries under way for one program at most", 1, 1<<16,
+		func(s *Settings) *int { return &s.MessageDeliveries }),
+	smallInt("MESSAGE_DELIVERIES_TOTAL", "on.message deliveries under way on the node at most", 1, 1<<16,
+		func(s *Settings) *int { return &s.MessageDeliveriesTotal }),
 
 	str("API_SERVER", "Aleph API server", func(s *Settings) *string { return &s.APIServer }, checkHTTPURL),
 	str("IPFS_GATEWAY", "IPFS gateway for IPFS-stored files", func(s *Settings) *string { return &s.IPFSGateway }, checkHTTPURL),

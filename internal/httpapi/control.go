@@ -40,7 +40,8 @@ func (s *Server) controlRoutes() {
 	if s.opts.Control == nil {
 		return
 	}
-	s.auth = ownerauth.Verifier{Domain: s.opts.DomainName}
+	// Each signed operation is honoured once (upstream has no nonce).
+	s.auth = ownerauth.Verifier{Domain: s.opts.DomainName, Replays: ownerauth.NewReplays(0)}
 	for _, action := range []string{"stop", "reboot", "expire", "erase"} {
 		path := "/control/machine/{ref}/" + action
 		s.mux.HandleFunc("POST "+path, withCORS(s.ownerAction(action)))

@@ -49,6 +49,7 @@ type Metrics struct {
 	errors      *prometheus.CounterVec
 	spareHits   prometheus.Counter
 	spareMisses prometheus.Counter
+	msgDrops    prometheus.Counter
 
 	mu       sync.Mutex
 	snapshot func() Snapshot
@@ -82,11 +83,15 @@ func New() *Metrics {
 			Namespace: namespace, Name: "spare_misses_total",
 			Help: "Cold starts that started a fresh sandbox while spares are enabled (no spare ready, the program did not fit one, or adopting it failed).",
 		}),
+		msgDrops: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: namespace, Name: "message_deliveries_dropped_total",
+			Help: "on.message deliveries dropped because the program's queue (MESSAGE_QUEUE_SIZE) or the node's was full.",
+		}),
 	}
 	m.reg.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		m.coldStart, m.requests, m.errors, m.spareHits, m.spareMisses,
+		m.coldStart, m.requests, m.errors, m.spareHits, m.spareMisses, m.msgDrops,
 		&poolCollector{m: m},
 	)
 	return m
@@ -134,6 +139,14 @@ func (m *Metrics) SpareHit() {
 func (m *Metrics) SpareMiss() {
 	if m != nil {
 		m.spareMisses.Inc()
+	}
+}
+
+// MessageDeliveryDropped counts one on.message delivery dropped for a
+// full queue.
+func (m *Metrics) MessageDeliveryDropped() {
+	if m != nil {
+		m.msgDrops.Inc()
 	}
 }
 

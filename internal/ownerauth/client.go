@@ -74,9 +74,11 @@ func (c *Credentials) Sign(op Operation) (Signed, error) {
 	return Signed{Payload: hex.EncodeToString(b), Signature: hex.EncodeToString(sig)}, nil
 }
 
-// NewOperation is an operation for method and path on domain, timed now.
+// NewOperation is an operation for method and path on domain, timed now
+// to the microsecond as Python's isoformat() does: a node honours each
+// operation once, so two made in one second must differ.
 func NewOperation(method, path, domain string) Operation {
-	return Operation{Time: time.Now().UTC().Format(time.RFC3339), Method: method, Path: path, Domain: domain}
+	return Operation{Time: time.Now().UTC().Format("2006-01-02T15:04:05.000000Z07:00"), Method: method, Path: path, Domain: domain}
 }
 
 // Headers are the two request headers for op.

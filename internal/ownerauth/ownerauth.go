@@ -46,6 +46,10 @@ type Verifier struct {
 	Domain string
 	// Now is the clock (time.Now when nil).
 	Now func() time.Time
+	// Replays, when set, refuses a second use of an operation within
+	// its window (401). Upstream has no nonce: without it a captured
+	// request can be replayed for OperationWindow.
+	Replays *Replays
 }
 
 // Signed is one header's value: a hex payload and its signature.
@@ -110,7 +114,7 @@ func (v Verifier) Request(r *http.Request) (string, error) {
 	if err := json.Unmarshal([]byte(rawOp), &signedOp); err != nil {
 		return "", badRequest("Invalid X-SignedOperation fields")
 	}
-	op, payload, sig, err := v.operation(signedOp)
+	op, payload, sig, at, err := v.operation(signedOp)
 	if err != nil {
 		return "", err
 	}
@@ -124,6 +128,9 @@ func (v Verifier) Request(r *http.Request) (string, error) {
 		return "", unauthorized(fmt.Sprintf("Invalid method. Signed: '%s' !=  request:'%s", op.Method, r.Method))
 	}
 	if err := key.verify(payload, sig); err != nil {
+		return "", err
+	}
+	if err := v.Replays.use(key.payload, payload, at.Add(OperationWindow), v.now()); err != nil {
 		return "", err
 	}
 	return key.address, nil
@@ -144,7 +151,7 @@ func (v Verifier) Message(auth json.RawMessage) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	op, payload, sig, err := v.operation(*m.Operation)
+	op, payload, sig, at, err := v.operation(*m.Operation)
 	if err != nil {
 		return "", err
 	}
@@ -154,6 +161,9 @@ func (v Verifier) Message(auth json.RawMessage) (string, error) {
 	if err := key.verify(payload, sig); err != nil {
 		return "", err
 	}
+	if err := v.Replays.use(key.payload, payload, at.Add(OperationWindow), v.now()); err != nil {
+		return "", err
+	}
 	return key.address, nil
 }
 
@@ -161,6 +171,7 @@ func (v Verifier) Message(auth json.RawMessage) (string, error) {
 type ephemeral struct {
 	address string
 	jwk     map[string]any
+	payload []byte // what the wallet signed: names the key
 }
 
 // pubKey checks the wallet's approval of the ephemeral key: expiry first,
@@ -194,20 +205,20 @@ func (v Verifier) pubKey(s Signed) (*ephemeral, error) {
 	if err != nil || !strings.EqualFold(signer, p.Address) {
 		return nil, unauthorized("Invalid signature")
 	}
-	return &ephemeral{address: p.Address, jwk: p.PubKey}, nil
+	return &ephemeral{address: p.Address, jwk: p.PubKey, payload: payload}, nil
 }
 
 // operation decodes and time-checks the signed operation; every fault is
-// upstream's one 400.
-func (v Verifier) operation(s Signed) (op Operation, payload, sig []byte, err error) {
+// upstream's one 400. at is the operation's time.
+func (v Verifier) operation(s Signed) (op Operation, payload, sig []byte, at time.Time, err error) {
 	invalid := badRequest("Invalid X-SignedOperation fields")
 	payload, err = hex.DecodeString(s.Payload)
 	if err != nil || s.Payload == "" {
-		return op, nil, nil, invalid
+		return op, nil, nil, at, invalid
 	}
 	sig, err = hex.DecodeString(strings.TrimPrefix(s.Signature, "0x"))
 	if err != nil || s.Signature == "" {
-		return op, nil, nil, invalid
+		return op, nil, nil, at, invalid
 	}
 	var raw struct {
 		Time   json.RawMessage `json:"time"`
@@ -216,23 +227,23 @@ func (v Verifier) operation(s Signed) (op Operation, payload, sig []byte, err er
 		Domain *string         `json:"domain"`
 	}
 	if err := json.Unmarshal(payload, &raw); err != nil || raw.Path == nil || raw.Domain == nil {
-		return op, nil, nil, invalid
+		return op, nil, nil, at, invalid
 	}
 	switch raw.Method {
 	case http.MethodGet, http.MethodPost, http.MethodDelete:
 	default:
-		return op, nil, nil, invalid
+		return op, nil, nil, at, invalid
 	}
 	t, err := operationTime(raw.Time)
 	if err != nil {
-		return op, nil, nil, invalid
+		return op, nil, nil, at, invalid
 	}
 	now := v.now()
 	if t.Before(now.Add(-OperationWindow)) || t.After(now.Add(OperationWindow)) {
-		return op, nil, nil, invalid
+		return op, nil, nil, at, invalid
 	}
 	op = Operation{Time: string(raw.Time), Method: raw.Method, Path: *raw.Path, Domain: *raw.Domain}
-	return op, payload, sig, nil
+	return op, payload, sig, t, nil
 }
 
 // operationTime reads an ISO 8601 time with its zone, or Unix seconds,

@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
+	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
 )
 
 func TestMatches(t *testing.T) {
@@ -46,9 +47,9 @@ func TestFollowedRefsAndKeys(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := followed(c)
-	if !got[hx("c")] || got[hx("r")] || !got[hx("v")] || len(got) != 2 {
-		t.Fatalf("followed = %v: want code and the volume (use_latest by default), not the pinned runtime", got)
+	got := refOwners(&sources.Program{Content: c})
+	if got[hx("c")] != "0x1" || got[hx("v")] != "0x1" || len(got) != 2 {
+		t.Fatalf("refOwners = %v: want code and the volume (use_latest by default) owned by 0x1, not the pinned runtime", got)
 	}
 	amend := &message.Message{ItemHash: hx("a"), Type: message.TypeStore, Content: []byte(`{"ref":"` + hx("c") + `"}`)}
 	if k := refKeys(amend); len(k) != 2 || k[1] != hx("c") {

@@ -6,17 +6,27 @@
 //     that execution, so the next request starts it with the new version
 //     (WATCH_FOR_UPDATES);
 //   - a FORGET of a program stops it and makes it unknown.
+//
+// Messages on the stream are anyone's: an amend acts only when sent by the
+// owner of the ref (or a delegate), a FORGET only when sent by the owner
+// of its target (or a delegate) and confirmed by the API, and never on
+// the local store (authority.go); deliveries are queued with bounds
+// (deliver.go).
 package reactor
 
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
+	"github.com/aleph-vm-go/vm-supervisor/internal/metrics"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
+	"github.com/aleph-vm-go/vm-supervisor/internal/sources/alephapi"
 )
 
 // Pool is what the reactor needs of the execution pool (*pool.Pool).
@@ -28,19 +38,41 @@ type Pool interface {
 
 // Forgetter makes a message unknown (*sources.Resolver).
 type Forgetter interface {
-	Forget(hash string)
+	// Forget makes hash unknown; it refuses (false) a message of the
+	// local store.
+	Forget(hash string) bool
+	// Known returns the message as the node holds it (local store or
+	// download cache), without asking the API; local tells the store.
+	Known(hash string) (m *message.Message, local bool, err error)
+}
+
+// API is what the reactor asks the Aleph API (*alephapi.Client): whether
+// a message really exists, and an owner's delegations.
+type API interface {
+	GetMessage(ctx context.Context, hash string) (*message.Message, error)
+	Authorizations(ctx context.Context, address string) ([]alephapi.Authorization, error)
 }
 
 // Options configure a Reactor.
 type Options struct {
 	// Pool may be set later with Use, before the first Handle: the pool
 	// is built on the source Observe wraps.
-	Pool      Pool
-	Forgetter Forgetter // optional
+	Pool Pool
+	// Forgetter and API are needed to honour FORGETs: without them
+	// FORGETs are ignored. Without API, delegates are not recognised.
+	Forgetter Forgetter
+	API       API
 	// Messages runs subscribed programs; Updates stops programs whose
-	// refs are amended. FORGETs are always honoured.
+	// refs are amended by their owner. Owners' FORGETs are honoured
+	// whatever these say.
 	Messages bool
 	Updates  bool
+	// QueueSize, Deliveries and DeliveriesTotal bound on.message
+	// deliveries (deliver.go); <= 0 selects the defaults.
+	QueueSize       int
+	Deliveries      int
+	DeliveriesTotal int
+	Metrics         *metrics.Metrics // nil: not recorded
 	// StopTimeout bounds the wait for in-flight requests of an execution
 	// being stopped.
 	StopTimeout time.Duration
@@ -56,6 +88,16 @@ type Reactor struct {
 	subs map[string][]message.Filter // program hash → on.message
 
 	wg sync.WaitGroup
+
+	auths authCache
+
+	qmu       sync.Mutex
+	queues    map[string]*progQueue
+	ready     []string // programs with a delivery they may start, in turn
+	workers   int
+	dropped   int
+	dropsBy   map[string]int
+	dropTimer bool
 }
 
 // New returns a reactor with no subscriptions.
@@ -66,11 +108,27 @@ func New(opts Options) *Reactor {
 	if opts.StopTimeout <= 0 {
 		opts.StopTimeout = 30 * time.Second
 	}
-	return &Reactor{opts: opts, log: opts.Logger, subs: map[string][]message.Filter{}}
+	if opts.QueueSize <= 0 {
+		opts.QueueSize = DefaultQueueSize
+	}
+	if opts.Deliveries <= 0 {
+		opts.Deliveries = DefaultDeliveries
+	}
+	if opts.DeliveriesTotal <= 0 {
+		opts.DeliveriesTotal = DefaultDeliveriesTotal
+	}
+	return &Reactor{
+		opts: opts, log: opts.Logger, subs: map[string][]message.Filter{},
+		queues: map[string]*progQueue{}, dropsBy: map[string]int{},
+	}
 }
 
-// Use sets the pool; call it before the first Handle.
-func (r *Reactor) Use(p Pool) { r.opts.Pool = p }
+// Use sets the pool and the metrics (m may be nil); call it before the
+// first Handle.
+func (r *Reactor) Use(p Pool, m *metrics.Metrics) {
+	r.opts.Pool = p
+	r.opts.Metrics = m
+}
 
 // Register subscribes program hash to the messages its on.message
 // filters match; a program without filters is ignored.
@@ -130,8 +188,14 @@ func (r *Reactor) Handle(ctx context.Context, m *message.Message) {
 	}
 }
 
-// Wait waits for the program runs Handle started.
-func (r *Reactor) Wait() { r.wg.Wait() }
+// Wait waits for the deliveries and stops Handle started (the queued
+// deliveries run first, unless the context given to Handle is done), and
+// reports the dropped deliveries not reported yet. Call it once Handle is
+// no longer called.
+func (r *Reactor) Wait() {
+	r.wg.Wait()
+	r.reportDrops()
+}
 
 func (r *Reactor) trigger(ctx context.Context, m *message.Message) {
 	r.mu.Lock()
@@ -151,16 +215,7 @@ func (r *Reactor) trigger(ctx context.Context, m *message.Message) {
 		return
 	}
 	for _, hash := range hit {
-		r.wg.Go(func() {
-			log := r.log.With("program", hash, "item_hash", m.ItemHash)
-			log.Info("reactor: running program on message")
-			result, err := r.opts.Pool.Deliver(ctx, hash, event)
-			if err != nil {
-				log.Warn("reactor: program failed on message", "err", err)
-				return
-			}
-			log.Info("reactor: program ran on message", "result", string(result))
-		})
+		r.enqueue(ctx, hash, delivery{event: event, itemHash: m.ItemHash})
 	}
 }
 
@@ -188,62 +243,171 @@ func refKeys(m *message.Message) []string {
 	return keys
 }
 
-// followed lists the refs of a program that follow amends (use_latest).
-// aleph-vm watches every ref of a warm program; one not followed
-// cannot change what runs, so stopping for it would only cost a cold
-// start.
-func followed(c *message.ProgramContent) map[string]bool {
-	out := map[string]bool{}
-	add := func(ref string, latest bool) {
-		if ref != "" && latest {
-			out[ref] = true
-		}
+// refOwners maps each ref of a running program that follows amends
+// (use_latest) to the address whose amends of it count: the one use_latest
+// resolution used (sources.File.Owner), else the program's owner.
+// aleph-vm watches every ref of a warm program; one not followed cannot
+// change what runs, so stopping for it would only cost a cold start.
+func refOwners(p *sources.Program) map[string]string {
+	out := map[string]string{}
+	if p.Content == nil {
+		return out
 	}
-	add(c.Code.Ref, c.Code.UseLatest)
-	add(c.Runtime.Ref, c.Runtime.UseLatest)
+	fallback := p.Content.Address
+	if fallback == "" && p.Message != nil {
+		fallback = p.Message.Sender
+	}
+	add := func(ref string, latest bool, f *sources.File) {
+		if ref == "" || !latest {
+			return
+		}
+		owner := fallback
+		if f != nil && f.Owner != "" {
+			owner = f.Owner
+		}
+		out[ref] = owner
+	}
+	c := p.Content
+	add(c.Code.Ref, c.Code.UseLatest, &p.Code)
+	add(c.Runtime.Ref, c.Runtime.UseLatest, &p.Runtime)
 	if c.Data != nil {
-		add(c.Data.Ref, c.Data.UseLatest)
+		add(c.Data.Ref, c.Data.UseLatest, p.Data)
 	}
-	for _, v := range c.Volumes {
-		if v.Kind() == message.VolumeImmutable {
-			add(v.Ref, v.UseLatest)
+	for i, v := range c.Volumes {
+		if v.Kind() != message.VolumeImmutable {
+			continue
 		}
+		var f *sources.File
+		if i < len(p.Volumes) {
+			f = p.Volumes[i].File
+		}
+		add(v.Ref, v.UseLatest, f)
 	}
 	return out
 }
 
+// stopAmended stops the running programs that follow a ref m amends, when
+// m's sender may amend it: the ref's owner or a delegate of it. Anyone
+// can publish a STORE naming any ref; use_latest would never pick a
+// stranger's, so stopping for it would only cost a cold start, on every
+// such message.
 func (r *Reactor) stopAmended(ctx context.Context, m *message.Message) {
 	keys := refKeys(m)
 	for _, p := range r.opts.Pool.Programs() {
-		refs := followed(p.Content)
+		owners := refOwners(p)
 		for _, k := range keys {
-			if refs[k] {
-				r.log.Info("reactor: a ref of a running program was amended: stopping it", "program", p.Hash, "ref", k, "amend", m.ItemHash)
-				r.stop(ctx, p.Hash)
+			owner, ok := owners[k]
+			if !ok {
+				continue
+			}
+			if !r.mayActFor(ctx, m, owner, "") {
+				r.log.Warn("reactor: amend of a followed ref by another address than its owner: ignored",
+					"program", p.Hash, "ref", k, "amend", m.ItemHash, "sender", m.Sender, "owner", owner)
 				break
 			}
+			r.log.Info("reactor: a ref of a running program was amended: stopping it", "program", p.Hash, "ref", k, "amend", m.ItemHash)
+			r.stop(ctx, p.Hash)
+			break
 		}
 	}
 }
 
-func (r *Reactor) forget(ctx context.Context, m *message.Message) {
+// maxForgetTargets bounds the hashes of one FORGET looked at.
+const maxForgetTargets = 256
+
+func forgetHashes(m *message.Message) ([]string, error) {
 	var c struct {
 		Hashes []string `json:"hashes"`
 	}
 	if err := json.Unmarshal(m.Content, &c); err != nil {
+		return nil, err
+	}
+	if len(c.Hashes) > maxForgetTargets {
+		c.Hashes = c.Hashes[:maxForgetTargets]
+	}
+	return c.Hashes, nil
+}
+
+type forgetTarget struct {
+	hash string
+	msg  *message.Message
+}
+
+// forget acts on a FORGET: each target this node holds (a running
+// program, or a message in the download cache) is forgotten and stopped
+// when the FORGET's sender may forget it (its owner or sender, or a
+// delegate of the owner) and the API confirms the FORGET exists. The
+// local store's messages are never forgotten.
+func (r *Reactor) forget(ctx context.Context, m *message.Message) {
+	if r.opts.Forgetter == nil {
+		return
+	}
+	hashes, err := forgetHashes(m)
+	if err != nil {
 		r.log.Warn("reactor: unreadable FORGET", "item_hash", m.ItemHash, "err", err)
 		return
 	}
-	for _, h := range c.Hashes {
-		if r.opts.Forgetter != nil {
-			r.opts.Forgetter.Forget(h)
+	running := map[string]*message.Message{}
+	for _, p := range r.opts.Pool.Programs() {
+		running[p.Hash] = p.Message
+	}
+	var targets []forgetTarget
+	for _, h := range hashes {
+		target, local, err := r.opts.Forgetter.Known(h)
+		if local {
+			r.log.Warn("reactor: FORGET of a program of the local store: ignored", "program", h, "forget", m.ItemHash, "sender", m.Sender)
+			continue
 		}
-		r.unregister(h)
-		for _, p := range r.opts.Pool.Programs() {
-			if p.Hash == h {
-				r.log.Info("reactor: program forgotten: stopping it", "program", h, "forget", m.ItemHash)
-				r.stop(ctx, h)
-			}
+		if err != nil {
+			target = running[h]
+		}
+		if target == nil {
+			continue // not held here: nothing to forget
+		}
+		if !r.mayActFor(ctx, m, ownerOf(target), target.Sender) {
+			r.log.Warn("reactor: FORGET by another address than the owner: ignored",
+				"target", h, "forget", m.ItemHash, "sender", m.Sender, "owner", ownerOf(target))
+			continue
+		}
+		targets = append(targets, forgetTarget{hash: h, msg: target})
+	}
+	if len(targets) == 0 {
+		return
+	}
+	// The stream is not enough: only a FORGET the API serves counts, and
+	// it is the API's copy that is read.
+	if r.opts.API == nil {
+		r.log.Warn("reactor: FORGET not confirmed (no Aleph API): ignored", "forget", m.ItemHash)
+		return
+	}
+	cctx, cancel := context.WithTimeout(ctx, apiTimeout)
+	confirmed, err := r.opts.API.GetMessage(cctx, m.ItemHash)
+	cancel()
+	if err == nil && confirmed.Type != message.TypeForget {
+		err = errWrongType
+	}
+	if err != nil {
+		r.log.Warn("reactor: FORGET not confirmed by the Aleph API: ignored", "forget", m.ItemHash, "err", err)
+		return
+	}
+	confirmedHashes, err := forgetHashes(confirmed)
+	if err != nil {
+		r.log.Warn("reactor: unreadable FORGET from the API", "item_hash", m.ItemHash, "err", err)
+		return
+	}
+	for _, t := range targets {
+		if !slices.Contains(confirmedHashes, t.hash) || !r.mayActFor(ctx, confirmed, ownerOf(t.msg), t.msg.Sender) {
+			continue
+		}
+		if !r.opts.Forgetter.Forget(t.hash) {
+			continue
+		}
+		r.unregister(t.hash)
+		if _, ok := running[t.hash]; ok {
+			r.log.Info("reactor: program forgotten by its owner: stopping it", "program", t.hash, "forget", m.ItemHash, "sender", confirmed.Sender)
+			r.stop(ctx, t.hash)
+		} else {
+			r.log.Info("reactor: message forgotten by its owner", "target", t.hash, "forget", m.ItemHash, "sender", confirmed.Sender)
 		}
 	}
 }
@@ -257,6 +421,8 @@ func (r *Reactor) stop(ctx context.Context, hash string) {
 		}
 	})
 }
+
+var errWrongType = errors.New("the API's message of that hash is not a FORGET")
 
 // Observe wraps the pool's program source so that every program the node
 // starts, for a request or an event, is subscribed if it has on.message

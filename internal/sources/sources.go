@@ -53,6 +53,10 @@ type File struct {
 	Hash     string           // content hash of the file (STORE content.item_hash)
 	Path     string           // local path, in the store or the cache
 	Encoding message.Encoding // plain | zip | squashfs
+	// Owner is the address whose amends of the ref win under use_latest
+	// (the ref's STORE content.address, else the program's owner); empty
+	// for a ref not followed.
+	Owner string
 }
 
 // ResolvedVolume is one entry of the program's volumes; File is set for
@@ -148,12 +152,14 @@ func (r *Resolver) message(ctx context.Context, hash string) (*message.Message, 
 	if err := message.ValidateItemHash(hash); err != nil {
 		return nil, err
 	}
-	if err := r.forgottenErr(hash); err != nil {
-		return nil, err
-	}
+	// The local store is the operator's: no FORGET on the network makes
+	// its messages unknown.
 	m, err := r.store.GetMessage(hash)
 	if err == nil || !errkind.Is(err, errkind.NotFound) {
 		return m, err
+	}
+	if err := r.forgottenErr(hash); err != nil {
+		return nil, err
 	}
 	if r.api == nil {
 		return nil, errkind.New(errkind.NotFound, "message %s not in the local store (offline: no Aleph API)", hash)
@@ -315,6 +321,7 @@ func (r *Resolver) resolveFile(ctx context.Context, role, kind, ref string, useL
 		}
 		return nil, fail("cannot get STORE message: %w", err)
 	}
+	orig := sm
 	if useLatest && r.api != nil {
 		sc0, err := sm.Store()
 		amendOwner := owner
@@ -337,6 +344,12 @@ func (r *Resolver) resolveFile(ctx context.Context, role, kind, ref string, useL
 		return nil, fail("%w", err)
 	}
 	f := &File{Ref: sm.ItemHash, Hash: sc.ItemHash, Encoding: enc}
+	if useLatest {
+		f.Owner = owner
+		if sc0, err := orig.Store(); err == nil && sc0.Address != "" {
+			f.Owner = sc0.Address
+		}
+	}
 	if path, err := r.store.FilePath(sc.ItemHash); err == nil {
 		f.Path = path
 		return f, nil

@@ -386,3 +386,49 @@ func redact(u string) string {
 	}
 	return p.Redacted()
 }
+
+// Authorization is one entry of an address's "security" aggregate: an
+// address allowed to send messages on its behalf, as pyaleph reads it
+// (aleph/permissions.py). Empty lists and an empty chain restrict
+// nothing.
+type Authorization struct {
+	Address       string   `json:"address"`
+	Chain         string   `json:"chain,omitempty"`
+	Channels      []string `json:"channels,omitempty"`
+	Types         []string `json:"types,omitempty"`
+	PostTypes     []string `json:"post_types,omitempty"`
+	AggregateKeys []string `json:"aggregate_keys,omitempty"`
+}
+
+// maxAggregateBody caps an aggregates answer.
+const maxAggregateBody = 1 << 20
+
+// Authorizations returns the delegations address granted in its
+// "security" aggregate (/api/v0/aggregates/ADDRESS.json?keys=security).
+// An address without that aggregate (404) has none: nil, nil.
+func (c *Client) Authorizations(ctx context.Context, address string) ([]Authorization, error) {
+	if address == "" || strings.ContainsAny(address, "/?#%") {
+		return nil, errkind.New(errkind.InvalidInput, "authorizations: invalid address %q", address)
+	}
+	u := c.base + "/api/v0/aggregates/" + url.PathEscape(address) + ".json?" + url.Values{"keys": {"security"}}.Encode()
+	var page struct {
+		Data struct {
+			Security struct {
+				Authorizations []Authorization `json:"authorizations"`
+			} `json:"security"`
+		} `json:"data"`
+	}
+	err := c.do(ctx, u, func(ctx context.Context, resp *http.Response) error {
+		if err := json.NewDecoder(io.LimitReader(resp.Body, maxAggregateBody)).Decode(&page); err != nil {
+			return errkind.Wrap(errkind.Upstream, fmt.Errorf("decoding %s: %w", redact(u), err))
+		}
+		return nil
+	}, true)
+	if errkind.Is(err, errkind.NotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("authorizations of %s: %w", address, err)
+	}
+	return page.Data.Security.Authorizations, nil
+}

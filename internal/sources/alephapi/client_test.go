@@ -333,3 +333,37 @@ func TestDownloadStallHitsIdleTimeout(t *testing.T) {
 		t.Fatalf("stalled download: err %v, want Unavailable", err)
 	}
 }
+
+// TestAuthorizations reads the "security" aggregate as pyaleph serves it,
+// and an address without one (404) as no delegation.
+func TestAuthorizations(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Query().Get("keys") != "security" {
+			t.Errorf("query %s: want keys=security", r.URL.RawQuery)
+		}
+		switch r.URL.Path {
+		case "/api/v0/aggregates/0xowner.json":
+			_, _ = w.Write([]byte(`{"address":"0xowner","data":{"security":{"authorizations":[
+				{"address":"0xdele","chain":"ETH","types":["FORGET","STORE"],"channels":["C"]},
+				{"address":"0xany"}]}}}`))
+		default:
+			http.Error(w, `{"error":"Aggregate not found"}`, http.StatusNotFound)
+		}
+	}))
+	defer srv.Close()
+	c := New(srv.URL, "", WithRetries(1, 0))
+	got, err := c.Authorizations(context.Background(), "0xowner")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || got[0].Address != "0xdele" || got[0].Chain != "ETH" || len(got[0].Types) != 2 || got[0].Channels[0] != "C" || got[1].Address != "0xany" {
+		t.Fatalf("authorizations %+v", got)
+	}
+	none, err := c.Authorizations(context.Background(), "0xnobody")
+	if err != nil || none != nil {
+		t.Fatalf("no aggregate: %v, %v; want none, nil", none, err)
+	}
+	if _, err := c.Authorizations(context.Background(), "../x"); !errkind.Is(err, errkind.InvalidInput) {
+		t.Fatalf("a path in the address: %v", err)
+	}
+}
