@@ -109,6 +109,9 @@ type Settings struct {
 	// outside HTTPUnlimitedClients (a local reverse proxy); 0 = no limit.
 	HTTPMaxConnectionsPerClient int
 	HTTPUnlimitedClients        []netip.Prefix
+	// ProgramMaxResponseHeaderBytes bounds the status line and headers of
+	// a program's answer the supervisor reads (502 beyond).
+	ProgramMaxResponseHeaderBytes int64
 
 	AllowVMNetworking       bool
 	NetworkInterface        string
@@ -216,6 +219,10 @@ func Default() *Settings {
 		// that carries every client: limit clients there, not here.
 		HTTPMaxConnectionsPerClient: 256,
 		HTTPUnlimitedClients:        []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")},
+		// As much as a client's request headers may take
+		// (HTTP_MAX_HEADER_BYTES); aleph-vm's aiohttp refuses any header
+		// line beyond 8 KiB.
+		ProgramMaxResponseHeaderBytes: 64 << 10,
 	}
 	s.deriveFromExecutionRoot(nil)
 	return s

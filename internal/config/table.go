@@ -224,6 +224,8 @@ var table = []descriptor{
 		func(s *Settings) *time.Duration { return &s.HTTPWriteTimeout }),
 	smallInt("HTTP_MAX_HEADER_BYTES", "largest request line and headers, in bytes (431 beyond)", 1024, 16<<20,
 		func(s *Settings) *int { return &s.HTTPMaxHeaderBytes }),
+	integer("PROGRAM_MAX_RESPONSE_HEADER_BYTES", "largest status line and headers of a program's answer, in bytes (502 beyond)", 1024, 16<<20,
+		func(s *Settings) *int64 { return &s.ProgramMaxResponseHeaderBytes }),
 	smallInt("HTTP_MAX_CONNECTIONS", "open client connections, all clients together; more wait to be accepted", 1, 1<<20,
 		func(s *Settings) *int { return &s.HTTPMaxConnections }),
 	smallInt("HTTP_MAX_CONNECTIONS_PER_CLIENT", "open connections from one IP address, more are closed at once; 0 = no limit", 0, 1<<20,

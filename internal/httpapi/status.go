@@ -126,8 +126,19 @@ func (a *checkAnswer) WriteHeader(code int) {
 	}
 }
 
+// maxCheckAnswer bounds what a check keeps of an answer: aleph-vm's
+// checks read small JSON documents, and the self-test program is only
+// as trusted as the operator's choice of it.
+const maxCheckAnswer = 1 << 20
+
+// errCheckAnswerTooLarge stops the proxy's copy of an oversized answer.
+var errCheckAnswerTooLarge = fmt.Errorf("answer exceeds %d bytes", maxCheckAnswer)
+
 func (a *checkAnswer) Write(b []byte) (int, error) {
 	a.WriteHeader(http.StatusOK)
+	if a.body.Len()+len(b) > maxCheckAnswer {
+		return 0, errCheckAnswerTooLarge
+	}
 	return a.body.Write(b)
 }
 
