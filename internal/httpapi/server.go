@@ -92,6 +92,8 @@ type Server struct {
 	drain    drain
 	// hostRoots: Options.HostPaths and systemRoots, cleaned.
 	hostRoots []string
+	// txt caches Host routing by TXT record; nil without a Resolver.
+	txt *txtRoutes
 }
 
 // New builds the route table.
@@ -110,6 +112,9 @@ func New(opts Options) *Server {
 		if p != "" {
 			s.hostRoots = append(s.hostRoots, filepath.Clean(p))
 		}
+	}
+	if opts.Resolver != nil {
+		s.txt = newTXTRoutes(opts.Resolver.LookupTXT)
 	}
 	if opts.DiskPath != "" {
 		s.hostRoots = append(s.hostRoots, filepath.Clean(opts.DiskPath))
@@ -202,14 +207,13 @@ func (s *Server) hashFromHost(ctx context.Context, host string) (string, error) 
 	if hash, ok := message.HashFromBase32Label(strings.ToLower(label)); ok {
 		return hash, nil
 	}
-	if s.opts.Resolver != nil {
-		txts, err := s.opts.Resolver.LookupTXT(ctx, "_aleph-id."+host)
-		if err == nil {
-			for _, txt := range txts {
-				if hash, err := message.ParseRef(strings.TrimSpace(txt)); err == nil {
-					return hash, nil
-				}
-			}
+	if s.txt != nil {
+		hash, err := s.txt.hash(ctx, host)
+		if err != nil {
+			return "", err
+		}
+		if hash != "" {
+			return hash, nil
 		}
 	}
 	return "", errkind.New(errkind.NotFound, "host %q does not name a program", host)
