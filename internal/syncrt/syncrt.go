@@ -50,7 +50,9 @@ type BadResponseError struct {
 	Err error
 }
 
-func (e *BadResponseError) Error() string { return "malformed response from the program: " + e.Err.Error() }
+func (e *BadResponseError) Error() string {
+	return "malformed response from the program: " + e.Err.Error()
+}
 func (e *BadResponseError) Unwrap() error { return e.Err }
 
 // Transport sends bodiless GET, HEAD and OPTIONS requests itself and
