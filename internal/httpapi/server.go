@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
@@ -94,6 +95,9 @@ type Server struct {
 	hostRoots []string
 	// txt caches Host routing by TXT record; nil without a Resolver.
 	txt *txtRoutes
+	// conns is the listener's connection limiter (Listener), told of
+	// connection states by the http.Server (NewHTTPServer).
+	conns atomic.Pointer[connLimiter]
 }
 
 // New builds the route table.
