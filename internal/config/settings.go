@@ -105,7 +105,8 @@ type Settings struct {
 	HTTPWriteTimeout      time.Duration // one write of a response to a client that does not read
 	HTTPMaxHeaderBytes    int           // request line and headers
 	HTTPMaxConnections    int           // open client connections, all clients together
-	// HTTPMaxConnectionsPerClient: open connections from one IP address
+	// HTTPMaxConnectionsPerClient: open connections from one client (an
+	// IPv4 address or IPv6 /64; under pressure an IPv4 /24 or IPv6 /48)
 	// outside HTTPUnlimitedClients (a local reverse proxy); 0 = no limit.
 	HTTPMaxConnectionsPerClient int
 	HTTPUnlimitedClients        []netip.Prefix

@@ -20,11 +20,14 @@ import (
 // The choices, against the attacks they answer:
 //   - slowloris (headers drip-fed): ReadHeaderTimeout, from accept (or
 //     from the end of the previous request) to the last header byte.
-//   - idle keep-alive floods: IdleTimeout, plus MaxConnections (excess
-//     connections wait in the kernel's accept queue, holding none of our
-//     file descriptors) and MaxConnectionsPerClient (excess connections
-//     from one address are closed at once, so one client cannot take all
-//     of MaxConnections).
+//   - idle keep-alive floods: IdleTimeout, plus MaxConnections (at the
+//     cap the connection idle the longest is closed for a newcomer; when
+//     every one is busy, excess connections wait in the kernel's accept
+//     queue, holding none of our file descriptors; the last slots are
+//     for UnlimitedClients) and MaxConnectionsPerClient (excess
+//     connections from one client, an IPv4 address or an IPv6 /64, and
+//     under pressure an IPv4 /24 or IPv6 /48, are closed at once, so
+//     that one client or network cannot take all of MaxConnections).
 //   - drip-fed bodies: a minimum average rate, as Apache's mod_reqtimeout
 //     does (body=20,MinRate=500): a body gets BodyTimeout, plus one second
 //     per BodyMinRate bytes received. Only time spent waiting for the
@@ -50,9 +53,9 @@ type Limits struct {
 	WriteTimeout      time.Duration
 	MaxHeaderBytes    int
 	MaxConnections    int
-	// MaxConnectionsPerClient applies to every remote address outside
-	// UnlimitedClients. A reverse proxy on the same host carries many
-	// clients over its connections, hence the loopback default there.
+	// MaxConnectionsPerClient applies to every client (see connLimiter)
+	// outside UnlimitedClients. A reverse proxy on the same host carries
+	// many clients over its connections, hence the loopback default there.
 	MaxConnectionsPerClient int
 	UnlimitedClients        []netip.Prefix
 }
