@@ -262,3 +262,24 @@ func TestForwardingHeadersSetBySupervisor(t *testing.T) {
 		}
 	}
 }
+
+// A diagnostic check keeps at most maxCheckAnswer of an answer, however
+// much the program sends, and fails the check rather than the page.
+func TestCheckAnswerIsBounded(t *testing.T) {
+	programs := map[string]program{"flood": {agent: pooltest.Agent{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		chunk := []byte(strings.Repeat("x", 64<<10))
+		for range 64 { // 4 MiB
+			if _, err := w.Write(chunk); err != nil {
+				return
+			}
+		}
+	})}}}
+	l := startLive(t, programs, nil)
+	// Under a real server's request, as /status/check/fastapi runs.
+	ctx := context.WithValue(context.Background(), http.ServerContextKey, l.hs)
+	c := &checker{s: l.srv, ctx: ctx, host: "node.example", hash: l.hashes["flood"]}
+	code, body := c.get("/")
+	if code != http.StatusBadGateway || len(body) > maxCheckAnswer || !strings.Contains(string(body), "exceeds") {
+		t.Errorf("check of a 4 MiB answer: %d, %d bytes kept", code, len(body))
+	}
+}
