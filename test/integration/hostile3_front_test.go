@@ -291,4 +291,20 @@ func TestFrontQuotedCookieAndForwardingHeaders(t *testing.T) {
 	if got := seen.Headers["x-real-ip"]; got != "127.0.0.1" {
 		t.Errorf("X-Real-IP %q, want 127.0.0.1", got)
 	}
+
+	// A body the client sends wrong is the client's 400, not the
+	// program's 502 (before: 502 after waiting 3 s for the program to die).
+	c := dial(t, strings.TrimPrefix(s.base, "http://"), "127.0.0.1")
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	start := time.Now()
+	fmt.Fprintf(c, "POST /vm/%s/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", hash)
+	resp, err = http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("malformed chunked body: %v", err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(b), "reading the request body") || time.Since(start) > 2*time.Second {
+		t.Errorf("malformed chunked body: %d %q after %s, want 400 at once", resp.StatusCode, b, time.Since(start))
+	}
 }
