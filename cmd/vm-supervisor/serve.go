@@ -180,6 +180,8 @@ func poolOptions(s *config.Settings, d poolDeps, log *slog.Logger) pool.Options 
 		MaxExecutions:     s.MaxExecutions,
 		Capacity:          d.capacity,
 		MaxRequestTimeout: time.Duration(s.MaxProgramSeconds) * time.Second,
+		// The head of a program's answer (the body streams through).
+		MaxResponseHeaderBytes: s.ProgramMaxResponseHeaderBytes,
 		ProgramLogs: pool.LogLimits{
 			BytesPerSecond: s.ProgramLogBytesPerSec,
 			BurstBytes:     16 * s.ProgramLogBytesPerSec,
@@ -240,6 +242,9 @@ func apiOptions(s *config.Settings, p *pool.Pool, db *records.DB, allocs *alloca
 		MaxRequestBodySize: s.MaxRequestBodySize,
 		SelfTestProgram:    selfTest,
 		DiskPath:           s.ExecutionRoot,
+		// Kept out of error bodies (the log has them).
+		HostPaths: []string{s.ExecutionRoot, s.CacheRoot, s.PersistentVolumesDir,
+			filepath.Dir(s.ExecutionDatabase), filepath.Dir(s.RunscPath), filepath.Dir(s.AgentPath)},
 		// The scheduler's POST /control/allocations.
 		Allocations:         allocs,
 		AllocationTokenHash: s.AllocationTokenHash,

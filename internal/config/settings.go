@@ -112,10 +112,14 @@ type Settings struct {
 	HTTPWriteTimeout      time.Duration // one write of a response to a client that does not read
 	HTTPMaxHeaderBytes    int           // request line and headers
 	HTTPMaxConnections    int           // open client connections, all clients together
-	// HTTPMaxConnectionsPerClient: open connections from one IP address
+	// HTTPMaxConnectionsPerClient: open connections from one client (an
+	// IPv4 address or IPv6 /64; under pressure an IPv4 /24 or IPv6 /48)
 	// outside HTTPUnlimitedClients (a local reverse proxy); 0 = no limit.
 	HTTPMaxConnectionsPerClient int
 	HTTPUnlimitedClients        []netip.Prefix
+	// ProgramMaxResponseHeaderBytes bounds the status line and headers of
+	// a program's answer the supervisor reads (502 beyond).
+	ProgramMaxResponseHeaderBytes int64
 
 	AllowVMNetworking       bool
 	NetworkInterface        string
@@ -226,6 +230,10 @@ func Default() *Settings {
 		// that carries every client: limit clients there, not here.
 		HTTPMaxConnectionsPerClient: 256,
 		HTTPUnlimitedClients:        []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")},
+		// As much as a client's request headers may take
+		// (HTTP_MAX_HEADER_BYTES); aleph-vm's aiohttp refuses any header
+		// line beyond 8 KiB.
+		ProgramMaxResponseHeaderBytes: 64 << 10,
 	}
 	s.deriveFromExecutionRoot(nil)
 	return s

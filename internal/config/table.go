@@ -230,13 +230,15 @@ var table = []descriptor{
 		func(s *Settings) *time.Duration { return &s.HTTPWriteTimeout }),
 	smallInt("HTTP_MAX_HEADER_BYTES", "largest request line and headers, in bytes (431 beyond)", 1024, 16<<20,
 		func(s *Settings) *int { return &s.HTTPMaxHeaderBytes }),
-	smallInt("HTTP_MAX_CONNECTIONS", "open client connections, all clients together; more wait to be accepted", 1, 1<<20,
+	integer("PROGRAM_MAX_RESPONSE_HEADER_BYTES", "largest status line and headers of a program's answer, in bytes (502 beyond)", 1024, 16<<20,
+		func(s *Settings) *int64 { return &s.ProgramMaxResponseHeaderBytes }),
+	smallInt("HTTP_MAX_CONNECTIONS", "open client connections, all clients together; at the cap the longest idle one is closed for a newcomer, and when all are busy more wait to be accepted", 1, 1<<20,
 		func(s *Settings) *int { return &s.HTTPMaxConnections }),
-	smallInt("HTTP_MAX_CONNECTIONS_PER_CLIENT", "open connections from one IP address, more are closed at once; 0 = no limit", 0, 1<<20,
+	smallInt("HTTP_MAX_CONNECTIONS_PER_CLIENT", "open connections from one client (an IPv4 address or IPv6 /64; once half of HTTP_MAX_CONNECTIONS are open, an IPv4 /24 or IPv6 /48), more are closed at once; 0 = no limit", 0, 1<<20,
 		func(s *Settings) *int { return &s.HTTPMaxConnectionsPerClient }),
 	optional(descriptor{
 		name: "HTTP_UNLIMITED_CLIENTS",
-		help: "addresses exempt from HTTP_MAX_CONNECTIONS_PER_CLIENT (comma-separated CIDRs), such as a local reverse proxy",
+		help: "addresses exempt from HTTP_MAX_CONNECTIONS_PER_CLIENT (comma-separated CIDRs), such as a local reverse proxy; only they may take the last min(16, HTTP_MAX_CONNECTIONS/8) connections",
 		set: func(s *Settings, v string) error {
 			out := []netip.Prefix{}
 			for _, it := range strings.FieldsFunc(v, func(r rune) bool { return r == ',' || r == ' ' }) {

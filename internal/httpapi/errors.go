@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"strings"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
@@ -46,8 +47,64 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 		msg = "insufficient storage: no space left on device on this node"
 	default:
 		s.log.Info("request failed", "method", r.Method, "path", r.URL.Path, "status", code, "err", err)
+		// The log keeps the full error; the client learns what failed,
+		// not where on the host (volume images, mounts, e2fsck's output).
+		msg = redactHostPaths(msg, s.hostRoots)
 	}
 	writeJSON(w, code, map[string]string{"error": msg})
+}
+
+// systemRoots are the host's directories whose paths never belong in an
+// answer, whatever the settings.
+var systemRoots = []string{"/var", "/tmp", "/run", "/dev", "/proc", "/sys", "/home", "/root", "/srv", "/mnt"}
+
+// hostPathShown stands in an error body for a path on the host.
+const hostPathShown = "<host path>"
+
+// redactHostPaths replaces in msg every absolute path under one of roots
+// (a path starts at the beginning of msg or after a space, quote, bracket,
+// '=' or ':' and ends at the next of them or a comma).
+func redactHostPaths(msg string, roots []string) string {
+	if !strings.Contains(msg, "/") {
+		return msg
+	}
+	var b strings.Builder
+	for i := 0; i < len(msg); {
+		if msg[i] == '/' && (i == 0 || pathDelimiter(msg[i-1])) {
+			end := i
+			for end < len(msg) && !pathDelimiter(msg[end]) && msg[end] != ',' && msg[end] != ';' {
+				end++
+			}
+			if underAny(msg[i:end], roots) {
+				b.WriteString(hostPathShown)
+				i = end
+				continue
+			}
+		}
+		b.WriteByte(msg[i])
+		i++
+	}
+	return b.String()
+}
+
+func pathDelimiter(c byte) bool {
+	switch c {
+	case ' ', '\t', '\n', '\r', '"', '\'', '`', '(', ')', '[', ']', '{', '}', '<', '>', '=', ':':
+		return true
+	}
+	return false
+}
+
+func underAny(p string, roots []string) bool {
+	for _, r := range roots {
+		if r == "" || r == "/" {
+			continue
+		}
+		if p == r || strings.HasPrefix(p, r+"/") {
+			return true
+		}
+	}
+	return false
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

@@ -12,8 +12,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"golang.org/x/net/netutil"
 )
 
 // Limits bound what one client can hold of the HTTP service. Zero
@@ -22,11 +20,14 @@ import (
 // The choices, against the attacks they answer:
 //   - slowloris (headers drip-fed): ReadHeaderTimeout, from accept (or
 //     from the end of the previous request) to the last header byte.
-//   - idle keep-alive floods: IdleTimeout, plus MaxConnections (excess
-//     connections wait in the kernel's accept queue, holding none of our
-//     file descriptors) and MaxConnectionsPerClient (excess connections
-//     from one address are closed at once, so one client cannot take all
-//     of MaxConnections).
+//   - idle keep-alive floods: IdleTimeout, plus MaxConnections (at the
+//     cap the connection idle the longest is closed for a newcomer; when
+//     every one is busy, excess connections wait in the kernel's accept
+//     queue, holding none of our file descriptors; the last slots are
+//     for UnlimitedClients) and MaxConnectionsPerClient (excess
+//     connections from one client, an IPv4 address or an IPv6 /64, and
+//     under pressure an IPv4 /24 or IPv6 /48, are closed at once, so
+//     that one client or network cannot take all of MaxConnections).
 //   - drip-fed bodies: a minimum average rate, as Apache's mod_reqtimeout
 //     does (body=20,MinRate=500): a body gets BodyTimeout, plus one second
 //     per BodyMinRate bytes received. Only time spent waiting for the
@@ -52,9 +53,9 @@ type Limits struct {
 	WriteTimeout      time.Duration
 	MaxHeaderBytes    int
 	MaxConnections    int
-	// MaxConnectionsPerClient applies to every remote address outside
-	// UnlimitedClients. A reverse proxy on the same host carries many
-	// clients over its connections, hence the loopback default there.
+	// MaxConnectionsPerClient applies to every client (see connLimiter)
+	// outside UnlimitedClients. A reverse proxy on the same host carries
+	// many clients over its connections, hence the loopback default there.
 	MaxConnectionsPerClient int
 	UnlimitedClients        []netip.Prefix
 }
@@ -76,37 +77,93 @@ func (s *Server) NewHTTPServer(base context.Context) *http.Server {
 			if st == http.StateIdle && l.WriteTimeout > 0 {
 				_ = c.SetWriteDeadline(time.Time{})
 			}
+			if cl := s.conns.Load(); cl != nil {
+				cl.connState(c, st)
+			}
 		},
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 	}
 }
 
-// Listener applies the connection limits to ln.
+// Listener applies the connection limits to ln; NewHTTPServer's
+// connection-state hook tells it which connections are idle.
 func (s *Server) Listener(ln net.Listener) net.Listener {
 	l := s.opts.Limits
-	if l.MaxConnections > 0 {
-		ln = netutil.LimitListener(ln, l.MaxConnections)
+	if l.MaxConnections <= 0 && l.MaxConnectionsPerClient <= 0 {
+		return ln
 	}
-	if l.MaxConnectionsPerClient > 0 {
-		ln = &perClientListener{
-			Listener: ln, max: l.MaxConnectionsPerClient, exempt: l.UnlimitedClients,
-			open: map[netip.Addr]int{}, log: s.log,
-		}
+	cl := &connLimiter{
+		Listener: ln, max: l.MaxConnections, perClient: l.MaxConnectionsPerClient,
+		exempt: l.UnlimitedClients, reserve: operatorReserve(l.MaxConnections), log: s.log,
+		byClient: map[netip.Prefix]int{}, byNetwork: map[netip.Prefix]int{},
+		conns: map[*limitedConn]struct{}{}, room: make(chan struct{}, 1), done: make(chan struct{}),
 	}
-	return ln
+	s.conns.Store(cl)
+	return cl
 }
 
-// perClientListener closes at once the connections of an address that
-// already holds max of them.
-type perClientListener struct {
+// operatorReserve is how many of max connections only UnlimitedClients
+// (the operator on loopback, a local reverse proxy) may take: a node full
+// of busy connections still answers its operator.
+func operatorReserve(max int) int {
+	return min(16, max/8)
+}
+
+// Keys of the per-client counts. One address of IPv4 is one client, but
+// one IPv6 customer gets a /64 (often a /48): its addresses are one
+// client. Under pressure (the node at half its cap), a whole IPv4 /24 or
+// IPv6 /48 counts as one client too, so that many addresses of one
+// network cannot fill the node.
+const (
+	clientBitsV6  = 64
+	networkBitsV4 = 24
+	networkBitsV6 = 48
+)
+
+func clientKey(a netip.Addr) netip.Prefix {
+	if a.Is4() {
+		return netip.PrefixFrom(a, 32)
+	}
+	p, _ := a.Prefix(clientBitsV6)
+	return p
+}
+
+func networkKey(a netip.Addr) netip.Prefix {
+	bits := networkBitsV6
+	if a.Is4() {
+		bits = networkBitsV4
+	}
+	p, _ := a.Prefix(bits)
+	return p
+}
+
+// connLimiter bounds the open connections: MaxConnectionsPerClient per
+// client (an IPv4 address or an IPv6 /64; under pressure, an IPv4 /24 or
+// IPv6 /48), closing the excess at once; and MaxConnections for all. At
+// the cap, the connection idle the longest (no request in flight: keep-alive,
+// or no request yet) is closed to make room, so idle floods cannot
+// lock anyone out; when every connection is busy, new ones wait in the
+// kernel's accept queue, holding none of our file descriptors. The last
+// operatorReserve slots are for UnlimitedClients only.
+type connLimiter struct {
 	net.Listener
-	max    int
-	exempt []netip.Prefix
-	log    *slog.Logger
+	max       int
+	perClient int
+	exempt    []netip.Prefix
+	reserve   int
+	log       *slog.Logger
+
+	room      chan struct{} // a slot was freed or a connection went idle
+	done      chan struct{} // the listener was closed
+	closeOnce sync.Once
 
 	mu          sync.Mutex
-	open        map[netip.Addr]int
+	open        int
+	byClient    map[netip.Prefix]int
+	byNetwork   map[netip.Prefix]int
+	conns       map[*limitedConn]struct{}
 	refused     int
+	evicted     int
 	lastWarning time.Time
 }
 
@@ -117,48 +174,187 @@ const tooManyConnections = "HTTP/1.1 503 Service Unavailable\r\nConnection: clos
 	"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 38\r\n\r\n" +
 	"too many connections from your address"
 
-func (l *perClientListener) Accept() (net.Conn, error) {
+const nodeBusy = "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n" +
+	"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 33\r\n\r\n" +
+	"too many connections on this node"
+
+func (l *connLimiter) Accept() (net.Conn, error) {
 	for {
+		if err := l.waitRoom(); err != nil {
+			return nil, err
+		}
 		c, err := l.Listener.Accept()
 		if err != nil {
 			return nil, err
 		}
 		addr := remoteAddr(c)
-		if !addr.IsValid() || l.isExempt(addr) {
-			return c, nil
-		}
+		exempt := !addr.IsValid() || l.isExempt(addr)
 		l.mu.Lock()
-		if l.open[addr] >= l.max {
-			l.refused++
-			warn := time.Since(l.lastWarning) > time.Minute
-			refused := l.refused
-			if warn {
-				l.lastWarning, l.refused = time.Now(), 0
+		if !exempt {
+			if why := l.overClientLimit(addr); why != "" {
+				l.refuseLocked(c, addr, why, tooManyConnections)
+				continue
 			}
-			l.mu.Unlock()
-			if warn {
-				l.log.Warn("closing connections beyond the per-client limit",
-					"client", addr.String(), "limit", l.max, "refused_since_last_warning", refused)
-			}
-			// A fresh socket's send buffer is empty: this write does not block.
-			_ = c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
-			_, _ = io.WriteString(c, tooManyConnections)
-			_ = c.Close()
-			continue
 		}
-		l.open[addr]++
-		l.mu.Unlock()
-		return &countedConn{Conn: c, release: sync.OnceFunc(func() {
-			l.mu.Lock()
-			defer l.mu.Unlock()
-			if l.open[addr]--; l.open[addr] <= 0 {
-				delete(l.open, addr)
+		var victim *limitedConn
+		if limit := l.limitFor(exempt); limit > 0 && l.open >= limit {
+			if victim = l.oldestIdleLocked(); victim == nil {
+				// Busy connections fill what this client may take.
+				l.refuseLocked(c, addr, "node at its connection cap", nodeBusy)
+				continue
 			}
-		})}, nil
+			l.releaseLocked(victim)
+			l.evicted++
+		}
+		lc := &limitedConn{Conn: c, l: l, idleSince: time.Now()}
+		if !exempt && l.perClient > 0 {
+			lc.client, lc.network = clientKey(addr), networkKey(addr)
+			l.byClient[lc.client]++
+			l.byNetwork[lc.network]++
+		}
+		l.open++
+		l.conns[lc] = struct{}{}
+		l.mu.Unlock()
+		if victim != nil {
+			// The server's goroutine of that connection sees its read fail
+			// and closes it (release is done once).
+			_ = victim.Conn.Close()
+			l.warn("closing the longest idle connections at the connection cap", addr)
+		}
+		return lc, nil
 	}
 }
 
-func (l *perClientListener) isExempt(a netip.Addr) bool {
+// limitFor is the cap a new connection is held to: exempt clients may
+// take the operator's reserve.
+func (l *connLimiter) limitFor(exempt bool) int {
+	if l.max <= 0 {
+		return 0
+	}
+	if exempt {
+		return l.max
+	}
+	return max(l.max-l.reserve, 1)
+}
+
+// overClientLimit says why addr may not open one more connection, or "".
+func (l *connLimiter) overClientLimit(addr netip.Addr) string {
+	if l.perClient <= 0 {
+		return ""
+	}
+	if l.byClient[clientKey(addr)] >= l.perClient {
+		return "per-client limit"
+	}
+	if l.max > 0 && l.open >= l.max/2 && l.byNetwork[networkKey(addr)] >= l.perClient {
+		return "per-network limit under pressure"
+	}
+	return ""
+}
+
+func (l *connLimiter) refuseLocked(c net.Conn, addr netip.Addr, why, answer string) {
+	l.refused++
+	l.mu.Unlock()
+	l.warn("closing connections beyond the "+why, addr)
+	// A fresh socket's send buffer is empty: this write does not block.
+	_ = c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+	_, _ = io.WriteString(c, answer)
+	_ = c.Close()
+}
+
+// warn logs at most once a minute, with what was refused and evicted since.
+func (l *connLimiter) warn(msg string, addr netip.Addr) {
+	l.mu.Lock()
+	if time.Since(l.lastWarning) < time.Minute {
+		l.mu.Unlock()
+		return
+	}
+	refused, evicted := l.refused, l.evicted
+	l.lastWarning, l.refused, l.evicted = time.Now(), 0, 0
+	l.mu.Unlock()
+	l.log.Warn(msg, "client", addr.String(), "limit", l.perClient, "cap", l.max,
+		"refused_since_last_warning", refused, "idle_closed_since_last_warning", evicted)
+}
+
+// waitRoom returns once a connection can be taken: below the cap, or an
+// idle one to close for it.
+func (l *connLimiter) waitRoom() error {
+	for {
+		l.mu.Lock()
+		ok := l.max <= 0 || l.open < l.max || l.oldestIdleLocked() != nil
+		l.mu.Unlock()
+		if ok {
+			return nil
+		}
+		select {
+		case <-l.room:
+		case <-l.done:
+			return net.ErrClosed
+		}
+	}
+}
+
+func (l *connLimiter) Close() error {
+	l.closeOnce.Do(func() { close(l.done) })
+	return l.Listener.Close()
+}
+
+func (l *connLimiter) signal() {
+	select {
+	case l.room <- struct{}{}:
+	default:
+	}
+}
+
+// oldestIdleLocked is the connection idle the longest, or nil.
+func (l *connLimiter) oldestIdleLocked() *limitedConn {
+	var oldest *limitedConn
+	for c := range l.conns {
+		if !c.idleSince.IsZero() && (oldest == nil || c.idleSince.Before(oldest.idleSince)) {
+			oldest = c
+		}
+	}
+	return oldest
+}
+
+// releaseLocked forgets c's slot (once).
+func (l *connLimiter) releaseLocked(c *limitedConn) {
+	if _, ok := l.conns[c]; !ok {
+		return
+	}
+	delete(l.conns, c)
+	l.open--
+	if c.client.IsValid() {
+		if l.byClient[c.client]--; l.byClient[c.client] <= 0 {
+			delete(l.byClient, c.client)
+		}
+		if l.byNetwork[c.network]--; l.byNetwork[c.network] <= 0 {
+			delete(l.byNetwork, c.network)
+		}
+	}
+	l.signal()
+}
+
+// connState follows net/http's view of c: a connection with no request
+// in flight may be closed for a newcomer at the cap.
+func (l *connLimiter) connState(c net.Conn, st http.ConnState) {
+	lc, ok := c.(*limitedConn)
+	if !ok || lc.l != l {
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	switch st {
+	case http.StateIdle:
+		lc.idleSince = time.Now()
+		l.signal()
+	case http.StateActive, http.StateHijacked:
+		lc.idleSince = time.Time{}
+	case http.StateClosed:
+		l.releaseLocked(lc)
+	}
+}
+
+func (l *connLimiter) isExempt(a netip.Addr) bool {
 	for _, p := range l.exempt {
 		if p.Contains(a) {
 			return true
@@ -174,13 +370,18 @@ func remoteAddr(c net.Conn) netip.Addr {
 	return netip.Addr{}
 }
 
-type countedConn struct {
+// limitedConn holds one slot of its connLimiter until closed.
+type limitedConn struct {
 	net.Conn
-	release func()
+	l               *connLimiter
+	client, network netip.Prefix // zero for exempt clients
+	idleSince       time.Time    // zero while a request is in flight (guarded by l.mu)
 }
 
-func (c *countedConn) Close() error {
-	c.release()
+func (c *limitedConn) Close() error {
+	c.l.mu.Lock()
+	c.l.releaseLocked(c)
+	c.l.mu.Unlock()
 	return c.Conn.Close()
 }
 

@@ -283,22 +283,22 @@ func TestConnectionCapAndHeaderSize(t *testing.T) {
 		defer c.Close()
 		idle = append(idle, c)
 	}
-	// The 5th waits for a slot: the idle ones are dropped after the header
-	// timeout, then it is served.
+	// The 5th is served at once: at the cap, the connections idle the
+	// longest (these sent nothing) are closed to make room.
 	start := time.Now()
 	resp, err := (&http.Client{Timeout: 5 * time.Second}).Get("http://" + addr + "/")
 	if err != nil {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
-	if d := time.Since(start); d < 400*time.Millisecond || d > 3*time.Second {
-		t.Errorf("served after %s: the cap did not hold, or idle connections were not dropped", d)
+	if d := time.Since(start); d > 300*time.Millisecond {
+		t.Errorf("served after %s: idle connections were not closed for it", d)
 	}
-	// The 5th got its slot because the four idle ones were dropped for
-	// sending no header, not because some still wait in the backlog.
+	// The four idle ones are gone: two closed for newcomers (the other two
+	// waited in the backlog), all of them by the header timeout at the latest.
 	for i, c := range idle {
-		if closed, _ := closedWithin(c, time.Second); !closed {
-			t.Errorf("idle connection %d still open after the 5th was served", i)
+		if closed, _ := closedWithin(c, 2*time.Second); !closed {
+			t.Errorf("idle connection %d still open", i)
 		}
 	}
 

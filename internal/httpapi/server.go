@@ -9,7 +9,9 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"path/filepath"
 	"strings"
+	"sync/atomic"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
@@ -62,6 +64,10 @@ type Options struct {
 	SelfTestProgram func(ctx context.Context) (string, error)
 	// DiskPath is the filesystem reported by /about/usage/system.
 	DiskPath string
+	// HostPaths are directories of this node (EXECUTION_ROOT, CACHE_ROOT,
+	// ...) whose paths are kept out of error bodies, with /var, /tmp, /run
+	// and the like; the log keeps them.
+	HostPaths []string
 	// Allocations applies POST /control/allocations; nil refuses them.
 	Allocations Allocations
 	// AllocationTokenHash is the sha256 (hex) of the scheduler's token.
@@ -85,6 +91,13 @@ type Server struct {
 	sessions *sessions
 	auth     ownerauth.Verifier
 	drain    drain
+	// hostRoots: Options.HostPaths and systemRoots, cleaned.
+	hostRoots []string
+	// txt caches Host routing by TXT record; nil without a Resolver.
+	txt *txtRoutes
+	// conns is the listener's connection limiter (Listener), told of
+	// connection states by the http.Server (NewHTTPServer).
+	conns atomic.Pointer[connLimiter]
 }
 
 // New builds the route table.
@@ -99,6 +112,17 @@ func New(opts Options) *Server {
 	// aleph-vm's clients compare versions with packaging.version.
 	opts.Version = pep440.FromGitDescribe(opts.Version)
 	s := &Server{opts: opts, log: opts.Logger, mux: http.NewServeMux(), sessions: newSessions()}
+	for _, p := range append(append([]string{}, systemRoots...), opts.HostPaths...) {
+		if p != "" {
+			s.hostRoots = append(s.hostRoots, filepath.Clean(p))
+		}
+	}
+	if opts.Resolver != nil {
+		s.txt = newTXTRoutes(opts.Resolver.LookupTXT)
+	}
+	if opts.DiskPath != "" {
+		s.hostRoots = append(s.hostRoots, filepath.Clean(opts.DiskPath))
+	}
 	s.mux.HandleFunc("/vm/{ref}", s.handleVM)
 	s.mux.HandleFunc("/vm/{ref}/{rest...}", s.handleVM)
 	s.mux.HandleFunc("/about/logout", s.handleLogout)
@@ -187,14 +211,13 @@ func (s *Server) hashFromHost(ctx context.Context, host string) (string, error) 
 	if hash, ok := message.HashFromBase32Label(strings.ToLower(label)); ok {
 		return hash, nil
 	}
-	if s.opts.Resolver != nil {
-		txts, err := s.opts.Resolver.LookupTXT(ctx, "_aleph-id."+host)
-		if err == nil {
-			for _, txt := range txts {
-				if hash, err := message.ParseRef(strings.TrimSpace(txt)); err == nil {
-					return hash, nil
-				}
-			}
+	if s.txt != nil {
+		hash, err := s.txt.hash(ctx, host)
+		if err != nil {
+			return "", err
+		}
+		if hash != "" {
+			return hash, nil
 		}
 	}
 	return "", errkind.New(errkind.NotFound, "host %q does not name a program", host)
@@ -222,8 +245,8 @@ func (s *Server) operatorOnly(h http.HandlerFunc) http.Handler {
 // on this host may have set a "token" cookie of its own with a wider path,
 // so every cookie of that name is looked at.
 func (s *Server) hasSession(r *http.Request) bool {
-	for _, c := range r.CookiesNamed(authCookie) {
-		if s.sessions.valid(c.Value) {
+	for _, id := range operatorCookies(r.Header) {
+		if s.sessions.valid(id) {
 			return true
 		}
 	}
@@ -253,8 +276,8 @@ func (s *Server) handleLogin(w http.ResponseWriter, r *http.Request) {
 
 // handleLogout ends the session of the cookie, if any, and clears it.
 func (s *Server) handleLogout(w http.ResponseWriter, r *http.Request) {
-	if c, err := r.Cookie(authCookie); err == nil {
-		s.sessions.remove(c.Value)
+	for _, id := range operatorCookies(r.Header) {
+		s.sessions.remove(id)
 	}
 	http.SetCookie(w, sessionCookie(r, ""))
 	writeJSON(w, http.StatusOK, map[string]string{"status": "logged out"})

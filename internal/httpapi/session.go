@@ -102,27 +102,66 @@ func sessionCookie(r *http.Request, id string) *http.Cookie {
 	return c
 }
 
+// cookiePair is one name=value of a Cookie header, as the client sent it
+// (raw) and as its value is read (quotes removed, as net/http and
+// browsers read it).
+type cookiePair struct {
+	name, value, raw string
+}
+
+// parseCookies is the one reader of Cookie headers, used both to find
+// the operator's session (hasSession, logout) and to take it out before
+// forwarding (stripOperatorCookie): two parsers would disagree on some
+// spelling (token="<id>" logged in with one and was forwarded by the
+// other).
+func parseCookies(values []string) []cookiePair {
+	var out []cookiePair
+	for _, v := range values {
+		for _, part := range strings.Split(v, ";") {
+			raw := strings.TrimSpace(part)
+			if raw == "" {
+				continue
+			}
+			name, value, _ := strings.Cut(raw, "=")
+			value = strings.TrimSpace(value)
+			if len(value) >= 2 && value[0] == '"' && value[len(value)-1] == '"' {
+				value = value[1 : len(value)-1]
+			}
+			out = append(out, cookiePair{name: strings.TrimSpace(name), value: value, raw: raw})
+		}
+	}
+	return out
+}
+
+// operatorCookies are the values of every cookie of our name in the
+// request.
+func operatorCookies(h http.Header) []string {
+	var ids []string
+	for _, c := range parseCookies(h.Values("Cookie")) {
+		if c.name == authCookie {
+			ids = append(ids, c.value)
+		}
+	}
+	return ids
+}
+
 // stripOperatorCookie removes our cookie from the Cookie header values
 // and returns the rest, leaving every other cookie byte for byte as the
 // client sent it: programs use cookies of their own (sessions, consent,
 // CSRF tokens), and aleph-vm forwards the client's headers unchanged, so
 // only what belongs to the supervisor is taken out. "token" is a common
 // name, so a cookie of that name is ours only if ours(value) says so (a
-// live session id). Cookies are split rather than parsed and
-// re-serialised, because re-serialising drops or quotes values that
-// programs may rely on.
+// live session id). Cookies are split rather than re-serialised, because
+// re-serialising drops or quotes values that programs may rely on.
 func stripOperatorCookie(values []string, ours func(value string) bool) (kept []string, removed []string) {
 	for _, v := range values {
 		var parts []string
-		for _, part := range strings.Split(v, ";") {
-			name, value, _ := strings.Cut(strings.TrimSpace(part), "=")
-			if strings.TrimSpace(name) == authCookie && ours(strings.TrimSpace(value)) {
-				removed = append(removed, strings.TrimSpace(value))
+		for _, c := range parseCookies([]string{v}) {
+			if c.name == authCookie && ours(c.value) {
+				removed = append(removed, c.value)
 				continue
 			}
-			if strings.TrimSpace(part) != "" {
-				parts = append(parts, strings.TrimSpace(part))
-			}
+			parts = append(parts, c.raw)
 		}
 		if len(parts) > 0 {
 			kept = append(kept, strings.Join(parts, "; "))

@@ -23,6 +23,8 @@ func TestStripOperatorCookieKeepsTheProgramsOwn(t *testing.T) {
 		{[]string{" token =spaced ; x=y"}, []string{"x=y"}, []string{"spaced"}},
 		// "token" is a common name: a program's own token cookie passes.
 		{[]string{"token=programs-own; a=1"}, []string{"token=programs-own; a=1"}, nil},
+		// Quoted as RFC 6265 allows: the value net/http reads, so ours.
+		{[]string{"a=1; token=\"abc\""}, []string{"a=1"}, []string{"abc"}},
 	}
 	ours := func(v string) bool { return v != "programs-own" }
 	for _, c := range cases {
@@ -177,6 +179,25 @@ func TestNoSecretInLogs(t *testing.T) {
 	for _, secret := range []string{"secret-token", session.Value} {
 		if strings.Contains(logged, secret) {
 			t.Errorf("log holds %q:\n%s", secret, logged)
+		}
+	}
+}
+
+// A session id in a quoted cookie logs in and is taken out before
+// forwarding: the login check and the strip read cookies alike.
+func TestQuotedSessionCookieIsStrippedWhereItLogsIn(t *testing.T) {
+	s := New(Options{Version: "test", Logger: quiet})
+	id := s.sessions.create()
+	for _, cookie := range []string{"token=\"" + id + "\"", "token=" + id, "x=1;token= \"" + id + "\" "} {
+		r := httptest.NewRequest("GET", "/about/config", nil)
+		r.Header.Set("Cookie", cookie)
+		if !s.hasSession(r) {
+			t.Errorf("%q: no session", cookie)
+		}
+		h := r.Header.Clone()
+		scrubForProgram(h, "", s.sessions.valid)
+		if strings.Contains(strings.Join(h.Values("Cookie"), ";"), id) {
+			t.Errorf("%q: forwarded as %q", cookie, h.Values("Cookie"))
 		}
 	}
 }

@@ -104,7 +104,20 @@ func (c *checker) get(path string) (int, []byte) {
 	req.Host = c.host
 	req.RemoteAddr = "127.0.0.1:0" // the node asking itself
 	a := &checkAnswer{header: http.Header{}}
-	c.s.ServeHTTP(a, req)
+	func() {
+		// The proxy aborts a copy that fails (here: an answer over
+		// maxCheckAnswer) with http.ErrAbortHandler, as it would under
+		// net/http; this request has no server of its own to recover it.
+		defer func() {
+			if r := recover(); r != nil && r != http.ErrAbortHandler {
+				panic(r)
+			}
+		}()
+		c.s.ServeHTTP(a, req)
+	}()
+	if a.tooLarge {
+		return http.StatusBadGateway, []byte(errCheckAnswerTooLarge.Error())
+	}
 	if a.status == 0 {
 		a.status = http.StatusOK
 	}
@@ -113,9 +126,10 @@ func (c *checker) get(path string) (int, []byte) {
 
 // checkAnswer keeps what the server writes for a check's in-process request.
 type checkAnswer struct {
-	header http.Header
-	status int
-	body   bytes.Buffer
+	header   http.Header
+	status   int
+	body     bytes.Buffer
+	tooLarge bool
 }
 
 func (a *checkAnswer) Header() http.Header { return a.header }
@@ -126,8 +140,20 @@ func (a *checkAnswer) WriteHeader(code int) {
 	}
 }
 
+// maxCheckAnswer bounds what a check keeps of an answer: aleph-vm's
+// checks read small JSON documents, and the self-test program is only
+// as trusted as the operator's choice of it.
+const maxCheckAnswer = 1 << 20
+
+// errCheckAnswerTooLarge stops the proxy's copy of an oversized answer.
+var errCheckAnswerTooLarge = fmt.Errorf("answer exceeds %d bytes", maxCheckAnswer)
+
 func (a *checkAnswer) Write(b []byte) (int, error) {
 	a.WriteHeader(http.StatusOK)
+	if a.body.Len()+len(b) > maxCheckAnswer {
+		a.tooLarge = true
+		return 0, errCheckAnswerTooLarge
+	}
 	return a.body.Write(b)
 }
 

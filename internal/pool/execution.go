@@ -303,18 +303,24 @@ func (e *Execution) connect(ctx context.Context, client *guest.Client) error {
 	}
 	dial, path := httpDialer(inst, cfg, client)
 	const keepIdle = 60 * time.Second // below uvicorn's 75 s keep-alive: the host closes first
+	maxHeader := e.pool.opts.MaxResponseHeaderBytes
+	if maxHeader <= 0 {
+		maxHeader = syncrt.DefaultMaxResponseHeaderBytes
+	}
 	e.transport = &syncrt.Transport{
 		Dial: dial,
 		Fallback: &http.Transport{
 			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 				return dial(ctx)
 			},
-			MaxIdleConnsPerHost: 32,
-			IdleConnTimeout:     keepIdle,
-			DisableCompression:  true,
+			MaxIdleConnsPerHost:    32,
+			IdleConnTimeout:        keepIdle,
+			DisableCompression:     true,
+			MaxResponseHeaderBytes: maxHeader,
 		},
-		MaxIdle:     32,
-		IdleTimeout: keepIdle,
+		MaxIdle:                32,
+		IdleTimeout:            keepIdle,
+		MaxResponseHeaderBytes: maxHeader,
 	}
 	e.mu.Lock()
 	e.started = time.Now()

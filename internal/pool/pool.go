@@ -87,6 +87,9 @@ type Options struct {
 	CapacityWait time.Duration
 	// MaxRequestTimeout caps a program's resources.seconds (0: no cap).
 	MaxRequestTimeout time.Duration
+	// MaxResponseHeaderBytes bounds the head of a program's answer (0:
+	// syncrt.DefaultMaxResponseHeaderBytes).
+	MaxResponseHeaderBytes int64
 	// ProgramLogs bounds what programs may write to the supervisor's log.
 	ProgramLogs LogLimits
 	// Logs keeps each program's output for its owner (nil: not kept).

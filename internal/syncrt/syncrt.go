@@ -15,11 +15,45 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 )
+
+// DefaultMaxResponseHeaderBytes bounds a program's status line and
+// headers when Transport.MaxResponseHeaderBytes is zero: the client's own
+// request headers get as much (HTTP_MAX_HEADER_BYTES), and aleph-vm's
+// aiohttp refuses any header line beyond 8 KiB.
+const DefaultMaxResponseHeaderBytes = 64 << 10
+
+// max1xxResponses bounds the informational answers dropped before the
+// final one, as net/http's Transport does.
+const max1xxResponses = 5
+
+// HeaderTooLargeError is a program's answer whose head (status line,
+// headers, informational answers before it) exceeds the bound: the
+// supervisor stops reading it rather than hold it in memory.
+type HeaderTooLargeError struct {
+	Limit int64
+}
+
+func (e *HeaderTooLargeError) Error() string {
+	return fmt.Sprintf("response header from the program exceeds %d bytes", e.Limit)
+}
+
+// BadResponseError is an answer that is not HTTP/1.1 net/http accepts
+// (a malformed status line or header, too many informational answers).
+type BadResponseError struct {
+	Err error
+}
+
+func (e *BadResponseError) Error() string {
+	return "malformed response from the program: " + e.Err.Error()
+}
+func (e *BadResponseError) Unwrap() error { return e.Err }
 
 // Transport sends bodiless GET, HEAD and OPTIONS requests itself and
 // everything else through Fallback.
@@ -33,6 +67,11 @@ type Transport struct {
 	// IdleTimeout closes a connection left unused this long (it should be
 	// below the program server's keep-alive, so that we close first).
 	IdleTimeout time.Duration
+	// MaxResponseHeaderBytes bounds the head of an answer read here (0:
+	// DefaultMaxResponseHeaderBytes). Give the Fallback the same bound
+	// (http.Transport.MaxResponseHeaderBytes): its oversized answers are
+	// reported as HeaderTooLargeError too.
+	MaxResponseHeaderBytes int64
 
 	mu   sync.Mutex
 	idle []*conn // most recently used last
@@ -40,6 +79,7 @@ type Transport struct {
 
 type conn struct {
 	net.Conn
+	lr       *limitReader // under br: bounds what an answer's head may take
 	br       *bufio.Reader
 	bw       *bufio.Writer
 	lastUsed time.Time
@@ -48,7 +88,8 @@ type conn struct {
 // RoundTrip implements http.RoundTripper.
 func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if !t.handles(req) {
-		return t.Fallback.RoundTrip(req)
+		resp, err := t.Fallback.RoundTrip(req)
+		return resp, t.fallbackError(err)
 	}
 	// A kept connection the program closed while idle fails before any
 	// byte of answer: such a request was not processed and, being
@@ -105,18 +146,76 @@ func (t *Transport) exchange(req *http.Request, c *conn) (resp *http.Response, u
 		return nil, true, err
 	}
 	// Informational answers (103 Early Hints) are dropped: the client
-	// gets the final one.
-	for {
+	// gets the final one. All of them and the final head share one
+	// budget; net/http's ReadResponse has none of its own.
+	limit := t.maxHeaderBytes()
+	c.lr.n = limit
+	for n1xx := 0; ; n1xx++ {
 		resp, err = http.ReadResponse(c.br, req)
 		if err != nil {
-			return nil, false, err
+			if c.lr.n <= 0 {
+				return nil, false, &HeaderTooLargeError{Limit: limit}
+			}
+			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || isNetError(err) {
+				return nil, false, err
+			}
+			return nil, false, &BadResponseError{Err: err}
 		}
 		if resp.StatusCode >= 200 || resp.StatusCode == http.StatusSwitchingProtocols {
 			break
 		}
+		if n1xx >= max1xxResponses {
+			return nil, false, &BadResponseError{Err: fmt.Errorf("more than %d informational answers", max1xxResponses)}
+		}
 	}
+	// The body streams through to the client: no bound here.
+	c.lr.n = math.MaxInt64
 	resp.Body = &body{ReadCloser: resp.Body, ctx: ctx, t: t, c: c, stop: stop, reusable: !resp.Close}
 	return resp, false, nil
+}
+
+func (t *Transport) maxHeaderBytes() int64 {
+	if t.MaxResponseHeaderBytes > 0 {
+		return t.MaxResponseHeaderBytes
+	}
+	return DefaultMaxResponseHeaderBytes
+}
+
+// fallbackError names an oversized head the fallback refused as this
+// package does. net/http's Transport reports it only as text
+// ("net/http: server response headers exceeded N bytes; aborted").
+func (t *Transport) fallbackError(err error) error {
+	if err != nil && strings.Contains(err.Error(), "server response headers exceeded") {
+		limit := t.maxHeaderBytes()
+		if ht, ok := t.Fallback.(*http.Transport); ok && ht.MaxResponseHeaderBytes > 0 {
+			limit = ht.MaxResponseHeaderBytes
+		}
+		return fmt.Errorf("%w (%v)", &HeaderTooLargeError{Limit: limit}, err)
+	}
+	return err
+}
+
+func isNetError(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne)
+}
+
+// limitReader returns io.EOF once n bytes were read.
+type limitReader struct {
+	r io.Reader
+	n int64
+}
+
+func (l *limitReader) Read(p []byte) (int, error) {
+	if l.n <= 0 {
+		return 0, io.EOF
+	}
+	if int64(len(p)) > l.n {
+		p = p[:l.n]
+	}
+	n, err := l.r.Read(p)
+	l.n -= int64(n)
+	return n, err
 }
 
 // ctxOr prefers the request's own end to the I/O error it caused.
@@ -190,7 +289,8 @@ func (t *Transport) get(ctx context.Context, fresh bool) (*conn, bool, error) {
 	if err != nil {
 		return nil, false, err
 	}
-	return &conn{Conn: nc, br: bufio.NewReader(nc), bw: bufio.NewWriter(nc)}, false, nil
+	lr := &limitReader{r: nc, n: math.MaxInt64}
+	return &conn{Conn: nc, lr: lr, br: bufio.NewReader(lr), bw: bufio.NewWriter(nc)}, false, nil
 }
 
 func (t *Transport) put(c *conn) {

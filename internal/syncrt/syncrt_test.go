@@ -253,3 +253,142 @@ func TestEarlyHintsAreDropped(t *testing.T) {
 		t.Errorf("dialled %d, want 1", n)
 	}
 }
+
+// rawProgram answers every request on a plain TCP listener with what
+// answer writes; read counts the bytes the transport read from it.
+func rawProgram(t *testing.T, answer func(c net.Conn)) (dial func(ctx context.Context) (net.Conn, error), read *atomic.Int64) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				buf := make([]byte, 4096)
+				_, _ = c.Read(buf) // the request's head
+				answer(c)
+			}()
+		}
+	}()
+	read = &atomic.Int64{}
+	return func(ctx context.Context) (net.Conn, error) {
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "tcp", ln.Addr().String())
+		if err != nil {
+			return nil, err
+		}
+		return &countingConn{Conn: c, n: read}, nil
+	}, read
+}
+
+type countingConn struct {
+	net.Conn
+	n *atomic.Int64
+}
+
+func (c *countingConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+// endlessHeader never ends its header section.
+func endlessHeader(c net.Conn) {
+	if _, err := io.WriteString(c, "HTTP/1.1 200 OK\r\n"); err != nil {
+		return
+	}
+	line := "X-Endless: " + strings.Repeat("a", 1000) + "\r\n"
+	for {
+		if _, err := io.WriteString(c, line); err != nil {
+			return
+		}
+	}
+}
+
+// A program that never ends its header section is cut at the bound, on
+// both paths (bodiless GET here, POST through the fallback), and the
+// transport reads little more than the bound.
+func TestEndlessResponseHeaderIsBounded(t *testing.T) {
+	const limit = 32 << 10
+	dial, read := rawProgram(t, endlessHeader)
+	tr := &Transport{
+		Dial: dial,
+		Fallback: &http.Transport{
+			DialContext:            func(ctx context.Context, _, _ string) (net.Conn, error) { return dial(ctx) },
+			MaxResponseHeaderBytes: limit,
+		},
+		MaxResponseHeaderBytes: limit,
+	}
+	defer tr.CloseIdleConnections()
+	for _, method := range []string{http.MethodGet, http.MethodPost} {
+		read.Store(0)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		var body io.Reader
+		if method == http.MethodPost {
+			body = strings.NewReader("x")
+		}
+		req, _ := http.NewRequestWithContext(ctx, method, "http://program/", body)
+		resp, err := tr.RoundTrip(req)
+		cancel()
+		if resp != nil {
+			resp.Body.Close()
+		}
+		var tooLarge *HeaderTooLargeError
+		if !errors.As(err, &tooLarge) || tooLarge.Limit != limit {
+			t.Fatalf("%s: got %v, want a HeaderTooLargeError of %d bytes", method, err, limit)
+		}
+		if !strings.Contains(err.Error(), "response header from the program exceeds 32768 bytes") {
+			t.Errorf("%s: error %q does not name the cause", method, err)
+		}
+		if n := read.Load(); n > limit+16<<10 {
+			t.Errorf("%s: read %d bytes of an endless header, bound %d", method, n, limit)
+		}
+	}
+}
+
+// A header within the bound passes, and the connection is reused after
+// it: the bound applies to each answer's head, not to the connection.
+func TestHeaderBoundIsPerAnswer(t *testing.T) {
+	big := strings.Repeat("b", 20<<10)
+	p := newProgram(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Big", big)
+		_, _ = w.Write([]byte(strings.Repeat("body", 50<<10)))
+	}))
+	p.t.MaxResponseHeaderBytes = 32 << 10
+	for i := range 5 {
+		resp, body, err := p.do(context.Background(), t, http.MethodGet, "/", nil)
+		if err != nil || resp.Header.Get("X-Big") != big || len(body) != 200<<10 {
+			t.Fatalf("request %d: %v, body %d bytes", i, err, len(body))
+		}
+	}
+	if n := p.dials.Load(); n != 1 {
+		t.Errorf("%d connections dialled for 5 requests, want 1", n)
+	}
+}
+
+// Endless informational answers end in an error, not a loop.
+func TestEndlessInformationalAnswers(t *testing.T) {
+	dial, _ := rawProgram(t, func(c net.Conn) {
+		for {
+			if _, err := io.WriteString(c, "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"); err != nil {
+				return
+			}
+		}
+	})
+	tr := &Transport{Dial: dial, Fallback: http.DefaultTransport, MaxResponseHeaderBytes: 1 << 20}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://program/", nil)
+	_, err := tr.RoundTrip(req)
+	var bad *BadResponseError
+	if !errors.As(err, &bad) {
+		t.Fatalf("got %v, want a BadResponseError", err)
+	}
+}
