@@ -464,7 +464,18 @@ func RootOverlayMiB(memoryMiB int) int {
 }
 
 func (i *instance) prepareCgroup(context.Context) (backend.Undo, error) {
-	return i.cg.remove, i.cg.prepare(i.memLimit)
+	// The marker comes first and goes last: a crash at any point leaves
+	// one naming every cgroup of ours that may exist, for Reap.
+	if err := markCgroup(i.b.opts.RootDir, i.id); err != nil {
+		return nil, err
+	}
+	undo := func(ctx context.Context) error {
+		if err := i.cg.remove(ctx); err != nil {
+			return err
+		}
+		return unmarkCgroup(i.b.opts.RootDir, i.id)
+	}
+	return undo, i.cg.prepare(i.memLimit)
 }
 
 // startRunsc runs the sandbox. The process outlives Start's ctx: it is
