@@ -227,7 +227,7 @@ func recoverEarlierRun(ctx context.Context, s *config.Settings, be backend.Backe
 	// that process registered meanwhile is reaped now.
 	reap()
 	pool.SweepLoopDevices(log, s.ExecutionRoot, s.PersistentVolumesDir)
-	if err := pool.SweepVolumeImages(s.PersistentVolumesDir, log); err != nil {
+	if err := pool.SweepVolumeImages(ctx, s.PersistentVolumesDir, log); err != nil {
 		log.Warn("removing half-made volume images", "err", err)
 	}
 	if n, err := db.CloseUnfinished(ctx, time.Now()); err != nil {

@@ -90,6 +90,6 @@ func SweepLoopDevices(log *slog.Logger, dirs ...string) {
 // they never became volumes, and each may hold up to its size_mib. Call
 // it at start-up, with SweepExecutions (which removes ephemeral images
 // with their execution directories).
-func SweepVolumeImages(persistentDir string, log *slog.Logger) error {
-	return volimage.SweepTemporary(persistentDir, log)
+func SweepVolumeImages(ctx context.Context, persistentDir string, log *slog.Logger) error {
+	return volimage.SweepTemporary(ctx, persistentDir, log)
 }

@@ -1,11 +1,17 @@
 package integration
 
 import (
+	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // diskSandboxIDs names every sandbox of s that has a state directory
@@ -65,4 +71,216 @@ func TestHostileDiskCgroupsAfterKill9(t *testing.T) {
 	}
 	// The node still serves.
 	expect(t, s.get("/vm/"+hashes[0]+"/"), http.StatusOK)
+}
+
+// diskFreeMiB is what an unprivileged writer may still use on dir's file
+// system.
+func diskFreeMiB(t *testing.T, dir string) int64 {
+	t.Helper()
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	return int64(st.Bavail) * int64(st.Bsize) >> 20
+}
+
+// diskPersistentDir is where s keeps persistent volume images.
+func diskPersistentDir(s *supervisor) string {
+	return filepath.Join(s.execRoot, "volumes", "persistent")
+}
+
+// diskHalfMade lists the files under the persistent volumes directory
+// that are not published volume images (hidden, temporary names).
+func diskHalfMade(s *supervisor) []string {
+	var out []string
+	matches, _ := filepath.Glob(filepath.Join(diskPersistentDir(s), "*", ".*"))
+	out = append(out, matches...)
+	return out
+}
+
+// Finding 4 of issue 20: a 2 TB persistent volume was accepted on a 70 GB
+// disk, nothing weighed volumes against the free disk, and formatting
+// alone wrote 1.05 GB.
+func TestHostileDiskVolumesWeighed(t *testing.T) {
+	backendIndependent(t)
+	s := startSupervisor(t, "ALEPH_VM_PREWARM=false")
+	probe, _ := filepath.Abs("testdata/probe")
+	neighbour := s.upload(probe, "main:app", "--env", "ROLE=disk-neighbour")
+	expect(t, s.get("/vm/"+neighbour+"/"), http.StatusOK)
+
+	// Formatting a 1 GiB volume allocates little on the host.
+	const gib = 1024
+	oneGiB := s.programWithVolumes(neighbour, []map[string]any{
+		{"mount": "/data/v", "persistence": "host", "name": "big", "size_mib": gib},
+	})
+	expect(t, s.get("/vm/"+oneGiB+"/"), http.StatusOK)
+	expect(t, s.get("/vm/"+oneGiB+"/write-file?path=/data/v/marker&content=kept"), http.StatusOK)
+	time.Sleep(2 * time.Second) // the kernel's lazy initialisation, if any, runs meanwhile
+	image := filepath.Join(diskPersistentDir(s), oneGiB, "big.ext4")
+	var st syscall.Stat_t
+	if err := syscall.Stat(image, &st); err != nil {
+		t.Fatalf("volume image: %v", err)
+	}
+	imageUnder := allocatedUnder(t, filepath.Dir(image))
+	t.Logf("1 GiB volume: image of %d MiB allocates %d KiB (directory: %d KiB)", st.Size>>20, st.Blocks*512>>10, imageUnder>>10)
+	if st.Size != gib<<20 {
+		t.Errorf("image size %d, want %d MiB", st.Size, gib)
+	}
+	if limit := int64(4 << 20); st.Blocks*512 > limit {
+		t.Errorf("a freshly made 1 GiB volume allocates %d KiB of the host's disk, want at most %d KiB", st.Blocks*512>>10, limit>>10)
+	}
+
+	// A 2 TB volume is refused with a clear error, and nothing is made.
+	huge := s.programWithVolumes(neighbour, []map[string]any{
+		{"mount": "/data/huge", "persistence": "host", "name": "huge", "size_mib": 1953125},
+	})
+	start := time.Now()
+	r := s.get("/vm/" + huge + "/")
+	t.Logf("2 TB volume: %d in %s: %s", r.Status, time.Since(start).Round(time.Millisecond), r.Body)
+	expect(t, r, http.StatusBadRequest)
+	if !strings.Contains(string(r.Body), "MAX_VOLUME_SIZE_MIB") {
+		t.Errorf("2 TB volume refused without naming the limit: %s", r.Body)
+	}
+	if _, err := os.Stat(filepath.Join(diskPersistentDir(s), huge)); err == nil {
+		if left, _ := filepath.Glob(filepath.Join(diskPersistentDir(s), huge, "*")); len(left) > 0 {
+			t.Errorf("files made for the refused volume: %v", left)
+		}
+	}
+
+	// A volume beyond the free disk less the node's reserve: 507. The
+	// reserve is set so that 600 MiB are left for volumes.
+	s.shutdown()
+	reserve := diskFreeMiB(t, s.execRoot) - 600
+	s.restart(fmt.Sprintf("ALEPH_VM_HOST_DISK_RESERVED_MIB=%d", reserve))
+	beyond := s.programWithVolumes(neighbour, []map[string]any{
+		{"mount": "/data/beyond", "persistence": "host", "name": "beyond", "size_mib": 1000},
+	})
+	r = s.get("/vm/" + beyond + "/")
+	t.Logf("1000 MiB volume with 600 MiB left above a reserve of %d MiB: %d: %s", reserve, r.Status, r.Body)
+	expect(t, r, http.StatusInsufficientStorage)
+	if !strings.Contains(string(r.Body), "HOST_DISK_RESERVED_MIB") {
+		t.Errorf("507 without naming the reserve: %s", r.Body)
+	}
+	if _, err := os.Stat(filepath.Join(diskPersistentDir(s), beyond, "beyond.ext4")); err == nil {
+		t.Error("the refused volume's image was made")
+	}
+	if left := diskHalfMade(s); len(left) > 0 {
+		t.Errorf("half-made images left: %v", left)
+	}
+	// The existing volume still serves its data, and the neighbour answers.
+	r = s.get("/vm/" + oneGiB + "/read-file?path=/data/v/marker")
+	expect(t, r, http.StatusOK)
+	if !strings.Contains(string(r.Body), `"content":"kept"`) {
+		t.Errorf("existing volume after the refusal: %s", r.Body)
+	}
+	expect(t, s.get("/vm/"+neighbour+"/"), http.StatusOK)
+}
+
+// A supervisor killed while it formats a volume left the image behind,
+// half-made; the restart removes it and the volume is made afresh.
+func TestHostileDiskHalfMadeImageAfterKill9(t *testing.T) {
+	backendIndependent(t)
+	// An mkfs.ext4 that takes its time, found first in PATH.
+	bin := t.TempDir()
+	started := filepath.Join(bin, "started")
+	script := "#!/bin/sh\ntouch " + started + "\nsleep 30\nexec /usr/sbin/mkfs.ext4 \"$@\"\n"
+	if err := os.WriteFile(filepath.Join(bin, "mkfs.ext4"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	s := startSupervisor(t, "ALEPH_VM_PREWARM=false", "PATH="+bin+":"+os.Getenv("PATH"))
+	probe, _ := filepath.Abs("testdata/probe")
+	plain := s.upload(probe, "main:app", "--env", "ROLE=disk-halfmade")
+	prog := s.programWithVolumes(plain, []map[string]any{
+		{"mount": "/data/v", "persistence": "host", "name": "v", "size_mib": 64},
+	})
+	var wg sync.WaitGroup
+	wg.Go(func() { _, _ = client.Get(s.base + "/vm/" + prog + "/") })
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if _, err := os.Stat(started); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the volume's formatting never started")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	half := diskHalfMade(s)
+	t.Logf("while formatting: %v", half)
+	if len(half) == 0 {
+		t.Fatal("no image being made: the test looks in the wrong place")
+	}
+	s.kill9()
+	wg.Wait()
+	s.restart("PATH=" + os.Getenv("PATH"))
+	if left := diskHalfMade(s); len(left) > 0 {
+		t.Errorf("half-made images left after the restart: %v", left)
+	}
+	if _, err := os.Stat(filepath.Join(diskPersistentDir(s), prog, "v.ext4")); err == nil {
+		t.Error("a volume image was published although its formatting never ended")
+	}
+	// The volume is made afresh and works.
+	expect(t, s.get("/vm/"+prog+"/write-file?path=/data/v/marker&content=kept"), http.StatusOK)
+	s.shutdown() // nothing left: mounts, loop devices, processes (the slow mkfs included)
+}
+
+// Finding 5 of issue 20: a program asking for the node's whole vCPU
+// capacity evicted every idle program and, during one long request, held
+// the node: everyone else got 503.
+func TestHostileDiskNodeShare(t *testing.T) {
+	backendIndependent(t)
+	s := startSupervisor(t, "ALEPH_VM_PREWARM=false")
+	probe, _ := filepath.Abs("testdata/probe")
+	var idle []string
+	for i := range 3 {
+		h := s.upload(probe, "main:app", "--env", "ROLE=disk-idle"+itoa(i))
+		expect(t, s.get("/vm/"+h+"/"), http.StatusOK)
+		idle = append(idle, h)
+	}
+	uuids := func() map[string]string {
+		m := map[string]string{}
+		for _, e := range s.executions(t) {
+			m[e["vm_hash"].(string)] = e["uuid"].(string)
+		}
+		return m
+	}
+	before := uuids()
+	wide := s.upload(probe, "main:app", "--vcpus", "8", "--timeout-seconds", "120", "--env", "ROLE=disk-wide")
+	type answer struct {
+		status int
+		body   string
+		took   time.Duration
+	}
+	done := make(chan answer, 1)
+	go func() {
+		start := time.Now()
+		r := s.get("/vm/" + wide + "/sleep?seconds=60")
+		done <- answer{r.Status, string(r.Body), time.Since(start)}
+	}()
+	time.Sleep(5 * time.Second) // long enough for a start that evicts others
+
+	// Neighbours that were idle are still warm: same executions.
+	after := uuids()
+	for _, h := range idle {
+		if before[h] == "" || after[h] != before[h] {
+			t.Errorf("idle program %s: execution %q before, %q after the wide program's request", h, before[h], after[h])
+		}
+	}
+	// New small programs still get in.
+	fresh := s.upload(probe, "main:app", "--env", "ROLE=disk-fresh")
+	start := time.Now()
+	expect(t, s.get("/vm/"+fresh+"/"), http.StatusOK)
+	t.Logf("a new small program answered in %s", time.Since(start).Round(time.Millisecond))
+	for _, h := range idle {
+		expect(t, s.get("/vm/"+h+"/"), http.StatusOK)
+	}
+	select {
+	case a := <-done:
+		t.Logf("vcpus=8 program: %d in %s: %s", a.status, a.took.Round(time.Millisecond), a.body)
+		if a.status != http.StatusServiceUnavailable || !strings.Contains(a.body, "MAX_EXECUTION_SHARE") {
+			t.Errorf("vcpus=8 program answered %d %s, want 503 naming MAX_EXECUTION_SHARE", a.status, a.body)
+		}
+	case <-time.After(90 * time.Second):
+		t.Error("the vcpus=8 program's request still runs: it was admitted")
+	}
 }

@@ -1,6 +1,7 @@
 package volimage
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -13,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
+	"github.com/aleph-vm-go/vm-supervisor/internal/procs"
 )
 
 // Limits weigh new images against the node's disk. Images are sparse: a
@@ -126,7 +128,7 @@ func promisedOn(dev uint64, globs []string) int64 {
 // (one level of program directories, as persistent volumes are laid
 // out): files named TempPrefix… that no live process is making (each
 // maker holds its file's lock). Call it at start-up.
-func SweepTemporary(dir string, log *slog.Logger) error {
+func SweepTemporary(ctx context.Context, dir string, log *slog.Logger) error {
 	if dir == "" {
 		return nil
 	}
@@ -155,6 +157,10 @@ func SweepTemporary(dir string, log *slog.Logger) error {
 			continue // being made right now
 		}
 		log.Warn("removing a volume image an earlier run left half-made", "file", m)
+		// Its maker is dead; an mkfs it ran may still be writing.
+		if err := procs.KillMentioning(ctx, m+"\x00"); err != nil {
+			log.Warn("formatting process of an earlier run", "file", m, "err", err)
+		}
 		if err := os.Remove(m); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}

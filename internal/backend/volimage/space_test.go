@@ -123,7 +123,7 @@ func TestSweepTemporary(t *testing.T) {
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
 		t.Fatal(err)
 	}
-	if err := SweepTemporary(dir, slog.New(slog.NewTextHandler(io.Discard, nil))); err != nil {
+	if err := SweepTemporary(context.Background(), dir, slog.New(slog.NewTextHandler(io.Discard, nil))); err != nil {
 		t.Fatal(err)
 	}
 	for _, p := range []string{crashed, older} {
