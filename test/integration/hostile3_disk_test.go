@@ -130,6 +130,30 @@ func TestHostileDiskVolumesWeighed(t *testing.T) {
 		t.Errorf("a freshly made 1 GiB volume allocates %d KiB of the host's disk, want at most %d KiB", st.Blocks*512>>10, limit>>10)
 	}
 
+	// What a program deletes in its volume goes back to the host's disk
+	// (the host mount discards freed blocks: holes punched in the image).
+	const written = 200
+	if res := s.fill(oneGiB, "/data/v/fill", written); res.Written < written<<20 {
+		t.Fatalf("fill: %+v", res)
+	}
+	syscall.Sync()
+	full := diskAllocated(t, image)
+	expect(t, s.get("/vm/"+oneGiB+"/remove?path=/data/v/fill"), http.StatusOK)
+	emptied := full
+	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
+		syscall.Sync()
+		if emptied = diskAllocated(t, image); emptied < full-(written-50)<<20 {
+			break
+		}
+	}
+	t.Logf("image allocates %d MiB after writing %d MiB, %d MiB after deleting it", full>>20, written, emptied>>20)
+	if full < (written-50)<<20 {
+		t.Errorf("writing %d MiB grew the image to only %d MiB: the measure is wrong", written, full>>20)
+	}
+	if emptied > full-(written-50)<<20 {
+		t.Errorf("deleting %d MiB in the volume gave back only %d MiB of the host's disk", written, (full-emptied)>>20)
+	}
+
 	// A 2 TB volume is refused with a clear error, and nothing is made.
 	huge := s.programWithVolumes(neighbour, []map[string]any{
 		{"mount": "/data/huge", "persistence": "host", "name": "huge", "size_mib": 1953125},
@@ -288,4 +312,14 @@ func TestHostileDiskNodeShare(t *testing.T) {
 	case <-time.After(90 * time.Second):
 		t.Error("the vcpus=8 program's request still runs: it was admitted")
 	}
+}
+
+// diskAllocated is what path holds of its file system.
+func diskAllocated(t *testing.T, path string) int64 {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Blocks * 512
 }
