@@ -323,3 +323,52 @@ func diskAllocated(t *testing.T, path string) int64 {
 	}
 	return st.Blocks * 512
 }
+
+// diskIPForward reads the host's IPv4 forwarding switch.
+func diskIPForward(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_forward")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+func diskSetIPForward(t *testing.T, v string) {
+	t.Helper()
+	if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte(v), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Issue 20: the supervisor turned IPv4 forwarding on for the whole host
+// and never turned it back. It is now restored when the last supervisor
+// stops, also after one of them was killed with -9.
+func TestHostileDiskIPForwardRestored(t *testing.T) {
+	backendIndependent(t)
+	requirePrerequisites(t)
+	if pids := foreignSupervisors(); len(pids) > 0 {
+		t.Skipf("supervisors this test did not start run here (%v): they may need forwarding", pids)
+	}
+	orig := diskIPForward(t)
+	t.Cleanup(func() { diskSetIPForward(t, orig) })
+	diskSetIPForward(t, "0")
+
+	s := startSupervisor(t, "ALEPH_VM_PREWARM=false")
+	if got := diskIPForward(t); got != "1" {
+		t.Fatalf("forwarding %s while a supervisor with networking runs, want 1", got)
+	}
+	s.shutdown()
+	if got := diskIPForward(t); got != "0" {
+		t.Errorf("forwarding %s after the supervisor stopped, want 0 as before it", got)
+	}
+
+	// A crash, a restart, a stop: still put back.
+	s.restart()
+	s.kill9()
+	s.restart()
+	s.shutdown()
+	if got := diskIPForward(t); got != "0" {
+		t.Errorf("forwarding %s after kill -9, restart and stop, want 0 as before", got)
+	}
+}
