@@ -372,3 +372,55 @@ func TestHostileDiskIPForwardRestored(t *testing.T) {
 		t.Errorf("forwarding %s after kill -9, restart and stop, want 0 as before", got)
 	}
 }
+
+// Under honest load, with the node's vCPUs held by busy programs, a start
+// that could not fit even after evicting every idle program still evicted
+// them all before being refused; each evicted program came back as a cold
+// start on a node still full and was refused in turn (59% of requests
+// refused once 8 programs were busy). An idle program now stays warm and
+// answers; the start that cannot fit is refused alone.
+func TestHostileDiskBusyNodeKeepsIdleWarm(t *testing.T) {
+	backendIndependent(t)
+	// 2 cores × 4 = 8 vCPUs on the machines this runs on; the test
+	// reads the capacity the supervisor logged to be sure.
+	s := startSupervisor(t, "ALEPH_VM_PREWARM=false", "ALEPH_VM_INIT_TIMEOUT=300")
+	if !strings.Contains(s.logs.String(), "vcpus=8 ") {
+		t.Skipf("the scenario needs a node of 8 vCPUs: %s", s.logs.String())
+	}
+	probe, _ := filepath.Abs("testdata/probe")
+	idle := s.upload(probe, "main:app", "--env", "ROLE=disk-honest-idle")
+	expect(t, s.get("/vm/"+idle+"/"), http.StatusOK)
+	idleUUID := ""
+	for _, e := range s.executions(t) {
+		if e["vm_hash"] == idle {
+			idleUUID = e["uuid"].(string)
+		}
+	}
+	// 7 busy programs of 1 vCPU: 8 of 8 vCPUs committed.
+	var wg sync.WaitGroup
+	for i := range 7 {
+		h := s.upload(probe, "main:app", "--timeout-seconds", "120", "--env", "ROLE=disk-honest-busy"+itoa(i))
+		expect(t, s.get("/vm/"+h+"/"), http.StatusOK)
+		wg.Go(func() { expect(t, s.get("/vm/"+h+"/sleep?seconds=25"), http.StatusOK) })
+	}
+	time.Sleep(time.Second)
+	// A program of 2 vCPUs (within its share) cannot fit even if the idle
+	// one went: refused, and the idle one is left alone.
+	two := s.upload(probe, "main:app", "--vcpus", "2", "--env", "ROLE=disk-honest-two")
+	r := s.get("/vm/" + two + "/")
+	t.Logf("2-vCPU start on a node of busy programs: %d %s", r.Status, r.Body)
+	expect(t, r, http.StatusServiceUnavailable)
+	start := time.Now()
+	expect(t, s.get("/vm/"+idle+"/"), http.StatusOK)
+	t.Logf("the idle program answered in %s", time.Since(start).Round(time.Millisecond))
+	after := ""
+	for _, e := range s.executions(t) {
+		if e["vm_hash"] == idle {
+			after = e["uuid"].(string)
+		}
+	}
+	if after != idleUUID {
+		t.Errorf("the idle program's execution went from %q to %q: it was evicted for a start that could not fit", idleUUID, after)
+	}
+	wg.Wait()
+}
