@@ -21,6 +21,7 @@ import (
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/allocations"
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
+	"github.com/aleph-vm-go/vm-supervisor/internal/backend/volimage"
 	"github.com/aleph-vm-go/vm-supervisor/internal/config"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guestapi"
@@ -67,12 +68,20 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 	} else {
 		log.Info("isolation backend", "name", be.Name())
 	}
+	// Volume images are weighed against the disk that holds them, every
+	// backend's alike (volimage).
+	volimage.SetLimits(volimage.Limits{
+		MaxSizeMiB: s.MaxVolumeSizeMiB,
+		ReserveMiB: s.HostDiskReservedMiB,
+		Globs:      volimage.PromiseGlobs(s.PersistentVolumesDir, s.ExecutionRoot),
+	})
 	recoverEarlierRun(ctx, s, be, db, log)
 	capacity, err := nodeCapacity(s)
 	if err != nil {
 		return err
 	}
-	log.Info("admission", "memory_mib", capacity.MemoryMiB, "vcpus", capacity.VCPUs, "max_executions", s.MaxExecutions)
+	log.Info("admission", "memory_mib", capacity.MemoryMiB, "vcpus", capacity.VCPUs, "max_executions", s.MaxExecutions,
+		"max_execution_share", capacity.MaxShare, "max_volume_size_mib", s.MaxVolumeSizeMiB, "host_disk_reserved_mib", s.HostDiskReservedMiB)
 	if c, ok := be.(backend.Closer); ok {
 		defer func() {
 			if err := c.Close(); err != nil {
@@ -220,6 +229,9 @@ func recoverEarlierRun(ctx context.Context, s *config.Settings, be backend.Backe
 	// that process registered meanwhile is reaped now.
 	reap()
 	pool.SweepLoopDevices(log, s.ExecutionRoot, s.PersistentVolumesDir)
+	if err := pool.SweepVolumeImages(ctx, s.PersistentVolumesDir, log); err != nil {
+		log.Warn("removing half-made volume images", "err", err)
+	}
 	if n, err := db.CloseUnfinished(ctx, time.Now()); err != nil {
 		log.Warn("closing the records of an earlier run", "err", err)
 	} else if n > 0 {
@@ -404,7 +416,9 @@ func nodeCapacity(s *config.Settings) (pool.Capacity, error) {
 			s.HostMemoryReservedMiB, vm.Total>>20)
 	}
 	return pool.Capacity{
-		MemoryMiB: memory,
-		VCPUs:     max(1, int(float64(runtime.NumCPU())*s.VCPUOvercommitFactor)),
+		MemoryMiB:    memory,
+		VCPUs:        max(1, int(float64(runtime.NumCPU())*s.VCPUOvercommitFactor)),
+		MaxShare:     s.MaxExecutionShare,
+		MaxVolumeMiB: s.MaxVolumeSizeMiB,
 	}, nil
 }

@@ -97,9 +97,15 @@ type Settings struct {
 	MaxExecutions         int     // 0 = bounded by memory and vCPUs only
 	HostMemoryReservedMiB int     // HOST_MEMORY_RESERVED_MIB: kept for the host
 	VCPUOvercommitFactor  float64 // VCPU_OVERCOMMIT_FACTOR: vCPUs per core
-	MaxProgramSeconds     int     // MAX_PROGRAM_SECONDS: cap on resources.seconds
-	ProgramLogBytesPerSec int     // PROGRAM_LOG_RATE: bytes/s of program output logged
-	ProgramLogMaxBytes    int64   // PROGRAM_LOG_MAX_BYTES: per execution
+	// MAX_EXECUTION_SHARE: part of the node's memory and vCPUs one
+	// execution may reserve (allocated programs excepted); 1 = no cap.
+	MaxExecutionShare float64
+	// Disk: volumes are weighed against the disk that holds them.
+	MaxVolumeSizeMiB      int   // MAX_VOLUME_SIZE_MIB: largest size_mib of one volume; 0 = no cap
+	HostDiskReservedMiB   int64 // HOST_DISK_RESERVED_MIB: free disk never promised to volumes
+	MaxProgramSeconds     int   // MAX_PROGRAM_SECONDS: cap on resources.seconds
+	ProgramLogBytesPerSec int   // PROGRAM_LOG_RATE: bytes/s of program output logged
+	ProgramLogMaxBytes    int64 // PROGRAM_LOG_MAX_BYTES: per execution
 	// DrainTimeout bounds how long a stopping supervisor waits for the
 	// requests in flight (new ones get 503 meanwhile).
 	DrainTimeout time.Duration
@@ -199,6 +205,9 @@ func Default() *Settings {
 		MaxRequestBodySize:      10 << 20,
 		HostMemoryReservedMiB:   2048,
 		VCPUOvercommitFactor:    4,
+		MaxExecutionShare:       0.25,
+		MaxVolumeSizeMiB:        4096,
+		HostDiskReservedMiB:     2048,
 		MaxProgramSeconds:       600,
 		ProgramLogBytesPerSec:   16 << 10,
 		ProgramLogMaxBytes:      8 << 20,

@@ -201,6 +201,22 @@ var table = []descriptor{
 		},
 		get: func(s *Settings) any { return s.VCPUOvercommitFactor },
 	},
+	{
+		name: "MAX_EXECUTION_SHARE", help: "part (0-1] of the node's memory and vCPUs one execution may reserve; programs run for an allocation may exceed it; 1 = no cap",
+		set: func(s *Settings, v string) error {
+			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			if err != nil || f <= 0 || f > 1 || math.IsNaN(f) {
+				return errors.New("must be a number above 0 and at most 1 (e.g. 0.25)")
+			}
+			s.MaxExecutionShare = f
+			return nil
+		},
+		get: func(s *Settings) any { return s.MaxExecutionShare },
+	},
+	smallInt("MAX_VOLUME_SIZE_MIB", "largest size_mib of one volume (persistent or ephemeral) this node accepts; 0 = no cap", 0, 1<<30,
+		func(s *Settings) *int { return &s.MaxVolumeSizeMiB }),
+	integer("HOST_DISK_RESERVED_MIB", "free disk (MiB) never promised to volume images, kept for the host", 0, 1<<40,
+		func(s *Settings) *int64 { return &s.HostDiskReservedMiB }),
 	smallInt("MAX_PROGRAM_SECONDS", "longest request a program may take, whatever its resources.seconds says", 1, 1<<30,
 		func(s *Settings) *int { return &s.MaxProgramSeconds }),
 	smallInt("PROGRAM_LOG_RATE", "bytes per second of a program's output copied to the supervisor's log (burst 16x)", 1, 1<<30,

@@ -124,8 +124,8 @@ func (m *Manager) Setup(ctx context.Context) error {
 		return fmt.Errorf("network: %w", err)
 	}
 	m.reserved = reserved
-	if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644); err != nil {
-		return fmt.Errorf("network: enabling IPv4 forwarding: %w", err)
+	if err := m.forwarding().enable(m.self); err != nil {
+		return fmt.Errorf("network: %w", err)
 	}
 	if err := m.withNft(m.fw.install); err != nil {
 		return fmt.Errorf("network: %w", err)
@@ -361,17 +361,24 @@ func (m *Manager) teardown(idx int) error {
 	return m.leases.drop(idx)
 }
 
-// Close removes the firewall table when no other supervisor uses it. Call
+// Close removes the firewall table when no other supervisor uses it, and
+// restores IPv4 forwarding when no other supervisor needs it. Call
 // it after every network was released.
 func (m *Manager) Close() error {
+	// IPv4 forwarding goes back to what it was before the first of our
+	// supervisors turned it on, once the last of them stops.
+	restored, ferr := m.forwarding().release(m.self)
+	if restored {
+		m.log.Info("IPv4 forwarding restored to its value before the supervisor")
+	}
 	all, err := m.leases.list()
 	if err != nil {
-		return err
+		return errors.Join(ferr, err)
 	}
 	if anyAlive(all) {
-		return nil
+		return ferr
 	}
-	return m.withNft(m.fw.remove)
+	return errors.Join(ferr, m.withNft(m.fw.remove))
 }
 
 // withNft runs f with a fresh nftables connection, one batch at a time.

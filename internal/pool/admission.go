@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
+	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
 )
 
@@ -18,6 +19,32 @@ import (
 type Capacity struct {
 	MemoryMiB int // physical memory less the host's reserve
 	VCPUs     int // cores times the overcommit factor
+	// MaxShare is the part of MemoryMiB and of VCPUs one execution may
+	// reserve (MAX_EXECUTION_SHARE), unless its program is kept (run for
+	// an allocation); 0 or 1 and above: no cap. A program above it is
+	// refused at once, never admitted by evicting others: one request
+	// to a node-sized program would otherwise stop every idle program
+	// and hold the whole node for as long as it runs.
+	MaxShare float64
+	// MaxVolumeMiB caps the size_mib of one volume (MAX_VOLUME_SIZE_MIB);
+	// 0: no cap.
+	MaxVolumeMiB int
+}
+
+// shareLimits is what one execution that is not kept may reserve: never
+// less than a default program (1 vCPU, its memory), so a small node still
+// runs those.
+func (c Capacity) shareLimits() (vcpus, memoryMiB int, ok bool) {
+	if c.MaxShare <= 0 || c.MaxShare >= 1 {
+		return 0, 0, false
+	}
+	if c.VCPUs > 0 {
+		vcpus = max(message.DefaultVCPUs, int(float64(c.VCPUs)*c.MaxShare))
+	}
+	if c.MemoryMiB > 0 {
+		memoryMiB = max(message.DefaultMemory, int(float64(c.MemoryMiB)*c.MaxShare))
+	}
+	return vcpus, memoryMiB, true
 }
 
 // DefaultCapacityWait is how long a start waits for room before it is
@@ -51,8 +78,13 @@ func (p *Pool) committedLocked() (memoryMiB, vcpus, count int) {
 
 // shortfallLocked says why prog cannot be admitted now, or "" if it can.
 func (p *Pool) shortfallLocked(prog *sources.Program) string {
-	vcpus, mem := resources(prog.Content)
 	cm, cv, n := p.committedLocked()
+	return p.shortOf(prog, cm, cv, n)
+}
+
+// shortOf says why prog does not fit beside what is committed.
+func (p *Pool) shortOf(prog *sources.Program, cm, cv, n int) string {
+	vcpus, mem := resources(prog.Content)
 	c := p.opts.Capacity
 	switch {
 	case p.opts.MaxExecutions > 0 && n+1 > p.opts.MaxExecutions:
@@ -65,10 +97,40 @@ func (p *Pool) shortfallLocked(prog *sources.Program) string {
 	return ""
 }
 
-// neverFits tells a program that no amount of eviction can admit.
+// evictionHelpsLocked tells whether stopping every idle execution that
+// may be evicted, and every spare, would make room for prog. When it
+// would not (the node is full of busy executions), evicting idle ones
+// only costs them their warm state: each would come back as a cold
+// start on a node still full, and be refused in turn.
+// p.mu must be held.
+func (p *Pool) evictionHelpsLocked(prog *sources.Program) bool {
+	cm, cv, n := p.committedLocked()
+	cm -= p.spareMemoryLocked() - p.lentMemoryLocked()
+	for _, e := range p.running {
+		if p.isKept(e.hash) {
+			continue
+		}
+		if _, ok := e.idleSince(); ok {
+			v, m := resources(e.prog.Content)
+			cm, cv, n = cm-m, cv-v, n-1
+		}
+	}
+	return p.shortOf(prog, cm, cv, n) == ""
+}
+
+// neverFits tells a program that no amount of eviction can admit, or
+// that may not take so much of the node.
 func (p *Pool) neverFits(prog *sources.Program) string {
 	vcpus, mem := resources(prog.Content)
 	c := p.opts.Capacity
+	if maxV, maxM, ok := c.shareLimits(); ok && !p.isKept(prog.Hash) {
+		switch {
+		case maxV > 0 && vcpus > maxV:
+			return fmt.Sprintf("vCPUs: required %d, at most %d per program on this node (MAX_EXECUTION_SHARE %g of %d)", vcpus, maxV, c.MaxShare, c.VCPUs)
+		case maxM > 0 && mem > maxM:
+			return fmt.Sprintf("memory: required %d MiB, at most %d MiB per program on this node (MAX_EXECUTION_SHARE %g of %d MiB)", mem, maxM, c.MaxShare, c.MemoryMiB)
+		}
+	}
 	switch {
 	case c.MemoryMiB > 0 && mem > c.MemoryMiB:
 		return fmt.Sprintf("memory: required %d MiB, capacity %d MiB", mem, c.MemoryMiB)
@@ -83,6 +145,10 @@ func (p *Pool) neverFits(prog *sources.Program) string {
 // the node is full. It returns an errkind.NoCapacity error when even that
 // is not enough.
 func (p *Pool) admit(ctx context.Context, exec *Execution) error {
+	if err := p.volumesRefused(exec.prog); err != nil {
+		p.log.Warn("refusing program: volume too large", "program", exec.hash, "err", err)
+		return err
+	}
 	if why := p.neverFits(exec.prog); why != "" {
 		return p.refuse(exec, why)
 	}
@@ -120,7 +186,10 @@ func (p *Pool) admit(ctx context.Context, exec *Execution) error {
 			p.dropSpare(sp, "a program needs its memory")
 			continue
 		}
-		victim := p.idlestLocked()
+		var victim *Execution
+		if p.evictionHelpsLocked(exec.prog) {
+			victim = p.idlestLocked()
+		}
 		p.mu.Unlock()
 		if victim != nil {
 			victim.log.Info("evicting idle execution to make room", "for", exec.hash, "short_of", why)
@@ -136,6 +205,23 @@ func (p *Pool) admit(ctx context.Context, exec *Execution) error {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
+}
+
+// volumesRefused refuses a program with a volume larger than this node
+// allows, before anything is reserved or made for it.
+func (p *Pool) volumesRefused(prog *sources.Program) error {
+	limit := p.opts.Capacity.MaxVolumeMiB
+	if limit <= 0 {
+		return nil
+	}
+	for _, v := range prog.Volumes {
+		if v.Volume.SizeMiB > limit {
+			return errkind.New(errkind.InvalidInput,
+				"volume %s: size_mib %d refused: this node allows at most %d MiB per volume (MAX_VOLUME_SIZE_MIB)",
+				v.Volume.Mount, v.Volume.SizeMiB, limit)
+		}
+	}
+	return nil
 }
 
 func (p *Pool) refuse(exec *Execution, why string) error {

@@ -2,6 +2,7 @@ package pool
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"strings"
@@ -111,5 +112,96 @@ func TestRequestTimeoutIsCapped(t *testing.T) {
 	prog.Content.Resources.Seconds = 30
 	if got := newExecution(p, prog).RequestTimeout(); got != 30*time.Second {
 		t.Errorf("RequestTimeout = %s, want the program's 30 s", got)
+	}
+}
+
+// Finding 5 of issue 20: one program the size of the node evicted every
+// idle program and held the node for its whole request.
+func TestAdmissionShare(t *testing.T) {
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	ctx := context.Background()
+	now := time.Now()
+	capacity := Capacity{MemoryMiB: 4096, VCPUs: 8, MaxShare: 0.25}
+
+	t.Run("above its share: refused at once, nobody evicted", func(t *testing.T) {
+		p := New(Options{Capacity: capacity, Logger: quiet, CapacityWait: 100 * time.Millisecond})
+		idle := running(p, programWith("idle", 128, 1), now.Add(-time.Hour), 0)
+		for _, prog := range []*sources.Program{programWith("wide", 128, 8), programWith("fat", 2048, 1)} {
+			err := p.admit(ctx, newExecution(p, prog))
+			if errkind.Of(err) != errkind.NoCapacity || !strings.Contains(err.Error(), "MAX_EXECUTION_SHARE") {
+				t.Errorf("%s: admit = %v, want NoCapacity naming MAX_EXECUTION_SHARE", prog.Hash, err)
+			}
+		}
+		if idle.WaitDied(100 * time.Millisecond) {
+			t.Error("an idle execution was evicted for a program above its share")
+		}
+	})
+
+	t.Run("within its share: admitted", func(t *testing.T) {
+		p := New(Options{Capacity: capacity, Logger: quiet, CapacityWait: 100 * time.Millisecond})
+		if err := p.admit(ctx, newExecution(p, programWith("quarter", 1024, 2))); err != nil {
+			t.Fatalf("admit = %v", err)
+		}
+	})
+
+	t.Run("kept programs may exceed it", func(t *testing.T) {
+		p := New(Options{Capacity: capacity, Logger: quiet, CapacityWait: 100 * time.Millisecond})
+		p.keptMu.Lock()
+		p.kept["allocated"] = true
+		p.keptMu.Unlock()
+		if err := p.admit(ctx, newExecution(p, programWith("allocated", 2048, 8))); err != nil {
+			t.Fatalf("admit = %v", err)
+		}
+	})
+
+	t.Run("never below a default program", func(t *testing.T) {
+		p := New(Options{Capacity: Capacity{MemoryMiB: 256, VCPUs: 2, MaxShare: 0.1}, Logger: quiet, CapacityWait: 100 * time.Millisecond})
+		if err := p.admit(ctx, newExecution(p, programWith("small", 128, 1))); err != nil {
+			t.Fatalf("admit = %v", err)
+		}
+	})
+}
+
+// Under honest load, a node full of busy executions made every new start
+// evict all idle executions before it was refused anyway; each evicted
+// program then came back as a cold start and was refused in turn.
+func TestAdmissionEvictsOnlyWhenThatMakesRoom(t *testing.T) {
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	ctx := context.Background()
+	now := time.Now()
+	p := New(Options{Capacity: Capacity{MemoryMiB: 1 << 20, VCPUs: 8}, Logger: quiet, CapacityWait: 100 * time.Millisecond})
+	for i := range 8 {
+		running(p, programWith(fmt.Sprint("busy", i), 128, 1), now, 1)
+	}
+	idle := running(p, programWith("idle", 128, 1), now.Add(-time.Hour), 0)
+	// 9 vCPUs committed on 8: evicting "idle" (1) leaves 8, still no
+	// room for one more.
+	err := p.admit(ctx, newExecution(p, programWith("new", 128, 1)))
+	if errkind.Of(err) != errkind.NoCapacity {
+		t.Fatalf("admit = %v, want NoCapacity", err)
+	}
+	if idle.WaitDied(100 * time.Millisecond) {
+		t.Error("an idle execution was evicted although that could not make room")
+	}
+}
+
+func TestAdmissionVolumeCap(t *testing.T) {
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	p := New(Options{Capacity: Capacity{MemoryMiB: 4096, VCPUs: 8, MaxVolumeMiB: 4096}, Logger: quiet, CapacityWait: 100 * time.Millisecond})
+	prog := programWith("volumes", 128, 1)
+	vol := func(size int) sources.ResolvedVolume {
+		var v sources.ResolvedVolume
+		v.Kind = message.VolumePersistent
+		v.Volume.Mount, v.Volume.SizeMiB = "/data", size
+		return v
+	}
+	prog.Volumes = []sources.ResolvedVolume{vol(2 << 20)}
+	err := p.admit(context.Background(), newExecution(p, prog))
+	if errkind.HTTPStatus(err) != 400 || !strings.Contains(err.Error(), "MAX_VOLUME_SIZE_MIB") {
+		t.Errorf("2 TiB volume: admit = %v (status %d), want 400 naming MAX_VOLUME_SIZE_MIB", err, errkind.HTTPStatus(err))
+	}
+	prog.Volumes = []sources.ResolvedVolume{vol(4096)}
+	if err := p.admit(context.Background(), newExecution(p, prog)); err != nil {
+		t.Errorf("volume at the cap: admit = %v", err)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/aleph-vm-go/vm-supervisor/internal/backend/volimage"
 	"github.com/aleph-vm-go/vm-supervisor/internal/loopdev"
 	"github.com/aleph-vm-go/vm-supervisor/internal/mountinfo"
 	"github.com/aleph-vm-go/vm-supervisor/internal/procs"
@@ -82,4 +83,13 @@ func SweepLoopDevices(log *slog.Logger, dirs ...string) {
 			}
 		}
 	}
+}
+
+// SweepVolumeImages removes the persistent volume images a crash left
+// half-made (being formatted at kill -9) under PERSISTENT_VOLUMES_DIR:
+// they never became volumes, and each may hold up to its size_mib. Call
+// it at start-up, with SweepExecutions (which removes ephemeral images
+// with their execution directories).
+func SweepVolumeImages(ctx context.Context, persistentDir string, log *slog.Logger) error {
+	return volimage.SweepTemporary(ctx, persistentDir, log)
 }

@@ -351,3 +351,58 @@ func (c cgroup) watchThrash(ctx context.Context, log *slog.Logger, onThrash func
 		lastFail = fail
 	}
 }
+
+// cgroupMarkers is the directory, under runsc's --root, where each sandbox
+// of this supervisor names its cgroups while they may exist: the one way
+// to tell ours from those of another supervisor sharing the parent.
+func cgroupMarkers(rootDir string) string { return filepath.Join(rootDir, "cgroups") }
+
+func markCgroup(rootDir, id string) error {
+	dir := cgroupMarkers(rootDir)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("cgroup marker: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, id), nil, 0o600); err != nil {
+		return fmt.Errorf("cgroup marker: %w", err)
+	}
+	return nil
+}
+
+func unmarkCgroup(rootDir, id string) error {
+	if err := os.Remove(filepath.Join(cgroupMarkers(rootDir), id)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("cgroup marker: %w", err)
+	}
+	return nil
+}
+
+// reapCgroups removes the cgroups, in every hierarchy, of the sandboxes
+// an earlier run marked, whether or not runsc still lists them. Call it
+// once their processes are gone.
+func (b *Backend) reapCgroups(ctx context.Context) error {
+	entries, err := os.ReadDir(cgroupMarkers(b.opts.RootDir))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("gvisor: cgroup markers: %w", err)
+	}
+	var errs []error
+	for _, e := range entries {
+		id := e.Name()
+		if !containerIDPattern.MatchString(id) {
+			continue
+		}
+		cg := newCgroup(b.opts.CgroupParent, id)
+		if dirs := cg.existingDirs(); len(dirs) > 0 {
+			b.log.Warn("removing cgroups an earlier run left", "id", id, "dirs", len(dirs))
+		}
+		if err := cg.remove(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("gvisor: %w", err))
+			continue
+		}
+		if err := unmarkCgroup(b.opts.RootDir, id); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -254,6 +254,13 @@ func (b *Backend) Reap(ctx context.Context) error {
 		}
 		_ = newCgroup(b.opts.CgroupParent, id).remove(ctx)
 	}
+	// Cgroups outlive runsc (ours on purpose, runsc's when it was killed)
+	// and `runsc list` forgets a container whose state it lost: every
+	// cgroup a sandbox of ours may have left is named by a marker under
+	// our --root.
+	if err := b.reapCgroups(ctx); err != nil {
+		errs = append(errs, err)
+	}
 	unmountNullNetns(b.opts.RootDir)
 	// No sandbox of ours runs any more: runtime mounts left by a crash
 	// serve nobody.
