@@ -78,21 +78,32 @@ type Options struct {
 	// answers them 500, as aleph-vm does without its VM connector.
 	Signer *nodekey.Key
 	// Client reaches APIServer; nil means a client with aleph-vm's
-	// (aiohttp's) five-minute bound.
+	// (aiohttp's) five-minute bound. Either way redirects are followed
+	// only within APIServer's host.
 	Client *http.Client
-	Logger *slog.Logger
+	// Publications limits what the node signs for programs; nil means
+	// no limit. Share one between every execution's handler.
+	Publications *Publications
+	// Connections bound this execution's guest API connections; zero
+	// fields take DefaultConnLimits.
+	Connections ConnLimits
+	Logger      *slog.Logger
 }
 
 // New returns the handler for one program's guest API.
 func New(o Options) http.Handler {
-	g := &guestAPI{o: o, log: o.Logger, client: o.Client}
+	g := &guestAPI{o: o, log: o.Logger}
 	if g.log == nil {
 		g.log = slog.Default()
 	}
-	if g.client == nil {
+	if o.Client != nil {
+		c := *o.Client
+		g.client = &c
+	} else {
 		g.client = &http.Client{Timeout: 5 * time.Minute}
 	}
 	g.apiServer = strings.TrimRight(o.APIServer, "/")
+	g.client.CheckRedirect = sameHostRedirects(g.apiServer)
 	if o.Cache != nil {
 		g.cache = &cacheHandler{c: o.Cache, ns: namespace(o.Program.Hash), mine: make(chan struct{}, perProgramValues)}
 	}
