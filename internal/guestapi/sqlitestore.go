@@ -5,7 +5,6 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
-	"os"
 	"time"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
@@ -69,10 +68,6 @@ func OpenDisk(ctx context.Context, path string, limits Limits) (*DiskStore, erro
 	}); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("guest cache: schema of %s: %w", path, err)
-	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		db.Close()
-		return nil, fmt.Errorf("guest cache: %w", err)
 	}
 	return &DiskStore{db: db, path: path, limits: limits.withDefaults(), now: time.Now}, nil
 }

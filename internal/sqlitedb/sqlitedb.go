@@ -17,7 +17,10 @@ import (
 )
 
 // Open opens (creating if needed) the database at path, its directory
-// made 0700. Every connection runs pragmas first (in order: some, like
+// made 0700 and the file 0600 before SQLite first writes to it (SQLite
+// gives its -wal and -shm files the database file's mode): programs' data
+// and the node's records are no other local user's to read. Files of an
+// earlier version are made 0600 too. Every connection runs pragmas first (in order: some, like
 // auto_vacuum, only act on a new file), then the shared ones:
 //   - WAL, so that readers run while a writer writes;
 //   - busy_timeout, so that concurrent writers wait for the lock instead
@@ -28,6 +31,9 @@ import (
 func Open(path string, pragmas ...string) (*sql.DB, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("create directory: %w", err)
+	}
+	if err := makePrivate(path); err != nil {
+		return nil, err
 	}
 	q := url.Values{}
 	for _, p := range pragmas {
@@ -43,6 +49,22 @@ func Open(path string, pragmas ...string) (*sql.DB, error) {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
 	return db, nil
+}
+
+// makePrivate creates path 0600 if it is missing and makes it and
+// SQLite's side files 0600 whatever the umask was when they were made.
+func makePrivate(path string) error {
+	f, err := os.OpenFile(path, os.O_RDONLY|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("create %s: %w", path, err)
+	}
+	f.Close()
+	for _, p := range []string{path, path + "-wal", path + "-shm", path + "-journal"} {
+		if err := os.Chmod(p, 0o600); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("make %s private: %w", p, err)
+		}
+	}
+	return nil
 }
 
 // busyCode is SQLITE_BUSY; extended codes keep it in their low byte.
