@@ -53,6 +53,10 @@ type Cache struct {
 const (
 	globalValues     = 16
 	perProgramValues = 4
+	// perProgramLists bounds one execution's listings in progress: with
+	// its values in flight, fewer than the embedded store's readers, so
+	// that a program listing in a loop leaves readers to the others.
+	perProgramLists = 2
 )
 
 // NewCache wraps a store. maxValueSize ≤ 0 means DefaultMaxValueSize.
@@ -105,7 +109,8 @@ func New(o Options) http.Handler {
 	g.apiServer = strings.TrimRight(o.APIServer, "/")
 	g.client.CheckRedirect = sameHostRedirects(g.apiServer)
 	if o.Cache != nil {
-		g.cache = &cacheHandler{c: o.Cache, ns: namespace(o.Program.Hash), mine: make(chan struct{}, perProgramValues)}
+		g.cache = &cacheHandler{c: o.Cache, ns: namespace(o.Program.Hash),
+			mine: make(chan struct{}, perProgramValues), lists: make(chan struct{}, perProgramLists)}
 	}
 	return g
 }
@@ -186,9 +191,10 @@ func namespace(hash string) string {
 }
 
 type cacheHandler struct {
-	c    *Cache
-	ns   string
-	mine chan struct{} // this execution's share of values in flight
+	c     *Cache
+	ns    string
+	mine  chan struct{} // this execution's share of values in flight
+	lists chan struct{} // this execution's listings in progress
 }
 
 // acquire takes one of this program's value slots, then a global one.
@@ -214,6 +220,13 @@ func (h *cacheHandler) list(w http.ResponseWriter, r *http.Request) {
 	}
 	if !ValidPattern(pattern) {
 		writeText(w, http.StatusBadRequest, "Invalid key")
+		return
+	}
+	select {
+	case h.lists <- struct{}{}:
+		defer func() { <-h.lists }()
+	case <-r.Context().Done():
+		h.fail(w, r, r.Context().Err())
 		return
 	}
 	keys, err := h.c.Store.Keys(r.Context(), h.ns, pattern)
