@@ -61,18 +61,28 @@ async def hoard_connections(n: int = 3000):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ValueError, OSError):
         pass
-    opened, error = 0, None
+    opened, error, retries = 0, None, 0
     for _ in range(n):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(_sock_path())
-        except OSError as e:
-            s.close()
-            error = f"{type(e).__name__}: {e}"
+        for attempt in range(500):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(_sock_path())
+                error = None
+                break
+            except BlockingIOError as e:  # the agent's backlog is full: it catches up
+                s.close()
+                s, error = None, f"{type(e).__name__}: {e}"
+                retries += 1
+                await asyncio.sleep(0.01)
+            except OSError as e:
+                s.close()
+                s, error = None, f"{type(e).__name__}: {e}"
+                break
+        if s is None:
             break
         hoard.append(s)
         opened += 1
-    return {"opened": opened, "held": len(hoard), "error": error,
+    return {"opened": opened, "held": len(hoard), "error": error, "retries": retries,
             "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)}
 
 
@@ -102,15 +112,16 @@ async def release():
 
 
 @app.get("/list-start")
-async def list_start(threads: int = 16):
-    """Lists the program's cache keys in a loop from several threads."""
+async def list_start(threads: int = 16, pattern: str = "*"):
+    """Lists the program's cache keys matching pattern in a loop from
+    several threads."""
     stop = threading.Event()
     listing.update(stop=stop, count=0, errors=0)
 
     def loop():
         while not stop.is_set():
             try:
-                status, _, _ = _call("GET", "/cache/?pattern=*", timeout=30)
+                status, _, _ = _call("GET", f"/cache/?pattern={pattern}", timeout=30)
                 if status == 200:
                     listing["count"] += 1
                 else:
