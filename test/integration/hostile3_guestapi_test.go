@@ -210,10 +210,11 @@ func gapiFDs(t *testing.T, pid int) int {
 // and keeps them: the supervisor holds at most GUEST_API_MAX_CONNECTIONS
 // of them (the idlest are closed at once), its memory and descriptors stay
 // bounded, and the program's own later guest API call and a neighbour's
-// still answer.
+// still answer. Below the cap, silent connections time out.
 func TestGapiIdleConnectionsBounded(t *testing.T) {
 	backendIndependent(t)
-	s := startSupervisor(t)
+	const keep = 32 // the default is 64
+	s := startSupervisor(t, fmt.Sprintf("ALEPH_VM_GUEST_API_MAX_CONNECTIONS=%d", keep), "ALEPH_VM_GUEST_API_READ_HEADER_TIMEOUT=3")
 	// Memory for the guest's side of ten thousand connections.
 	hostile := s.upload("testdata/gapi", "main:app", "--memory", "1024")
 	neighbour := s.upload("testdata/gapi", "main:app", "--env", "ROLE=neighbour")
@@ -223,6 +224,15 @@ func TestGapiIdleConnectionsBounded(t *testing.T) {
 			t.Fatalf("properties: %d %s", code, body)
 		}
 	}
+	// Under the cap, connections that never send a request are closed
+	// after GUEST_API_READ_HEADER_TIMEOUT (3 s here).
+	gapiJSON(t, s, hostile, "/hoard?n=5")
+	time.Sleep(6 * time.Second)
+	if state := gapiJSON(t, s, hostile, "/hoard-state"); state["closed_by_host"] != float64(5) {
+		t.Errorf("silent connections after the read header timeout: %v, want all 5 closed", state)
+	}
+	gapiJSON(t, s, hostile, "/release")
+
 	pid := s.cmd.Process.Pid
 	rssBefore, fdsBefore := vmRSS(t, pid), gapiFDs(t, pid)
 
@@ -231,11 +241,11 @@ func TestGapiIdleConnectionsBounded(t *testing.T) {
 	start := time.Now()
 	h := gapiJSON(t, s, hostile, fmt.Sprintf("/hoard?n=%d", n))
 	opened, _ := h["opened"].(float64)
-	// The last ones reach the host, which closes all but 64.
+	// The last ones reach the host, which closes all but keep.
 	var state map[string]any
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(time.Second) {
 		state = gapiJSON(t, s, hostile, "/hoard-state")
-		if closed, _ := state["closed_by_host"].(float64); closed >= opened-64 || time.Now().After(deadline) {
+		if closed, _ := state["closed_by_host"].(float64); closed >= opened-keep || time.Now().After(deadline) {
 			break
 		}
 	}
@@ -246,7 +256,8 @@ func TestGapiIdleConnectionsBounded(t *testing.T) {
 	if opened < n/2 {
 		t.Fatalf("the program opened only %v connections: not an attack (%v)", opened, h)
 	}
-	// 64 connections of a few KiB each, plus the churn of closed streams.
+	// keep connections of a few KiB each, plus the churn of closed streams
+	// (each freed at most 10 s after it was closed).
 	const rssBound = 40 << 20
 	if peak-rssBefore > rssBound {
 		t.Errorf("supervisor RSS grew by %d MiB (bound %d MiB)", (peak-rssBefore)>>20, rssBound>>20)
@@ -254,8 +265,8 @@ func TestGapiIdleConnectionsBounded(t *testing.T) {
 	if fdsAfter-fdsBefore > 20 {
 		t.Errorf("supervisor fds grew from %d to %d", fdsBefore, fdsAfter)
 	}
-	if closed, _ := state["closed_by_host"].(float64); closed < opened-64 {
-		t.Errorf("the host closed %v of %v idle connections, want all but 64", closed, opened)
+	if closed, _ := state["closed_by_host"].(float64); closed != opened-keep {
+		t.Errorf("the host closed %v of %v idle connections, want all but %d", closed, opened, keep)
 	}
 	// Still holding them all, the program's own call is answered.
 	if code, body, _ := gapiCall(t, s, hostile, "GET", "/properties", ""); code != 200 {
