@@ -105,6 +105,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 		return err
 	}
 	defer closeGuestCache()
+	publications := guestapi.NewPublications(int(s.GuestAPIPublicationsPerMinute), int(s.GuestAPINodePublicationsPerMinute))
 	m := metrics.New()
 	p := pool.New(poolOptions(s, poolDeps{
 		metrics: m, source: source, backend: be, backendErr: beErr, records: db, capacity: capacity,
@@ -116,6 +117,13 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 				APIServer: s.APIServer,
 				Signer:    signer,
 				Logger:    log,
+				// Shared by every execution: the node's budget is one.
+				Publications: publications,
+				Connections: guestapi.ConnLimits{
+					Max:               int(s.GuestAPIMaxConnections),
+					ReadHeaderTimeout: s.GuestAPIReadHeaderTimeout,
+					IdleTimeout:       s.GuestAPIIdleTimeout,
+				},
 			})
 		},
 	}, log))

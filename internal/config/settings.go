@@ -147,6 +147,17 @@ type Settings struct {
 	GuestCacheMaxKeys       int64
 	GuestCacheMaxBytes      int64
 	GuestCacheMaxTotalBytes int64
+
+	// The guest API's connections (GUEST_API_*): streams each execution
+	// may hold open at once, how long one may take to send a request's
+	// headers and stay idle between requests.
+	GuestAPIMaxConnections    int64
+	GuestAPIReadHeaderTimeout time.Duration
+	GuestAPIIdleTimeout       time.Duration
+	// Node-signed publications (/sign and pubsub through the guest API):
+	// how many per minute each program and the whole node may make.
+	GuestAPIPublicationsPerMinute     int64
+	GuestAPINodePublicationsPerMinute int64
 }
 
 // defaultAgentPath finds vm-agent beside the running binary, where `make
@@ -224,6 +235,12 @@ func Default() *Settings {
 		GuestCacheMaxKeys:       1000,
 		GuestCacheMaxBytes:      64 << 20,
 		GuestCacheMaxTotalBytes: 1 << 30,
+
+		GuestAPIMaxConnections:            64,
+		GuestAPIReadHeaderTimeout:         10 * time.Second,
+		GuestAPIIdleTimeout:               60 * time.Second,
+		GuestAPIPublicationsPerMinute:     10,
+		GuestAPINodePublicationsPerMinute: 60,
 
 		// aleph-vm's unit gives its supervisor TimeoutStopSec=30s.
 		DrainTimeout: 30 * time.Second,

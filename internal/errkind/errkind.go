@@ -31,6 +31,7 @@ const (
 	ResourceMissing      // a ref of the program (code, runtime, volume) cannot be obtained: 400
 	ProgramFailed        // the program's own code failed to start (traceback for the client): 500
 	ShuttingDown         // the supervisor is draining before it stops: 503
+	RateLimited          // too many requests of this kind for now: 429
 )
 
 var names = map[Kind]string{
@@ -39,7 +40,7 @@ var names = map[Kind]string{
 	Timeout: "timeout", BadGateway: "bad gateway", TooLarge: "too large",
 	Forbidden: "forbidden", Unauthorized: "unauthorized", Conflict: "conflict",
 	Unsupported: "unsupported", Upstream: "upstream error", ResourceMissing: "resource missing",
-	ProgramFailed: "program failed", ShuttingDown: "shutting down",
+	ProgramFailed: "program failed", ShuttingDown: "shutting down", RateLimited: "rate limited",
 }
 
 func (k Kind) String() string { return names[k] }

@@ -37,6 +37,8 @@ func HTTPStatus(err error) int {
 		return http.StatusServiceUnavailable
 	case Timeout:
 		return http.StatusGatewayTimeout
+	case RateLimited:
+		return http.StatusTooManyRequests
 	case BadGateway, Upstream:
 		return http.StatusBadGateway
 	case ProgramFailed:

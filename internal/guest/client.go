@@ -50,7 +50,8 @@ type Client struct {
 	exitErr error // why the program ended by itself, if it did
 	srv     *http.Server
 
-	api *StreamListener
+	api      *StreamListener
+	apiConns *apiConns // the guest API connections open
 
 	warm     chan struct{} // closed when the agent says its interpreter is warm
 	warmOnce sync.Once
@@ -83,13 +84,14 @@ func Dial(ch io.ReadWriteCloser, log *slog.Logger) (*Client, error) {
 		return nil, fmt.Errorf("start multiplexer: %w", err)
 	}
 	c := &Client{
-		log:     log,
-		sess:    sess,
-		first:   make(chan Status, 1),
-		stopped: make(chan Status, 1),
-		done:    make(chan struct{}),
-		api:     NewStreamListener(sess),
-		warm:    make(chan struct{}),
+		log:      log,
+		sess:     sess,
+		first:    make(chan Status, 1),
+		stopped:  make(chan Status, 1),
+		done:     make(chan struct{}),
+		api:      NewStreamListener(sess),
+		apiConns: newAPIConns(),
+		warm:     make(chan struct{}),
 	}
 	// Accept from the start: the program may call the guest API during its
 	// lifespan startup, before the caller had a chance to ServeGuestAPI,
@@ -193,16 +195,24 @@ func (c *Client) DialHTTP(ctx context.Context) (net.Conn, error) {
 }
 
 // ServeGuestAPI serves the program's guest API calls with h until Close.
-// Calls made before it was called wait for it.
+// Calls made before it was called wait for it. A handler that is a
+// ConnectionLimiter bounds the connections (else the defaults do).
 func (c *Client) ServeGuestAPI(h http.Handler) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.srv != nil {
 		return
 	}
+	maxConns, header, idle := defaultAPIConns, defaultAPIReadHeaderTimeout, defaultAPIIdleTimeout
+	if l, ok := h.(ConnectionLimiter); ok {
+		maxConns, header, idle = l.ConnectionLimits()
+	}
+	c.apiConns.setMax(maxConns)
 	c.srv = &http.Server{
 		Handler:           h,
-		ReadHeaderTimeout: 30 * time.Second,
+		ReadHeaderTimeout: header,
+		IdleTimeout:       idle,
+		ConnState:         c.apiConns.state,
 		ErrorLog:          slog.NewLogLogger(c.log.Handler(), slog.LevelDebug),
 	}
 	go func() {
@@ -287,6 +297,12 @@ func (c *Client) acceptLoop() {
 			if err != nil || kind != StreamGuestAPI {
 				c.log.Warn("rejecting guest stream", "type", kind, "err", err)
 				s.Close()
+				return
+			}
+			if !c.apiConns.admit(s) {
+				// Debug: a program's doing, which must not flood the log.
+				c.log.Debug("guest API connection refused: every connection is busy", "open", c.apiConns.count())
+				closeNow(s)
 				return
 			}
 			c.api.Push(s)

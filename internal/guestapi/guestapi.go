@@ -53,6 +53,10 @@ type Cache struct {
 const (
 	globalValues     = 16
 	perProgramValues = 4
+	// perProgramLists bounds one execution's listings in progress: with
+	// its values in flight, fewer than the embedded store's readers, so
+	// that a program listing in a loop leaves readers to the others.
+	perProgramLists = 2
 )
 
 // NewCache wraps a store. maxValueSize ≤ 0 means DefaultMaxValueSize.
@@ -78,23 +82,35 @@ type Options struct {
 	// answers them 500, as aleph-vm does without its VM connector.
 	Signer *nodekey.Key
 	// Client reaches APIServer; nil means a client with aleph-vm's
-	// (aiohttp's) five-minute bound.
+	// (aiohttp's) five-minute bound. Either way redirects are followed
+	// only within APIServer's host.
 	Client *http.Client
-	Logger *slog.Logger
+	// Publications limits what the node signs for programs; nil means
+	// no limit. Share one between every execution's handler.
+	Publications *Publications
+	// Connections bound this execution's guest API connections; zero
+	// fields take DefaultConnLimits.
+	Connections ConnLimits
+	Logger      *slog.Logger
 }
 
 // New returns the handler for one program's guest API.
 func New(o Options) http.Handler {
-	g := &guestAPI{o: o, log: o.Logger, client: o.Client}
+	g := &guestAPI{o: o, log: o.Logger}
 	if g.log == nil {
 		g.log = slog.Default()
 	}
-	if g.client == nil {
+	if o.Client != nil {
+		c := *o.Client
+		g.client = &c
+	} else {
 		g.client = &http.Client{Timeout: 5 * time.Minute}
 	}
 	g.apiServer = strings.TrimRight(o.APIServer, "/")
+	g.client.CheckRedirect = sameHostRedirects(g.apiServer)
 	if o.Cache != nil {
-		g.cache = &cacheHandler{c: o.Cache, ns: namespace(o.Program.Hash), mine: make(chan struct{}, perProgramValues)}
+		g.cache = &cacheHandler{c: o.Cache, ns: namespace(o.Program.Hash),
+			mine: make(chan struct{}, perProgramValues), lists: make(chan struct{}, perProgramLists)}
 	}
 	return g
 }
@@ -175,9 +191,10 @@ func namespace(hash string) string {
 }
 
 type cacheHandler struct {
-	c    *Cache
-	ns   string
-	mine chan struct{} // this execution's share of values in flight
+	c     *Cache
+	ns    string
+	mine  chan struct{} // this execution's share of values in flight
+	lists chan struct{} // this execution's listings in progress
 }
 
 // acquire takes one of this program's value slots, then a global one.
@@ -203,6 +220,13 @@ func (h *cacheHandler) list(w http.ResponseWriter, r *http.Request) {
 	}
 	if !ValidPattern(pattern) {
 		writeText(w, http.StatusBadRequest, "Invalid key")
+		return
+	}
+	select {
+	case h.lists <- struct{}{}:
+		defer func() { <-h.lists }()
+	case <-r.Context().Done():
+		h.fail(w, r, r.Context().Err())
 		return
 	}
 	keys, err := h.c.Store.Keys(r.Context(), h.ns, pattern)

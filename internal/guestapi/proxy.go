@@ -19,8 +19,9 @@ import (
 // proxy relays a GET, HEAD or OPTIONS request to the Aleph API as
 // aleph-vm's guest API does (guest_api/__main__.py:40-49): same method,
 // path and query, no request headers or body; the answer's status, body
-// and media type only. Redirects are followed and compressed bodies
-// decoded, as aiohttp's client does. An unreachable API is aiohttp's 500.
+// and media type only. Compressed bodies are decoded, as aiohttp's client
+// does; redirects are followed only within the API's host (aiohttp follows
+// any), others relayed as they are. An unreachable API is aiohttp's 500.
 func (g *guestAPI) proxy(w http.ResponseWriter, r *http.Request) {
 	if g.apiServer == "" {
 		writeTrouble(w)
@@ -105,6 +106,10 @@ func (g *guestAPI) repost(w http.ResponseWriter, r *http.Request) {
 	}
 	if g.o.Signer == nil || g.apiServer == "" {
 		writeTrouble(w) // no connector to forward to
+		return
+	}
+	if retry, err := g.o.Publications.take(g.o.Program.Hash); err != nil {
+		g.refuse(w, r, err, retry)
 		return
 	}
 	if err := g.publishPost(r.Context(), msg, content); err != nil {

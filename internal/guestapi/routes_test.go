@@ -51,29 +51,58 @@ func TestProperties(t *testing.T) {
 	do(t, New(Options{}), "GET", "/properties", nil).is(t, "no signer", 500, textType, trouble)
 }
 
+// signRequest is a message for address's content, inline with its true
+// item hash, as a program's SDK makes it.
 func signRequest(address string, extra string) string {
 	content, _ := json.Marshal(map[string]any{"address": address, "type": "test", "time": 1.5})
 	ic, _ := json.Marshal(string(content))
-	return `{"chain": "ETH", "type": "POST"` + extra + `, "item_hash": "` + strings.Repeat("a", 64) +
+	return `{"chain": "ETH", "type": "POST"` + extra + `, "item_hash": "` + sha256Hex(content) +
 		`", "item_type": "inline", "item_content": ` + string(ic) + `, "channel": "TEST", "time": 1.5}`
 }
 
+func sha256Hex(b []byte) string {
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
+
 func TestSign(t *testing.T) {
-	h := New(Options{Program: Program{Hash: testVMHash}, Signer: testKey(t)})
+	key := testKey(t)
+	h := New(Options{Program: Program{Hash: testVMHash}, Signer: key})
 	s := strings.NewReader
-	// The signature ethers makes for "ETH\n<address>\nPOST\naaaa…" with
-	// this key (nodekey TestKnownVector).
-	const sig = "0x17bb6fdd867695bd459bb29506071e67ce46e726d2b61f9c0a1604b2ef7eb8340dc0ff1093e165de15df25764b65a9bb031ee7601adf2ae9d951a3d1086989621c"
+	content, _ := json.Marshal(map[string]any{"address": testVMHash, "type": "test", "time": 1.5})
+	ic, _ := json.Marshal(string(content))
+	itemHash := sha256Hex(content)
+	// nodekey's TestKnownVector checks SignPersonal against ethers.
+	sig := key.SignPersonal(nodekey.VerificationBuffer("ETH", testAddress, "POST", itemHash))
 
 	// No sender: the connector's SDK (BaseAccount._setup_sender) adds the
 	// node's address at the end, then signature (sign_message); FastAPI
 	// returns the dict compact, in order (connector:195-204).
 	r := do(t, h, "POST", "/sign", s(signRequest(testVMHash, "")))
-	content, _ := json.Marshal(map[string]any{"address": testVMHash, "type": "test", "time": 1.5})
-	ic, _ := json.Marshal(string(content))
-	want := `{"chain":"ETH","type":"POST","item_hash":"` + strings.Repeat("a", 64) + `","item_type":"inline","item_content":` +
+	want := `{"chain":"ETH","type":"POST","item_hash":"` + itemHash + `","item_type":"inline","item_content":` +
 		string(ic) + `,"channel":"TEST","time":1.5,"sender":"` + testAddress + `","signature":"` + sig + `"}`
 	r.is(t, "sign", 200, "application/json", want)
+
+	// The signature covers item_hash, not item_content: a hash that is not
+	// the content's would have the node sign someone else's message (the
+	// hash of another program's content), and only inline content can be
+	// hashed here.
+	other, _ := json.Marshal(map[string]any{"address": strings.Repeat("0", 64), "type": "test", "time": 1.5})
+	forged := strings.Replace(signRequest(testVMHash, ""), itemHash, sha256Hex(other), 1)
+	do(t, h, "POST", "/sign", s(forged)).is(t, "another content's hash", 403, textType,
+		"403: item_hash is not the sha256 of item_content: the node signs only the program's own content")
+	upper := strings.Replace(signRequest(testVMHash, ""), itemHash, strings.ToUpper(itemHash), 1)
+	do(t, h, "POST", "/sign", s(upper)).is(t, "upper-case hash", 403, textType,
+		"403: item_hash is not the sha256 of item_content: the node signs only the program's own content")
+	for _, typ := range []string{`"storage"`, `"ipfs"`, `null`, `1`} {
+		body := strings.Replace(signRequest(testVMHash, ""), `"item_type": "inline"`, `"item_type": `+typ, 1)
+		do(t, h, "POST", "/sign", s(body)).is(t, "item_type "+typ, 400, textType,
+			`400: only inline messages can be signed (item_type "inline")`)
+	}
+	noType := strings.Replace(signRequest(testVMHash, ""), `"item_type": "inline", `, "", 1)
+	if r := do(t, h, "POST", "/sign", s(noType)); r.code != 400 {
+		t.Errorf("no item_type: %+v", r)
+	}
 
 	// An empty sender is replaced where it stands; the node's own is kept.
 	r = do(t, h, "POST", "/sign", s(signRequest(testVMHash, `, "sender": ""`)))
@@ -94,9 +123,13 @@ func TestSign(t *testing.T) {
 	for _, extra := range []string{`, "sender": "0x0000000000000000000000000000000000000001"`, `, "sender": "` + strings.ToLower(testAddress) + `"`} {
 		do(t, h, "POST", "/sign", s(signRequest(testVMHash, extra))).is(t, "foreign sender", 500, "text/plain", "Internal Server Error")
 	}
-	// A message without what the verification buffer needs: the same.
+	// A message without the item hash the signature covers.
 	noHash := strings.Replace(signRequest(testVMHash, ""), `"item_hash"`, `"hash"`, 1)
-	do(t, h, "POST", "/sign", s(noHash)).is(t, "no item_hash", 500, "text/plain", "Internal Server Error")
+	do(t, h, "POST", "/sign", s(noHash)).is(t, "no item_hash", 400, textType, "400: item_hash is not a string")
+	// Without a type, chain or sender the verification buffer cannot be made:
+	// FastAPI's plain 500 as upstream.
+	noChain := strings.Replace(signRequest(testVMHash, ""), `"chain": "ETH", `, "", 1)
+	do(t, h, "POST", "/sign", s(noChain)).is(t, "no chain", 500, "text/plain", "Internal Server Error")
 
 	// What guest_api:93-97 cannot read raises there: aiohttp's 500.
 	for name, body := range map[string]string{

@@ -2,6 +2,8 @@ package guestapi
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -9,6 +11,7 @@ import (
 	"net/http"
 	"strings"
 
+	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/nodekey"
 )
 
@@ -41,6 +44,12 @@ func (g *guestAPI) properties(w http.ResponseWriter, r *http.Request) {
 // BaseAccount._setup_sender: an empty sender becomes the node's address,
 // another sender is refused). Malformed requests get aiohttp's or
 // FastAPI's 500, as they do upstream.
+//
+// Past aleph-vm: the signature covers item_hash, not the content whose
+// address was checked, so the message must be inline with item_hash the
+// sha256 of item_content (else 400 for another item type, 403 for a hash
+// that is not the content's: a signature for someone else's message); and
+// signatures are rate-limited (429).
 func (g *guestAPI) sign(w http.ResponseWriter, r *http.Request) {
 	k := g.o.Signer
 	body, ok := readBody(w, r, DefaultMaxValueSize)
@@ -62,8 +71,16 @@ func (g *guestAPI) sign(w http.ResponseWriter, r *http.Request) {
 		writeText(w, http.StatusBadRequest, "400: Message address does not match VM item_hash")
 		return
 	}
+	if err := checkItemHash(msg); err != nil {
+		g.refuse(w, r, err, 0)
+		return
+	}
 	if k == nil {
 		writeTrouble(w)
+		return
+	}
+	if retry, err := g.o.Publications.take(g.o.Program.Hash); err != nil {
+		g.refuse(w, r, err, retry)
 		return
 	}
 	signed, err := signMessage(k, msg)
@@ -79,6 +96,31 @@ func (g *guestAPI) sign(w http.ResponseWriter, r *http.Request) {
 	}
 	g.log.Debug("guest API signed a message", "program", g.o.Program.Hash, "signer", k)
 	writeRelayed(w, http.StatusOK, "application/json", out)
+}
+
+// checkItemHash refuses a message whose signature would not cover the
+// content that was checked: item_type must be "inline" (400) and
+// item_hash the hex sha256 of item_content (403). item_content was read
+// as a string by contentAddress already.
+func checkItemHash(msg object) error {
+	var itemType, itemHash, content string
+	raw, ok := msg.get("item_type")
+	if !ok || json.Unmarshal(raw, &itemType) != nil || itemType != "inline" {
+		return errkind.New(errkind.InvalidInput, `only inline messages can be signed (item_type "inline")`)
+	}
+	raw, _ = msg.get("item_content")
+	if json.Unmarshal(raw, &content) != nil {
+		return errkind.New(errkind.InvalidInput, "item_content is not a string")
+	}
+	raw, ok = msg.get("item_hash")
+	if !ok || json.Unmarshal(raw, &itemHash) != nil {
+		return errkind.New(errkind.InvalidInput, "item_hash is not a string")
+	}
+	sum := sha256.Sum256([]byte(content))
+	if itemHash != hex.EncodeToString(sum[:]) {
+		return errkind.New(errkind.Forbidden, "item_hash is not the sha256 of item_content: the node signs only the program's own content")
+	}
+	return nil
 }
 
 // contentAddress is the address in the message's item_content, or an

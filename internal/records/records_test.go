@@ -5,10 +5,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -311,5 +313,25 @@ func TestSaveUpdatesAndCloseUnfinished(t *testing.T) {
 	}
 	if n, _ := db.CloseUnfinished(ctx, sweep); n != 0 {
 		t.Errorf("second CloseUnfinished closed %d rows", n)
+	}
+}
+
+// The records (programs' hashes, addresses, resource use) are the node's
+// alone: the database and SQLite's WAL and shared-memory files are 0600
+// under a 0700 directory, whatever the umask.
+func TestFilesArePrivate(t *testing.T) {
+	old := syscall.Umask(0o022)
+	defer syscall.Umask(old)
+	db, path := openTemp(t)
+	if err := db.Insert(context.Background(), sample(1, time.Unix(1_700_000_000, 0).UTC())); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{path, path + "-wal", path + "-shm"} {
+		if fi, err := os.Stat(p); err != nil || fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s: %v %v, want mode 600", p, fi, err)
+		}
+	}
+	if fi, err := os.Stat(filepath.Dir(path)); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Errorf("directory: %v %v, want mode 700", fi, err)
 	}
 }

@@ -17,7 +17,10 @@ import (
 )
 
 // Open opens (creating if needed) the database at path, its directory
-// made 0700 and the file 0600. Every connection runs pragmas first (in order: some, like
+// made 0700 and the file 0600 before SQLite first writes to it (SQLite
+// gives its -wal and -shm files the database file's mode): programs' data
+// and the node's records are no other local user's to read. Files of an
+// earlier version are made 0600 too. Every connection runs pragmas first (in order: some, like
 // auto_vacuum, only act on a new file), then the shared ones:
 //   - WAL, so that readers run while a writer writes;
 //   - busy_timeout, so that concurrent writers wait for the lock instead
@@ -29,11 +32,8 @@ func Open(path string, pragmas ...string) (*sql.DB, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("create directory: %w", err)
 	}
-	// The file is made (or made again) 0600 before SQLite writes to it:
-	// it holds programs' data, and SQLite gives its -wal and -shm files
-	// the mode of the database file.
-	if err := privateFile(path); err != nil {
-		return nil, fmt.Errorf("open %s: %w", path, err)
+	if err := makePrivate(path); err != nil {
+		return nil, err
 	}
 	q := url.Values{}
 	for _, p := range pragmas {
@@ -51,17 +51,20 @@ func Open(path string, pragmas ...string) (*sql.DB, error) {
 	return db, nil
 }
 
-// privateFile creates path 0600 if missing, or makes it 0600.
-func privateFile(path string) error {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+// makePrivate creates path 0600 if it is missing and makes it and
+// SQLite's side files 0600 whatever the umask was when they were made.
+func makePrivate(path string) error {
+	f, err := os.OpenFile(path, os.O_RDONLY|os.O_CREATE, 0o600)
 	if err != nil {
-		return err
+		return fmt.Errorf("create %s: %w", path, err)
 	}
-	if err := f.Chmod(0o600); err != nil {
-		f.Close()
-		return err
+	f.Close()
+	for _, p := range []string{path, path + "-wal", path + "-shm", path + "-journal"} {
+		if err := os.Chmod(p, 0o600); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("make %s private: %w", p, err)
+		}
 	}
-	return f.Close()
+	return nil
 }
 
 // busyCode is SQLITE_BUSY; extended codes keep it in their low byte.

@@ -57,39 +57,63 @@ func TestBusyAndRetry(t *testing.T) {
 	}
 }
 
-// The database and the files SQLite makes beside it (WAL, shared memory)
-// are 0600, whatever the umask, and a file left 0644 by an older version
-// is made 0600 again.
+// The database and its WAL and shared-memory files are 0600, whatever the
+// umask, from their first write; files an earlier version left 0644 are
+// made 0600 on open.
 func TestFilesArePrivate(t *testing.T) {
 	old := syscall.Umask(0o022)
 	defer syscall.Umask(old)
 	dir := t.TempDir()
-	path := filepath.Join(dir, "x.sqlite3")
-	if err := os.WriteFile(path, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chmod(path, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	path := filepath.Join(dir, "db", "x.sqlite3")
 	db, err := Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer db.Close()
-	if _, err := db.Exec("CREATE TABLE t (x); INSERT INTO t VALUES ('secret')"); err != nil {
+	if _, err := db.Exec("CREATE TABLE t (v); INSERT INTO t VALUES ('secret')"); err != nil {
 		t.Fatal(err)
 	}
-	files, _ := filepath.Glob(path + "*")
-	if len(files) < 2 {
-		t.Fatalf("want the database and its WAL files, have %v", files)
-	}
-	for _, f := range files {
-		fi, err := os.Stat(f)
-		if err != nil {
-			t.Fatal(err)
+	modes := func() map[string]os.FileMode {
+		m := map[string]os.FileMode{}
+		for _, suffix := range []string{"", "-wal", "-shm"} {
+			fi, err := os.Stat(path + suffix)
+			if err != nil {
+				t.Fatalf("%s: %v", suffix, err)
+			}
+			m[path+suffix] = fi.Mode().Perm()
 		}
-		if fi.Mode().Perm() != 0o600 {
-			t.Errorf("%s: mode %v, want 0600", filepath.Base(f), fi.Mode())
+		return m
+	}
+	for p, mode := range modes() {
+		if mode != 0o600 {
+			t.Errorf("%s is %o, want 600", p, mode)
+		}
+	}
+	if fi, err := os.Stat(filepath.Dir(path)); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Errorf("directory: %v %v", fi, err)
+	}
+	db.Close()
+
+	// A file of an earlier version, readable by all.
+	for _, suffix := range []string{"", "-wal", "-shm"} {
+		if _, err := os.Stat(path + suffix); err == nil {
+			if err := os.Chmod(path+suffix, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	db, err = Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var v string
+	if err := db.QueryRow("SELECT v FROM t").Scan(&v); err != nil || v != "secret" {
+		t.Fatalf("reopened: %q %v", v, err)
+	}
+	for p, mode := range modes() {
+		if mode != 0o600 {
+			t.Errorf("after reopening, %s is %o, want 600", p, mode)
 		}
 	}
 }

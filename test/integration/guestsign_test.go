@@ -79,7 +79,7 @@ func TestGuestAPISigningFromInsideTheSandbox(t *testing.T) {
 	content, _ := json.Marshal(map[string]any{"address": hash, "time": 1.5, "type": "test", "content": map[string]string{"n": "1"}})
 	msg, _ := json.Marshal(map[string]any{
 		"chain": "ETH", "type": "POST", "channel": "TEST", "time": 1.5, "item_type": "inline",
-		"item_content": string(content), "item_hash": strings.Repeat("ab", 32),
+		"item_content": string(content), "item_hash": gapiSHA256Hex(content),
 	})
 	code, signed := call("POST", "/sign", string(msg), "/tmp/socat-socket")
 	if code != 200 {
