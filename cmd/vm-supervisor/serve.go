@@ -34,6 +34,35 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
 )
 
+// setVolumeLimits weighs volume images against the disk that holds them,
+// every backend's alike (volimage).
+func setVolumeLimits(s *config.Settings) {
+	volimage.SetLimits(volimage.Limits{
+		MaxSizeMiB: s.MaxVolumeSizeMiB,
+		ReserveMiB: s.HostDiskReservedMiB,
+		Globs:      volimage.PromiseGlobs(s.PersistentVolumesDir, s.ExecutionRoot),
+	})
+}
+
+// guestAPIFor makes each execution's guest API handler.
+func guestAPIFor(s *config.Settings, cache *guestapi.Cache, signer *nodekey.Key, publications *guestapi.Publications, log *slog.Logger) func(*sources.Program) http.Handler {
+	return func(prog *sources.Program) http.Handler {
+		return guestapi.New(guestapi.Options{
+			Program:      guestapi.Program{Hash: prog.Hash},
+			Cache:        cache,
+			APIServer:    s.APIServer,
+			Signer:       signer,
+			Logger:       log,
+			Publications: publications,
+			Connections: guestapi.ConnLimits{
+				Max:               int(s.GuestAPIMaxConnections),
+				ReadHeaderTimeout: s.GuestAPIReadHeaderTimeout,
+				IdleTimeout:       s.GuestAPIIdleTimeout,
+			},
+		})
+	}
+}
+
 // serve runs the HTTP service until ctx ends, then stops every sandbox.
 func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *slog.Logger, stdout io.Writer) error {
 	if err := ensureDirs(s, log); err != nil {
@@ -68,13 +97,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 	} else {
 		log.Info("isolation backend", "name", be.Name())
 	}
-	// Volume images are weighed against the disk that holds them, every
-	// backend's alike (volimage).
-	volimage.SetLimits(volimage.Limits{
-		MaxSizeMiB: s.MaxVolumeSizeMiB,
-		ReserveMiB: s.HostDiskReservedMiB,
-		Globs:      volimage.PromiseGlobs(s.PersistentVolumesDir, s.ExecutionRoot),
-	})
+	setVolumeLimits(s)
 	recoverEarlierRun(ctx, s, be, db, log)
 	capacity, err := nodeCapacity(s)
 	if err != nil {
@@ -105,27 +128,13 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 		return err
 	}
 	defer closeGuestCache()
+	// Shared by every execution: the node's budget is one.
 	publications := guestapi.NewPublications(int(s.GuestAPIPublicationsPerMinute), int(s.GuestAPINodePublicationsPerMinute))
 	m := metrics.New()
 	p := pool.New(poolOptions(s, poolDeps{
 		metrics: m, source: source, backend: be, backendErr: beErr, records: db, capacity: capacity,
 		spareRuntime: spareRuntime, networks: poolNetworks, networkErr: netErr,
-		guestAPI: func(prog *sources.Program) http.Handler {
-			return guestapi.New(guestapi.Options{
-				Program:   guestapi.Program{Hash: prog.Hash},
-				Cache:     guestCache,
-				APIServer: s.APIServer,
-				Signer:    signer,
-				Logger:    log,
-				// Shared by every execution: the node's budget is one.
-				Publications: publications,
-				Connections: guestapi.ConnLimits{
-					Max:               int(s.GuestAPIMaxConnections),
-					ReadHeaderTimeout: s.GuestAPIReadHeaderTimeout,
-					IdleTimeout:       s.GuestAPIIdleTimeout,
-				},
-			})
-		},
+		guestAPI: guestAPIFor(s, guestCache, signer, publications, log),
 	}, log))
 	defer startWatching(ctx, s, react, p, m, log)()
 

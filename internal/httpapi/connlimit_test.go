@@ -191,7 +191,7 @@ func TestCapClosesLongestIdleAndKeepsOperatorSlots(t *testing.T) {
 // own Write then fails with io.ErrClosedPipe).
 func closedPipe(c net.Conn) bool {
 	_ = c.SetWriteDeadline(time.Now().Add(10 * time.Millisecond))
-	_, err := c.(*limitedConn).Conn.Write([]byte("x"))
+	_, err := c.(*limitedConn).Write([]byte("x"))
 	return err != nil && strings.Contains(err.Error(), "closed")
 }
 

@@ -102,11 +102,11 @@ func (s *Server) Listener(ln net.Listener) net.Listener {
 	return cl
 }
 
-// operatorReserve is how many of max connections only UnlimitedClients
+// operatorReserve is how many of limit connections only UnlimitedClients
 // (the operator on loopback, a local reverse proxy) may take: a node full
 // of busy connections still answers its operator.
-func operatorReserve(max int) int {
-	return min(16, max/8)
+func operatorReserve(limit int) int {
+	return min(16, limit/8)
 }
 
 // Keys of the per-client counts. One address of IPv4 is one client, but

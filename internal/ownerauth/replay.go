@@ -33,13 +33,13 @@ type Replays struct {
 // over the set.
 const purgeEvery = time.Second
 
-// NewReplays returns an empty set of at most max operations (<= 0:
+// NewReplays returns an empty set of at most limit operations (<= 0:
 // DefaultMaxReplays).
-func NewReplays(max int) *Replays {
-	if max <= 0 {
-		max = DefaultMaxReplays
+func NewReplays(limit int) *Replays {
+	if limit <= 0 {
+		limit = DefaultMaxReplays
 	}
-	return &Replays{max: max, seen: map[[sha256.Size]byte]time.Time{}}
+	return &Replays{max: limit, seen: map[[sha256.Size]byte]time.Time{}}
 }
 
 // Len is the number of operations remembered.

@@ -19,16 +19,6 @@ import (
 // Issue 20, round 3, the supervisor's front: what programs answer and
 // what clients send or hold.
 
-// frontErrorOf is the "error" of a JSON error body.
-func frontErrorOf(t *testing.T, r response) string {
-	t.Helper()
-	var m map[string]string
-	if err := json.Unmarshal(r.Body, &m); err != nil {
-		t.Fatalf("status %d, body is not a JSON error: %q", r.Status, r.Body)
-	}
-	return m["error"]
-}
-
 // A program that never ends its header section: the supervisor stops
 // reading at PROGRAM_MAX_RESPONSE_HEADER_BYTES and answers 502 naming the
 // cause, at once rather than at the request timeout; its memory stays
@@ -122,17 +112,6 @@ func TestFrontConnectionsByNetwork(t *testing.T) {
 	pid := s.cmd.Process.Pid
 	baseFDs := countFDs(t, pid)
 
-	// flood opens n idle connections from each address, and returns them.
-	flood := func(t *testing.T, target string, addrs []string, n int) []net.Conn {
-		var conns []net.Conn
-		for _, a := range addrs {
-			for range n {
-				conns = append(conns, dial(t, target, a))
-			}
-		}
-		time.Sleep(500 * time.Millisecond) // let the supervisor accept (or refuse) them
-		return conns
-	}
 	// answered checks that a request from local is served within 2 s.
 	answered := func(t *testing.T, local, who string) {
 		t.Helper()
@@ -146,38 +125,22 @@ func TestFrontConnectionsByNetwork(t *testing.T) {
 			t.Errorf("%s (%s) during the flood: %v %v after %s, want 200 at once", who, local, resp, err, took.Round(time.Millisecond))
 		}
 	}
-	// kept counts the flood's connections the supervisor still holds.
-	kept := func(conns []net.Conn) int {
-		n := 0
-		for _, c := range conns {
-			if closed, _ := closedWithin(c, 20*time.Millisecond); !closed {
-				n++
-			}
-		}
-		return n
-	}
-	closeAll := func(conns []net.Conn) {
-		for _, c := range conns {
-			c.Close()
-		}
-		time.Sleep(300 * time.Millisecond)
-	}
 
 	t.Run("many addresses of one /24", func(t *testing.T) {
 		var addrs []string
 		for i := range 20 {
 			addrs = append(addrs, fmt.Sprintf("127.0.5.%d", i+1))
 		}
-		conns := flood(t, addr4, addrs, frontPerClient)
+		conns := frontFlood(t, addr4, addrs, frontPerClient)
 		fds := countFDs(t, pid)
 		answered(t, "127.0.9.1", "a client of another network")
 		answered(t, "127.0.0.1", "the operator")
-		n := kept(conns)
+		n := frontKept(conns)
 		t.Logf("%d connections from 20 addresses of 127.0.5.0/24: %d held (cap %d), %d fds (%d at rest)", len(conns), n, frontMaxConns, fds, baseFDs)
 		if n > frontMaxConns/2 {
 			t.Errorf("one /24 holds %d connections under pressure, want at most %d", n, frontMaxConns/2)
 		}
-		closeAll(conns)
+		frontCloseAll(conns)
 	})
 
 	t.Run("many networks past the cap", func(t *testing.T) {
@@ -185,11 +148,11 @@ func TestFrontConnectionsByNetwork(t *testing.T) {
 		for i := range 30 {
 			addrs = append(addrs, fmt.Sprintf("127.1.%d.1", i))
 		}
-		conns := flood(t, addr4, addrs, frontPerClient)
+		conns := frontFlood(t, addr4, addrs, frontPerClient)
 		fds := countFDs(t, pid)
 		answered(t, "127.0.9.2", "a fresh client")
 		answered(t, "127.0.0.1", "the operator")
-		n := kept(conns)
+		n := frontKept(conns)
 		t.Logf("%d idle connections from 30 networks: %d held (cap %d), %d fds (%d at rest)", len(conns), n, frontMaxConns, fds, baseFDs)
 		if fds > baseFDs+frontMaxConns+16 {
 			t.Errorf("%d fds during the flood, %d at rest, cap %d", fds, baseFDs, frontMaxConns)
@@ -197,7 +160,7 @@ func TestFrontConnectionsByNetwork(t *testing.T) {
 		if n > frontMaxConns {
 			t.Errorf("%d connections held, cap %d", n, frontMaxConns)
 		}
-		closeAll(conns)
+		frontCloseAll(conns)
 	})
 
 	t.Run("many addresses of one IPv6 /64", func(t *testing.T) {
@@ -207,15 +170,15 @@ func TestFrontConnectionsByNetwork(t *testing.T) {
 			frontAddLoopback(t, a)
 			addrs = append(addrs, a)
 		}
-		conns := flood(t, net.JoinHostPort(addrs[0], port), addrs, frontPerClient)
+		conns := frontFlood(t, net.JoinHostPort(addrs[0], port), addrs, frontPerClient)
 		answered(t, "127.0.9.3", "a fresh client")
 		answered(t, "127.0.0.1", "the operator")
-		n := kept(conns)
+		n := frontKept(conns)
 		t.Logf("%d connections from 20 addresses of %s/64: %d held", len(conns), frontIPv6Net, n)
 		if n > frontPerClient {
 			t.Errorf("one /64 holds %d connections, want at most %d", n, frontPerClient)
 		}
-		closeAll(conns)
+		frontCloseAll(conns)
 	})
 	expect(t, s.get("/vm/"+hash+"/"), http.StatusOK)
 }
@@ -307,4 +270,35 @@ func TestFrontQuotedCookieAndForwardingHeaders(t *testing.T) {
 	if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(b), "reading the request body") || time.Since(start) > 2*time.Second {
 		t.Errorf("malformed chunked body: %d %q after %s, want 400 at once", resp.StatusCode, b, time.Since(start))
 	}
+}
+
+// frontFlood opens n idle connections to target from each address, and
+// returns them.
+func frontFlood(t *testing.T, target string, addrs []string, n int) []net.Conn {
+	var conns []net.Conn
+	for _, a := range addrs {
+		for range n {
+			conns = append(conns, dial(t, target, a))
+		}
+	}
+	time.Sleep(500 * time.Millisecond) // let the supervisor accept (or refuse) them
+	return conns
+}
+
+// frontKept counts the flood's connections the supervisor still holds.
+func frontKept(conns []net.Conn) int {
+	n := 0
+	for _, c := range conns {
+		if closed, _ := closedWithin(c, 20*time.Millisecond); !closed {
+			n++
+		}
+	}
+	return n
+}
+
+func frontCloseAll(conns []net.Conn) {
+	for _, c := range conns {
+		c.Close()
+	}
+	time.Sleep(300 * time.Millisecond)
 }

@@ -265,58 +265,7 @@ func TestMsgsFlood(t *testing.T) {
 	t.Logf("before the flood: %d fds, %.0f goroutines", fdsBefore, goroutinesBefore)
 
 	// Sample the supervisor while the flood is under way.
-	stop := make(chan struct{})
-	type sample struct {
-		fds, goroutines int
-		neighbourErr    string
-		neighbourTook   time.Duration
-	}
-	samples := make(chan sample, 1)
-	go func() {
-		var worst sample
-		probe := &http.Client{Timeout: 10 * time.Second}
-		for {
-			select {
-			case <-stop:
-				samples <- worst
-				return
-			case <-time.After(200 * time.Millisecond):
-			}
-			entries, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
-			worst.fds = max(worst.fds, len(entries))
-			start := time.Now()
-			resp, err := probe.Get(s.base + "/vm/" + neighbour + "/")
-			took := time.Since(start)
-			worst.neighbourTook = max(worst.neighbourTook, took)
-			switch {
-			case err != nil:
-				worst.neighbourErr = err.Error()
-			case resp.StatusCode != http.StatusOK:
-				worst.neighbourErr = resp.Status
-			}
-			if resp != nil {
-				resp.Body.Close()
-			}
-			if resp, err := probe.Get(s.base + "/metrics"); err == nil {
-				var body strings.Builder
-				buf := make([]byte, 64<<10)
-				for {
-					n, err := resp.Body.Read(buf)
-					body.Write(buf[:n])
-					if err != nil {
-						break
-					}
-				}
-				resp.Body.Close()
-				for _, line := range strings.Split(body.String(), "\n") {
-					var n int
-					if _, err := fmt.Sscanf(line, "go_goroutines %d", &n); err == nil {
-						worst.goroutines = max(worst.goroutines, n)
-					}
-				}
-			}
-		}
-	}()
+	stopSampling := msgsSampleWhileFlooded(s, pid, neighbour)
 
 	start := time.Now()
 	for i := range messages {
@@ -332,8 +281,7 @@ func TestMsgsFlood(t *testing.T) {
 	t.Logf("streamed %d messages in %s", messages, time.Since(start))
 	// Let the deliveries under way and queued run.
 	time.Sleep(5 * time.Second)
-	close(stop)
-	worst := <-samples
+	worst := stopSampling()
 
 	fams := metricsOf(t, s)
 	dropped := metricValue(fams, "aleph_vm_message_deliveries_dropped_total", "", "")
@@ -410,4 +358,68 @@ func TestMsgsControlReplay(t *testing.T) {
 	}
 	// A new operation of the same key still works.
 	expect(t, s.signed(mine, "GET", base+"/logs"), http.StatusOK)
+}
+
+// msgsSample is the worst the supervisor did while sampled.
+type msgsSample struct {
+	fds, goroutines int
+	neighbourErr    string
+	neighbourTook   time.Duration
+}
+
+// msgsSampleWhileFlooded samples the supervisor's fds and goroutines, and
+// a neighbour's answers, every 200 ms until the returned stop is called.
+func msgsSampleWhileFlooded(s *supervisor, pid int, neighbour string) (stop func() msgsSample) {
+	done := make(chan struct{})
+	samples := make(chan msgsSample, 1)
+	go func() {
+		var worst msgsSample
+		probe := &http.Client{Timeout: 10 * time.Second}
+		for {
+			select {
+			case <-done:
+				samples <- worst
+				return
+			case <-time.After(200 * time.Millisecond):
+			}
+			entries, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+			worst.fds = max(worst.fds, len(entries))
+			start := time.Now()
+			resp, err := probe.Get(s.base + "/vm/" + neighbour + "/")
+			took := time.Since(start)
+			worst.neighbourTook = max(worst.neighbourTook, took)
+			switch {
+			case err != nil:
+				worst.neighbourErr = err.Error()
+			case resp.StatusCode != http.StatusOK:
+				worst.neighbourErr = resp.Status
+			}
+			if resp != nil {
+				resp.Body.Close()
+			}
+			if resp, err := probe.Get(s.base + "/metrics"); err == nil {
+				var body strings.Builder
+				buf := make([]byte, 64<<10)
+				for {
+					n, err := resp.Body.Read(buf)
+					body.Write(buf[:n])
+					if err != nil {
+						break
+					}
+				}
+				resp.Body.Close()
+				for _, line := range strings.Split(body.String(), "\n") {
+					var n int
+					if _, err := fmt.Sscanf(line, "go_goroutines %d", &n); err == nil {
+						worst.goroutines = max(worst.goroutines, n)
+					}
+				}
+			}
+		}
+	}()
+
+	return func() msgsSample {
+		close(done)
+		return <-samples
+	}
 }

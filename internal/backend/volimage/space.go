@@ -83,7 +83,7 @@ func reserve(dst string, sizeMiB int) (*os.File, error) {
 	promised := promisedOn(dirStat.Dev, l.Globs)
 	need := int64(sizeMiB) << 20
 	if free-promised-l.ReserveMiB<<20 < need {
-		return nil, fmt.Errorf("Insufficient Storage: a volume of %d MiB does not fit on this node: %d MiB free, %d MiB promised to existing volumes, %d MiB kept for the node (HOST_DISK_RESERVED_MIB): %w",
+		return nil, fmt.Errorf("insufficient storage: a volume of %d MiB does not fit on this node: %d MiB free, %d MiB promised to existing volumes, %d MiB kept for the node (HOST_DISK_RESERVED_MIB): %w",
 			sizeMiB, free>>20, promised>>20, l.ReserveMiB, syscall.ENOSPC)
 	}
 	f, err := os.CreateTemp(dir, TempPrefix+filepath.Base(dst)+"-*")

@@ -77,7 +77,7 @@ func TestVolumesWeighedAgainstFreeDisk(t *testing.T) {
 		t.Fatalf("first volume: %v", err)
 	}
 	err = MakeExt4(ctx, "", filepath.Join(dir, "p", "second.ext4"), 600, true)
-	if errkind.HTTPStatus(err) != http.StatusInsufficientStorage || !strings.Contains(err.Error(), "Insufficient Storage") {
+	if errkind.HTTPStatus(err) != http.StatusInsufficientStorage || !strings.Contains(err.Error(), "insufficient storage") {
 		t.Errorf("second volume: %v (status %d), want 507", err, errkind.HTTPStatus(err))
 	}
 	if _, err := os.Stat(filepath.Join(dir, "p", "second.ext4")); err == nil {
