@@ -441,6 +441,10 @@ func (e *Execution) guestConfig() guest.Config {
 		Variables:   c.Variables,
 		AlephEnv:    env,
 		Hostname:    hostname,
+		// The agent's own wait for the program to listen ends with the
+		// host's: without it, the agent gave up at its 60 s default while
+		// a loaded node's INIT_TIMEOUT allowed more.
+		StartTimeoutMS: e.pool.opts.InitTimeout.Milliseconds(),
 	}
 	if n := e.net; n != nil {
 		cfg.IPv4 = n.Address.String()

@@ -170,7 +170,8 @@ func TestSharedColdStart(t *testing.T) {
 		t.Errorf("request: %d %q %v", code, body, err)
 	}
 	cfg := b.Sandboxes()[0].Config()
-	if cfg.ProgramHash != hash || cfg.Interface != guest.InterfaceASGI || cfg.Entrypoint != "main:app" {
+	if cfg.ProgramHash != hash || cfg.Interface != guest.InterfaceASGI || cfg.Entrypoint != "main:app" ||
+		cfg.StartTimeoutMS != (5 * time.Second).Milliseconds() {
 		t.Errorf("agent got Config %+v", cfg)
 	}
 	for _, e := range execs {
