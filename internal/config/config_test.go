@@ -208,6 +208,7 @@ func TestEnvironmentValues(t *testing.T) {
 		"ALEPH_VM_IPV4_NETWORK_PREFIX_LENGTH=28",
 		"ALEPH_VM_ALLOW_VM_NETWORKING=no",
 		"ALEPH_VM_HYPERVISOR=QEMU",
+		"ALEPH_VM_PAYMENT_RECEIVER_ADDRESS=0x5D7A6D4fB1C6E4d0a8A1C3c2bC9dB3a2F0e1D2c3",
 		"UNRELATED=1",
 		"ALEPH_VM_NOT_A_SETTING=1",
 	}, "")
@@ -216,7 +217,8 @@ func TestEnvironmentValues(t *testing.T) {
 	}
 	if s.ReuseTimeout != 1500*time.Millisecond || s.InitTimeout != 2*time.Minute || s.MaxDataArchiveSize != 20_000_000 ||
 		strings.Join(s.DNSNameservers, ",") != "9.9.9.9,2620:fe::fe" || s.IPv4AddressPool.String() != "10.0.0.0/8" ||
-		s.IPv4NetworkPrefixLength != 28 || s.AllowVMNetworking || s.Hypervisor != HypervisorQemu {
+		s.IPv4NetworkPrefixLength != 28 || s.AllowVMNetworking || s.Hypervisor != HypervisorQemu ||
+		s.PaymentReceiverAddress != "0x5D7A6D4fB1C6E4d0a8A1C3c2bC9dB3a2F0e1D2c3" {
 		t.Errorf("%+v", s)
 	}
 }
@@ -249,6 +251,7 @@ func TestValidationErrors(t *testing.T) {
 		{"bad dns resolution", nil, []string{"ALEPH_VM_DNS_RESOLUTION=hosts"}, "resolv.conf", "DNS_RESOLUTION"},
 		{"bad nameserver", nil, []string{"ALEPH_VM_DNS_NAMESERVERS=1.1.1.1,nope"}, "nope", "DNS_NAMESERVERS"},
 		{"bad token hash", nil, []string{"ALEPH_VM_ALLOCATION_TOKEN_HASH=abc"}, "sha256", "ALLOCATION_TOKEN_HASH"},
+		{"bad payment receiver", nil, []string{"ALEPH_VM_PAYMENT_RECEIVER_ADDRESS=0x12 34"}, "account address", "PAYMENT_RECEIVER_ADDRESS"},
 		{"bad redis url", nil, []string{"ALEPH_VM_REDIS_URL=http://x"}, "redis://", "REDIS_URL"},
 		{"empty required", nil, []string{"ALEPH_VM_CACHE_ROOT="}, "must not be empty", "CACHE_ROOT"},
 		{"unreadable fake data", []string{"-f", unreadable}, nil, "unreadable", "FAKE_DATA_PROGRAM"},

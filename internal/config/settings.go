@@ -135,11 +135,15 @@ type Settings struct {
 	IPv4NetworkPrefixLength int
 	EgressAllow             []netip.Prefix
 
-	PrintSystemLogs     bool
-	FakeDataProgram     string
-	CheckFastAPIVMID    string // CHECK_FASTAPI_VM_ID; empty = bundled example
-	AllocationTokenHash string // secret
-	RedisURL            string // password part is secret
+	PrintSystemLogs  bool
+	FakeDataProgram  string
+	CheckFastAPIVMID string // CHECK_FASTAPI_VM_ID; empty = bundled example
+	// PaymentReceiverAddress is the account receiving payments, published
+	// in /status/config as aleph-vm does; empty by default (aleph-vm's
+	// default, OWNER_ADDRESS, is empty too).
+	PaymentReceiverAddress string
+	AllocationTokenHash    string // secret
+	RedisURL               string // password part is secret
 
 	// The guest API cache (GUEST_CACHE_*): the largest value, each
 	// program's caps, and the embedded store's cap on all values.

@@ -352,6 +352,8 @@ var table = []descriptor{
 	optional(str("FAKE_DATA_PROGRAM", "serve this program directory for every request", func(s *Settings) *string { return &s.FakeDataProgram })),
 	optional(str("CHECK_FASTAPI_VM_ID", "program hash used by /status/check/fastapi; empty = bundled example",
 		func(s *Settings) *string { return &s.CheckFastAPIVMID }, checkToken)),
+	optional(str("PAYMENT_RECEIVER_ADDRESS", "address of the account receiving payments, published in /status/config; empty = none",
+		func(s *Settings) *string { return &s.PaymentReceiverAddress }, checkAddress)),
 	{
 		name: "ALLOCATION_TOKEN_HASH", help: "sha256 hex of the token accepted by /control/allocations",
 		set: func(s *Settings, v string) error {
@@ -527,6 +529,20 @@ func checkToken(v string) error {
 	for _, r := range v {
 		if !(r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z') {
 			return errors.New("must be an item hash")
+		}
+	}
+	return nil
+}
+
+// checkAddress accepts an account address of any chain: letters and
+// digits only, as chains' addresses are (0x… hex, base58).
+func checkAddress(v string) error {
+	if len(v) > 128 {
+		return errors.New("must be an account address (at most 128 characters)")
+	}
+	for _, r := range v {
+		if !(r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z') {
+			return errors.New("must be an account address (letters and digits)")
 		}
 	}
 	return nil

@@ -51,6 +51,23 @@ func TestServerHeaderIsPEP440(t *testing.T) {
 	}
 }
 
+// What internal/version gives (VERSION plus the commit as a local label) is
+// kept as it is, and compares as the release it labels.
+func TestServerHeaderOwnVersion(t *testing.T) {
+	s := New(Options{Version: "1.0.0+g7eb5434.dirty", Logger: quiet})
+	rec := serve(s, "GET", "node.example", "/status/check/version?reference=1.0.0")
+	if got := rec.Header().Get("Server"); got != "aleph-vm/1.0.0+g7eb5434.dirty" {
+		t.Errorf("Server %q", got)
+	}
+	if rec.Code != 200 {
+		t.Errorf("1.0.0+g7eb5434.dirty >= 1.0.0: %d %s", rec.Code, rec.Body)
+	}
+	rec = serve(s, "GET", "node.example", "/status/check/version?reference=1.5.1")
+	if rec.Code != 403 {
+		t.Errorf("1.0.0+g7eb5434.dirty < 1.5.1: %d %s", rec.Code, rec.Body)
+	}
+}
+
 // /about/login: views/__init__.py:151-160: 302 to /about/config with a
 // "token" cookie, or 401 {"success": false}.
 func TestLoginRedirectsWithTokenCookie(t *testing.T) {

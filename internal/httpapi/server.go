@@ -110,7 +110,7 @@ func New(opts Options) *Server {
 	}
 	// The Server header and /status/check/version speak PEP 440, as
 	// aleph-vm's clients compare versions with packaging.version.
-	opts.Version = pep440.FromGitDescribe(opts.Version)
+	opts.Version = pep440.Normalize(opts.Version)
 	s := &Server{opts: opts, log: opts.Logger, mux: http.NewServeMux(), sessions: newSessions()}
 	for _, p := range append(append([]string{}, systemRoots...), opts.HostPaths...) {
 		if p != "" {
