@@ -85,9 +85,7 @@ func TestLoginRedirectsWithTokenCookie(t *testing.T) {
 	}
 	for _, q := range []string{"", "?token=", "?token=wrong"} {
 		rec := serve(s, "GET", "node.example", "/about/login"+q)
-		if rec.Code != 401 || strings.TrimSpace(rec.Body.String()) != `{
-  "success": false
-}` || len(rec.Result().Cookies()) != 0 {
+		if rec.Code != 401 || rec.Body.String() != `{"success": false}` || len(rec.Result().Cookies()) != 0 {
 			t.Errorf("login%s: %d %q %v", q, rec.Code, rec.Body, rec.Result().Cookies())
 		}
 	}
