@@ -147,6 +147,10 @@ func New(opts Options) *Server {
 
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Server", "aleph-vm/"+s.opts.Version)
+	if !s.isProgramRequest(r) {
+		s.mux.ServeHTTP(w, r)
+		return
+	}
 	if !s.drain.begin() {
 		s.refuseDraining(w, r)
 		return
