@@ -116,35 +116,34 @@ func (c *corsWriter) Write(b []byte) (int, error) {
 
 func (c *corsWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
 
-// handleVersion is aleph-vm's status_check_version: 400 without a valid
-// ?reference=, 200 when this version is the reference or newer, 403 when
-// older, each with packaging's wording (views/__init__.py).
+// handleVersion is aleph-vm's status_check_version: 200 with a text when
+// this version is the reference or newer, else JSON {"error": ...}, as
+// aleph-vm's error_middleware turns its HTTP exceptions into: 400
+// without a valid ?reference=, 403 when older, each with packaging's
+// wording (views/__init__.py, supervisor.py error_middleware).
 func (s *Server) handleVersion(w http.ResponseWriter, r *http.Request) {
-	text := func(code int, body string) {
-		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		w.WriteHeader(code)
-		_, _ = w.Write([]byte(body))
-	}
 	refStr := r.URL.Query().Get("reference")
 	if refStr == "" {
-		text(http.StatusBadRequest, "Query field '?reference=` must be specified")
+		s.writeError(w, r, errkind.New(errkind.InvalidInput, "Query field '?reference=` must be specified"))
 		return
 	}
 	ref, err := pep440.Parse(refStr)
 	if err != nil {
-		text(http.StatusBadRequest, err.Error())
+		s.writeError(w, r, errkind.New(errkind.InvalidInput, "%s", err.Error()))
 		return
 	}
 	current, err := pep440.Parse(s.opts.Version)
 	if err != nil {
-		text(http.StatusServiceUnavailable, err.Error())
+		s.writeError(w, r, errkind.New(errkind.Unavailable, "%s", err.Error()))
 		return
 	}
 	if current.Compare(ref) >= 0 {
-		text(http.StatusOK, fmt.Sprintf("Up-to-date: version %s >= %s", current, ref))
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.WriteHeader(http.StatusOK)
+		_, _ = fmt.Fprintf(w, "Up-to-date: version %s >= %s", current, ref)
 		return
 	}
-	text(http.StatusForbidden, fmt.Sprintf("Outdated: version %s < %s", current, ref))
+	s.writeError(w, r, errkind.New(errkind.Forbidden, "Outdated: version %s < %s", current, ref))
 }
 
 // upstreamRecord is one record with every column of aleph-vm's

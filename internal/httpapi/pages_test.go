@@ -11,29 +11,33 @@ import (
 
 // Upstream references are aleph-vm at commit 6da21a3a.
 
-// /status/check/version: views/__init__.py:417-438.
+// /status/check/version: views/__init__.py:417-438; its HTTP exceptions
+// (raised or returned) become JSON {"error": text} in error_middleware
+// (supervisor.py), so only the 200 is text.
 func TestVersionAgainstReference(t *testing.T) {
 	s, _ := newTestServer(t)
 	s.opts.Version = "1.7.2.post3+g0123abc"
+	const text, js = "text/plain; charset=utf-8", "application/json; charset=utf-8"
 	cases := []struct {
-		query  string
-		status int
-		body   string
+		query       string
+		status      int
+		contentType string
+		body        string
 	}{
-		{"", 400, "Query field '?reference=` must be specified"},
-		{"?reference=", 400, "Query field '?reference=` must be specified"},
-		{"?reference=not-a-version", 400, "Invalid version: 'not-a-version'"},
-		{"?reference=1.7.2", 200, "Up-to-date: version 1.7.2.post3+g0123abc >= 1.7.2"},
-		{"?reference=v1.7", 200, "Up-to-date: version 1.7.2.post3+g0123abc >= 1.7"},
-		{"?reference=1.8.0rc1", 403, "Outdated: version 1.7.2.post3+g0123abc < 1.8.0rc1"},
+		{"", 400, js, `{"error": "Query field '?reference=` + "`" + ` must be specified"}`},
+		{"?reference=", 400, js, `{"error": "Query field '?reference=` + "`" + ` must be specified"}`},
+		{"?reference=not-a-version", 400, js, `{"error": "Invalid version: 'not-a-version'"}`},
+		{"?reference=1.7.2", 200, text, "Up-to-date: version 1.7.2.post3+g0123abc >= 1.7.2"},
+		{"?reference=v1.7", 200, text, "Up-to-date: version 1.7.2.post3+g0123abc >= 1.7"},
+		{"?reference=1.8.0rc1", 403, js, `{"error": "Outdated: version 1.7.2.post3+g0123abc < 1.8.0rc1"}`},
 	}
 	for _, c := range cases {
 		rec := serve(s, "GET", "node.example", "/status/check/version"+c.query)
 		if rec.Code != c.status || rec.Body.String() != c.body {
 			t.Errorf("%s: %d %q, want %d %q", c.query, rec.Code, rec.Body, c.status, c.body)
 		}
-		if ct := rec.Header().Get("Content-Type"); !strings.HasPrefix(ct, "text/plain") {
-			t.Errorf("%s: Content-Type %q", c.query, ct)
+		if ct := rec.Header().Get("Content-Type"); ct != c.contentType {
+			t.Errorf("%s: Content-Type %q, want %q", c.query, ct, c.contentType)
 		}
 	}
 }
