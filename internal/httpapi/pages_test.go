@@ -237,3 +237,19 @@ func TestCheckFastAPIFlatShape(t *testing.T) {
 		t.Errorf("detail: %d %s", rec.Code, rec.Body)
 	}
 }
+
+// Unknown /about, /control and /status paths: aleph-vm's http_not_found
+// routes through error_middleware (tests/supervisor/views/test_view_errors.py
+// test_json_404_about), on the node's host and on a program's alike.
+func TestUnknownNodePagesAre404JSON(t *testing.T) {
+	s, _ := newTestServer(t)
+	for _, host := range []string{"node.example", "app.example"} {
+		for _, path := range []string{"/about/non_existing_path", "/control/nonexistent", "/status/check/nope", "/control/machine/abc/update"} {
+			rec := serve(s, "GET", host, path)
+			if rec.Code != 404 || rec.Body.String() != `{"error": "404: Not Found"}` ||
+				rec.Header().Get("Content-Type") != "application/json; charset=utf-8" {
+				t.Errorf("GET %s%s: %d %q %q", host, path, rec.Code, rec.Header().Get("Content-Type"), rec.Body)
+			}
+		}
+	}
+}

@@ -180,6 +180,12 @@ func (s *Server) handleVM(w http.ResponseWriter, r *http.Request) {
 // own domain shows the status page, a host whose first label is the base32
 // form of a hash (or that has an `_aleph-id` TXT record) reaches a program.
 func (s *Server) handleByHost(w http.ResponseWriter, r *http.Request) {
+	if isUnknownNodePage(r) {
+		// aleph-vm's http_not_found routes (supervisor.py), through its
+		// error_middleware: on any host.
+		s.writeError(w, r, errNodePageNotFound)
+		return
+	}
 	host := hostOnly(r.Host)
 	if s.isOwnHost(host) {
 		switch {
@@ -201,6 +207,25 @@ func (s *Server) handleByHost(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.forward(w, r, hash, r.URL.EscapedPath())
+}
+
+// errNodePageNotFound is aleph-vm's answer to an unknown /about, /control
+// or /status path: aiohttp's HTTPNotFound text as JSON.
+var errNodePageNotFound = errkind.New(errkind.NotFound, "404: Not Found")
+
+// isUnknownNodePage tells whether r is a GET (or HEAD) of a path under
+// /about/, /control/ or /status/ that no route took: aleph-vm answers
+// those 404 on any host instead of passing them to a program.
+func isUnknownNodePage(r *http.Request) bool {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		return false
+	}
+	for _, prefix := range []string{"/about/", "/control/", "/status/"} {
+		if strings.HasPrefix(r.URL.Path, prefix) {
+			return true
+		}
+	}
+	return false
 }
 
 func (s *Server) isOwnHost(host string) bool {
