@@ -134,6 +134,7 @@ func New(opts Options) *Server {
 	s.page("/about/executions/list", s.handleExecutionList)
 	s.page("/about/executions/records", s.handleRecords)
 	s.page("/about/usage/system", s.handleUsage)
+	s.page("/about/certificates", s.handleCertificates)
 	s.page("/status/check/version", s.handleVersion)
 	s.page("/status/check/fastapi", s.handleCheckFastAPI)
 	s.page("/status/check/fastapi/legacy", s.handleCheckFastAPILegacy)
@@ -340,6 +341,13 @@ func (s *Server) handleRecords(w http.ResponseWriter, r *http.Request) {
 		out = append(out, upstreamRecord(rec))
 	}
 	writeJSON(w, http.StatusOK, out)
+}
+
+// handleCertificates is aleph-vm's about_certificates on a node without
+// confidential computing, which this node never has (resources.py;
+// tests/supervisor/test_views.py test_about_certificates_missing_setting).
+func (s *Server) handleCertificates(w http.ResponseWriter, r *http.Request) {
+	s.writeError(w, r, errkind.New(errkind.Unavailable, "Confidential computing setting not enabled on that server"))
 }
 
 func (s *Server) handleUsage(w http.ResponseWriter, r *http.Request) {
