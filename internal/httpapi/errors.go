@@ -124,6 +124,22 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 	_, _ = w.Write(b)
 }
 
+// writePydanticJSON answers v as aleph-vm's views that send a pydantic
+// model's model_dump_json() (web.json_response(text=...)): compact, UTF-8
+// as it is, with json_response's Content-Type.
+func writePydanticJSON(w http.ResponseWriter, code int, v any) {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		writeJSON(w, http.StatusInternalServerError, map[string]string{"error": "internal error"})
+		return
+	}
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.WriteHeader(code)
+	_, _ = w.Write(bytes.TrimRight(buf.Bytes(), "\n"))
+}
+
 // pythonJSON encodes v as Python's json.dumps(v) with its defaults: ", "
 // and ": " between items, every non-ASCII character escaped as \uXXXX
 // (UTF-16, ensure_ascii), '<', '>' and '&' as they are, no newline at

@@ -356,5 +356,6 @@ func (s *Server) handleUsage(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, u)
+	// aleph-vm: usage.model_dump_json(exclude_none=True) (resources.py).
+	writePydanticJSON(w, http.StatusOK, u)
 }

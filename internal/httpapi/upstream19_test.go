@@ -2,6 +2,7 @@ package httpapi
 
 import (
 	"net/http"
+	"regexp"
 	"testing"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/pool/pooltest"
@@ -51,5 +52,23 @@ func TestCertificatesAsUpstream(t *testing.T) {
 	if rec.Code != 503 || rec.Body.String() != `{"error": "Confidential computing setting not enabled on that server"}` ||
 		rec.Header().Get("Content-Type") != "application/json; charset=utf-8" {
 		t.Errorf("certificates: %d %q %q", rec.Code, rec.Header().Get("Content-Type"), rec.Body)
+	}
+}
+
+// /about/usage/system: pydantic's compact JSON of MachineUsage
+// (resources.py about_system_usage), with gpu and properties.cpu.features.
+func TestUsageAsUpstream(t *testing.T) {
+	s := New(Options{DiskPath: t.TempDir(), Logger: quiet})
+	rec := serve(s, "GET", "node.example", "/about/usage/system")
+	body := rec.Body.String()
+	if rec.Code != 200 || rec.Header().Get("Content-Type") != "application/json; charset=utf-8" {
+		t.Fatalf("usage: %d %q %s", rec.Code, rec.Header().Get("Content-Type"), body)
+	}
+	if !regexp.MustCompile(`^\{"cpu":\{"count":\d+,"load_average":\{"load1":\d+\.\d+,"load5":\d+\.\d+,"load15":\d+\.\d+\},` +
+		`"core_frequencies":\{"min":\d+\.\d+,"max":\d+\.\d+\}\},"mem":\{"total_kB":\d+,"available_kB":\d+\},` +
+		`"disk":\{"total_kB":\d+,"available_kB":\d+\},"period":\{"start_timestamp":"\d{4}-\d\d-\d\dT\d\d:\d\d:00Z","duration_seconds":60\.0\},` +
+		`"properties":\{"cpu":\{"architecture":"[a-z0-9_]+","vendor":"[^"]*","features":\[\]\}\},` +
+		`"gpu":\{"devices":\[\],"available_devices":\[\]\},"active":true\}$`).MatchString(body) {
+		t.Errorf("usage body not in upstream's shape: %s", body)
 	}
 }

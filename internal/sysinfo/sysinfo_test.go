@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 )
@@ -143,6 +144,38 @@ func TestKB(t *testing.T) {
 	for _, tt := range []struct{ in, want uint64 }{{0, 0}, {1, 1}, {1000, 1}, {1001, 2}, {2_000_000, 2000}} {
 		if got := kB(tt.in); got != tt.want {
 			t.Errorf("kB(%d) = %d, want %d", tt.in, got, tt.want)
+		}
+	}
+}
+
+// Floats as CPython's repr writes them (what aleph-vm's answers hold).
+func TestFloatAsPython(t *testing.T) {
+	for f, want := range map[float64]string{
+		60: "60.0", 0: "0.0", 2400.5: "2400.5", 1e-05: "1e-05", 1e16: "1e+16",
+		123456789012345: "123456789012345.0", 0.0001: "0.0001", 0.52: "0.52",
+	} {
+		b, err := Float(f).MarshalJSON()
+		if err != nil || string(b) != want {
+			t.Errorf("Float(%v) = %s, %v; want %s", f, b, err, want)
+		}
+	}
+}
+
+// aleph-vm's MachineUsage has gpu {devices, available_devices} and
+// properties.cpu.features (resources.py); this node offers neither GPUs nor
+// confidential computing: empty lists, never null.
+func TestUsageHasGPUAndFeatures(t *testing.T) {
+	u, err := Collect(context.Background(), t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := json.Marshal(u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`"gpu":{"devices":[],"available_devices":[]},"active":true}`, `"features":[]}`, `"duration_seconds":60.0}`} {
+		if !strings.Contains(string(b), want) {
+			t.Errorf("%s lacks %s", b, want)
 		}
 	}
 }
