@@ -11,6 +11,7 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/pep440"
 	"github.com/aleph-vm-go/vm-supervisor/internal/records"
+	"github.com/aleph-vm-go/vm-supervisor/internal/sysinfo"
 )
 
 // page registers a GET page under /about or /status with aleph-vm's CORS
@@ -146,21 +147,48 @@ func (s *Server) handleVersion(w http.ResponseWriter, r *http.Request) {
 	s.writeError(w, r, errkind.New(errkind.Forbidden, "Outdated: version %s < %s", current, ref))
 }
 
-// upstreamRecord is one record with every column of aleph-vm's
-// `executions` table (orchestrator/metrics.py ExecutionRecord); the ones
-// this supervisor does not keep read null.
-func upstreamRecord(rec records.Record) map[string]any {
-	out := map[string]any{}
+// recordColumns are aleph-vm's `executions` columns in its table's order
+// (orchestrator/metrics.py ExecutionRecord.to_dict), which is the order of
+// its answer's keys.
+var recordColumns = []string{"uuid", "vm_hash", "vm_id", "time_defined", "time_prepared", "time_started",
+	"time_stopping", "cpu_time_user", "cpu_time_system", "io_read_count", "io_write_count", "io_read_bytes",
+	"io_write_bytes", "vcpus", "memory", "network_tap", "message", "original_message", "persistent", "gpus",
+	"mapped_ports"}
+
+// upstreamRecord is one record as aleph-vm's json.dumps writes it: every
+// column of its table in order, the ones this supervisor does not keep
+// null, floats as Python writes them, then what only we keep (ipv4).
+func upstreamRecord(rec records.Record) ([]byte, error) {
 	b, err := json.Marshal(rec)
-	if err == nil {
-		_ = json.Unmarshal(b, &out)
+	if err != nil {
+		return nil, err
 	}
-	for _, col := range []string{"vm_id", "message", "original_message", "persistent", "gpus", "mapped_ports"} {
-		if _, ok := out[col]; !ok {
-			out[col] = nil
+	fields := map[string]any{}
+	if err := json.Unmarshal(b, &fields); err != nil {
+		return nil, err
+	}
+	fields["cpu_time_user"] = sysinfo.Float(rec.CPUTimeUser)
+	fields["cpu_time_system"] = sysinfo.Float(rec.CPUTimeSystem)
+	keys := append([]string{}, recordColumns...)
+	for k := range fields {
+		if !slices.Contains(recordColumns, k) {
+			keys = append(keys, k)
 		}
 	}
-	return out
+	slices.Sort(keys[len(recordColumns):])
+	out := []byte{'{'}
+	for i, k := range keys {
+		if i > 0 {
+			out = append(out, ", "...)
+		}
+		kb, _ := pythonJSON(k)
+		vb, err := pythonJSON(fields[k]) // nil when absent: null
+		if err != nil {
+			return nil, err
+		}
+		out = append(append(append(out, kb...), ": "...), vb...)
+	}
+	return append(out, '}'), nil
 }
 
 // networkOf is the network of an address/prefix ("172.16.4.2/30" →

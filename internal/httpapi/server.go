@@ -326,7 +326,8 @@ func (s *Server) handleExecutions(w http.ResponseWriter, r *http.Request) {
 }
 
 // handleRecords answers, as aleph-vm does, a bare JSON array of records,
-// newest first (orchestrator/metrics.py get_execution_records).
+// newest first (orchestrator/metrics.py get_execution_records), in the
+// bytes of its json.dumps (upstreamRecord).
 func (s *Server) handleRecords(w http.ResponseWriter, r *http.Request) {
 	recs := []records.Record{}
 	if s.opts.Records != nil {
@@ -336,11 +337,22 @@ func (s *Server) handleRecords(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	out := make([]map[string]any, 0, len(recs))
-	for _, rec := range recs {
-		out = append(out, upstreamRecord(rec))
+	out := []byte{'['}
+	for i, rec := range recs {
+		b, err := upstreamRecord(rec)
+		if err != nil {
+			s.writeError(w, r, err)
+			return
+		}
+		if i > 0 {
+			out = append(out, ", "...)
+		}
+		out = append(out, b...)
 	}
-	writeJSON(w, http.StatusOK, out)
+	out = append(out, ']')
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(out)
 }
 
 // handleCertificates is aleph-vm's about_certificates on a node without

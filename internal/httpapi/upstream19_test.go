@@ -1,9 +1,13 @@
 package httpapi
 
 import (
+	"context"
 	"net/http"
 	"regexp"
 	"testing"
+	"time"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/records"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/pool/pooltest"
 )
@@ -70,5 +74,40 @@ func TestUsageAsUpstream(t *testing.T) {
 		`"properties":\{"cpu":\{"architecture":"[a-z0-9_]+","vendor":"[^"]*","features":\[\]\}\},` +
 		`"gpu":\{"devices":\[\],"available_devices":\[\]\},"active":true\}$`).MatchString(body) {
 		t.Errorf("usage body not in upstream's shape: %s", body)
+	}
+}
+
+type recordList []records.Record
+
+func (l recordList) List(context.Context, int) ([]records.Record, error) { return l, nil }
+
+// /about/executions/records in the bytes of aleph-vm's
+// json.dumps(records, default=to_json): its table's columns in order,
+// times as str() of the naive UTC datetime SQLAlchemy reads back, floats
+// as Python writes them (views/__init__.py about_execution_records,
+// orchestrator/metrics.py, utils dumps_for_json).
+func TestRecordsAsUpstream(t *testing.T) {
+	at := time.Date(2024, 5, 1, 12, 0, 0, 123456000, time.FixedZone("X", 7200))
+	rec := records.Record{
+		UUID: "00000000-0000-4000-8000-000000000001", VMHash: "ab",
+		TimeDefined: at, TimePrepared: at.Add(time.Second - 123456000), TimeStarted: at.Add(2 * time.Second),
+		CPUTimeUser: 1.25, CPUTimeSystem: 0, IOReadCount: 10, IOWriteCount: 20, IOReadBytes: 4096, IOWriteBytes: 8192,
+		VCPUs: 1, Memory: 128, NetworkTap: "vmtap4", IPv4: "172.16.3.2/24",
+	}
+	s := New(Options{Records: recordList{rec, {UUID: "u2", VMHash: "cd", TimeDefined: at}}, Logger: quiet})
+	got := serve(s, "GET", "node.example", "/about/executions/records")
+	want := `[{"uuid": "00000000-0000-4000-8000-000000000001", "vm_hash": "ab", "vm_id": null, ` +
+		`"time_defined": "2024-05-01 10:00:00.123456", "time_prepared": "2024-05-01 10:00:01", ` +
+		`"time_started": "2024-05-01 10:00:02.123456", "time_stopping": null, "cpu_time_user": 1.25, ` +
+		`"cpu_time_system": 0.0, "io_read_count": 10, "io_write_count": 20, "io_read_bytes": 4096, ` +
+		`"io_write_bytes": 8192, "vcpus": 1, "memory": 128, "network_tap": "vmtap4", "message": null, ` +
+		`"original_message": null, "persistent": null, "gpus": null, "mapped_ports": null, "ipv4": "172.16.3.2/24"}, ` +
+		`{"uuid": "u2", "vm_hash": "cd", "vm_id": null, "time_defined": "2024-05-01 10:00:00.123456", ` +
+		`"time_prepared": null, "time_started": null, "time_stopping": null, "cpu_time_user": 0.0, ` +
+		`"cpu_time_system": 0.0, "io_read_count": 0, "io_write_count": 0, "io_read_bytes": 0, "io_write_bytes": 0, ` +
+		`"vcpus": 0, "memory": 0, "network_tap": null, "message": null, "original_message": null, "persistent": null, ` +
+		`"gpus": null, "mapped_ports": null}]`
+	if got.Code != 200 || got.Body.String() != want || got.Header().Get("Content-Type") != "application/json; charset=utf-8" {
+		t.Errorf("records: %d %q\n got %s\nwant %s", got.Code, got.Header().Get("Content-Type"), got.Body, want)
 	}
 }
