@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/pep440"
@@ -212,6 +213,84 @@ func (s *Server) handleExecutionList(w http.ResponseWriter, r *http.Request) {
 			"networking":                 map[string]any{"ipv4": networkOf(e.IPv4), "ipv6": nil},
 			"vm_type":                    e.VMType,
 			"awaiting_confidential_init": false,
+		}
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// executionV2 is one execution of aleph-vm's list_executions_v2, its
+// fields in upstream's order.
+type executionV2 struct {
+	Networking               any           `json:"networking"`
+	Status                   executionTime `json:"status"`
+	Running                  bool          `json:"running"`
+	AwaitingConfidentialInit bool          `json:"awaiting_confidential_init"`
+	VMType                   string        `json:"vm_type"`
+}
+
+// networkingV2 is list_executions_v2's networking of an execution with a
+// network. host_ipv4 is the node's public address, which this node does
+// not know (null); programs have no IPv6 and no mapped ports.
+type networkingV2 struct {
+	IPv4Network any            `json:"ipv4_network"`
+	HostIPv4    any            `json:"host_ipv4"`
+	IPv6Network any            `json:"ipv6_network"`
+	IPv6IP      any            `json:"ipv6_ip"`
+	IPv4IP      any            `json:"ipv4_ip"`
+	MappedPorts map[string]any `json:"mapped_ports"`
+}
+
+// executionTime is aleph-vm's VmExecutionTimes: str() of aware UTC
+// datetimes ("2024-05-01 10:00:00.123456+00:00"), null when not reached.
+// The pool prepares an execution from its definition and starts it once
+// prepared, so preparing_at and starting_at are those moments.
+type executionTime struct {
+	DefinedAt   *string `json:"defined_at"`
+	PreparingAt *string `json:"preparing_at"`
+	PreparedAt  *string `json:"prepared_at"`
+	StartingAt  *string `json:"starting_at"`
+	StartedAt   *string `json:"started_at"`
+	StoppingAt  *string `json:"stopping_at"`
+	StoppedAt   *string `json:"stopped_at"`
+}
+
+// pyAwareTime is Python's str() of an aware UTC datetime.
+func pyAwareTime(t time.Time) *string {
+	if t.IsZero() {
+		return nil
+	}
+	u := t.UTC().Truncate(time.Microsecond)
+	layout := "2006-01-02 15:04:05.000000+00:00"
+	if u.Nanosecond() == 0 {
+		layout = "2006-01-02 15:04:05+00:00"
+	}
+	s := u.Format(layout)
+	return &s
+}
+
+// handleExecutionListV2 is aleph-vm's list_executions_v2 (views/__init__.py;
+// tests/supervisor/test_views.py test_v2_executions_list): every execution
+// with its networking, times and whether it runs.
+func (s *Server) handleExecutionListV2(w http.ResponseWriter, r *http.Request) {
+	out := map[string]executionV2{}
+	for _, e := range s.opts.Pool.List() {
+		var networking any = map[string]any{}
+		if e.IPv4 != "" {
+			var ip any
+			if p, err := netip.ParsePrefix(e.IPv4); err == nil {
+				ip = p.Addr().String()
+			}
+			networking = networkingV2{IPv4Network: networkOf(e.IPv4), IPv4IP: ip, MappedPorts: map[string]any{}}
+		}
+		out[e.ProgramHash] = executionV2{
+			Networking: networking,
+			Status: executionTime{
+				DefinedAt: pyAwareTime(e.Defined), PreparingAt: pyAwareTime(e.Defined),
+				PreparedAt: pyAwareTime(e.Prepared), StartingAt: pyAwareTime(e.Prepared),
+				StartedAt: pyAwareTime(e.Started),
+			},
+			Running: !e.Started.IsZero(),
+			VMType:  e.VMType,
 		}
 	}
 	writeJSON(w, http.StatusOK, out)

@@ -135,6 +135,8 @@ func New(opts Options) *Server {
 	s.page("/about/executions/records", s.handleRecords)
 	s.page("/about/usage/system", s.handleUsage)
 	s.page("/about/certificates", s.handleCertificates)
+	s.page("/about/capability", s.handleCapability)
+	s.page("/v2/about/executions/list", s.handleExecutionListV2)
 	s.page("/status/check/version", s.handleVersion)
 	s.page("/status/check/fastapi", s.handleCheckFastAPI)
 	s.page("/status/check/fastapi/legacy", s.handleCheckFastAPILegacy)
@@ -360,6 +362,17 @@ func (s *Server) handleRecords(w http.ResponseWriter, r *http.Request) {
 // tests/supervisor/test_views.py test_about_certificates_missing_setting).
 func (s *Server) handleCertificates(w http.ResponseWriter, r *http.Request) {
 	s.writeError(w, r, errkind.New(errkind.Unavailable, "Confidential computing setting not enabled on that server"))
+}
+
+// handleCapability is aleph-vm's about_capability: the host's CPU and
+// memory, pydantic's compact JSON (resources.py).
+func (s *Server) handleCapability(w http.ResponseWriter, r *http.Request) {
+	c, err := sysinfo.CollectCapability(r.Context())
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	writePydanticJSON(w, http.StatusOK, c)
 }
 
 func (s *Server) handleUsage(w http.ResponseWriter, r *http.Request) {

@@ -111,3 +111,50 @@ func TestRecordsAsUpstream(t *testing.T) {
 		t.Errorf("records: %d %q\n got %s\nwant %s", got.Code, got.Header().Get("Content-Type"), got.Body, want)
 	}
 }
+
+// GET /v2/about/executions/list: aleph-vm's list_executions_v2
+// (tests/supervisor/test_views.py test_v2_executions_list): networking {}
+// without a network, the times as str() of aware UTC datetimes, null when
+// not reached, then running, awaiting_confidential_init and vm_type.
+func TestExecutionListV2AsUpstream(t *testing.T) {
+	l := startLive(t, map[string]program{"a": okProgram()}, nil)
+	if a := l.do(t, "GET", "/v2/about/executions/list", nil); a.code != 200 || a.body != `{}` {
+		t.Errorf("empty list: %d %q", a.code, a.body)
+	}
+	hash := l.hashes["a"]
+	if a := l.do(t, "GET", "/vm/"+hash+"/", nil); a.code != 200 {
+		t.Fatalf("start: %d %q", a.code, a.body)
+	}
+	a := l.do(t, "GET", "/v2/about/executions/list", nil)
+	ts := `"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d{6})?\+00:00"`
+	want := regexp.MustCompile(`^\{"` + hash + `": \{"networking": \{\}, "status": \{"defined_at": ` + ts +
+		`, "preparing_at": ` + ts + `, "prepared_at": ` + ts + `, "starting_at": ` + ts + `, "started_at": ` + ts +
+		`, "stopping_at": null, "stopped_at": null\}, "running": true, "awaiting_confidential_init": false, "vm_type": "microvm"\}\}$`)
+	if a.code != 200 || !want.MatchString(a.body) || a.header.Get("Content-Type") != "application/json; charset=utf-8" {
+		t.Errorf("list: %d %q %s", a.code, a.header.Get("Content-Type"), a.body)
+	}
+}
+
+// GET /about/capability: pydantic's compact MachineCapability
+// (tests/supervisor/test_views.py test_system_capability_mock's shape).
+func TestCapabilityAsUpstream(t *testing.T) {
+	s, _ := newTestServer(t)
+	rec := serve(s, "GET", "node.example", "/about/capability")
+	re := regexp.MustCompile(`^\{"cpu":\{"architecture":"[a-z0-9_]+","vendor":"[^"]*","features":\[\],"model":("[^"]*"|null),` +
+		`"frequency":(\d+|null),"count":[1-9]\d*\},"memory":\{"size":[1-9]\d*,"units":"bytes","type":"","clock":null,"clock_units":null\}\}$`)
+	if rec.Code != 200 || !re.MatchString(rec.Body.String()) || rec.Header().Get("Content-Type") != "application/json; charset=utf-8" {
+		t.Errorf("capability: %d %q %s", rec.Code, rec.Header().Get("Content-Type"), rec.Body)
+	}
+}
+
+func TestPyAwareTime(t *testing.T) {
+	if got := *pyAwareTime(time.Date(2024, 5, 1, 12, 0, 0, 123456789, time.FixedZone("X", 7200))); got != "2024-05-01 10:00:00.123456+00:00" {
+		t.Errorf("%q", got)
+	}
+	if got := *pyAwareTime(time.Date(2024, 5, 1, 10, 0, 0, 0, time.UTC)); got != "2024-05-01 10:00:00+00:00" {
+		t.Errorf("%q", got)
+	}
+	if pyAwareTime(time.Time{}) != nil {
+		t.Error("zero time not null")
+	}
+}

@@ -224,3 +224,68 @@ func vendor(ctx context.Context) string {
 	}
 	return ""
 }
+
+// Capability is aleph-vm's MachineCapability (GET /about/capability):
+// what the host is, in the order of its fields.
+type Capability struct {
+	CPU    CPUCapability    `json:"cpu"`
+	Memory MemoryCapability `json:"memory"`
+}
+
+// CPUCapability is aleph-vm's ExtendedCpuProperties. Frequency is the
+// highest a core reaches, in Hz (lshw's capacity); null when the host does
+// not say.
+type CPUCapability struct {
+	Architecture string   `json:"architecture"`
+	Vendor       string   `json:"vendor"`
+	Features     []string `json:"features"`
+	Model        *string  `json:"model"`
+	Frequency    *int64   `json:"frequency"`
+	Count        int      `json:"count"`
+}
+
+// MemoryCapability is aleph-vm's MemoryProperties as it fills it: size in
+// bytes; the memory's type and clock come from DMI tables that need root
+// and a tool (lshw): "" and null here, as aleph-vm answers when lshw
+// finds no bank.
+type MemoryCapability struct {
+	Size       uint64  `json:"size"`
+	Units      string  `json:"units"`
+	Type       string  `json:"type"`
+	Clock      *int64  `json:"clock"`
+	ClockUnits *string `json:"clock_units"`
+}
+
+// CollectCapability describes the host's CPU and memory.
+func CollectCapability(ctx context.Context) (*Capability, error) {
+	count, err := cpu.CountsWithContext(ctx, true)
+	if err != nil {
+		return nil, fmt.Errorf("sysinfo: cpu count: %w", err)
+	}
+	vm, err := mem.VirtualMemoryWithContext(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("sysinfo: memory: %w", err)
+	}
+	c := &Capability{
+		CPU: CPUCapability{
+			Architecture: architecture(),
+			Vendor:       vendor(ctx),
+			Features:     []string{},
+			Count:        count,
+		},
+		Memory: MemoryCapability{Size: vm.Total, Units: "bytes"},
+	}
+	if infos, err := cpu.InfoWithContext(ctx); err == nil && len(infos) > 0 && infos[0].ModelName != "" {
+		model := infos[0].ModelName
+		c.CPU.Model = &model
+		if infos[0].Mhz > 0 {
+			hz := int64(infos[0].Mhz * 1e6)
+			c.CPU.Frequency = &hz
+		}
+	}
+	if f := coreFrequencies(cpufreqRoot); f.Max > 0 {
+		hz := int64(float64(f.Max) * 1e6)
+		c.CPU.Frequency = &hz
+	}
+	return c, nil
+}

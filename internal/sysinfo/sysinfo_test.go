@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strings"
 	"testing"
@@ -177,5 +178,23 @@ func TestUsageHasGPUAndFeatures(t *testing.T) {
 		if !strings.Contains(string(b), want) {
 			t.Errorf("%s lacks %s", b, want)
 		}
+	}
+}
+
+// /about/capability's shape: aleph-vm's MachineCapability in its field
+// order (tests/supervisor/test_views.py test_system_capability_mock).
+func TestCapabilityShape(t *testing.T) {
+	c, err := CollectCapability(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := json.Marshal(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	re := regexp.MustCompile(`^\{"cpu":\{"architecture":"[a-z0-9_]+","vendor":"[^"]*","features":\[\],"model":("[^"]*"|null),` +
+		`"frequency":(\d+|null),"count":[1-9]\d*\},"memory":\{"size":[1-9]\d*,"units":"bytes","type":"","clock":null,"clock_units":null\}\}$`)
+	if !re.Match(b) {
+		t.Errorf("capability %s", b)
 	}
 }
