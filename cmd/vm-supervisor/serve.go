@@ -270,6 +270,8 @@ func apiOptions(s *config.Settings, p *pool.Pool, qemuKVM bool, db *records.DB, 
 		Resolver:           net.DefaultResolver,
 		MaxRequestBodySize: s.MaxRequestBodySize,
 		SelfTestProgram:    selfTest,
+		HostCheck: &httpapi.HostCheck{IPv4URL: s.ConnectivityIPv4URL, IPv6URL: s.ConnectivityIPv6URL,
+			DNSHostname: s.ConnectivityDNSHostname, HTTPURLs: s.ConnectivityHTTPURLs},
 		DiskPath:           s.ExecutionRoot,
 		// Kept out of error bodies (the log has them).
 		HostPaths: []string{s.ExecutionRoot, s.CacheRoot, s.PersistentVolumesDir,

@@ -68,6 +68,9 @@ type Options struct {
 	// ...) whose paths are kept out of error bodies, with /var, /tmp, /run
 	// and the like; the log keeps them.
 	HostPaths []string
+	// HostCheck are the targets of /status/check/host; nil: every check
+	// fails.
+	HostCheck *HostCheck
 	// Allocations applies POST /control/allocations; nil refuses them.
 	Allocations Allocations
 	// AllocationTokenHash is the sha256 (hex) of the scheduler's token.
@@ -142,6 +145,7 @@ func New(opts Options) *Server {
 	s.page("/status/check/fastapi/legacy", s.handleCheckFastAPILegacy)
 	s.page("/status/check/fastapi/detail", s.handleCheckFastAPIDetail)
 	s.page("/status/config", s.handlePublicConfig)
+	s.page("/status/check/host", s.handleCheckHost)
 	s.mux.HandleFunc("POST /control/allocations", s.handleAllocations)
 	s.controlRoutes()
 	s.mux.HandleFunc("/", s.handleByHost)

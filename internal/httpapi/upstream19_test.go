@@ -2,7 +2,9 @@ package httpapi
 
 import (
 	"context"
+	"net"
 	"net/http"
+	"net/http/httptest"
 	"regexp"
 	"testing"
 	"time"
@@ -156,5 +158,47 @@ func TestPyAwareTime(t *testing.T) {
 	}
 	if pyAwareTime(time.Time{}) != nil {
 		t.Error("zero time not null")
+	}
+}
+
+// GET /status/check/host: aleph-vm's status_check_host
+// (views/__init__.py, views/host_status.py), with its targets on loopback
+// so that the test never leaves the machine: the JSON in upstream's key
+// order, 200 only when every egress, dns and domain check passes; http
+// is advisory.
+func TestCheckHostAsUpstream(t *testing.T) {
+	any4 := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(404) }))
+	t.Cleanup(any4.Close)
+	ln6, err := net.Listen("tcp6", "[::1]:0")
+	if err != nil {
+		t.Fatalf("no IPv6 loopback here: %v", err)
+	}
+	any6 := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(204) }))
+	any6.Listener = ln6
+	any6.Start()
+	t.Cleanup(any6.Close)
+	both := func(_ context.Context, host string) ([]net.IPAddr, error) {
+		switch host {
+		case "probe.test", "node.example":
+			return []net.IPAddr{{IP: net.ParseIP("127.0.0.1")}, {IP: net.ParseIP("::1")}}, nil
+		}
+		return nil, &net.DNSError{Err: "no such host", Name: host, IsNotFound: true}
+	}
+	hc := &HostCheck{IPv4URL: any4.URL, IPv6URL: any6.URL, DNSHostname: "probe.test",
+		HTTPURLs: []string{"http://127.0.0.1:1/", any4.URL}, LookupIPAddr: both, Timeout: 2 * time.Second}
+	s := New(Options{DomainName: "node.example", HostCheck: hc, Logger: quiet})
+	rec := serve(s, "GET", "node.example", "/status/check/host")
+	if rec.Code != 200 || rec.Body.String() != `{"ipv4": {"egress": true, "dns": true, "domain": true, "http": true}, `+
+		`"ipv6": {"egress": true, "dns": true, "domain": true, "http": false}}` ||
+		rec.Header().Get("Content-Type") != "application/json; charset=utf-8" {
+		t.Errorf("all required checks pass: %d %q %s", rec.Code, rec.Header().Get("Content-Type"), rec.Body)
+	}
+	// The domain does not resolve, IPv6 egress fails: 503, same shape.
+	hc.IPv6URL = "http://[::1]:1/"
+	s = New(Options{DomainName: "elsewhere.example", HostCheck: hc, Logger: quiet})
+	rec = serve(s, "GET", "node.example", "/status/check/host")
+	if rec.Code != 503 || rec.Body.String() != `{"ipv4": {"egress": true, "dns": true, "domain": false, "http": true}, `+
+		`"ipv6": {"egress": false, "dns": true, "domain": false, "http": false}}` {
+		t.Errorf("failing checks: %d %s", rec.Code, rec.Body)
 	}
 }
