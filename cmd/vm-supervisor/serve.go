@@ -272,7 +272,7 @@ func apiOptions(s *config.Settings, p *pool.Pool, qemuKVM bool, db *records.DB, 
 		SelfTestProgram:    selfTest,
 		HostCheck: &httpapi.HostCheck{IPv4URL: s.ConnectivityIPv4URL, IPv6URL: s.ConnectivityIPv6URL,
 			DNSHostname: s.ConnectivityDNSHostname, HTTPURLs: s.ConnectivityHTTPURLs},
-		DiskPath:           s.ExecutionRoot,
+		DiskPath: s.ExecutionRoot,
 		// Kept out of error bodies (the log has them).
 		HostPaths: []string{s.ExecutionRoot, s.CacheRoot, s.PersistentVolumesDir,
 			filepath.Dir(s.ExecutionDatabase), filepath.Dir(s.RunscPath), filepath.Dir(s.AgentPath)},
