@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -431,7 +432,12 @@ func TestDebianPackage(t *testing.T) {
 	if postinst := run(t, "", "dpkg-deb", "--info", debs[0], "postinst"); !strings.Contains(postinst, "systemctl daemon-reload") {
 		t.Errorf("postinst does not reload systemd:\n%s", postinst)
 	}
-	if v := run(t, "", "dpkg-deb", "--field", debs[0], "Version"); v == "" || !strings.ContainsAny(v[:1], "0123456789") {
-		t.Errorf("version %q does not start with a digit", v)
+	// The project's own release (internal/version/VERSION) with the
+	// commit's UTC time and hash, so that later commits upgrade earlier
+	// ones; never 0.0~git….
+	semver, _ := os.ReadFile(filepath.Join(repoRoot(t), "internal", "version", "VERSION"))
+	want := regexp.MustCompile(`^` + regexp.QuoteMeta(strings.TrimSpace(string(semver))) + `\+git\d{14}\.g[0-9a-f]{7}$`)
+	if v := strings.TrimSpace(run(t, "", "dpkg-deb", "--field", debs[0], "Version")); len(semver) == 0 || !want.MatchString(v) {
+		t.Errorf("deb version %q, want %s", v, want)
 	}
 }
