@@ -2,8 +2,15 @@
 SHELL := /bin/bash
 export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
-VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
-LDFLAGS := -X main.version=$(VERSION)
+# The project's semantic version is written in one place,
+# internal/version/VERSION; builds add the commit as a PEP 440 local label
+# (1.0.0+g7eb5434, .dirty with uncommitted changes). VERSION=... on the
+# command line replaces the whole string (packagers building outside git).
+SEMVER := $(shell cat internal/version/VERSION)
+COMMIT := $(shell git rev-parse HEAD 2>/dev/null | cut -c1-7)
+DIRTY := $(shell test -n "$$(git status --porcelain --untracked-files=no 2>/dev/null)" && echo true)
+VERSION_PKG := github.com/aleph-vm-go/vm-supervisor/internal/version
+LDFLAGS := -X $(VERSION_PKG).commit=$(COMMIT) -X $(VERSION_PKG).dirty=$(DIRTY) $(if $(VERSION),-X $(VERSION_PKG).override=$(VERSION))
 
 # Slow artefacts (debootstrap tree, kernels) are cached outside the work
 # tree so that reruns and fresh clones on the same machine are quick.
@@ -169,14 +176,13 @@ install:
 		chmod 0640 $(DESTDIR)$(SYSCONFDIR)/aleph-vm/supervisor.env; fi
 
 # A Debian package of the same tree, built with dpkg-deb alone. Its
-# version is the tag (v1.2.3-4-gabc → 1.2.3+4.gabc), or 0.0~git<date>.<commit>.
+# version is internal/version/VERSION with the commit's date and hash
+# (1.0.0+git20261207.g7eb5434), so that later commits upgrade earlier ones.
 DEB_OUT ?= dist
 # zstd: a tenth of xz's time on 200 MB; dpkg reads it since Debian 12.
 DEB_COMPRESS ?= zstd
 DEB_ARCH := $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
-DEB_VERSION ?= $(shell v=$$(git describe --tags --always 2>/dev/null | sed 's/^v//'); \
-	case "$$v" in ([0-9]*.*) echo "$$v" | sed 's/-\([0-9]*\)-g/+\1.g/';; \
-	(*) echo "0.0~git$$(git log -1 --format=%cd --date=format:%Y%m%d 2>/dev/null).$${v:-unknown}";; esac)
+DEB_VERSION ?= $(SEMVER)$(if $(COMMIT),+git$(shell TZ=UTC git log -1 --format=%cd --date=format-local:%Y%m%d%H%M%S 2>/dev/null).g$(COMMIT))
 DEB_ROOT = $(abspath $(DEB_OUT))/aleph-vm-go_$(DEB_VERSION)_$(DEB_ARCH)
 deb:
 	rm -rf $(DEB_ROOT)

@@ -187,6 +187,15 @@ func startTimeout(s *config.Settings, be backend.Backend, log *slog.Logger) time
 	return emulatedInitTimeout
 }
 
+// qemuWithKVM tells whether this node runs its VMs in QEMU with KVM: what
+// aleph-vm's ENABLE_QEMU_SUPPORT tells the network (this node can take
+// QEMU executions). QEMU emulated (TCG) is a slow fallback and does not
+// count, nor do the other backends.
+func qemuWithKVM(be backend.Backend) bool {
+	q, ok := be.(*qemu.Backend)
+	return ok && q.Accel() == qemu.AccelKVM
+}
+
 // snapshotDir is where gVisor keeps checkpoints of warm sandboxes, or ""
 // when SNAPSHOT_CACHE_MAX_MIB turns them off.
 func snapshotDir(s *config.Settings) string {

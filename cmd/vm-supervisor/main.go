@@ -14,10 +14,12 @@ import (
 	"syscall"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/config"
+	buildversion "github.com/aleph-vm-go/vm-supervisor/internal/version"
 )
 
-// version is set at build time (-ldflags "-X main.version=...").
-var version = "dev"
+// version is this build's version (internal/version: the VERSION file and
+// the commit).
+var version = buildversion.String()
 
 func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))

@@ -151,7 +151,7 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 	selfTest := selfTestProgram(s, st)
 	allocs := startAllocations(s, p, log)
 	defer allocs.Close() // the saved allocation stays for the next start
-	api := httpapi.New(apiOptions(s, p, db, allocs, token, selfTest, m, log))
+	api := httpapi.New(apiOptions(s, p, qemuWithKVM(be), db, allocs, token, selfTest, m, log))
 
 	if opts.Benchmark > 0 {
 		err := runBenchmark(ctx, api, selfTest, opts.Benchmark, stdout)
@@ -257,7 +257,7 @@ func recoverEarlierRun(ctx context.Context, s *config.Settings, be backend.Backe
 }
 
 // apiOptions are the HTTP service's settings.
-func apiOptions(s *config.Settings, p *pool.Pool, db *records.DB, allocs *allocations.Manager, token string, selfTest func(context.Context) (string, error), m *metrics.Metrics, log *slog.Logger) httpapi.Options {
+func apiOptions(s *config.Settings, p *pool.Pool, qemuKVM bool, db *records.DB, allocs *allocations.Manager, token string, selfTest func(context.Context) (string, error), m *metrics.Metrics, log *slog.Logger) httpapi.Options {
 	return httpapi.Options{
 		Version:            version,
 		DomainName:         s.DomainName,
@@ -265,12 +265,14 @@ func apiOptions(s *config.Settings, p *pool.Pool, db *records.DB, allocs *alloca
 		Control:            p,
 		Records:            db,
 		Config:             func() any { return configPage(s) },
-		PublicConfig:       func() any { return publicConfig(s) },
+		PublicConfig:       func() any { return publicConfig(s, qemuKVM) },
 		LoginToken:         token,
 		Resolver:           net.DefaultResolver,
 		MaxRequestBodySize: s.MaxRequestBodySize,
 		SelfTestProgram:    selfTest,
-		DiskPath:           s.ExecutionRoot,
+		HostCheck: &httpapi.HostCheck{IPv4URL: s.ConnectivityIPv4URL, IPv6URL: s.ConnectivityIPv6URL,
+			DNSHostname: s.ConnectivityDNSHostname, HTTPURLs: s.ConnectivityHTTPURLs},
+		DiskPath: s.ExecutionRoot,
 		// Kept out of error bodies (the log has them).
 		HostPaths: []string{s.ExecutionRoot, s.CacheRoot, s.PersistentVolumesDir,
 			filepath.Dir(s.ExecutionDatabase), filepath.Dir(s.RunscPath), filepath.Dir(s.AgentPath)},

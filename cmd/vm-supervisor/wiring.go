@@ -168,11 +168,12 @@ func configPage(s *config.Settings) map[string]any {
 // publicConfig is /status/config: the settings aleph-vm publishes without
 // login (views/__init__.py status_public_config), with this node's values
 // where it has the setting and aleph-vm's neutral value where it has not.
-func publicConfig(s *config.Settings) map[string]any {
+// qemuKVM: the backend in use is QEMU with KVM (qemuWithKVM).
+func publicConfig(s *config.Settings, qemuKVM bool) map[string]any {
 	return map[string]any{
 		"DOMAIN_NAME": s.DomainName,
 		"node_hash":   nil,
-		"version":     pep440.FromGitDescribe(version),
+		"version":     pep440.Normalize(version),
 		"references": map[string]any{
 			"API_SERVER":          s.APIServer,
 			"CHECK_FASTAPI_VM_ID": s.CheckFastAPIVMID,
@@ -198,12 +199,12 @@ func publicConfig(s *config.Settings) map[string]any {
 			"EXECUTION_LOG_ENABLED": false,
 		},
 		"payment": map[string]any{
-			"PAYMENT_RECEIVER_ADDRESS": nil,
+			"PAYMENT_RECEIVER_ADDRESS": s.PaymentReceiverAddress,
 			"AVAILABLE_PAYMENTS":       map[string]any{},
 			"PAYMENT_MONITOR_INTERVAL": nil,
 		},
 		"computing": map[string]any{
-			"ENABLE_QEMU_SUPPORT":           s.Hypervisor == config.HypervisorQemu || s.Hypervisor == config.HypervisorAuto,
+			"ENABLE_QEMU_SUPPORT":           qemuKVM,
 			"INSTANCE_DEFAULT_HYPERVISOR":   string(s.Hypervisor),
 			"ENABLE_CONFIDENTIAL_COMPUTING": false,
 			"ENABLE_GPU_SUPPORT":            false,

@@ -31,6 +31,11 @@ func TestDefaults(t *testing.T) {
 		s.IPv4AddressPool != netip.MustParsePrefix("172.16.0.0/12") || s.MaxProgramArchiveSize != 10_000_000 {
 		t.Errorf("unexpected defaults: %+v", s)
 	}
+	// aleph-vm's defaults (conf.py CONNECTIVITY_*).
+	if s.ConnectivityIPv4URL != "https://1.1.1.1/" || s.ConnectivityIPv6URL != "https://[2606:4700:4700::1111]/" ||
+		s.ConnectivityDNSHostname != "example.org" || len(s.ConnectivityHTTPURLs) != 3 {
+		t.Errorf("connectivity defaults: %+v", s)
+	}
 	if s.ExecutionDatabase != "/var/lib/aleph/vm/executions.sqlite3" {
 		t.Errorf("ExecutionDatabase = %q", s.ExecutionDatabase)
 	}
@@ -208,6 +213,9 @@ func TestEnvironmentValues(t *testing.T) {
 		"ALEPH_VM_IPV4_NETWORK_PREFIX_LENGTH=28",
 		"ALEPH_VM_ALLOW_VM_NETWORKING=no",
 		"ALEPH_VM_HYPERVISOR=QEMU",
+		"ALEPH_VM_PAYMENT_RECEIVER_ADDRESS=0x5D7A6D4fB1C6E4d0a8A1C3c2bC9dB3a2F0e1D2c3",
+		`ALEPH_VM_CONNECTIVITY_HTTP_URLS=["http://127.0.0.1:1/a", "https://localhost/b"]`,
+		"ALEPH_VM_CONNECTIVITY_DNS_HOSTNAME=localhost",
 		"UNRELATED=1",
 		"ALEPH_VM_NOT_A_SETTING=1",
 	}, "")
@@ -216,7 +224,9 @@ func TestEnvironmentValues(t *testing.T) {
 	}
 	if s.ReuseTimeout != 1500*time.Millisecond || s.InitTimeout != 2*time.Minute || s.MaxDataArchiveSize != 20_000_000 ||
 		strings.Join(s.DNSNameservers, ",") != "9.9.9.9,2620:fe::fe" || s.IPv4AddressPool.String() != "10.0.0.0/8" ||
-		s.IPv4NetworkPrefixLength != 28 || s.AllowVMNetworking || s.Hypervisor != HypervisorQemu {
+		s.IPv4NetworkPrefixLength != 28 || s.AllowVMNetworking || s.Hypervisor != HypervisorQemu ||
+		s.PaymentReceiverAddress != "0x5D7A6D4fB1C6E4d0a8A1C3c2bC9dB3a2F0e1D2c3" ||
+		strings.Join(s.ConnectivityHTTPURLs, " ") != "http://127.0.0.1:1/a https://localhost/b" || s.ConnectivityDNSHostname != "localhost" {
 		t.Errorf("%+v", s)
 	}
 }
@@ -249,6 +259,10 @@ func TestValidationErrors(t *testing.T) {
 		{"bad dns resolution", nil, []string{"ALEPH_VM_DNS_RESOLUTION=hosts"}, "resolv.conf", "DNS_RESOLUTION"},
 		{"bad nameserver", nil, []string{"ALEPH_VM_DNS_NAMESERVERS=1.1.1.1,nope"}, "nope", "DNS_NAMESERVERS"},
 		{"bad token hash", nil, []string{"ALEPH_VM_ALLOCATION_TOKEN_HASH=abc"}, "sha256", "ALLOCATION_TOKEN_HASH"},
+		{"bad payment receiver", nil, []string{"ALEPH_VM_PAYMENT_RECEIVER_ADDRESS=0x12 34"}, "account address", "PAYMENT_RECEIVER_ADDRESS"},
+		{"bad connectivity urls", nil, []string{"ALEPH_VM_CONNECTIVITY_HTTP_URLS=ftp://x"}, "http", "CONNECTIVITY_HTTP_URLS"},
+		{"empty connectivity urls", nil, []string{"ALEPH_VM_CONNECTIVITY_HTTP_URLS=[]"}, "at least one", "CONNECTIVITY_HTTP_URLS"},
+		{"bad dns hostname", nil, []string{"ALEPH_VM_CONNECTIVITY_DNS_HOSTNAME=a/b"}, "host name", "CONNECTIVITY_DNS_HOSTNAME"},
 		{"bad redis url", nil, []string{"ALEPH_VM_REDIS_URL=http://x"}, "redis://", "REDIS_URL"},
 		{"empty required", nil, []string{"ALEPH_VM_CACHE_ROOT="}, "must not be empty", "CACHE_ROOT"},
 		{"unreadable fake data", []string{"-f", unreadable}, nil, "unreadable", "FAKE_DATA_PROGRAM"},

@@ -135,11 +135,22 @@ type Settings struct {
 	IPv4NetworkPrefixLength int
 	EgressAllow             []netip.Prefix
 
-	PrintSystemLogs     bool
-	FakeDataProgram     string
-	CheckFastAPIVMID    string // CHECK_FASTAPI_VM_ID; empty = bundled example
-	AllocationTokenHash string // secret
-	RedisURL            string // password part is secret
+	PrintSystemLogs  bool
+	FakeDataProgram  string
+	CheckFastAPIVMID string // CHECK_FASTAPI_VM_ID; empty = bundled example
+	// The targets of /status/check/host (aleph-vm's CONNECTIVITY_*): a
+	// raw-IP HTTPS URL per family, a name to resolve, and URLs tried in
+	// order for DNS + HTTP end to end.
+	ConnectivityIPv4URL     string
+	ConnectivityIPv6URL     string
+	ConnectivityDNSHostname string
+	ConnectivityHTTPURLs    []string
+	// PaymentReceiverAddress is the account receiving payments, published
+	// in /status/config as aleph-vm does; empty by default (aleph-vm's
+	// default, OWNER_ADDRESS, is empty too).
+	PaymentReceiverAddress string
+	AllocationTokenHash    string // secret
+	RedisURL               string // password part is secret
 
 	// The guest API cache (GUEST_CACHE_*): the largest value, each
 	// program's caps, and the embedded store's cap on all values.
@@ -196,6 +207,11 @@ func Default() *Settings {
 		MessageDeliveriesTotal:  16,
 		APIServer:               "https://official.aleph.cloud",
 		IPFSGateway:             "https://ipfs.aleph.im/ipfs/",
+		ConnectivityIPv4URL:     "https://1.1.1.1/",
+		ConnectivityIPv6URL:     "https://[2606:4700:4700::1111]/",
+		ConnectivityDNSHostname: "example.org",
+		ConnectivityHTTPURLs: []string{"http://detectportal.firefox.com/success.txt",
+			"https://connectivity-check.ubuntu.com/", "https://www.gstatic.com/generate_204"},
 		Hypervisor:              HypervisorAuto,
 		UseJailer:               true,
 		FirecrackerPath:         "/opt/firecracker/firecracker",

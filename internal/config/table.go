@@ -141,6 +141,24 @@ var table = []descriptor{
 
 	str("API_SERVER", "Aleph API server", func(s *Settings) *string { return &s.APIServer }, checkHTTPURL),
 	str("IPFS_GATEWAY", "IPFS gateway for IPFS-stored files", func(s *Settings) *string { return &s.IPFSGateway }, checkHTTPURL),
+	str("CONNECTIVITY_IPV4_URL", "/status/check/host: URL reached over IPv4 (raw IP: no DNS needed)",
+		func(s *Settings) *string { return &s.ConnectivityIPv4URL }, checkHTTPURL),
+	str("CONNECTIVITY_IPV6_URL", "/status/check/host: URL reached over IPv6 (raw IP: no DNS needed)",
+		func(s *Settings) *string { return &s.ConnectivityIPv6URL }, checkHTTPURL),
+	str("CONNECTIVITY_DNS_HOSTNAME", "/status/check/host: name whose A and AAAA records are looked up",
+		func(s *Settings) *string { return &s.ConnectivityDNSHostname }, checkHostname),
+	{
+		name: "CONNECTIVITY_HTTP_URLS", help: "/status/check/host: URLs tried in order for DNS + HTTP (comma-separated or JSON list)",
+		set: func(s *Settings, v string) error {
+			urls, err := parseURLList(v)
+			if err != nil {
+				return err
+			}
+			s.ConnectivityHTTPURLs = urls
+			return nil
+		},
+		get: func(s *Settings) any { return slices.Clone(s.ConnectivityHTTPURLs) },
+	},
 
 	{
 		name: "HYPERVISOR", help: "isolation backend: auto, firecracker, qemu or gvisor",
@@ -352,6 +370,8 @@ var table = []descriptor{
 	optional(str("FAKE_DATA_PROGRAM", "serve this program directory for every request", func(s *Settings) *string { return &s.FakeDataProgram })),
 	optional(str("CHECK_FASTAPI_VM_ID", "program hash used by /status/check/fastapi; empty = bundled example",
 		func(s *Settings) *string { return &s.CheckFastAPIVMID }, checkToken)),
+	optional(str("PAYMENT_RECEIVER_ADDRESS", "address of the account receiving payments, published in /status/config; empty = none",
+		func(s *Settings) *string { return &s.PaymentReceiverAddress }, checkAddress)),
 	{
 		name: "ALLOCATION_TOKEN_HASH", help: "sha256 hex of the token accepted by /control/allocations",
 		set: func(s *Settings, v string) error {
@@ -504,6 +524,42 @@ func parseAddrList(v string) ([]string, error) {
 	return out, nil
 }
 
+// parseURLList reads a non-empty list of http(s) URLs, as a JSON list or
+// separated by commas or spaces.
+func parseURLList(v string) ([]string, error) {
+	v = strings.TrimSpace(v)
+	var items []string
+	if strings.HasPrefix(v, "[") {
+		if err := json.Unmarshal([]byte(v), &items); err != nil {
+			return nil, errors.New("must be a JSON list of URLs")
+		}
+	} else {
+		items = strings.FieldsFunc(v, func(r rune) bool { return r == ',' || r == ' ' || r == '\t' })
+	}
+	if len(items) == 0 {
+		return nil, errors.New("must list at least one URL")
+	}
+	for _, it := range items {
+		if err := checkHTTPURL(it); err != nil {
+			return nil, fmt.Errorf("%q: %w", it, err)
+		}
+	}
+	return items, nil
+}
+
+// checkHostname accepts a DNS name (letters, digits, '-', '.').
+func checkHostname(v string) error {
+	if v == "" || len(v) > 253 {
+		return errors.New("must be a host name")
+	}
+	for _, r := range v {
+		if !(r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r == '-' || r == '.') {
+			return errors.New("must be a host name")
+		}
+	}
+	return nil
+}
+
 func checkHTTPURL(v string) error {
 	u, err := url.Parse(v)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
@@ -527,6 +583,20 @@ func checkToken(v string) error {
 	for _, r := range v {
 		if !(r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z') {
 			return errors.New("must be an item hash")
+		}
+	}
+	return nil
+}
+
+// checkAddress accepts an account address of any chain: letters and
+// digits only, as chains' addresses are (0x… hex, base58).
+func checkAddress(v string) error {
+	if len(v) > 128 {
+		return errors.New("must be an account address (at most 128 characters)")
+	}
+	for _, r := range v {
+		if !(r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z') {
+			return errors.New("must be an account address (letters and digits)")
 		}
 	}
 	return nil

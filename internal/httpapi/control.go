@@ -47,6 +47,8 @@ func (s *Server) controlRoutes() {
 		s.mux.HandleFunc("POST "+path, withCORS(s.ownerAction(action)))
 		s.mux.HandleFunc("OPTIONS "+path, s.preflightFor(http.MethodPost))
 	}
+	s.mux.HandleFunc("POST /control/machine/{ref}/update", withCORS(s.handleUpdate))
+	s.mux.HandleFunc("OPTIONS /control/machine/{ref}/update", s.preflightFor(http.MethodPost))
 	s.mux.HandleFunc("GET /control/machine/{ref}/logs", withCORS(s.handleOwnerLogs))
 	s.mux.HandleFunc("OPTIONS /control/machine/{ref}/logs", s.preflight)
 	s.mux.HandleFunc("GET /control/machine/{ref}/stream_logs", s.handleStreamLogs)
@@ -84,6 +86,26 @@ func (s *Server) controlRef(w http.ResponseWriter, r *http.Request) (wallet, has
 		return "", "", false
 	}
 	return wallet, hash, true
+}
+
+// handleUpdate is aleph-vm's operate_update (views/__init__.py): a
+// notice, with no authentication, that an execution's configuration
+// (port forwarding) changed and is to be fetched again. Programs here have
+// no such configuration, so there is nothing to fetch: a running
+// execution answers 200 {}, as upstream's does once it has refetched.
+// Errors go through upstream's error_middleware: JSON {"error": ...}.
+func (s *Server) handleUpdate(w http.ResponseWriter, r *http.Request) {
+	ref := r.PathValue("ref")
+	hash, err := message.ParseRef(ref)
+	if err != nil {
+		s.writeError(w, r, errkind.New(errkind.InvalidInput, "Invalid ref: '%s'", ref))
+		return
+	}
+	if s.opts.Control.Running(hash) == nil {
+		s.writeError(w, r, errkind.New(errkind.NotFound, "404: VM not found"))
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{})
 }
 
 func (s *Server) ownerAction(action string) http.HandlerFunc {

@@ -3,14 +3,18 @@ package httpapi
 import (
 	"context"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 )
 
-// drain counts the requests being served, so that a stopping supervisor
-// can let them finish while it refuses new ones.
+// drain counts the program requests being served, so that a stopping
+// supervisor can let them finish while it refuses new ones. As in
+// aleph-vm (supervisor.py drain_middleware, pool.py drain), only program
+// requests are refused and waited for: status, operator and control
+// pages answer until the process exits.
 type drain struct {
 	mu       sync.Mutex
 	draining bool
@@ -39,21 +43,41 @@ func (d *drain) end() {
 	}
 }
 
-// errShuttingDown is what requests that arrive while draining read. The
-// connection is closed after it, so that a client or load balancer
-// reconnects (to another node, or to this one once restarted).
-var errShuttingDown = errkind.New(errkind.ShuttingDown,
-	"this node is shutting down and takes no new requests; retry on another node or in a moment")
+// errShuttingDown is what program requests that arrive while draining
+// read: aleph-vm's body. The connection is closed after it, so that a
+// client or load balancer reconnects (to another node, or to this one once
+// restarted).
+var errShuttingDown = errkind.New(errkind.ShuttingDown, "Server is draining, try another node")
+
+// nodePagePrefixes are the paths that are the node's own on any host
+// (aleph-vm's drain_middleware lets them through).
+var nodePagePrefixes = []string{"/about/", "/control/", "/status/", "/static/", "/debug/"}
+
+// isProgramRequest tells whether r would reach a program: /vm/..., or
+// any path but the node's pages on a host that is not the node's own. It
+// is what a drain refuses.
+func (s *Server) isProgramRequest(r *http.Request) bool {
+	p := r.URL.Path
+	if strings.HasPrefix(p, "/vm/") {
+		return true
+	}
+	for _, prefix := range nodePagePrefixes {
+		if strings.HasPrefix(p, prefix) {
+			return false
+		}
+	}
+	return !s.isOwnHost(hostOnly(r.Host))
+}
 
 func (s *Server) refuseDraining(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Connection", "close")
 	s.writeError(w, r, errShuttingDown)
 }
 
-// Drain makes every new request answer 503 (errkind.ShuttingDown) and
-// waits until those in flight have finished, or ctx ends. A websocket
-// counts as in flight until it closes. It returns how many requests were
-// still in flight when it gave up (0 on success).
+// Drain makes every new program request answer 503 (errkind.ShuttingDown)
+// and waits until those in flight have finished, or ctx ends. Other
+// requests are served and not waited for. It returns how many program
+// requests were still in flight when it gave up (0 on success).
 func (s *Server) Drain(ctx context.Context) int {
 	d := &s.drain
 	d.mu.Lock()
@@ -78,11 +102,12 @@ func (s *Server) Drain(ctx context.Context) int {
 }
 
 // Shutdown stops srv, which serves this server, gracefully: it drains
-// for up to timeout (new requests get 503 meanwhile, on the listener
-// still open), then closes the listeners and connections. Requests still
+// for up to timeout (new program requests get 503 meanwhile, on the
+// listener still open; the node's pages answer), then closes the listeners
+// and connections. Requests still
 // in flight at the deadline are cut. The caller stops the pool after it.
 func (s *Server) Shutdown(srv *http.Server, timeout time.Duration) {
-	s.log.Info("draining: new requests get 503", "in_flight", s.InFlight(), "drain_timeout", timeout)
+	s.log.Info("draining: new program requests get 503", "in_flight", s.InFlight(), "drain_timeout", timeout)
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	started := time.Now()
@@ -101,7 +126,7 @@ func (s *Server) Shutdown(srv *http.Server, timeout time.Duration) {
 	}
 }
 
-// InFlight is the number of requests being served.
+// InFlight is the number of program requests being served.
 func (s *Server) InFlight() int {
 	s.drain.mu.Lock()
 	defer s.drain.mu.Unlock()

@@ -46,8 +46,10 @@ func get(url, host string) result {
 }
 
 // While the server drains, a request in flight finishes with its answer
-// and new requests get 503 with a JSON error and Connection: close; the
-// listener closes once nothing is in flight.
+// and new program requests get aleph-vm's 503 (supervisor.py
+// drain_middleware; tests/supervisor/test_drain.py) with Connection:
+// close, while the node's own pages keep answering; the listener closes
+// once no program request is in flight.
 func TestDrainFinishesInFlightAndRefusesNew(t *testing.T) {
 	entered, release := make(chan struct{}, 1), make(chan struct{})
 	l := startLive(t, map[string]program{"slow": slowProgram(entered, release)}, nil)
@@ -57,13 +59,34 @@ func TestDrainFinishesInFlightAndRefusesNew(t *testing.T) {
 
 	shut := make(chan struct{})
 	go func() { l.srv.Shutdown(l.hs, 10*time.Second); close(shut) }()
+	const drainingBody = `{"error": "Server is draining, try another node"}`
 	var refused answer
-	waitFor(t, "new requests refused", func() bool {
-		refused = l.do(t, "GET", "/about/executions/list", nil)
-		return refused.code != 200
+	waitFor(t, "new program requests refused", func() bool {
+		refused = l.do(t, "GET", "/vm/"+l.hashes["slow"]+"/other", nil)
+		return refused.code == 503
 	})
-	if refused.code != 503 || !strings.Contains(errorOf(refused), "shutting down") {
-		t.Errorf("new request while draining: %d %q, want 503 with a JSON error", refused.code, refused.body)
+	if refused.body != drainingBody || refused.header.Get("Content-Type") != "application/json; charset=utf-8" {
+		t.Errorf("new program request while draining: %d %q %v", refused.code, refused.body, refused.header)
+	}
+	// A program reached by its host is refused the same way.
+	if r := get(l.url+"/", "somevmhash.example.com"); r.code != 503 || r.body != drainingBody {
+		t.Errorf("host-routed request while draining: %d %q", r.code, r.body)
+	}
+	// The node's pages answer until the process exits, on any host.
+	for _, c := range []struct {
+		host, path string
+		code       int
+	}{
+		{"node.example", "/status/check/version?reference=0", 200},
+		{"node.example", "/about/executions/records", 200},
+		{"node.example", "/about/executions/list", 200},
+		{"node.example", "/control/nonexistent", 404},
+		{"node.example", "/", 200},
+		{"somevmhash.example.com", "/status/check/version?reference=0", 200},
+	} {
+		if r := get(l.url+c.path, c.host); r.err != nil || r.code != c.code {
+			t.Errorf("%s%s while draining: %d %q %v, want %d", c.host, c.path, r.code, r.body, r.err, c.code)
+		}
 	}
 	// On a keep-alive connection: the answer says it closes, and it does.
 	c, err := net.Dial("tcp", strings.TrimPrefix(l.url, "http://"))
@@ -72,13 +95,11 @@ func TestDrainFinishesInFlightAndRefusesNew(t *testing.T) {
 	}
 	defer c.Close()
 	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	_, _ = io.WriteString(c, "GET /status/check/version HTTP/1.1\r\nHost: node.example\r\n\r\n")
+	_, _ = io.WriteString(c, "GET /vm/"+l.hashes["slow"]+"/ HTTP/1.1\r\nHost: node.example\r\n\r\n")
 	raw, err := io.ReadAll(c) // ends only when the server closes
-	if err != nil || !strings.HasPrefix(string(raw), "HTTP/1.1 503") || !strings.Contains(string(raw), "\r\nConnection: close\r\n") {
+	if err != nil || !strings.HasPrefix(string(raw), "HTTP/1.1 503") || !strings.Contains(string(raw), "\r\nConnection: close\r\n") ||
+		!strings.HasSuffix(string(raw), "\r\n\r\n"+drainingBody) {
 		t.Errorf("keep-alive request while draining: %v %q", err, raw)
-	}
-	if a := l.do(t, "GET", "/vm/"+l.hashes["slow"]+"/", nil); a.code != 503 || !strings.Contains(errorOf(a), "shutting down") {
-		t.Errorf("new program request while draining: %d %q", a.code, a.body)
 	}
 	select {
 	case <-shut:

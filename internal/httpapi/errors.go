@@ -1,11 +1,15 @@
 package httpapi
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"strings"
+	"unicode/utf16"
+	"unicode/utf8"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
@@ -107,10 +111,71 @@ func underAny(p string, roots []string) bool {
 	return false
 }
 
+// writeJSON answers v as aiohttp's web.json_response does, which is what
+// aleph-vm's clients read: Content-Type "application/json;
+// charset=utf-8" and Python's json.dumps bytes (pythonJSON).
 func writeJSON(w http.ResponseWriter, code int, v any) {
-	w.Header().Set("Content-Type", "application/json")
+	b, err := pythonJSON(v)
+	if err != nil {
+		code, b = http.StatusInternalServerError, []byte(`{"error": "internal error"}`)
+	}
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
 	w.WriteHeader(code)
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	_ = enc.Encode(v)
+	_, _ = w.Write(b)
+}
+
+// writePydanticJSON answers v as aleph-vm's views that send a pydantic
+// model's model_dump_json() (web.json_response(text=...)): compact, UTF-8
+// as it is, with json_response's Content-Type.
+func writePydanticJSON(w http.ResponseWriter, code int, v any) {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		writeJSON(w, http.StatusInternalServerError, map[string]string{"error": "internal error"})
+		return
+	}
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.WriteHeader(code)
+	_, _ = w.Write(bytes.TrimRight(buf.Bytes(), "\n"))
+}
+
+// pythonJSON encodes v as Python's json.dumps(v) with its defaults: ", "
+// and ": " between items, every non-ASCII character escaped as \uXXXX
+// (UTF-16, ensure_ascii), '<', '>' and '&' as they are, no newline at
+// the end.
+func pythonJSON(v any) ([]byte, error) {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		return nil, err
+	}
+	compact := bytes.TrimRight(buf.Bytes(), "\n")
+	out := make([]byte, 0, len(compact)+len(compact)/8)
+	inString, escaped := false, false
+	for i := 0; i < len(compact); {
+		c := compact[i]
+		if c >= utf8.RuneSelf {
+			r, size := utf8.DecodeRune(compact[i:])
+			for _, u := range utf16.Encode([]rune{r}) {
+				out = fmt.Appendf(out, "\\u%04x", u)
+			}
+			i += size
+			continue
+		}
+		out = append(out, c)
+		i++
+		switch {
+		case inString && escaped:
+			escaped = false
+		case inString && c == '\\':
+			escaped = true
+		case c == '"':
+			inString = !inString
+		case !inString && (c == ',' || c == ':'):
+			out = append(out, ' ')
+		}
+	}
+	return out, nil
 }

@@ -127,7 +127,7 @@ func (l *live) do(t *testing.T, method, path string, body io.Reader) answer {
 // errorOf is the "error" of a JSON error body, or "" if the body is not one.
 func errorOf(a answer) string {
 	var m map[string]string
-	if a.header.Get("Content-Type") != "application/json" || json.Unmarshal([]byte(a.body), &m) != nil {
+	if a.header.Get("Content-Type") != "application/json; charset=utf-8" || json.Unmarshal([]byte(a.body), &m) != nil {
 		return ""
 	}
 	return m["error"]

@@ -11,29 +11,33 @@ import (
 
 // Upstream references are aleph-vm at commit 6da21a3a.
 
-// /status/check/version: views/__init__.py:417-438.
+// /status/check/version: views/__init__.py:417-438; its HTTP exceptions
+// (raised or returned) become JSON {"error": text} in error_middleware
+// (supervisor.py), so only the 200 is text.
 func TestVersionAgainstReference(t *testing.T) {
 	s, _ := newTestServer(t)
 	s.opts.Version = "1.7.2.post3+g0123abc"
+	const text, js = "text/plain; charset=utf-8", "application/json; charset=utf-8"
 	cases := []struct {
-		query  string
-		status int
-		body   string
+		query       string
+		status      int
+		contentType string
+		body        string
 	}{
-		{"", 400, "Query field '?reference=` must be specified"},
-		{"?reference=", 400, "Query field '?reference=` must be specified"},
-		{"?reference=not-a-version", 400, "Invalid version: 'not-a-version'"},
-		{"?reference=1.7.2", 200, "Up-to-date: version 1.7.2.post3+g0123abc >= 1.7.2"},
-		{"?reference=v1.7", 200, "Up-to-date: version 1.7.2.post3+g0123abc >= 1.7"},
-		{"?reference=1.8.0rc1", 403, "Outdated: version 1.7.2.post3+g0123abc < 1.8.0rc1"},
+		{"", 400, js, `{"error": "Query field '?reference=` + "`" + ` must be specified"}`},
+		{"?reference=", 400, js, `{"error": "Query field '?reference=` + "`" + ` must be specified"}`},
+		{"?reference=not-a-version", 400, js, `{"error": "Invalid version: 'not-a-version'"}`},
+		{"?reference=1.7.2", 200, text, "Up-to-date: version 1.7.2.post3+g0123abc >= 1.7.2"},
+		{"?reference=v1.7", 200, text, "Up-to-date: version 1.7.2.post3+g0123abc >= 1.7"},
+		{"?reference=1.8.0rc1", 403, js, `{"error": "Outdated: version 1.7.2.post3+g0123abc < 1.8.0rc1"}`},
 	}
 	for _, c := range cases {
 		rec := serve(s, "GET", "node.example", "/status/check/version"+c.query)
 		if rec.Code != c.status || rec.Body.String() != c.body {
 			t.Errorf("%s: %d %q, want %d %q", c.query, rec.Code, rec.Body, c.status, c.body)
 		}
-		if ct := rec.Header().Get("Content-Type"); !strings.HasPrefix(ct, "text/plain") {
-			t.Errorf("%s: Content-Type %q", c.query, ct)
+		if ct := rec.Header().Get("Content-Type"); ct != c.contentType {
+			t.Errorf("%s: Content-Type %q, want %q", c.query, ct, c.contentType)
 		}
 	}
 }
@@ -48,6 +52,23 @@ func TestServerHeaderIsPEP440(t *testing.T) {
 	}
 	if rec.Code != 200 {
 		t.Errorf("1.2.3.post4 >= 1.2.3: %d %s", rec.Code, rec.Body)
+	}
+}
+
+// What internal/version gives (VERSION plus the commit as a local label) is
+// kept as it is, and compares as the release it labels.
+func TestServerHeaderOwnVersion(t *testing.T) {
+	s := New(Options{Version: "1.0.0+g7eb5434.dirty", Logger: quiet})
+	rec := serve(s, "GET", "node.example", "/status/check/version?reference=1.0.0")
+	if got := rec.Header().Get("Server"); got != "aleph-vm/1.0.0+g7eb5434.dirty" {
+		t.Errorf("Server %q", got)
+	}
+	if rec.Code != 200 {
+		t.Errorf("1.0.0+g7eb5434.dirty >= 1.0.0: %d %s", rec.Code, rec.Body)
+	}
+	rec = serve(s, "GET", "node.example", "/status/check/version?reference=1.5.1")
+	if rec.Code != 403 {
+		t.Errorf("1.0.0+g7eb5434.dirty < 1.5.1: %d %s", rec.Code, rec.Body)
 	}
 }
 
@@ -68,9 +89,7 @@ func TestLoginRedirectsWithTokenCookie(t *testing.T) {
 	}
 	for _, q := range []string{"", "?token=", "?token=wrong"} {
 		rec := serve(s, "GET", "node.example", "/about/login"+q)
-		if rec.Code != 401 || strings.TrimSpace(rec.Body.String()) != `{
-  "success": false
-}` || len(rec.Result().Cookies()) != 0 {
+		if rec.Code != 401 || rec.Body.String() != `{"success": false}` || len(rec.Result().Cookies()) != 0 {
 			t.Errorf("login%s: %d %q %v", q, rec.Code, rec.Body, rec.Result().Cookies())
 		}
 	}
@@ -216,5 +235,21 @@ func TestCheckFastAPIFlatShape(t *testing.T) {
 	if err := json.Unmarshal(rec.Body.Bytes(), &detail); err != nil || rec.Code != 503 || detail.Program != hash ||
 		!strings.Contains(detail.Checks["index"].Detail, "503") || len(detail.Checks) != len(want)+1 {
 		t.Errorf("detail: %d %s", rec.Code, rec.Body)
+	}
+}
+
+// Unknown /about, /control and /status paths: aleph-vm's http_not_found
+// routes through error_middleware (tests/supervisor/views/test_view_errors.py
+// test_json_404_about), on the node's host and on a program's alike.
+func TestUnknownNodePagesAre404JSON(t *testing.T) {
+	s, _ := newTestServer(t)
+	for _, host := range []string{"node.example", "app.example"} {
+		for _, path := range []string{"/about/non_existing_path", "/control/nonexistent", "/status/check/nope", "/control/machine/abc/update"} {
+			rec := serve(s, "GET", host, path)
+			if rec.Code != 404 || rec.Body.String() != `{"error": "404: Not Found"}` ||
+				rec.Header().Get("Content-Type") != "application/json; charset=utf-8" {
+				t.Errorf("GET %s%s: %d %q %q", host, path, rec.Code, rec.Header().Get("Content-Type"), rec.Body)
+			}
+		}
 	}
 }

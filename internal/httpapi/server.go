@@ -68,6 +68,9 @@ type Options struct {
 	// ...) whose paths are kept out of error bodies, with /var, /tmp, /run
 	// and the like; the log keeps them.
 	HostPaths []string
+	// HostCheck are the targets of /status/check/host; nil: every check
+	// fails.
+	HostCheck *HostCheck
 	// Allocations applies POST /control/allocations; nil refuses them.
 	Allocations Allocations
 	// AllocationTokenHash is the sha256 (hex) of the scheduler's token.
@@ -110,7 +113,7 @@ func New(opts Options) *Server {
 	}
 	// The Server header and /status/check/version speak PEP 440, as
 	// aleph-vm's clients compare versions with packaging.version.
-	opts.Version = pep440.FromGitDescribe(opts.Version)
+	opts.Version = pep440.Normalize(opts.Version)
 	s := &Server{opts: opts, log: opts.Logger, mux: http.NewServeMux(), sessions: newSessions()}
 	for _, p := range append(append([]string{}, systemRoots...), opts.HostPaths...) {
 		if p != "" {
@@ -134,11 +137,15 @@ func New(opts Options) *Server {
 	s.page("/about/executions/list", s.handleExecutionList)
 	s.page("/about/executions/records", s.handleRecords)
 	s.page("/about/usage/system", s.handleUsage)
+	s.page("/about/certificates", s.handleCertificates)
+	s.page("/about/capability", s.handleCapability)
+	s.page("/v2/about/executions/list", s.handleExecutionListV2)
 	s.page("/status/check/version", s.handleVersion)
 	s.page("/status/check/fastapi", s.handleCheckFastAPI)
 	s.page("/status/check/fastapi/legacy", s.handleCheckFastAPILegacy)
 	s.page("/status/check/fastapi/detail", s.handleCheckFastAPIDetail)
 	s.page("/status/config", s.handlePublicConfig)
+	s.page("/status/check/host", s.handleCheckHost)
 	s.mux.HandleFunc("POST /control/allocations", s.handleAllocations)
 	s.controlRoutes()
 	s.mux.HandleFunc("/", s.handleByHost)
@@ -147,6 +154,10 @@ func New(opts Options) *Server {
 
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Server", "aleph-vm/"+s.opts.Version)
+	if !s.isProgramRequest(r) {
+		s.mux.ServeHTTP(w, r)
+		return
+	}
 	if !s.drain.begin() {
 		s.refuseDraining(w, r)
 		return
@@ -176,6 +187,12 @@ func (s *Server) handleVM(w http.ResponseWriter, r *http.Request) {
 // own domain shows the status page, a host whose first label is the base32
 // form of a hash (or that has an `_aleph-id` TXT record) reaches a program.
 func (s *Server) handleByHost(w http.ResponseWriter, r *http.Request) {
+	if isUnknownNodePage(r) {
+		// aleph-vm's http_not_found routes (supervisor.py), through its
+		// error_middleware: on any host.
+		s.writeError(w, r, errNodePageNotFound)
+		return
+	}
 	host := hostOnly(r.Host)
 	if s.isOwnHost(host) {
 		switch {
@@ -197,6 +214,25 @@ func (s *Server) handleByHost(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.forward(w, r, hash, r.URL.EscapedPath())
+}
+
+// errNodePageNotFound is aleph-vm's answer to an unknown /about, /control
+// or /status path: aiohttp's HTTPNotFound text as JSON.
+var errNodePageNotFound = errkind.New(errkind.NotFound, "404: Not Found")
+
+// isUnknownNodePage tells whether r is a GET (or HEAD) of a path under
+// /about/, /control/ or /status/ that no route took: aleph-vm answers
+// those 404 on any host instead of passing them to a program.
+func isUnknownNodePage(r *http.Request) bool {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		return false
+	}
+	for _, prefix := range []string{"/about/", "/control/", "/status/"} {
+		if strings.HasPrefix(r.URL.Path, prefix) {
+			return true
+		}
+	}
+	return false
 }
 
 func (s *Server) isOwnHost(host string) bool {
@@ -296,7 +332,8 @@ func (s *Server) handleExecutions(w http.ResponseWriter, r *http.Request) {
 }
 
 // handleRecords answers, as aleph-vm does, a bare JSON array of records,
-// newest first (orchestrator/metrics.py get_execution_records).
+// newest first (orchestrator/metrics.py get_execution_records), in the
+// bytes of its json.dumps (upstreamRecord).
 func (s *Server) handleRecords(w http.ResponseWriter, r *http.Request) {
 	recs := []records.Record{}
 	if s.opts.Records != nil {
@@ -306,11 +343,40 @@ func (s *Server) handleRecords(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	out := make([]map[string]any, 0, len(recs))
-	for _, rec := range recs {
-		out = append(out, upstreamRecord(rec))
+	out := []byte{'['}
+	for i, rec := range recs {
+		b, err := upstreamRecord(rec)
+		if err != nil {
+			s.writeError(w, r, err)
+			return
+		}
+		if i > 0 {
+			out = append(out, ", "...)
+		}
+		out = append(out, b...)
 	}
-	writeJSON(w, http.StatusOK, out)
+	out = append(out, ']')
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(out)
+}
+
+// handleCertificates is aleph-vm's about_certificates on a node without
+// confidential computing, which this node never has (resources.py;
+// tests/supervisor/test_views.py test_about_certificates_missing_setting).
+func (s *Server) handleCertificates(w http.ResponseWriter, r *http.Request) {
+	s.writeError(w, r, errkind.New(errkind.Unavailable, "Confidential computing setting not enabled on that server"))
+}
+
+// handleCapability is aleph-vm's about_capability: the host's CPU and
+// memory, pydantic's compact JSON (resources.py).
+func (s *Server) handleCapability(w http.ResponseWriter, r *http.Request) {
+	c, err := sysinfo.CollectCapability(r.Context())
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	writePydanticJSON(w, http.StatusOK, c)
 }
 
 func (s *Server) handleUsage(w http.ResponseWriter, r *http.Request) {
@@ -319,5 +385,6 @@ func (s *Server) handleUsage(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, u)
+	// aleph-vm: usage.model_dump_json(exclude_none=True) (resources.py).
+	writePydanticJSON(w, http.StatusOK, u)
 }

@@ -273,3 +273,15 @@ func isHex(s string) bool {
 	}
 	return true
 }
+
+// Normalize returns s in PEP 440's normal form when it is already a
+// version ("1.0.0+g7eb5434.dirty", what internal/version gives), and
+// FromGitDescribe(s) otherwise (an abbreviated commit is never taken for
+// a version).
+func Normalize(s string) string {
+	s = strings.TrimSpace(s)
+	if v, err := Parse(s); err == nil && !isCommit(s) {
+		return v.String()
+	}
+	return FromGitDescribe(s)
+}

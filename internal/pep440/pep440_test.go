@@ -71,3 +71,19 @@ func TestParseNormalises(t *testing.T) {
 		}
 	}
 }
+
+func TestNormalize(t *testing.T) {
+	for in, want := range map[string]string{
+		"1.0.0+g7eb5434":       "1.0.0+g7eb5434",
+		"1.0.0+g7eb5434.dirty": "1.0.0+g7eb5434.dirty",
+		"v1.0.0":               "1.0.0",
+		"v1.2.3-4-gabc1234":    "1.2.3.post4+gabc1234",
+		"480731c":              "0+g480731c",
+		"6e54c47-dirty":        "0+g6e54c47.dirty",
+		"1.0.0+G7EB5434-Dirty": "1.0.0+g7eb5434.dirty",
+	} {
+		if got := Normalize(in); got != want {
+			t.Errorf("Normalize(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

@@ -40,31 +40,68 @@ type Record struct {
 // year 1 or an empty name.
 type recordJSON struct {
 	jsonAlias
-	TimeDefined  *time.Time `json:"time_defined"`
-	TimePrepared *time.Time `json:"time_prepared"`
-	TimeStarted  *time.Time `json:"time_started"`
-	TimeStopping *time.Time `json:"time_stopping"`
-	NetworkTap   *string    `json:"network_tap"`
+	TimeDefined  *pyTime `json:"time_defined"`
+	TimePrepared *pyTime `json:"time_prepared"`
+	TimeStarted  *pyTime `json:"time_started"`
+	TimeStopping *pyTime `json:"time_stopping"`
+	NetworkTap   *string `json:"network_tap"`
 }
 
 type jsonAlias Record
 
-func timePtr(t time.Time) *time.Time {
+// pyTime is a time as aleph-vm's records answer it: Python's str() of the
+// naive UTC datetime SQLAlchemy reads back from SQLite ("2024-05-01
+// 10:00:00.123456", no fraction when it is zero), through dumps_for_json's
+// default=str (utils/__init__.py, orchestrator/metrics.py).
+type pyTime time.Time
+
+const (
+	pyTimeLayout         = "2006-01-02 15:04:05"
+	pyTimeLayoutFraction = "2006-01-02 15:04:05.000000"
+)
+
+func (t pyTime) MarshalJSON() ([]byte, error) {
+	u := time.Time(t).UTC().Truncate(time.Microsecond)
+	layout := pyTimeLayoutFraction
+	if u.Nanosecond() == 0 {
+		layout = pyTimeLayout
+	}
+	return json.Marshal(u.Format(layout))
+}
+
+// UnmarshalJSON reads what MarshalJSON writes, and RFC 3339 as earlier
+// versions wrote.
+func (t *pyTime) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return err
+	}
+	for _, layout := range []string{pyTimeLayoutFraction, pyTimeLayout, time.RFC3339Nano} {
+		if v, err := time.Parse(layout, s); err == nil {
+			*t = pyTime(v.UTC())
+			return nil
+		}
+	}
+	return fmt.Errorf("records: time %q is neither Python's str(datetime) nor RFC 3339", s)
+}
+
+func timePtr(t time.Time) *pyTime {
 	if t.IsZero() {
 		return nil
 	}
-	u := t.UTC()
+	u := pyTime(t.UTC())
 	return &u
 }
 
-func timeVal(p *time.Time) time.Time {
+func timeVal(p *pyTime) time.Time {
 	if p == nil {
 		return time.Time{}
 	}
-	return *p
+	return time.Time(*p)
 }
 
-// MarshalJSON writes times as ISO 8601 in UTC and absent values as null.
+// MarshalJSON writes times as aleph-vm does (pyTime) and absent values as
+// null.
 func (r Record) MarshalJSON() ([]byte, error) {
 	out := recordJSON{
 		jsonAlias:    jsonAlias(r),

@@ -28,7 +28,37 @@ type Usage struct {
 	Disk       DiskUsage  `json:"disk"`
 	Period     Period     `json:"period"`
 	Properties Properties `json:"properties"`
+	GPU        GPU        `json:"gpu"`
 	Active     bool       `json:"active"`
+}
+
+// GPU lists the node's GPUs and those free, as aleph-vm's GpuProperties;
+// this node passes no GPU to programs, so both lists are empty (aleph-vm
+// sends [] for a pool without GPUs).
+type GPU struct {
+	Devices          []any `json:"devices"`
+	AvailableDevices []any `json:"available_devices"`
+}
+
+// Float is a float64 written as Python writes a float: always with a
+// fraction or an exponent (60.0, 0.0, 2400.5), as aleph-vm's answers do.
+type Float float64
+
+// MarshalJSON writes f as Python's repr does in the range these figures
+// live in (exponent form below 1e-4 and from 1e16 on).
+func (f Float) MarshalJSON() ([]byte, error) {
+	v := float64(f)
+	if math.IsNaN(v) || math.IsInf(v, 0) {
+		return nil, fmt.Errorf("sysinfo: %v is not a JSON number", v)
+	}
+	if a := math.Abs(v); a != 0 && (a < 1e-4 || a >= 1e16) {
+		return []byte(strconv.FormatFloat(v, 'e', -1, 64)), nil
+	}
+	s := strconv.FormatFloat(v, 'f', -1, 64)
+	if !strings.Contains(s, ".") {
+		s += ".0"
+	}
+	return []byte(s), nil
 }
 
 // CPUUsage is the host's core count and how busy the cores are.
@@ -40,16 +70,16 @@ type CPUUsage struct {
 
 // LoadAverage is the kernel's run-queue average over 1, 5 and 15 minutes.
 type LoadAverage struct {
-	Load1  float64 `json:"load1"`
-	Load5  float64 `json:"load5"`
-	Load15 float64 `json:"load15"`
+	Load1  Float `json:"load1"`
+	Load5  Float `json:"load5"`
+	Load15 Float `json:"load15"`
 }
 
 // CoreFrequencies are in MHz; 0 when the host does not expose them (VMs
 // often do not), as psutil reports.
 type CoreFrequencies struct {
-	Min float64 `json:"min"`
-	Max float64 `json:"max"`
+	Min Float `json:"min"`
+	Max Float `json:"max"`
 }
 
 // MemUsage and DiskUsage count kB of 1000 bytes, rounded up, as aleph-vm.
@@ -68,7 +98,7 @@ type DiskUsage struct {
 // Period is the minute the figures stand for.
 type Period struct {
 	StartTimestamp  time.Time `json:"start_timestamp"`
-	DurationSeconds float64   `json:"duration_seconds"`
+	DurationSeconds Float     `json:"duration_seconds"`
 }
 
 // Properties are what does not change while the host runs.
@@ -76,10 +106,14 @@ type Properties struct {
 	CPU CPUProperties `json:"cpu"`
 }
 
-// CPUProperties let a scheduler match programs to CPU kinds.
+// CPUProperties let a scheduler match programs to CPU kinds. Features
+// are the confidential-computing ones aleph-vm lists (sev, sev_es,
+// sev_snp) that this node offers: none, as it runs no confidential VM,
+// whatever the CPU can do.
 type CPUProperties struct {
-	Architecture string `json:"architecture"`
-	Vendor       string `json:"vendor"`
+	Architecture string   `json:"architecture"`
+	Vendor       string   `json:"vendor"`
+	Features     []string `json:"features"`
 }
 
 // cpufreqRoot is where Linux exposes per-core frequency limits; a variable
@@ -108,7 +142,7 @@ func Collect(ctx context.Context, diskPath string) (*Usage, error) {
 	u := &Usage{
 		CPU: CPUUsage{
 			Count:           count,
-			LoadAverage:     LoadAverage{Load1: avg.Load1, Load5: avg.Load5, Load15: avg.Load15},
+			LoadAverage:     LoadAverage{Load1: Float(avg.Load1), Load5: Float(avg.Load5), Load15: Float(avg.Load15)},
 			CoreFrequencies: coreFrequencies(cpufreqRoot),
 		},
 		Mem:  MemUsage{TotalKB: kB(vm.Total), AvailableKB: kB(vm.Available)},
@@ -120,7 +154,9 @@ func Collect(ctx context.Context, diskPath string) (*Usage, error) {
 		Properties: Properties{CPU: CPUProperties{
 			Architecture: architecture(),
 			Vendor:       vendor(ctx),
+			Features:     []string{},
 		}},
+		GPU:    GPU{Devices: []any{}, AvailableDevices: []any{}},
 		Active: true,
 	}
 	return u, nil
@@ -136,11 +172,11 @@ func coreFrequencies(root string) CoreFrequencies {
 	var f CoreFrequencies
 	dirs, _ := filepath.Glob(filepath.Join(root, "cpu[0-9]*", "cpufreq"))
 	for _, d := range dirs {
-		if lo, ok := readKHz(filepath.Join(d, "cpuinfo_min_freq")); ok && (f.Min == 0 || lo < f.Min) {
-			f.Min = lo
+		if lo, ok := readKHz(filepath.Join(d, "cpuinfo_min_freq")); ok && (f.Min == 0 || Float(lo) < f.Min) {
+			f.Min = Float(lo)
 		}
-		if hi, ok := readKHz(filepath.Join(d, "cpuinfo_max_freq")); ok && hi > f.Max {
-			f.Max = hi
+		if hi, ok := readKHz(filepath.Join(d, "cpuinfo_max_freq")); ok && Float(hi) > f.Max {
+			f.Max = Float(hi)
 		}
 	}
 	return f
@@ -187,4 +223,69 @@ func vendor(ctx context.Context) string {
 		}
 	}
 	return ""
+}
+
+// Capability is aleph-vm's MachineCapability (GET /about/capability):
+// what the host is, in the order of its fields.
+type Capability struct {
+	CPU    CPUCapability    `json:"cpu"`
+	Memory MemoryCapability `json:"memory"`
+}
+
+// CPUCapability is aleph-vm's ExtendedCpuProperties. Frequency is the
+// highest a core reaches, in Hz (lshw's capacity); null when the host does
+// not say.
+type CPUCapability struct {
+	Architecture string   `json:"architecture"`
+	Vendor       string   `json:"vendor"`
+	Features     []string `json:"features"`
+	Model        *string  `json:"model"`
+	Frequency    *int64   `json:"frequency"`
+	Count        int      `json:"count"`
+}
+
+// MemoryCapability is aleph-vm's MemoryProperties as it fills it: size in
+// bytes; the memory's type and clock come from DMI tables that need root
+// and a tool (lshw): "" and null here, as aleph-vm answers when lshw
+// finds no bank.
+type MemoryCapability struct {
+	Size       uint64  `json:"size"`
+	Units      string  `json:"units"`
+	Type       string  `json:"type"`
+	Clock      *int64  `json:"clock"`
+	ClockUnits *string `json:"clock_units"`
+}
+
+// CollectCapability describes the host's CPU and memory.
+func CollectCapability(ctx context.Context) (*Capability, error) {
+	count, err := cpu.CountsWithContext(ctx, true)
+	if err != nil {
+		return nil, fmt.Errorf("sysinfo: cpu count: %w", err)
+	}
+	vm, err := mem.VirtualMemoryWithContext(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("sysinfo: memory: %w", err)
+	}
+	c := &Capability{
+		CPU: CPUCapability{
+			Architecture: architecture(),
+			Vendor:       vendor(ctx),
+			Features:     []string{},
+			Count:        count,
+		},
+		Memory: MemoryCapability{Size: vm.Total, Units: "bytes"},
+	}
+	if infos, err := cpu.InfoWithContext(ctx); err == nil && len(infos) > 0 && infos[0].ModelName != "" {
+		model := infos[0].ModelName
+		c.CPU.Model = &model
+		if infos[0].Mhz > 0 {
+			hz := int64(infos[0].Mhz * 1e6)
+			c.CPU.Frequency = &hz
+		}
+	}
+	if f := coreFrequencies(cpufreqRoot); f.Max > 0 {
+		hz := int64(float64(f.Max) * 1e6)
+		c.CPU.Frequency = &hz
+	}
+	return c, nil
 }

@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"regexp"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 )
@@ -144,5 +146,55 @@ func TestKB(t *testing.T) {
 		if got := kB(tt.in); got != tt.want {
 			t.Errorf("kB(%d) = %d, want %d", tt.in, got, tt.want)
 		}
+	}
+}
+
+// Floats as CPython's repr writes them (what aleph-vm's answers hold).
+func TestFloatAsPython(t *testing.T) {
+	for f, want := range map[float64]string{
+		60: "60.0", 0: "0.0", 2400.5: "2400.5", 1e-05: "1e-05", 1e16: "1e+16",
+		123456789012345: "123456789012345.0", 0.0001: "0.0001", 0.52: "0.52",
+	} {
+		b, err := Float(f).MarshalJSON()
+		if err != nil || string(b) != want {
+			t.Errorf("Float(%v) = %s, %v; want %s", f, b, err, want)
+		}
+	}
+}
+
+// aleph-vm's MachineUsage has gpu {devices, available_devices} and
+// properties.cpu.features (resources.py); this node offers neither GPUs nor
+// confidential computing: empty lists, never null.
+func TestUsageHasGPUAndFeatures(t *testing.T) {
+	u, err := Collect(context.Background(), t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := json.Marshal(u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`"gpu":{"devices":[],"available_devices":[]},"active":true}`, `"features":[]}`, `"duration_seconds":60.0}`} {
+		if !strings.Contains(string(b), want) {
+			t.Errorf("%s lacks %s", b, want)
+		}
+	}
+}
+
+// /about/capability's shape: aleph-vm's MachineCapability in its field
+// order (tests/supervisor/test_views.py test_system_capability_mock).
+func TestCapabilityShape(t *testing.T) {
+	c, err := CollectCapability(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := json.Marshal(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	re := regexp.MustCompile(`^\{"cpu":\{"architecture":"[a-z0-9_]+","vendor":"[^"]*","features":\[\],"model":("[^"]*"|null),` +
+		`"frequency":(\d+|null),"count":[1-9]\d*\},"memory":\{"size":[1-9]\d*,"units":"bytes","type":"","clock":null,"clock_units":null\}\}$`)
+	if !re.Match(b) {
+		t.Errorf("capability %s", b)
 	}
 }

@@ -169,23 +169,25 @@ func TestDiagnosticProgramWithTestInternet(t *testing.T) {
 func TestPagesInUpstreamShapes(t *testing.T) {
 	s := startSupervisor(t)
 
-	// /status/check/version (views/__init__.py:417-438).
+	// /status/check/version (views/__init__.py:417-438); errors are JSON
+	// from aleph-vm's error_middleware (supervisor.py).
 	r := s.get("/status/check/version")
-	if r.Status != 400 || string(r.Body) != "Query field '?reference=` must be specified" {
+	if r.Status != 400 || string(r.Body) != `{"error": "Query field '?reference=`+"`"+` must be specified"}` {
 		t.Errorf("version without reference: %d %q", r.Status, r.Body)
 	}
-	r = s.get("/status/check/version?reference=0") // an untagged build is 0+g<commit>
+	// The build is internal/version's release, never "0+<commit>".
+	r = s.get("/status/check/version?reference=1.0.0")
 	server := r.Header.Get("Server")
 	current := strings.TrimPrefix(server, "aleph-vm/")
-	if r.Status != 200 || string(r.Body) != "Up-to-date: version "+current+" >= 0" || current == server {
-		t.Errorf("version 0: %d %q Server %q", r.Status, r.Body, server)
+	if r.Status != 200 || string(r.Body) != "Up-to-date: version "+current+" >= 1.0.0" || current == server || strings.HasPrefix(current, "0") {
+		t.Errorf("version 1.0.0: %d %q Server %q", r.Status, r.Body, server)
 	}
 	r = s.get("/status/check/version?reference=99999")
-	if r.Status != 403 || string(r.Body) != "Outdated: version "+current+" < 99999" {
+	if r.Status != 403 || string(r.Body) != `{"error": "Outdated: version `+current+` < 99999"}` {
 		t.Errorf("version 99999: %d %q", r.Status, r.Body)
 	}
 	r = s.get("/status/check/version?reference=x.y")
-	if r.Status != 400 || string(r.Body) != "Invalid version: 'x.y'" {
+	if r.Status != 400 || string(r.Body) != `{"error": "Invalid version: 'x.y'"}` {
 		t.Errorf("version x.y: %d %q", r.Status, r.Body)
 	}
 
