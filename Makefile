@@ -29,6 +29,13 @@ RUNTIME_NO_UVICORN := $(RUNTIME_DIR)/rootfs-no-uvicorn.squashfs
 RUN_ENV := ALEPH_VM_EXECUTION_ROOT=$${ALEPH_VM_EXECUTION_ROOT:-/var/lib/aleph/vm} \
            ALEPH_VM_CACHE_ROOT=$${ALEPH_VM_CACHE_ROOT:-/var/cache/aleph/vm}
 
+# The demo never reaches the outside: /status/check/host probes loopback
+# (production keeps aleph-vm's public targets).
+DEMO_ENV := ALEPH_VM_CONNECTIVITY_IPV4_URL=http://127.0.0.1:4020/status/config \
+            ALEPH_VM_CONNECTIVITY_IPV6_URL=http://[::1]:4020/status/config \
+            ALEPH_VM_CONNECTIVITY_DNS_HOSTNAME=localhost \
+            ALEPH_VM_CONNECTIVITY_HTTP_URLS=http://127.0.0.1:4020/status/config
+
 .PHONY: all deps build runtime runtime-no-uvicorn kernel kernel-custom run test test-short test-qemu bench fuzz vet lint fmt clean install deb
 
 all: build
@@ -78,7 +85,7 @@ run: deps build runtime
 	@hash=$$($(RUN_ENV) bin/vm-supervisor program upload examples/example_fastapi main:app | tail -n1); \
 	echo; echo "Example program: http://127.0.0.1:4020/vm/$$hash/"; \
 	echo "Self-test:       http://127.0.0.1:4020/status/check/fastapi"; echo; \
-	exec env $(RUN_ENV) bin/vm-supervisor -v
+	exec env $(RUN_ENV) $(DEMO_ENV) bin/vm-supervisor -v
 
 # golangci-lint, pinned here and installed once into the build cache (a
 # tool line in go.mod would pull its hundreds of modules into ours).
