@@ -195,3 +195,20 @@ func TestAllocationsSignerFromAggregate(t *testing.T) {
 	allocsignExpect(t, "default signer not used", allocsignPost(t, l, allocsignAllocation, allocsignSigned(nodekeytest.Fixed(t, 1), allocsignEmptyBody, now), allocsignEmptyBody, false), http.StatusUnauthorized, allocsignRefused)
 	allocsignExpect(t, "legacy token off", allocsignPost(t, l, allocsignAllocation, map[string]string{"X-Auth-Signature": allocsignToken}, allocsignEmptyBody, false), http.StatusUnauthorized, allocsignRefused)
 }
+
+// A body of 1 MiB is refused as aiohttp refuses it (client_max_size):
+// 413 with the token, 401 when signed (upstream's verifier turns the
+// refusal into its one answer, before reading the body).
+func TestAllocationsBodyBound(t *testing.T) {
+	scheduler := nodekeytest.Fixed(t, 1)
+	l := allocsignLive(t, func(o *Options) {
+		o.AllocationSigners = func(context.Context) []string { return []string{scheduler.Address()} }
+	})
+	big := `{"persistent_vms": []}` + strings.Repeat(" ", 1<<20-len(allocsignEmptyBody))
+	if a := allocsignPost(t, l, allocsignAllocation, map[string]string{"X-Auth-Signature": allocsignToken}, big, false); a.code != http.StatusRequestEntityTooLarge {
+		t.Errorf("token, 1 MiB: %d %s", a.code, a.body)
+	}
+	allocsignExpect(t, "signed, 1 MiB", allocsignPost(t, l, allocsignAllocation, allocsignSigned(scheduler, big, time.Now().Unix()), big, false), http.StatusUnauthorized, allocsignRefused)
+	fits := big[:len(big)-1]
+	allocsignExpect(t, "signed, 1 MiB less a byte", allocsignPost(t, l, allocsignAllocation, allocsignSigned(scheduler, fits, time.Now().Unix()), fits, false), http.StatusOK, allocsignEmptyOK)
+}
