@@ -155,7 +155,16 @@ func (v AllocationVerifier) Allocation(ctx context.Context, r *http.Request) (si
 		return "", nil, refused("a signed request may not carry a query string")
 	}
 
-	addr, err := nodekey.RecoverPersonal(payload, params["sig"])
+	sig, err := hex.DecodeString(strings.TrimPrefix(params["sig"], "0x"))
+	if err != nil || len(sig) != 65 {
+		return "", nil, malformed(fmt.Errorf("sig is not 65 bytes of hex (%d)", len(sig)))
+	}
+	if v := sig[64]; v >= 35 {
+		// EIP-155's chain-encoded v, which eth_account's recovery also
+		// takes: its parity is the recovery id.
+		sig[64] = 27 + (v-35)%2
+	}
+	addr, err := nodekey.RecoverPersonal(payload, hex.EncodeToString(sig))
 	if err != nil {
 		return "", nil, malformed(err)
 	}

@@ -94,6 +94,20 @@ func TestAllocationSignatureAccepted(t *testing.T) {
 	if _, _, err := v.Allocation(context.Background(), allocRequest("POST", "/control/allocations", auth, body)); err != nil {
 		t.Errorf("0x and v=0/1: %v", err)
 	}
+	// v as EIP-155 writes it for chain 1 (37/38), which eth_account
+	// also recovers.
+	p = AllocationPayload("POST", "/control/allocations", body, allocNow+2)
+	sig, _ = hex.DecodeString(strings.TrimPrefix(k.SignPersonal(p), "0x"))
+	sig[64] += 37 - 27
+	auth = AllocationScheme + " sig=" + hex.EncodeToString(sig) + ",payload=" + hex.EncodeToString(p)
+	if _, _, err := v.Allocation(context.Background(), allocRequest("POST", "/control/allocations", auth, body)); err != nil {
+		t.Errorf("v=37/38: %v", err)
+	}
+	sig[64] = 29 // neither 0/1, 27/28 nor 35 and more
+	auth = AllocationScheme + " sig=" + hex.EncodeToString(sig) + ",payload=" + hex.EncodeToString(p)
+	if _, _, err := v.Allocation(context.Background(), allocRequest("POST", "/control/allocations", auth, body)); !errors.Is(err, ErrMalformedAllocationAuth) {
+		t.Errorf("v=29: %v", err)
+	}
 }
 
 func sha256Hex(b []byte) string {
