@@ -104,37 +104,11 @@ var jsonInteger = regexp.MustCompile(`^-?(0|[1-9][0-9]*)$`)
 // the signer, then the body's length and hash, and last the replay set,
 // so that only a request that passed everything is remembered.
 func (v AllocationVerifier) Allocation(ctx context.Context, r *http.Request) (signer string, body []byte, err error) {
-	params, err := ParseAllocationAuth(r.Header.Get("Authorization"))
+	a, err := readAllocationAuth(r.Header.Get("Authorization"))
 	if err != nil {
-		return "", nil, malformed(err)
+		return "", nil, err
 	}
-	payload, err := hex.DecodeString(strings.TrimPrefix(params["payload"], "0x"))
-	if err != nil {
-		return "", nil, malformed(fmt.Errorf("payload is not hex: %w", err))
-	}
-	var fields map[string]json.RawMessage
-	if err := json.Unmarshal(payload, &fields); err != nil {
-		return "", nil, malformed(fmt.Errorf("payload is not a JSON object: %w", err))
-	}
-	for _, f := range []string{"method", "path", "body_sha256", "iat"} {
-		if _, ok := fields[f]; !ok {
-			return "", nil, malformed(fmt.Errorf("missing payload field %q", f))
-		}
-	}
-	iatRaw := string(bytes.TrimSpace(fields["iat"]))
-	if !jsonInteger.MatchString(iatRaw) {
-		return "", nil, malformed(fmt.Errorf("iat must be a JSON integer, got %s", iatRaw))
-	}
-	iat, err := strconv.ParseInt(iatRaw, 10, 64)
-	if err != nil {
-		// Beyond int64 is centuries away: stale.
-		return "", nil, refused("iat %s out of the window", iatRaw)
-	}
-	var method, path, bodyHash string
-	// A field of another JSON type compares unequal upstream.
-	_ = json.Unmarshal(fields["method"], &method)
-	_ = json.Unmarshal(fields["path"], &path)
-	_ = json.Unmarshal(fields["body_sha256"], &bodyHash)
+	iat, method, path := a.iat, a.method, a.path
 
 	now := time.Now
 	if v.Now != nil {
@@ -155,16 +129,16 @@ func (v AllocationVerifier) Allocation(ctx context.Context, r *http.Request) (si
 		return "", nil, refused("a signed request may not carry a query string")
 	}
 
-	sig, err := hex.DecodeString(strings.TrimPrefix(params["sig"], "0x"))
+	sig, err := hex.DecodeString(strings.TrimPrefix(a.sig, "0x"))
 	if err != nil || len(sig) != 65 {
 		return "", nil, malformed(fmt.Errorf("sig is not 65 bytes of hex (%d)", len(sig)))
 	}
-	if v := sig[64]; v >= 35 {
+	if rv := sig[64]; rv >= 35 {
 		// EIP-155's chain-encoded v, which eth_account's recovery also
 		// takes: its parity is the recovery id.
-		sig[64] = 27 + (v-35)%2
+		sig[64] = 27 + (rv-35)%2
 	}
-	addr, err := nodekey.RecoverPersonal(payload, hex.EncodeToString(sig))
+	addr, err := nodekey.RecoverPersonal(a.payload, hex.EncodeToString(sig))
 	if err != nil {
 		return "", nil, malformed(err)
 	}
@@ -187,11 +161,11 @@ func (v AllocationVerifier) Allocation(ctx context.Context, r *http.Request) (si
 		return "", nil, fmt.Errorf("reading the signed body: %w", err)
 	}
 	sum := sha256.Sum256(body)
-	if hex.EncodeToString(sum[:]) != bodyHash {
+	if hex.EncodeToString(sum[:]) != a.bodyHash {
 		return "", nil, refused("body does not match body_sha256")
 	}
 
-	opHash := sha256.Sum256(payload)
+	opHash := sha256.Sum256(a.payload)
 	expires := time.Unix(iat, 0).Add(maxAge).Add(time.Nanosecond)
 	if err := v.Replays.use([]byte(signer), opHash[:], expires, t); err != nil {
 		if errkind.Is(err, errkind.Unauthorized) {
@@ -200,6 +174,52 @@ func (v AllocationVerifier) Allocation(ctx context.Context, r *http.Request) (si
 		return "", nil, err
 	}
 	return signer, body, nil
+}
+
+// allocationAuth is a parsed Authorization header: the signed payload as
+// sent and the fields read from it.
+type allocationAuth struct {
+	payload                []byte
+	sig                    string
+	method, path, bodyHash string
+	iat                    int64
+}
+
+// readAllocationAuth parses the header and its payload: every field
+// present, iat a JSON integer. A field of another type than a string
+// reads as "" and so matches nothing, as it compares unequal upstream.
+func readAllocationAuth(header string) (allocationAuth, error) {
+	var a allocationAuth
+	params, err := ParseAllocationAuth(header)
+	if err != nil {
+		return a, malformed(err)
+	}
+	a.sig = params["sig"]
+	a.payload, err = hex.DecodeString(strings.TrimPrefix(params["payload"], "0x"))
+	if err != nil {
+		return a, malformed(fmt.Errorf("payload is not hex: %w", err))
+	}
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(a.payload, &fields); err != nil {
+		return a, malformed(fmt.Errorf("payload is not a JSON object: %w", err))
+	}
+	for _, f := range []string{"method", "path", "body_sha256", "iat"} {
+		if _, ok := fields[f]; !ok {
+			return a, malformed(fmt.Errorf("missing payload field %q", f))
+		}
+	}
+	iatRaw := string(bytes.TrimSpace(fields["iat"]))
+	if !jsonInteger.MatchString(iatRaw) {
+		return a, malformed(fmt.Errorf("iat must be a JSON integer, got %s", iatRaw))
+	}
+	if a.iat, err = strconv.ParseInt(iatRaw, 10, 64); err != nil {
+		// Beyond int64 is centuries away: stale.
+		return a, refused("iat %s out of the window", iatRaw)
+	}
+	_ = json.Unmarshal(fields["method"], &a.method)
+	_ = json.Unmarshal(fields["path"], &a.path)
+	_ = json.Unmarshal(fields["body_sha256"], &a.bodyHash)
+	return a, nil
 }
 
 // ErrMalformedAllocationAuth marks refusals of a header or payload that
