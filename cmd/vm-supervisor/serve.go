@@ -277,8 +277,10 @@ func apiOptions(s *config.Settings, p *pool.Pool, qemuKVM bool, db *records.DB, 
 		HostPaths: []string{s.ExecutionRoot, s.CacheRoot, s.PersistentVolumesDir,
 			filepath.Dir(s.ExecutionDatabase), filepath.Dir(s.RunscPath), filepath.Dir(s.AgentPath)},
 		// The scheduler's POST /control/allocations.
-		Allocations:         allocs,
-		AllocationTokenHash: s.AllocationTokenHash,
+		Allocations:               allocs,
+		AllocationTokenHash:       s.AllocationTokenHash,
+		AllocationSigners:         allocationSigners(s, log).Authorized,
+		AllocationSignatureMaxAge: s.AllocationSignatureMaxAge,
 		Limits: httpapi.Limits{
 			ReadHeaderTimeout:       s.HTTPReadHeaderTimeout,
 			IdleTimeout:             s.HTTPIdleTimeout,

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -263,6 +264,13 @@ func TestValidationErrors(t *testing.T) {
 		{"bad connectivity urls", nil, []string{"ALEPH_VM_CONNECTIVITY_HTTP_URLS=ftp://x"}, "http", "CONNECTIVITY_HTTP_URLS"},
 		{"empty connectivity urls", nil, []string{"ALEPH_VM_CONNECTIVITY_HTTP_URLS=[]"}, "at least one", "CONNECTIVITY_HTTP_URLS"},
 		{"bad dns hostname", nil, []string{"ALEPH_VM_CONNECTIVITY_DNS_HOSTNAME=a/b"}, "host name", "CONNECTIVITY_DNS_HOSTNAME"},
+		{"signer not checksummed", nil, []string{"ALEPH_VM_AUTHORIZED_ALLOCATION_SIGNERS=0xdac17f958d2ee523a2206206994597c13d831ec7"},
+			"checksummed (EIP-55)", "AUTHORIZED_ALLOCATION_SIGNERS"},
+		{"signer not an address", nil, []string{`ALEPH_VM_AUTHORIZED_ALLOCATION_SIGNERS=["not-an-address"]`}, `"not-an-address"`, "AUTHORIZED_ALLOCATION_SIGNERS"},
+		{"default signer not checksummed", nil, []string{"ALEPH_VM_DEFAULT_ALLOCATION_SIGNERS=0xdac17f958d2ee523a2206206994597c13d831ec7"},
+			"EIP-55", "DEFAULT_ALLOCATION_SIGNERS"},
+		{"bad aggregate address", nil, []string{"ALEPH_VM_SETTINGS_AGGREGATE_ADDRESS=0x12"}, "40 hex digits", "SETTINGS_AGGREGATE_ADDRESS"},
+		{"zero signature age", nil, []string{"ALEPH_VM_ALLOCATION_SIGNATURE_MAX_AGE_SECONDS=0"}, "greater than zero", "ALLOCATION_SIGNATURE_MAX_AGE_SECONDS"},
 		{"bad redis url", nil, []string{"ALEPH_VM_REDIS_URL=http://x"}, "redis://", "REDIS_URL"},
 		{"empty required", nil, []string{"ALEPH_VM_CACHE_ROOT="}, "must not be empty", "CACHE_ROOT"},
 		{"unreadable fake data", []string{"-f", unreadable}, nil, "unreadable", "FAKE_DATA_PROGRAM"},
@@ -516,5 +524,34 @@ func TestAddr(t *testing.T) {
 	s.SupervisorHost = "::1"
 	if s.Addr() != "[::1]:4020" {
 		t.Error(s.Addr())
+	}
+}
+
+// aleph-vm's allocation-auth settings: its names and defaults
+// (test_authorized_signers_default_empty, test_signature_max_age_default,
+// test_default_allocation_signers_includes_scheduler), its checksummed
+// addresses accepted as a JSON list (pydantic's form), and the legacy
+// token hash that may be emptied to turn the token off.
+func TestAllocationSignerSettings(t *testing.T) {
+	s, _, err := Load(nil, nil, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(s.AuthorizedAllocationSigners) != 0 || s.AllocationSignatureMaxAge != 300*time.Second ||
+		!slices.Equal(s.DefaultAllocationSigners, []string{"0x2937f62e5F81A88e921f883f8fE56ceCf4A4A44A"}) ||
+		s.SettingsAggregateAddress != "0xFba561a84A537fCaa567bb7A2257e7142701ae2A" || s.AllocationTokenHash == "" {
+		t.Errorf("defaults: %q %v %q %q", s.AuthorizedAllocationSigners, s.AllocationSignatureMaxAge, s.DefaultAllocationSigners, s.SettingsAggregateAddress)
+	}
+	s, _, err = Load(nil, []string{
+		`ALEPH_VM_AUTHORIZED_ALLOCATION_SIGNERS=["0xdAC17F958D2ee523a2206206994597C13D831ec7"]`,
+		"ALEPH_VM_ALLOCATION_TOKEN_HASH=",
+		"ALEPH_VM_ALLOCATION_SIGNATURE_MAX_AGE_SECONDS=60",
+	}, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(s.AuthorizedAllocationSigners, []string{"0xdAC17F958D2ee523a2206206994597C13D831ec7"}) ||
+		s.AllocationTokenHash != "" || s.AllocationSignatureMaxAge != time.Minute {
+		t.Errorf("set: %q %q %v", s.AuthorizedAllocationSigners, s.AllocationTokenHash, s.AllocationSignatureMaxAge)
 	}
 }

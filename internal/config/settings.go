@@ -149,8 +149,16 @@ type Settings struct {
 	// in /status/config as aleph-vm does; empty by default (aleph-vm's
 	// default, OWNER_ADDRESS, is empty too).
 	PaymentReceiverAddress string
-	AllocationTokenHash    string // secret
-	RedisURL               string // password part is secret
+	AllocationTokenHash    string // secret; empty turns the legacy X-Auth-Signature path off
+
+	// Scheduler requests signed Aleph-EIP191-V1 (aleph-vm's
+	// allocation_auth.py): the local signer override, the built-in
+	// fallback, the settings aggregate's owner and the iat window.
+	AuthorizedAllocationSigners []string
+	DefaultAllocationSigners    []string
+	SettingsAggregateAddress    string
+	AllocationSignatureMaxAge   time.Duration
+	RedisURL                    string // password part is secret
 
 	// The guest API cache (GUEST_CACHE_*): the largest value, each
 	// program's caps, and the embedded store's cap on all values.
@@ -246,6 +254,10 @@ func Default() *Settings {
 		IPv4AddressPool:         netip.MustParsePrefix("172.16.0.0/12"),
 		IPv4NetworkPrefixLength: 24,
 		AllocationTokenHash:     "151ba92f2eb90bce67e912af2f7a5c17d8654b3d29895b042107ea312a7eebda",
+		// aleph-vm's official scheduler, trusted with no configuration.
+		DefaultAllocationSigners:  []string{"0x2937f62e5F81A88e921f883f8fE56ceCf4A4A44A"},
+		SettingsAggregateAddress:  "0xFba561a84A537fCaa567bb7A2257e7142701ae2A",
+		AllocationSignatureMaxAge: 300 * time.Second,
 		// aleph-vm's aiohttp refuses bodies of 1 MiB or more.
 		GuestCacheMaxValueSize:  1<<20 - 1,
 		GuestCacheMaxKeys:       1000,

@@ -14,6 +14,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/aleph-vm-go/vm-supervisor/internal/nodekey"
 )
 
 // descriptor ties one ALEPH_VM_* name to a Settings field: how to parse it
@@ -372,10 +374,14 @@ var table = []descriptor{
 		func(s *Settings) *string { return &s.CheckFastAPIVMID }, checkToken)),
 	optional(str("PAYMENT_RECEIVER_ADDRESS", "address of the account receiving payments, published in /status/config; empty = none",
 		func(s *Settings) *string { return &s.PaymentReceiverAddress }, checkAddress)),
-	{
-		name: "ALLOCATION_TOKEN_HASH", help: "sha256 hex of the token accepted by /control/allocations",
+	optional(descriptor{
+		name: "ALLOCATION_TOKEN_HASH", help: "DEPRECATED: sha256 hex of the legacy X-Auth-Signature token of /control/allocations; empty = refuse it",
 		set: func(s *Settings, v string) error {
 			v = strings.ToLower(v)
+			if v == "" {
+				s.AllocationTokenHash = ""
+				return nil
+			}
 			if b, err := hex.DecodeString(v); err != nil || len(b) != 32 {
 				return errors.New("must be a sha256 digest in hex (64 characters)")
 			}
@@ -384,7 +390,17 @@ var table = []descriptor{
 		},
 		get:    func(s *Settings) any { return s.AllocationTokenHash },
 		redact: func(*Settings) any { return redactedString },
-	},
+	}),
+	optional(signerList("AUTHORIZED_ALLOCATION_SIGNERS",
+		"EIP-55 addresses whose Aleph-EIP191-V1 signatures /control/allocations accepts (JSON list or comma-separated); empty = the settings aggregate's, else DEFAULT_ALLOCATION_SIGNERS",
+		func(s *Settings) *[]string { return &s.AuthorizedAllocationSigners })),
+	optional(signerList("DEFAULT_ALLOCATION_SIGNERS",
+		"allocation signers trusted when AUTHORIZED_ALLOCATION_SIGNERS is empty and the settings aggregate names none",
+		func(s *Settings) *[]string { return &s.DefaultAllocationSigners })),
+	str("SETTINGS_AGGREGATE_ADDRESS", "address whose \"settings\" aggregate names the authorized allocation signers",
+		func(s *Settings) *string { return &s.SettingsAggregateAddress }, checkHexAddress),
+	seconds("ALLOCATION_SIGNATURE_MAX_AGE_SECONDS", "seconds a signed allocation request's iat may be from now, either way", false,
+		func(s *Settings) *time.Duration { return &s.AllocationSignatureMaxAge }),
 	optional(descriptor{
 		name: "REDIS_URL", help: "Redis for the guest cache API (redis://, rediss:// or unix://); empty = embedded",
 		set: func(s *Settings, v string) error {
@@ -498,6 +514,37 @@ func parseSeconds(v string, allowZero bool) (time.Duration, error) {
 	return d, nil
 }
 
+// signerList is a list of EIP-55 Ethereum addresses, each checked as
+// aleph-vm checks its AUTHORIZED_ALLOCATION_SIGNERS: a typo in a
+// mixed-case address is refused at start rather than found when the
+// scheduler is.
+func signerList(name, help string, f func(*Settings) *[]string) descriptor {
+	return descriptor{
+		name: name, help: help,
+		set: func(s *Settings, v string) error {
+			v = strings.TrimSpace(v)
+			var items []string
+			if strings.HasPrefix(v, "[") {
+				if err := json.Unmarshal([]byte(v), &items); err != nil {
+					return errors.New("must be a JSON list of Ethereum addresses")
+				}
+			} else {
+				items = strings.FieldsFunc(v, func(r rune) bool { return r == ',' || r == ' ' || r == '\t' })
+			}
+			out := make([]string, 0, len(items))
+			for _, it := range items {
+				if !nodekey.IsChecksumAddress(it) {
+					return fmt.Errorf("%q is not a checksummed (EIP-55) Ethereum address", it)
+				}
+				out = append(out, it)
+			}
+			*f(s) = out
+			return nil
+		},
+		get: func(s *Settings) any { return slices.Clone(*f(s)) },
+	}
+}
+
 // parseAddrList accepts a JSON list (pydantic's form for list settings) or
 // a comma/space separated list of IP addresses.
 func parseAddrList(v string) ([]string, error) {
@@ -598,6 +645,15 @@ func checkAddress(v string) error {
 		if !(r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z') {
 			return errors.New("must be an account address (letters and digits)")
 		}
+	}
+	return nil
+}
+
+// checkHexAddress accepts an Ethereum address: "0x" and 40 hex digits.
+func checkHexAddress(v string) error {
+	raw, ok := strings.CutPrefix(v, "0x")
+	if _, err := hex.DecodeString(raw); !ok || len(raw) != 40 || err != nil {
+		return errors.New(`must be an Ethereum address ("0x" and 40 hex digits)`)
 	}
 	return nil
 }

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
@@ -73,8 +74,16 @@ type Options struct {
 	HostCheck *HostCheck
 	// Allocations applies POST /control/allocations; nil refuses them.
 	Allocations Allocations
-	// AllocationTokenHash is the sha256 (hex) of the scheduler's token.
+	// AllocationTokenHash is the sha256 (hex) of the scheduler's legacy
+	// X-Auth-Signature token (deprecated upstream); empty refuses it.
 	AllocationTokenHash string
+	// AllocationSigners returns the addresses whose Aleph-EIP191-V1
+	// signatures /control/allocations accepts (allocations.Signers); nil
+	// accepts none.
+	AllocationSigners func(ctx context.Context) []string
+	// AllocationSignatureMaxAge is how far a signed request's iat may be
+	// from now (ALLOCATION_SIGNATURE_MAX_AGE_SECONDS; 300 s when zero).
+	AllocationSignatureMaxAge time.Duration
 	// Limits bound what clients can hold (NewHTTPServer, Listener).
 	Limits Limits
 	// Control serves the owner's /control/machine/{ref}/... routes; nil
@@ -93,7 +102,10 @@ type Server struct {
 	mux      *http.ServeMux
 	sessions *sessions
 	auth     ownerauth.Verifier
-	drain    drain
+	// allocAuth checks the scheduler's signed requests; its replay set
+	// is its own, so that owners' operations cannot fill it.
+	allocAuth ownerauth.AllocationVerifier
+	drain     drain
 	// hostRoots: Options.HostPaths and systemRoots, cleaned.
 	hostRoots []string
 	// txt caches Host routing by TXT record; nil without a Resolver.
@@ -146,6 +158,11 @@ func New(opts Options) *Server {
 	s.page("/status/check/fastapi/detail", s.handleCheckFastAPIDetail)
 	s.page("/status/config", s.handlePublicConfig)
 	s.page("/status/check/host", s.handleCheckHost)
+	s.allocAuth = ownerauth.AllocationVerifier{
+		Signers: opts.AllocationSigners,
+		MaxAge:  opts.AllocationSignatureMaxAge,
+		Replays: ownerauth.NewReplays(0),
+	}
 	s.mux.HandleFunc("POST /control/allocations", s.handleAllocations)
 	s.controlRoutes()
 	s.mux.HandleFunc("/", s.handleByHost)

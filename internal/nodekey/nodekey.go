@@ -230,7 +230,11 @@ func keccak(b []byte) []byte {
 // addressOf is the last 20 bytes of keccak256 of the uncompressed public
 // key (without its 0x04 prefix), checksummed per EIP-55.
 func addressOf(pub *secp256k1.PublicKey) string {
-	raw := hex.EncodeToString(keccak(pub.SerializeUncompressed()[1:])[12:])
+	return checksum(hex.EncodeToString(keccak(pub.SerializeUncompressed()[1:])[12:]))
+}
+
+// checksum is "0x" and raw (40 lower-case hex digits) in EIP-55 mixed case.
+func checksum(raw string) string {
 	sum := keccak([]byte(raw))
 	var b bytes.Buffer
 	b.WriteString("0x")
@@ -245,4 +249,19 @@ func addressOf(pub *secp256k1.PublicKey) string {
 		b.WriteByte(c)
 	}
 	return b.String()
+}
+
+// IsChecksumAddress reports whether s is an Ethereum address written in
+// its EIP-55 form ("0x" and 40 hex digits in checksummed case), as
+// eth_utils.is_checksum_address decides: a typo in a mixed-case address
+// fails it, and so does an all-lower-case one.
+func IsChecksumAddress(s string) bool {
+	raw, ok := strings.CutPrefix(s, "0x")
+	if !ok || len(raw) != 40 {
+		return false
+	}
+	if _, err := hex.DecodeString(raw); err != nil {
+		return false
+	}
+	return checksum(strings.ToLower(raw)) == s
 }

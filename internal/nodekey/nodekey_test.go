@@ -132,3 +132,31 @@ func TestLoadOrCreate(t *testing.T) {
 		t.Error("zero secret accepted")
 	}
 }
+
+// EIP-55's own examples, and the addresses aleph-vm's settings tests
+// accept and refuse (tests/supervisor/views/test_allocation_auth.py).
+func TestIsChecksumAddress(t *testing.T) {
+	for _, ok := range []string{
+		"0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed",
+		"0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359",
+		"0xdAC17F958D2ee523a2206206994597C13D831ec7",
+		"0x2937f62e5F81A88e921f883f8fE56ceCf4A4A44A",
+	} {
+		if !IsChecksumAddress(ok) {
+			t.Errorf("%s refused", ok)
+		}
+	}
+	for _, bad := range []string{
+		"not-an-address",
+		"0xdac17f958d2ee523a2206206994597c13d831ec7", // valid hex, not checksummed
+		"0xdAC17F958D2ee523a2206206994597C13D831Ec7", // one letter's case wrong
+		"dAC17F958D2ee523a2206206994597C13D831ec7",   // no 0x
+		"0XdAC17F958D2ee523a2206206994597C13D831ec7",
+		"0xdAC17F958D2ee523a2206206994597C13D831ec",
+		"0xgAC17F958D2ee523a2206206994597C13D831ec7",
+	} {
+		if IsChecksumAddress(bad) {
+			t.Errorf("%s accepted", bad)
+		}
+	}
+}

@@ -171,7 +171,7 @@ func TestSharedColdStart(t *testing.T) {
 	}
 	cfg := b.Sandboxes()[0].Config()
 	if cfg.ProgramHash != hash || cfg.Interface != guest.InterfaceASGI || cfg.Entrypoint != "main:app" ||
-		cfg.StartTimeoutMS != (5 * time.Second).Milliseconds() {
+		cfg.StartTimeoutMS != (5*time.Second).Milliseconds() {
 		t.Errorf("agent got Config %+v", cfg)
 	}
 	for _, e := range execs {
