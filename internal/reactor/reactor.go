@@ -23,6 +23,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/aleph-vm-go/vm-supervisor/internal/delegation"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 	"github.com/aleph-vm-go/vm-supervisor/internal/metrics"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
@@ -62,6 +63,10 @@ type Options struct {
 	// FORGETs are ignored. Without API, delegates are not recognised.
 	Forgetter Forgetter
 	API       API
+	// Delegations reads and caches owners' delegations; nil: one of the
+	// reactor's own over API. Share it with use_latest resolution so that
+	// both agree on whose amend counts.
+	Delegations *delegation.Checker
 	// Messages runs subscribed programs; Updates stops programs whose
 	// refs are amended by their owner. Owners' FORGETs are honoured
 	// whatever these say.
@@ -89,7 +94,8 @@ type Reactor struct {
 
 	wg sync.WaitGroup
 
-	auths authCache
+	delegOnce sync.Once
+	deleg     *delegation.Checker
 
 	qmu       sync.Mutex
 	queues    map[string]*progQueue
