@@ -132,6 +132,8 @@ var table = []descriptor{
 		func(s *Settings) *bool { return &s.WatchForMessages }),
 	boolean("WATCH_FOR_UPDATES", "stop warm programs when a use_latest ref of theirs is amended",
 		func(s *Settings) *bool { return &s.WatchForUpdates }),
+	seconds("CACHE_TTL_SECURITY_AGGREGATE", "seconds an owner's delegations (its security aggregate) are reused before the API is asked again", false,
+		func(s *Settings) *time.Duration { return &s.CacheTTLSecurityAggregate }),
 	smallInt("MESSAGE_QUEUE_SIZE", "on.message deliveries waiting for one program at most; more are dropped and counted", 1, 1<<20,
 		func(s *Settings) *int { return &s.MessageQueueSize }),
 	smallInt("MESSAGE_DELIVERIES", "on.message deliveries under way for one program at most", 1, 1<<16,
