@@ -83,6 +83,10 @@ func startWatching(ctx context.Context, s *config.Settings, r *reactor.Reactor, 
 	w := watcher.New(watcher.Options{APIServer: s.APIServer, Handle: r.Handle, Logger: log})
 	var wg sync.WaitGroup
 	wg.Go(func() { _ = w.Run(ctx) })
+	if s.PaymentMonitorInterval > 0 {
+		// What the stream missed: the API's status of running programs.
+		wg.Go(func() { r.PollStatus(ctx, s.PaymentMonitorInterval) })
+	}
 	return func() {
 		cancel()
 		wg.Wait()

@@ -212,7 +212,7 @@ func publicConfig(s *config.Settings) map[string]any {
 		"payment": map[string]any{
 			"PAYMENT_RECEIVER_ADDRESS": nil,
 			"AVAILABLE_PAYMENTS":       map[string]any{},
-			"PAYMENT_MONITOR_INTERVAL": nil,
+			"PAYMENT_MONITOR_INTERVAL": s.PaymentMonitorInterval.Seconds(),
 		},
 		"computing": map[string]any{
 			"ENABLE_QEMU_SUPPORT":           s.Hypervisor == config.HypervisorQemu || s.Hypervisor == config.HypervisorAuto,

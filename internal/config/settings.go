@@ -57,6 +57,11 @@ type Settings struct {
 	// security aggregate) are reused by the control API, use_latest and
 	// the reactor (upstream's CACHE_TTL_SECURITY_AGGREGATE).
 	CacheTTLSecurityAggregate time.Duration
+	// PaymentMonitorInterval is how often the API's status of each
+	// running program's message is read (upstream's payment monitor); a
+	// forgotten, rejected or removed status three times in a row stops
+	// and forgets the program. 0 turns the polling off.
+	PaymentMonitorInterval time.Duration
 	// MessageQueueSize bounds the on.message deliveries waiting for one
 	// program; MessageDeliveries bounds those under way for one program,
 	// MessageDeliveriesTotal those under way on the node. Deliveries past
@@ -196,6 +201,7 @@ func Default() *Settings {
 		WatchForMessages:          true,
 		WatchForUpdates:           true,
 		CacheTTLSecurityAggregate: 120 * time.Second,
+		PaymentMonitorInterval:    60 * time.Second,
 		MessageQueueSize:          64,
 		MessageDeliveries:         4,
 		MessageDeliveriesTotal:    16,

@@ -134,6 +134,8 @@ var table = []descriptor{
 		func(s *Settings) *bool { return &s.WatchForUpdates }),
 	seconds("CACHE_TTL_SECURITY_AGGREGATE", "seconds an owner's delegations (its security aggregate) are reused before the API is asked again", false,
 		func(s *Settings) *time.Duration { return &s.CacheTTLSecurityAggregate }),
+	seconds("PAYMENT_MONITOR_INTERVAL", "seconds between reads of each running program's message status on the API; forgotten, rejected or removed 3 times in a row stops it; 0 = off", true,
+		func(s *Settings) *time.Duration { return &s.PaymentMonitorInterval }),
 	smallInt("MESSAGE_QUEUE_SIZE", "on.message deliveries waiting for one program at most; more are dropped and counted", 1, 1<<20,
 		func(s *Settings) *int { return &s.MessageQueueSize }),
 	smallInt("MESSAGE_DELIVERIES", "on.message deliveries under way for one program at most", 1, 1<<16,

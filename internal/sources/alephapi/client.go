@@ -463,3 +463,41 @@ func (c *Client) Authorizations(ctx context.Context, address string) ([]Authoriz
 	}
 	return page.Data.Security.Authorizations, nil
 }
+
+// Message statuses of /api/v0/messages/{hash} that mean the message no
+// longer holds (aleph-vm's _TERMINAL_STATUSES).
+const (
+	StatusForgotten = "forgotten"
+	StatusRejected  = "rejected"
+	StatusRemoved   = "removed"
+)
+
+// maxStatusBody caps a /messages/{hash} answer (the message rides along).
+const maxStatusBody = 4 << 20
+
+// MessageStatus returns the status the API gives the message hash
+// ("processed", "pending", "forgotten", "rejected", "removed", ...), read
+// from /api/v0/messages/{hash} as aleph-vm's get_message_status does.
+// An unknown message is a NotFound error.
+func (c *Client) MessageStatus(ctx context.Context, hash string) (string, error) {
+	if err := message.ValidateItemHash(hash); err != nil {
+		return "", err
+	}
+	u := c.base + "/api/v0/messages/" + hash
+	var page struct {
+		Status string `json:"status"`
+	}
+	err := c.do(ctx, u, func(ctx context.Context, resp *http.Response) error {
+		if err := json.NewDecoder(io.LimitReader(resp.Body, maxStatusBody)).Decode(&page); err != nil {
+			return errkind.Wrap(errkind.Upstream, fmt.Errorf("decoding %s: %w", redact(u), err))
+		}
+		return nil
+	}, true)
+	if err != nil {
+		return "", fmt.Errorf("status of message %s: %w", hash, err)
+	}
+	if page.Status == "" {
+		return "", errkind.New(errkind.Upstream, "status of message %s: no status in the answer", hash)
+	}
+	return page.Status, nil
+}
