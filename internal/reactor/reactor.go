@@ -256,6 +256,21 @@ func refKeys(m *message.Message) []string {
 // change what runs, so stopping for it would only cost a cold start.
 func refOwners(p *sources.Program) map[string]string {
 	out := map[string]string{}
+	for ref, f := range followedRefs(p) {
+		out[ref] = f.owner
+	}
+	return out
+}
+
+// followed is a ref a program follows with use_latest: whose amends count
+// and the STORE message its execution runs (the ref or an amend of it).
+type followed struct {
+	owner   string
+	current string
+}
+
+func followedRefs(p *sources.Program) map[string]followed {
+	out := map[string]followed{}
 	if p.Content == nil {
 		return out
 	}
@@ -267,11 +282,14 @@ func refOwners(p *sources.Program) map[string]string {
 		if ref == "" || !latest {
 			return
 		}
-		owner := fallback
-		if f != nil && f.Owner != "" {
-			owner = f.Owner
+		owner, current := fallback, ""
+		if f != nil {
+			if f.Owner != "" {
+				owner = f.Owner
+			}
+			current = f.Ref
 		}
-		out[ref] = owner
+		out[ref] = followed{owner: owner, current: current}
 	}
 	c := p.Content
 	add(c.Code.Ref, c.Code.UseLatest, &p.Code)

@@ -4,6 +4,9 @@ import (
 	"context"
 	"time"
 
+	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
+	"github.com/aleph-vm-go/vm-supervisor/internal/message"
+	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources/alephapi"
 )
 
@@ -15,7 +18,11 @@ import (
 // from /api/v0/messages/{hash}; forgotten, rejected or removed three
 // polls in a row stops and forgets it (one odd answer of a lagging API
 // node does not). A failed read changes nothing. Programs of the local
-// store are not the API's to judge and are not asked about.
+// store are not the API's to judge and are not asked about. With
+// WATCH_FOR_UPDATES, the same poll also looks for an amend the stream
+// missed: a program whose use_latest ref has a newer amend (by the owner
+// or a delegate, as use_latest picks it) than the one it runs is stopped,
+// and its next start runs the amend.
 
 // StatusConfirmations is upstream's STOP_AFTER_CONFIRMATIONS.
 const StatusConfirmations = 3
@@ -23,9 +30,11 @@ const StatusConfirmations = 3
 // DefaultStatusInterval is upstream's PAYMENT_MONITOR_INTERVAL.
 const DefaultStatusInterval = 60 * time.Second
 
-// StatusAPI reads a message's status (*alephapi.Client).
+// StatusAPI reads a message's status and the latest amend of a ref
+// (*alephapi.Client).
 type StatusAPI interface {
 	MessageStatus(ctx context.Context, hash string) (string, error)
+	LatestAmend(ctx context.Context, ref, owner string, accept func(*message.Message) (bool, error)) (*message.Message, error)
 }
 
 func terminal(status string) bool {
@@ -85,6 +94,9 @@ func (r *Reactor) checkStatuses(ctx context.Context, api StatusAPI, strikes map[
 		}
 		if !terminal(status) {
 			delete(strikes, h)
+			if r.opts.Updates {
+				r.checkAmends(ctx, api, h)
+			}
 			continue
 		}
 		strikes[h]++
@@ -98,5 +110,43 @@ func (r *Reactor) checkStatuses(ctx context.Context, api StatusAPI, strikes map[
 		r.opts.Forgetter.Forget(h)
 		r.unregister(h)
 		r.stop(ctx, h)
+	}
+}
+
+// checkAmends stops the running program hash when one of the refs it
+// follows has another latest amend than the one it runs.
+func (r *Reactor) checkAmends(ctx context.Context, api StatusAPI, hash string) {
+	var prog *sources.Program
+	for _, p := range r.opts.Pool.Programs() {
+		if p.Hash == hash {
+			prog = p
+		}
+	}
+	if prog == nil {
+		return
+	}
+	for ref, f := range followedRefs(prog) {
+		if f.current == "" {
+			continue
+		}
+		accept := func(m *message.Message) (bool, error) { return r.delegations().MaySend(ctx, m, f.owner) }
+		cctx, cancel := context.WithTimeout(ctx, apiTimeout)
+		latest, err := api.LatestAmend(cctx, ref, f.owner, accept)
+		cancel()
+		current := ref
+		switch {
+		case err == nil:
+			current = latest.ItemHash
+		case errkind.Is(err, errkind.NotFound):
+		default:
+			r.log.Debug("reactor: reading the latest amend of a followed ref", "program", hash, "ref", ref, "err", err)
+			continue
+		}
+		if current != f.current {
+			r.log.Info("reactor: a ref of a running program was amended (seen by polling): stopping it",
+				"program", hash, "ref", ref, "runs", f.current, "latest", current)
+			r.stop(ctx, hash)
+			return
+		}
 	}
 }

@@ -30,7 +30,8 @@ type statusAPI struct {
 	srv      *httptest.Server
 	mu       sync.Mutex
 	program  *message.Message
-	status   string // "" answers 500
+	amends   []*message.Message // STOREs served for messages.json?refs=
+	status   string             // "" answers 500
 	asked    []string
 	requests atomic.Int32
 }
@@ -42,12 +43,14 @@ func newStatusAPI(t *testing.T, program *message.Message) *statusAPI {
 		defer a.mu.Unlock()
 		switch {
 		case r.URL.Path == "/api/v0/messages.json" && r.URL.Query().Get("hashes") == a.program.ItemHash:
-			m := a.program
-			_ = json.NewEncoder(w).Encode(map[string]any{"messages": []any{map[string]any{
-				"item_hash": m.ItemHash, "type": m.Type, "chain": "ETH", "sender": m.Sender, "channel": "TEST",
-				"item_type": "inline", "item_content": m.ItemContent, "content": json.RawMessage(m.ItemContent),
-				"time": m.Time, "signature": "0x00", "confirmed": true,
-			}}, "pagination_page": 1, "pagination_total": 1, "pagination_per_page": 20, "pagination_item": "messages"})
+			_ = json.NewEncoder(w).Encode(map[string]any{"messages": []any{envelope(a.program)},
+				"pagination_page": 1, "pagination_total": 1, "pagination_per_page": 20, "pagination_item": "messages"})
+		case r.URL.Path == "/api/v0/messages.json" && r.URL.Query().Get("refs") != "":
+			found := []any{}
+			for _, m := range a.amends {
+				found = append(found, envelope(m))
+			}
+			_ = json.NewEncoder(w).Encode(map[string]any{"messages": found, "pagination_page": 1, "pagination_total": len(found), "pagination_per_page": 20, "pagination_item": "messages"})
 		case strings.HasPrefix(r.URL.Path, "/api/v0/messages/"):
 			a.requests.Add(1)
 			h := strings.TrimPrefix(r.URL.Path, "/api/v0/messages/")
@@ -65,6 +68,14 @@ func newStatusAPI(t *testing.T, program *message.Message) *statusAPI {
 	return a
 }
 
+func envelope(m *message.Message) map[string]any {
+	return map[string]any{
+		"item_hash": m.ItemHash, "type": m.Type, "chain": "ETH", "sender": m.Sender, "channel": "TEST",
+		"item_type": "inline", "item_content": m.ItemContent, "content": json.RawMessage(m.ItemContent),
+		"time": m.Time, "signature": "0x00", "confirmed": true,
+	}
+}
+
 func (a *statusAPI) set(status string) {
 	a.mu.Lock()
 	a.status = status
@@ -73,7 +84,7 @@ func (a *statusAPI) set(status string) {
 
 // statusSetup runs a program of the local store and one the API serves
 // (the local one's content, another time: another hash).
-func statusSetup(t *testing.T) (r *Reactor, p *pool.Pool, api *statusAPI, local, remote string) {
+func statusSetup(t *testing.T, followCode bool) (r *Reactor, p *pool.Pool, api *statusAPI, local, remote string) {
 	t.Helper()
 	quiet := slog.New(slog.DiscardHandler)
 	st := pooltest.NewStore(t)
@@ -87,6 +98,7 @@ func statusSetup(t *testing.T) (r *Reactor, p *pool.Pool, api *statusAPI, local,
 		t.Fatal(err)
 	}
 	c.Time++
+	c.Code.UseLatest = followCode
 	nm, err := message.InlineMessage(message.TypeProgram, c, lm.Sender, time.Unix(1700000000, 0))
 	if err != nil {
 		t.Fatal(err)
@@ -108,7 +120,7 @@ func statusSetup(t *testing.T) (r *Reactor, p *pool.Pool, api *statusAPI, local,
 		defer cancel()
 		_ = p.Shutdown(ctx)
 	})
-	r = New(Options{Forgetter: resolver, API: client, Logger: quiet})
+	r = New(Options{Forgetter: resolver, API: client, Updates: true, Logger: quiet})
 	r.Use(p, nil)
 	for _, h := range []string{local, nm.ItemHash} {
 		e, err := p.Acquire(context.Background(), h)
@@ -133,7 +145,7 @@ func runningHashes(p *pool.Pool) []string {
 // status in between starts the count again, a failed read leaves it as
 // it is; the local store's programs are never asked about.
 func TestStatusConfirmations(t *testing.T) {
-	r, p, api, local, remote := statusSetup(t)
+	r, p, api, local, remote := statusSetup(t, false)
 	ctx := context.Background()
 	strikes := map[string]int{}
 	poll := func(status string, stillRuns bool) {
@@ -169,7 +181,7 @@ func TestStatusConfirmations(t *testing.T) {
 // TestPollStatus: the poller notices a FORGET the stream never delivered
 // within three intervals.
 func TestPollStatus(t *testing.T) {
-	r, p, api, local, remote := statusSetup(t)
+	r, p, api, local, remote := statusSetup(t, false)
 	api.set("forgotten")
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
@@ -194,4 +206,41 @@ func TestPollStatus(t *testing.T) {
 
 func (a *statusAPI) client() StatusAPI {
 	return alephapi.New(a.srv.URL, "", alephapi.WithRetries(1, 0))
+}
+
+// TestPollAmend: an amend of a followed ref that the stream missed is
+// seen by the poll: a stranger's is ignored, the owner's stops the
+// program (its next start runs the amend, as use_latest picks it).
+func TestPollAmend(t *testing.T) {
+	r, p, api, _, remote := statusSetup(t, true)
+	ctx := context.Background()
+	prog := p.Programs()[slices.Index(runningHashes(p), remote)]
+	codeRef, owner := prog.Content.Code.Ref, prog.Content.Address
+	amend := func(sender string, n int64) *message.Message {
+		m, err := message.InlineMessage(message.TypeStore, message.StoreContent{
+			Address: owner, Time: float64(1700000000 + n), ItemType: "storage",
+			ItemHash: strings.Repeat("b", 63) + string(rune('0'+n)), Ref: codeRef,
+		}, sender, time.Unix(1700000000+n, 0))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	poll := func(stillRuns bool) {
+		t.Helper()
+		r.checkStatuses(ctx, api.client(), map[string]int{})
+		r.Wait()
+		if got := slices.Contains(runningHashes(p), remote); got != stillRuns {
+			t.Fatalf("network program running = %v, want %v", got, stillRuns)
+		}
+	}
+	poll(true) // no amend
+	api.mu.Lock()
+	api.amends = []*message.Message{amend("0x5555555555555555555555555555555555555555", 1)}
+	api.mu.Unlock()
+	poll(true) // a stranger's amend does not count (and no delegation is known)
+	api.mu.Lock()
+	api.amends = append(api.amends, amend(owner, 2))
+	api.mu.Unlock()
+	poll(false)
 }
