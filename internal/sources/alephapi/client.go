@@ -445,7 +445,7 @@ func (c *Client) Authorizations(ctx context.Context, address string) ([]Authoriz
 	var page struct {
 		Data struct {
 			Security struct {
-				Authorizations []Authorization `json:"authorizations"`
+				Authorizations []json.RawMessage `json:"authorizations"`
 			} `json:"security"`
 		} `json:"data"`
 	}
@@ -461,7 +461,17 @@ func (c *Client) Authorizations(ctx context.Context, address string) ([]Authoriz
 	if err != nil {
 		return nil, fmt.Errorf("authorizations of %s: %w", address, err)
 	}
-	return page.Data.Security.Authorizations, nil
+	// An entry that is not an object of the expected shape is skipped,
+	// as upstream's operator check skips what is not a dict: one bad
+	// entry does not void the owner's other delegations.
+	var out []Authorization
+	for _, raw := range page.Data.Security.Authorizations {
+		var a Authorization
+		if json.Unmarshal(raw, &a) == nil && a.Address != "" {
+			out = append(out, a)
+		}
+	}
+	return out, nil
 }
 
 // Message statuses of /api/v0/messages/{hash} that mean the message no

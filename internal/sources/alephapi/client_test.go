@@ -394,7 +394,8 @@ func TestDownloadStallHitsIdleTimeout(t *testing.T) {
 }
 
 // TestAuthorizations reads the "security" aggregate as pyaleph serves it,
-// and an address without one (404) as no delegation.
+// skipping entries that are not delegations (upstream skips what is not
+// a dict), and an address without one (404) as no delegation.
 func TestAuthorizations(t *testing.T) {
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Query().Get("keys") != "security" {
@@ -404,6 +405,7 @@ func TestAuthorizations(t *testing.T) {
 		case "/api/v0/aggregates/0xowner.json":
 			_, _ = w.Write([]byte(`{"address":"0xowner","data":{"security":{"authorizations":[
 				{"address":"0xdele","chain":"ETH","types":["FORGET","STORE"],"channels":["C"]},
+				"not an object", {"address":"0xbad","types":"STORE"}, {"types":["STORE"]},
 				{"address":"0xany"}]}}}`))
 		default:
 			http.Error(w, `{"error":"Aggregate not found"}`, http.StatusNotFound)
