@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -34,10 +35,11 @@ type ownersFront struct {
 	target atomic.Pointer[url.URL]
 	mu     sync.Mutex
 	auths  map[string]string // address → authorizations (JSON list)
+	status map[string]string // item hash → status answered by /api/v0/messages/{hash}
 }
 
 func ownersNewFront(t *testing.T) *ownersFront {
-	f := &ownersFront{auths: map[string]string{}}
+	f := &ownersFront{auths: map[string]string{}, status: map[string]string{}}
 	proxy := &httputil.ReverseProxy{Rewrite: func(r *httputil.ProxyRequest) {
 		if u := f.target.Load(); u != nil {
 			r.SetURL(u)
@@ -56,6 +58,16 @@ func ownersNewFront(t *testing.T) *ownersFront {
 			fmt.Fprintf(w, `{"address":%q,"data":{"security":{"authorizations":%s}}}`, strings.TrimSuffix(addr, ".json"), auths)
 			return
 		}
+		if hash, ok := strings.CutPrefix(r.URL.Path, "/api/v0/messages/"); ok {
+			f.mu.Lock()
+			status, set := f.status[hash]
+			f.mu.Unlock()
+			if set {
+				w.Header().Set("Content-Type", "application/json")
+				fmt.Fprintf(w, `{"status":%q,"item_hash":%q,"reason":"test","forgotten_by":[]}`, status, hash)
+				return
+			}
+		}
 		if f.target.Load() == nil {
 			http.Error(w, "not ready", http.StatusServiceUnavailable)
 			return
@@ -73,10 +85,10 @@ func (f *ownersFront) setAuthorizations(address, auths string) {
 }
 
 // ownersStart starts a supervisor whose API is the front over its test API.
-func ownersStart(t *testing.T) (*supervisor, *ownersFront) {
+func ownersStart(t *testing.T, env ...string) (*supervisor, *ownersFront) {
 	t.Helper()
 	f := ownersNewFront(t)
-	s := startSupervisor(t, "ALEPH_VM_DOMAIN_NAME="+controlDomain, "ALEPH_VM_API_SERVER="+f.srv.URL)
+	s := startSupervisor(t, append([]string{"ALEPH_VM_DOMAIN_NAME=" + controlDomain, "ALEPH_VM_API_SERVER=" + f.srv.URL}, env...)...)
 	u, err := url.Parse(s.api.srv.URL)
 	if err != nil {
 		t.Fatal(err)
@@ -192,4 +204,74 @@ func TestOwnersDelegatedAmend(t *testing.T) {
 	if !strings.Contains(s.logs.String(), "ref of a running program was amended") {
 		t.Error("the supervisor did not say it stopped the program for the amend")
 	}
+}
+
+// ownersStore records a STORE message on the test API without sending it
+// on the stream: a message the websocket missed.
+func ownersStore(t *testing.T, a *alephAPI, sender, owner, ref string, data []byte) {
+	t.Helper()
+	sum := sha256.Sum256(data)
+	fileHash := hex.EncodeToString(sum[:])
+	raw, err := json.Marshal(map[string]any{
+		"address": owner, "time": float64(time.Now().UnixNano()) / 1e9,
+		"item_type": "storage", "item_hash": fileHash, "size": len(data), "ref": ref,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := sha256.Sum256(raw)
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.files[fileHash] = data
+	a.messages[hex.EncodeToString(h[:])] = map[string]any{
+		"item_hash": hex.EncodeToString(h[:]), "type": "STORE", "chain": "ETH", "sender": sender,
+		"channel": "TEST", "item_type": "inline", "item_content": string(raw),
+		"time": float64(time.Now().UnixNano()) / 1e9, "signature": "0x00", "confirmed": true,
+	}
+}
+
+// TestOwnersStatusPoll: what the stream never delivered is noticed by
+// the status poll (PAYMENT_MONITOR_INTERVAL, 1 s here): an amend of the
+// code published without a stream message runs at the next start, and a
+// program the API calls forgotten is stopped and unknown, both without a
+// message on the websocket.
+func TestOwnersStatusPoll(t *testing.T) {
+	backendIndependent(t)
+	s, front := ownersStart(t, "ALEPH_VM_PAYMENT_MONITOR_INTERVAL=1")
+	deadline := time.Now().Add(60 * time.Second)
+	for s.api.connections() < 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("the supervisor did not connect to the message stream")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	program, codeRef := publishWatchedProgram(t, s)
+	s.until(t, "v1 answers", "/vm/"+program+"/version", 120*time.Second, func(r response) bool {
+		return r.Status == http.StatusOK && string(r.Body) == "v1"
+	})
+
+	ownersStore(t, s.api, watchOwner, watchOwner, codeRef, watchCode(t, "v2"))
+	s.until(t, "the missed amend answers", "/vm/"+program+"/version", 60*time.Second, func(r response) bool {
+		return r.Status == http.StatusOK && string(r.Body) == "v2"
+	})
+	if !strings.Contains(s.logs.String(), "amended (seen by polling)") {
+		t.Error("the supervisor did not say the poll found the amend")
+	}
+
+	front.mu.Lock()
+	front.status[program] = "forgotten"
+	front.mu.Unlock()
+	start := time.Now()
+	deadline = time.Now().Add(60 * time.Second)
+	for s.runningExecutions() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the program the API calls forgotten still runs")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Logf("stopped %s after the API first called it forgotten (3 polls of 1 s needed)", time.Since(start).Round(100*time.Millisecond))
+	if time.Since(start) < 2*time.Second {
+		t.Errorf("stopped after %s: fewer than 3 polls", time.Since(start))
+	}
+	expect(t, s.get("/vm/"+program+"/version"), http.StatusNotFound)
 }
