@@ -45,7 +45,7 @@ func cmdProgramInspect(ctx context.Context, s *config.Settings, args []string, s
 		return 1
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	source, err := newSource(s, st, log)
+	source, err := newSource(s, st, newDelegations(s, log), log)
 	if err != nil {
 		fmt.Fprintln(stderr, "vm-supervisor:", err)
 		return 1

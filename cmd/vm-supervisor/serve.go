@@ -81,7 +81,10 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 	if err != nil {
 		return err
 	}
-	source, react, err := newWatchedSource(s, st, log)
+	// One reading of owners' delegations for the control API, use_latest
+	// and the reactor.
+	deleg := newDelegations(s, log)
+	source, react, err := newWatchedSource(s, st, deleg, log)
 	if err != nil {
 		return err
 	}
@@ -151,7 +154,9 @@ func serve(ctx context.Context, s *config.Settings, opts *config.Options, log *s
 	selfTest := selfTestProgram(s, st)
 	allocs := startAllocations(s, p, log)
 	defer allocs.Close() // the saved allocation stays for the next start
-	api := httpapi.New(apiOptions(s, p, qemuWithKVM(be), db, allocs, token, selfTest, m, log))
+	apiOpts := apiOptions(s, p, qemuWithKVM(be), db, allocs, token, selfTest, m, log)
+	apiOpts.Delegations = deleg
+	api := httpapi.New(apiOpts)
 
 	if opts.Benchmark > 0 {
 		err := runBenchmark(ctx, api, selfTest, opts.Benchmark, stdout)

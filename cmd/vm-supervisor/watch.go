@@ -6,6 +6,7 @@ import (
 	"sync"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/config"
+	"github.com/aleph-vm-go/vm-supervisor/internal/delegation"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 	"github.com/aleph-vm-go/vm-supervisor/internal/metrics"
 	"github.com/aleph-vm-go/vm-supervisor/internal/pool"
@@ -17,12 +18,12 @@ import (
 
 // newWatchedSource is newSource with the reactor watching the programs it
 // resolves (nil when nothing is watched).
-func newWatchedSource(s *config.Settings, st *store.Store, log *slog.Logger) (pool.ProgramSource, *reactor.Reactor, error) {
-	source, err := newSource(s, st, log)
+func newWatchedSource(s *config.Settings, st *store.Store, deleg *delegation.Checker, log *slog.Logger) (pool.ProgramSource, *reactor.Reactor, error) {
+	source, err := newSource(s, st, deleg, log)
 	if err != nil {
 		return nil, nil, err
 	}
-	r := newReactor(s, st, source, log)
+	r := newReactor(s, st, source, deleg, log)
 	if r != nil {
 		source = r.Observe(source)
 	}
@@ -35,7 +36,7 @@ func newWatchedSource(s *config.Settings, st *store.Store, log *slog.Logger) (po
 // that subscribe to messages are registered now; programs the node starts
 // later are registered by the source it wraps (reactor.Observe), and new
 // PROGRAM messages as they pass, as in aleph-vm.
-func newReactor(s *config.Settings, st *store.Store, source pool.ProgramSource, log *slog.Logger) *reactor.Reactor {
+func newReactor(s *config.Settings, st *store.Store, source pool.ProgramSource, deleg *delegation.Checker, log *slog.Logger) *reactor.Reactor {
 	if (!s.WatchForMessages && !s.WatchForUpdates) || s.FakeDataProgram != "" {
 		return nil
 	}
@@ -43,7 +44,9 @@ func newReactor(s *config.Settings, st *store.Store, source pool.ProgramSource, 
 		Messages: s.WatchForMessages, Updates: s.WatchForUpdates,
 		// FORGETs are confirmed, and delegations read, on the API the
 		// stream comes from.
-		API:             alephapi.New(s.APIServer, s.IPFSGateway, alephapi.WithLogger(log)),
+		API: alephapi.New(s.APIServer, s.IPFSGateway, alephapi.WithLogger(log)),
+		// Whose amends and FORGETs count: the same cache use_latest reads.
+		Delegations:     deleg,
 		QueueSize:       s.MessageQueueSize,
 		Deliveries:      s.MessageDeliveries,
 		DeliveriesTotal: s.MessageDeliveriesTotal,
@@ -80,6 +83,10 @@ func startWatching(ctx context.Context, s *config.Settings, r *reactor.Reactor, 
 	w := watcher.New(watcher.Options{APIServer: s.APIServer, Handle: r.Handle, Logger: log})
 	var wg sync.WaitGroup
 	wg.Go(func() { _ = w.Run(ctx) })
+	if s.PaymentMonitorInterval > 0 {
+		// What the stream missed: the API's status of running programs.
+		wg.Go(func() { r.PollStatus(ctx, s.PaymentMonitorInterval) })
+	}
 	return func() {
 		cancel()
 		wg.Wait()

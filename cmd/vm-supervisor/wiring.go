@@ -11,6 +11,7 @@ import (
 
 	"github.com/aleph-vm-go/vm-supervisor/examples"
 	"github.com/aleph-vm-go/vm-supervisor/internal/config"
+	"github.com/aleph-vm-go/vm-supervisor/internal/delegation"
 	"github.com/aleph-vm-go/vm-supervisor/internal/guestapi"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 	"github.com/aleph-vm-go/vm-supervisor/internal/pep440"
@@ -29,9 +30,20 @@ func openStore(s *config.Settings) (*store.Store, error) {
 	return st, nil
 }
 
+// newDelegations reads owners' delegations (security aggregates) from the
+// Aleph API, one cache for the control API, use_latest and the reactor so
+// that they agree; nil in fake-data mode, where only owners act.
+func newDelegations(s *config.Settings, log *slog.Logger) *delegation.Checker {
+	if s.FakeDataProgram != "" {
+		return nil
+	}
+	return delegation.New(alephapi.New(s.APIServer, s.IPFSGateway, alephapi.WithLogger(log)), s.CacheTTLSecurityAggregate)
+}
+
 // newSource resolves programs from the local store first, then the Aleph
-// API; in fake-data mode every hash maps to FAKE_DATA_PROGRAM.
-func newSource(s *config.Settings, st *store.Store, log *slog.Logger) (pool.ProgramSource, error) {
+// API; in fake-data mode every hash maps to FAKE_DATA_PROGRAM. deleg
+// (may be nil) tells whose amends of a use_latest ref count.
+func newSource(s *config.Settings, st *store.Store, deleg *delegation.Checker, log *slog.Logger) (pool.ProgramSource, error) {
 	if s.FakeDataProgram != "" {
 		log.Warn("fake-data mode: every program is " + s.FakeDataProgram)
 		return sources.NewFakeData(s.FakeDataProgram, examples.FastAPIEntrypoint, st, sources.WithLogger(log))
@@ -45,7 +57,7 @@ func newSource(s *config.Settings, st *store.Store, log *slog.Logger) (pool.Prog
 	limits.Program = s.MaxProgramArchiveSize
 	limits.Data = s.MaxDataArchiveSize
 	limits.Runtime = s.MaxRuntimeSize
-	return sources.New(st, api, c, limits, sources.WithLogger(log)), nil
+	return sources.New(st, api, c, limits, sources.WithLogger(log), sources.WithDelegations(deleg)), nil
 }
 
 // defaultRuntimeFile finds the local store's default runtime, the one
@@ -201,7 +213,7 @@ func publicConfig(s *config.Settings, qemuKVM bool) map[string]any {
 		"payment": map[string]any{
 			"PAYMENT_RECEIVER_ADDRESS": s.PaymentReceiverAddress,
 			"AVAILABLE_PAYMENTS":       map[string]any{},
-			"PAYMENT_MONITOR_INTERVAL": nil,
+			"PAYMENT_MONITOR_INTERVAL": s.PaymentMonitorInterval.Seconds(),
 		},
 		"computing": map[string]any{
 			"ENABLE_QEMU_SUPPORT":           qemuKVM,

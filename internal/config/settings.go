@@ -53,6 +53,15 @@ type Settings struct {
 	// event-triggered programs and for amends of running ones.
 	WatchForMessages bool
 	WatchForUpdates  bool
+	// CacheTTLSecurityAggregate is how long an owner's delegations (its
+	// security aggregate) are reused by the control API, use_latest and
+	// the reactor (upstream's CACHE_TTL_SECURITY_AGGREGATE).
+	CacheTTLSecurityAggregate time.Duration
+	// PaymentMonitorInterval is how often the API's status of each
+	// running program's message is read (upstream's payment monitor); a
+	// forgotten, rejected or removed status three times in a row stops
+	// and forgets the program. 0 turns the polling off.
+	PaymentMonitorInterval time.Duration
 	// MessageQueueSize bounds the on.message deliveries waiting for one
 	// program; MessageDeliveries bounds those under way for one program,
 	// MessageDeliveriesTotal those under way on the node. Deliveries past
@@ -204,20 +213,22 @@ func defaultRunscPath() string {
 // Default returns aleph-vm's defaults, plus ours for the settings it lacks.
 func Default() *Settings {
 	s := &Settings{
-		SupervisorHost:          "127.0.0.1",
-		SupervisorPort:          4020,
-		DomainName:              "localhost",
-		ReuseTimeout:            3600 * time.Second,
-		WatchForMessages:        true,
-		WatchForUpdates:         true,
-		MessageQueueSize:        64,
-		MessageDeliveries:       4,
-		MessageDeliveriesTotal:  16,
-		APIServer:               "https://official.aleph.cloud",
-		IPFSGateway:             "https://ipfs.aleph.im/ipfs/",
-		ConnectivityIPv4URL:     "https://1.1.1.1/",
-		ConnectivityIPv6URL:     "https://[2606:4700:4700::1111]/",
-		ConnectivityDNSHostname: "example.org",
+		SupervisorHost:            "127.0.0.1",
+		SupervisorPort:            4020,
+		DomainName:                "localhost",
+		ReuseTimeout:              3600 * time.Second,
+		WatchForMessages:          true,
+		WatchForUpdates:           true,
+		CacheTTLSecurityAggregate: 120 * time.Second,
+		PaymentMonitorInterval:    60 * time.Second,
+		MessageQueueSize:          64,
+		MessageDeliveries:         4,
+		MessageDeliveriesTotal:    16,
+		APIServer:                 "https://official.aleph.cloud",
+		IPFSGateway:               "https://ipfs.aleph.im/ipfs/",
+		ConnectivityIPv4URL:       "https://1.1.1.1/",
+		ConnectivityIPv6URL:       "https://[2606:4700:4700::1111]/",
+		ConnectivityDNSHostname:   "example.org",
 		ConnectivityHTTPURLs: []string{"http://detectportal.firefox.com/success.txt",
 			"https://connectivity-check.ubuntu.com/", "https://www.gstatic.com/generate_204"},
 		Hypervisor:              HypervisorAuto,

@@ -127,7 +127,7 @@ func (s *Server) ownerAction(action string) http.HandlerFunc {
 			writeText(w, http.StatusNotFound, "No virtual machine with ref "+hash)
 			return
 		}
-		if !strings.EqualFold(wallet, e.Owner()) {
+		if !s.mayOperate(r.Context(), wallet, e.Owner(), hash) {
 			s.log.Info("owner action refused", "action", action, "program", hash, "wallet", wallet)
 			writeText(w, http.StatusForbidden, "Unauthorized sender")
 			return
@@ -196,6 +196,19 @@ func pyFloat(f float64) string {
 	return s
 }
 
+// mayOperate is upstream's is_sender_authorized: the wallet is the
+// program's owner, or a delegate the owner lists in its security
+// aggregate (delegation.MayOperate). An aggregate that cannot be read
+// refuses, as upstream does.
+func (s *Server) mayOperate(ctx context.Context, wallet, owner, hash string) bool {
+	ok, err := s.opts.Delegations.MayOperate(ctx, wallet, owner)
+	if err != nil {
+		s.log.Warn("reading the owner's delegations", "program", hash, "owner", owner, "wallet", wallet, "err", err)
+		return false
+	}
+	return ok
+}
+
 // programOwner finds the owner of a program that is running or whose
 // logs are kept; found is false for a program this node knows nothing of.
 func (s *Server) programOwner(ctx context.Context, hash string) (owner string, found bool, err error) {
@@ -234,7 +247,7 @@ func (s *Server) handleOwnerLogs(w http.ResponseWriter, r *http.Request) {
 	case !found:
 		writeText(w, http.StatusNotFound, "No execution found for this VM")
 		return
-	case !strings.EqualFold(wallet, owner):
+	case !s.mayOperate(r.Context(), wallet, owner, hash):
 		writeText(w, http.StatusForbidden, "Unauthorized sender")
 		return
 	}

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
-	"strings"
 	"time"
 
 	"github.com/coder/websocket"
@@ -101,7 +100,7 @@ func (s *Server) streamAuth(ctx context.Context, conn *websocket.Conn, hash, own
 	if err != nil {
 		return fail(err.Error())
 	}
-	if !strings.EqualFold(wallet, owner) {
+	if !s.mayOperate(ctx, wallet, owner, hash) {
 		s.log.Info("log stream refused", "program", hash, "wallet", wallet)
 		return fail("unauthorized sender")
 	}

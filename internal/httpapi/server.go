@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/aleph-vm-go/vm-supervisor/internal/delegation"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 	"github.com/aleph-vm-go/vm-supervisor/internal/metrics"
@@ -89,6 +90,9 @@ type Options struct {
 	// Control serves the owner's /control/machine/{ref}/... routes; nil
 	// leaves them out.
 	Control Control
+	// Delegations tells which wallets the owners delegated control to
+	// (their security aggregates); nil: only owners operate.
+	Delegations *delegation.Checker
 	// Metrics records request latencies and errors and is served at
 	// /metrics on the node's own host; nil: no metrics.
 	Metrics *metrics.Metrics

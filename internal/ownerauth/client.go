@@ -2,6 +2,7 @@ package ownerauth
 
 import (
 	"crypto/ecdsa"
+	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/base64"
@@ -10,6 +11,8 @@ import (
 	"fmt"
 	"net/http"
 	"time"
+
+	"github.com/mr-tron/base58"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/nodekey"
 )
@@ -43,6 +46,38 @@ func AuthorizePayload(wallet *nodekey.Key, key *ecdsa.PrivateKey, p PubKeyPayloa
 	}
 	return &Credentials{
 		PubKey: Signed{Payload: hex.EncodeToString(b), Signature: wallet.SignPersonal(b)},
+		key:    key,
+	}, nil
+}
+
+// AuthorizeSolana has a Solana wallet (its ed25519 key) approve key for
+// domain until expires, as upstream's tests and the console sign it: the
+// wallet signs the payload's hex text; the signature goes as 0x-hex and
+// the address is the wallet's public key in base58.
+func AuthorizeSolana(wallet ed25519.PrivateKey, key *ecdsa.PrivateKey, domain string, expires time.Time) (*Credentials, error) {
+	pub, ok := wallet.Public().(ed25519.PublicKey)
+	if !ok {
+		return nil, fmt.Errorf("not an ed25519 key")
+	}
+	return AuthorizeSolanaPayload(wallet, key, PubKeyPayload{
+		PubKey:  JWK(&key.PublicKey),
+		Alg:     "ECDSA",
+		Domain:  domain,
+		Address: base58.Encode(pub),
+		Chain:   ChainSolana,
+		Expires: expires.UTC().Format(time.RFC3339),
+	})
+}
+
+// AuthorizeSolanaPayload has a Solana wallet sign p as it is.
+func AuthorizeSolanaPayload(wallet ed25519.PrivateKey, key *ecdsa.PrivateKey, p PubKeyPayload) (*Credentials, error) {
+	b, err := json.Marshal(p)
+	if err != nil {
+		return nil, fmt.Errorf("encoding the key payload: %w", err)
+	}
+	text := hex.EncodeToString(b)
+	return &Credentials{
+		PubKey: Signed{Payload: text, Signature: "0x" + hex.EncodeToString(ed25519.Sign(wallet, []byte(text)))},
 		key:    key,
 	}, nil
 }

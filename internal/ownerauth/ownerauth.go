@@ -1,6 +1,7 @@
 // Package ownerauth checks aleph-vm's authentication of a program's owner
-// (its doc/operator_auth.md): the owner's wallet signs, with Ethereum's
-// personal_sign, a short-lived P-256 key (X-SignedPubKey), and that key
+// (its doc/operator_auth.md): the owner's wallet signs a short-lived P-256
+// key (X-SignedPubKey) with Ethereum's personal_sign, or, for a Solana
+// wallet ("chain": "SOL"), with ed25519 over the payload's hex text; that key
 // signs each operation, ES256 over method, path, domain and time
 // (X-SignedOperation). The result is the wallet address; whether that
 // wallet may act on a program is the caller's decision.
@@ -13,6 +14,7 @@ package ownerauth
 
 import (
 	"crypto/ecdsa"
+	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/sha256"
 	"encoding/base64"
@@ -24,6 +26,8 @@ import (
 	"net/http"
 	"strings"
 	"time"
+
+	"github.com/mr-tron/base58"
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/nodekey"
@@ -196,16 +200,43 @@ func (v Verifier) pubKey(s Signed) (*ephemeral, error) {
 	}
 	switch p.Chain {
 	case "", nodekey.Chain:
+		signer, err := nodekey.RecoverPersonal(payload, s.Signature)
+		if err != nil || !strings.EqualFold(signer, p.Address) {
+			return nil, unauthorized("Invalid signature")
+		}
+	case ChainSolana:
+		if err := verifySolana(p.Address, s.Signature, payload); err != nil {
+			return nil, err
+		}
 	default:
-		// Upstream also takes Solana wallets; this node checks Ethereum
-		// signatures only.
+		// Upstream's "Unsupported chain" is a 400 with the generic reason.
 		return nil, invalid
 	}
-	signer, err := nodekey.RecoverPersonal(payload, s.Signature)
-	if err != nil || !strings.EqualFold(signer, p.Address) {
-		return nil, unauthorized("Invalid signature")
-	}
 	return &ephemeral{address: p.Address, jwk: p.PubKey, payload: payload}, nil
+}
+
+// ChainSolana is aleph's name of the Solana chain.
+const ChainSolana = "SOL"
+
+// verifySolana checks a Solana wallet's approval as upstream does
+// (solathon's verify_signature): address is the wallet's ed25519 public
+// key in base58, the signature (hex) is ed25519 over the payload's
+// lowercase hex text, as a wallet's signMessage signs the text it is
+// shown. A malformed address or signature is upstream's 400, a signature
+// that does not verify its 401.
+func verifySolana(address, signature string, payload []byte) error {
+	pub, err := base58.Decode(address)
+	if err != nil || len(pub) != ed25519.PublicKeySize {
+		return badRequest("Invalid X-SignedPubKey data")
+	}
+	sig, err := hex.DecodeString(strings.TrimPrefix(signature, "0x"))
+	if err != nil || len(sig) != ed25519.SignatureSize {
+		return badRequest("Invalid X-SignedPubKey data")
+	}
+	if !ed25519.Verify(ed25519.PublicKey(pub), []byte(hex.EncodeToString(payload)), sig) {
+		return unauthorized("Invalid signature")
+	}
+	return nil
 }
 
 // operation decodes and time-checks the signed operation; every fault is

@@ -2,12 +2,9 @@ package reactor
 
 import (
 	"context"
-	"encoding/json"
-	"slices"
-	"strings"
-	"sync"
 	"time"
 
+	"github.com/aleph-vm-go/vm-supervisor/internal/delegation"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources/alephapi"
 )
@@ -25,76 +22,32 @@ import (
 // delegate of the owner that acts for the owner (content.address) with
 // the message's type allowed. FORGETs are in addition confirmed by the
 // API (reactor.go), so the network's own, stricter, check applies too.
+// The delegations are read and cached by internal/delegation, shared
+// with use_latest resolution so that an amend that stops a program is
+// the one its restart runs.
 
-// authTTL is how long an owner's authorizations are reused: a flood of
-// foreign messages naming one program costs one API call per period.
-const (
-	authTTL      = 30 * time.Second
-	maxAuthCache = 1024
-	apiTimeout   = 20 * time.Second
-)
-
-// sameAddress compares addresses: Ethereum's (0x…) ignoring case, as
-// their checksum casing is optional; other chains' exactly.
-func sameAddress(a, b string) bool {
-	if a == "" || b == "" {
-		return false
-	}
-	if strings.HasPrefix(a, "0x") && strings.HasPrefix(b, "0x") {
-		return strings.EqualFold(a, b)
-	}
-	return a == b
-}
-
-// ownerOf is the address a message belongs to: its content.address, else
-// its sender.
-func ownerOf(m *message.Message) string {
-	var c struct {
-		Address string `json:"address"`
-	}
-	if json.Unmarshal(m.Content, &c) == nil && c.Address != "" {
-		return c.Address
-	}
-	return m.Sender
-}
+const apiTimeout = 20 * time.Second
 
 // Permits reports whether authorization a lets m's sender send m for the
-// address that granted it.
-func Permits(a alephapi.Authorization, m *message.Message) bool {
-	if !sameAddress(a.Address, m.Sender) {
-		return false
-	}
-	if a.Chain != "" && a.Chain != m.Chain {
-		return false
-	}
-	if len(a.Channels) > 0 && !slices.Contains(a.Channels, m.Channel) {
-		return false
-	}
-	if len(a.Types) > 0 && !slices.Contains(a.Types, string(m.Type)) {
-		return false
-	}
-	var c struct {
-		Type string `json:"type"`
-		Key  string `json:"key"`
-	}
-	_ = json.Unmarshal(m.Content, &c)
-	if m.Type == message.TypePost && len(a.PostTypes) > 0 && !slices.Contains(a.PostTypes, c.Type) {
-		return false
-	}
-	if m.Type == message.TypeAggregate && len(a.AggregateKeys) > 0 && !slices.Contains(a.AggregateKeys, c.Key) {
-		return false
-	}
-	return true
-}
+// address that granted it (delegation.Permits).
+func Permits(a alephapi.Authorization, m *message.Message) bool { return delegation.Permits(a, m) }
 
-type authEntry struct {
-	auths []alephapi.Authorization
-	until time.Time
-}
+func sameAddress(a, b string) bool { return delegation.SameAddress(a, b) }
 
-type authCache struct {
-	mu      sync.Mutex
-	entries map[string]authEntry
+func ownerOf(m *message.Message) string { return delegation.OwnerOf(m) }
+
+// delegations is the checker the reactor reads delegations through:
+// Options.Delegations, else one of its own over Options.API.
+func (r *Reactor) delegations() *delegation.Checker {
+	r.delegOnce.Do(func() {
+		switch {
+		case r.opts.Delegations != nil:
+			r.deleg = r.opts.Delegations
+		case r.opts.API != nil:
+			r.deleg = delegation.New(r.opts.API, 0)
+		}
+	})
+	return r.deleg
 }
 
 // mayActFor reports whether m may act on something owner owns (sent by
@@ -104,53 +57,10 @@ func (r *Reactor) mayActFor(ctx context.Context, m *message.Message, owner, send
 	if sameAddress(m.Sender, owner) || sameAddress(m.Sender, sender) {
 		return true
 	}
-	if r.opts.API == nil || owner == "" || !sameAddress(ownerOf(m), owner) {
-		return false
-	}
-	auths, err := r.authorizations(ctx, owner)
+	ok, err := r.delegations().MaySend(ctx, m, owner)
 	if err != nil {
 		r.log.Warn("reactor: reading the owner's delegations", "owner", owner, "item_hash", m.ItemHash, "err", err)
 		return false
 	}
-	for _, a := range auths {
-		if Permits(a, m) {
-			return true
-		}
-	}
-	return false
-}
-
-func (r *Reactor) authorizations(ctx context.Context, owner string) ([]alephapi.Authorization, error) {
-	key := strings.ToLower(owner)
-	if !strings.HasPrefix(owner, "0x") {
-		key = owner
-	}
-	c := &r.auths
-	now := time.Now()
-	c.mu.Lock()
-	if e, ok := c.entries[key]; ok && now.Before(e.until) {
-		c.mu.Unlock()
-		return e.auths, nil
-	}
-	c.mu.Unlock()
-	ctx, cancel := context.WithTimeout(ctx, apiTimeout)
-	defer cancel()
-	auths, err := r.opts.API.Authorizations(ctx, owner)
-	if err != nil {
-		return nil, err
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.entries == nil {
-		c.entries = map[string]authEntry{}
-	}
-	if len(c.entries) >= maxAuthCache {
-		for k, e := range c.entries {
-			if now.After(e.until) || len(c.entries) >= maxAuthCache {
-				delete(c.entries, k)
-			}
-		}
-	}
-	c.entries[key] = authEntry{auths: auths, until: now.Add(authTTL)}
-	return auths, nil
+	return ok
 }

@@ -23,6 +23,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/aleph-vm-go/vm-supervisor/internal/delegation"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 	"github.com/aleph-vm-go/vm-supervisor/internal/metrics"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources"
@@ -62,6 +63,10 @@ type Options struct {
 	// FORGETs are ignored. Without API, delegates are not recognised.
 	Forgetter Forgetter
 	API       API
+	// Delegations reads and caches owners' delegations; nil: one of the
+	// reactor's own over API. Share it with use_latest resolution so that
+	// both agree on whose amend counts.
+	Delegations *delegation.Checker
 	// Messages runs subscribed programs; Updates stops programs whose
 	// refs are amended by their owner. Owners' FORGETs are honoured
 	// whatever these say.
@@ -89,7 +94,8 @@ type Reactor struct {
 
 	wg sync.WaitGroup
 
-	auths authCache
+	delegOnce sync.Once
+	deleg     *delegation.Checker
 
 	qmu       sync.Mutex
 	queues    map[string]*progQueue
@@ -250,6 +256,21 @@ func refKeys(m *message.Message) []string {
 // change what runs, so stopping for it would only cost a cold start.
 func refOwners(p *sources.Program) map[string]string {
 	out := map[string]string{}
+	for ref, f := range followedRefs(p) {
+		out[ref] = f.owner
+	}
+	return out
+}
+
+// followed is a ref a program follows with use_latest: whose amends count
+// and the STORE message its execution runs (the ref or an amend of it).
+type followed struct {
+	owner   string
+	current string
+}
+
+func followedRefs(p *sources.Program) map[string]followed {
+	out := map[string]followed{}
 	if p.Content == nil {
 		return out
 	}
@@ -261,11 +282,14 @@ func refOwners(p *sources.Program) map[string]string {
 		if ref == "" || !latest {
 			return
 		}
-		owner := fallback
-		if f != nil && f.Owner != "" {
-			owner = f.Owner
+		owner, current := fallback, ""
+		if f != nil {
+			if f.Owner != "" {
+				owner = f.Owner
+			}
+			current = f.Ref
 		}
-		out[ref] = owner
+		out[ref] = followed{owner: owner, current: current}
 	}
 	c := p.Content
 	add(c.Code.Ref, c.Code.UseLatest, &p.Code)

@@ -17,6 +17,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/aleph-vm-go/vm-supervisor/internal/delegation"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources/alephapi"
@@ -86,6 +87,9 @@ type Resolver struct {
 	limits Limits
 	log    *slog.Logger
 	fake   *fakeData
+	// deleg decides whose amends count for a use_latest ref: the ref's
+	// owner, or a delegate of it (nil: the owner only).
+	deleg *delegation.Checker
 
 	// notFound remembers hashes the API did not know, so that repeated
 	// requests for an unknown hash cost no API call for a while.
@@ -113,6 +117,11 @@ type Option func(*Resolver)
 
 // WithLogger sets the logger (default slog.Default()).
 func WithLogger(l *slog.Logger) Option { return func(r *Resolver) { r.log = l } }
+
+// WithDelegations has use_latest take the newest amend by the ref's
+// owner or a delegate d allows, as the reactor (sharing d) stops a
+// program for exactly those amends.
+func WithDelegations(d *delegation.Checker) Option { return func(r *Resolver) { r.deleg = d } }
 
 // New returns a resolver over the local store st, the Aleph API api and
 // the download cache c. api and c may be nil to run offline (local store
@@ -309,7 +318,7 @@ func isCancel(err error) bool {
 }
 
 // resolveFile resolves one ref: its STORE message (use_latest: the newest
-// amend by owner), then the file, from the store or through the cache.
+// amend by owner or a delegate of it), then the file, from the store or through the cache.
 func (r *Resolver) resolveFile(ctx context.Context, role, kind, ref string, useLatest bool, owner string, limit int64, enc message.Encoding) (*File, error) {
 	fail := func(format string, args ...any) error {
 		return errkind.Wrap(errkind.ResourceMissing, fmt.Errorf("%s ref %s: "+format, append([]any{role, ref}, args...)...))
@@ -328,7 +337,11 @@ func (r *Resolver) resolveFile(ctx context.Context, role, kind, ref string, useL
 		if err == nil && sc0.Address != "" {
 			amendOwner = sc0.Address
 		}
-		amend, err := r.api.LatestAmend(ctx, ref, amendOwner)
+		var accept func(*message.Message) (bool, error)
+		if r.deleg != nil {
+			accept = func(m *message.Message) (bool, error) { return r.deleg.MaySend(ctx, m, amendOwner) }
+		}
+		amend, err := r.api.LatestAmend(ctx, ref, amendOwner, accept)
 		switch {
 		case err == nil:
 			r.log.Debug("sources: using latest amend", "role", role, "ref", ref, "amend", amend.ItemHash)

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -17,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/aleph-vm-go/vm-supervisor/internal/delegation"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 	"github.com/aleph-vm-go/vm-supervisor/internal/sources/alephapi"
@@ -38,6 +40,7 @@ type fakeAPI struct {
 	messages  map[string]json.RawMessage   // item hash → envelope
 	amends    map[string][]json.RawMessage // ref → amending STORE messages
 	files     map[string][]byte            // storage hash → bytes
+	security  map[string]string            // address → its security aggregate's authorizations (JSON)
 	downloads atomic.Int32
 	msgCalls  atomic.Int32
 	srv       *httptest.Server
@@ -63,7 +66,7 @@ func (a *fakeAPI) serve(w http.ResponseWriter, r *http.Request) {
 				msgs = append(msgs, m)
 			}
 		} else if ref := q.Get("refs"); ref != "" {
-			if q.Get("msgType") != "STORE" || q.Get("addresses") == "" || q.Get("sort_order") != "-1" {
+			if q.Get("msgType") != "STORE" || q.Get("owners") == "" || q.Get("sort_order") != "-1" {
 				a.t.Errorf("amend query %s", r.URL.RawQuery)
 			}
 			msgs = a.amends[ref]
@@ -76,6 +79,13 @@ func (a *fakeAPI) serve(w http.ResponseWriter, r *http.Request) {
 			"messages": msgs, "pagination_page": 1, "pagination_total": len(msgs),
 			"pagination_per_page": 20, "pagination_item": "messages",
 		})
+	case strings.HasPrefix(r.URL.Path, "/api/v0/aggregates/"):
+		auths, ok := a.security[strings.TrimSuffix(strings.TrimPrefix(r.URL.Path, "/api/v0/aggregates/"), ".json")]
+		if !ok {
+			http.NotFound(w, r)
+			return
+		}
+		_, _ = fmt.Fprintf(w, `{"data":{"security":{"authorizations":%s}}}`, auths)
 	case strings.HasPrefix(r.URL.Path, "/api/v0/storage/raw/"):
 		a.downloads.Add(1)
 		b, ok := a.files[strings.TrimPrefix(r.URL.Path, "/api/v0/storage/raw/")]
@@ -109,10 +119,16 @@ func envelope(t *testing.T, m *message.Message) json.RawMessage {
 // returns the message's item hash (the ref).
 func (a *fakeAPI) addFile(content []byte, at time.Time, amends string) string {
 	a.t.Helper()
+	return a.addFileBy(owner, content, at, amends)
+}
+
+// addFileBy is addFile sent by sender for owner (a delegate's amend).
+func (a *fakeAPI) addFileBy(sender string, content []byte, at time.Time, amends string) string {
+	a.t.Helper()
 	h := sum(content)
 	m, err := message.InlineMessage(message.TypeStore, message.StoreContent{
 		Address: owner, Time: float64(at.Unix()), ItemType: "storage", ItemHash: h, Ref: amends,
-	}, owner, at)
+	}, sender, at)
 	if err != nil {
 		a.t.Fatal(err)
 	}
@@ -386,6 +402,43 @@ func TestUseLatest(t *testing.T) {
 	}
 	if p.Code.Ref != rt {
 		t.Fatalf("no amend: got %+v", p.Code)
+	}
+}
+
+// TestUseLatestDelegate: the newest amend of a use_latest ref wins when
+// its sender is the owner or a delegate the owner's security aggregate
+// allows (what pyaleph accepts, and what the reactor stops a program
+// for); a delegate allowed only other message types does not count.
+func TestUseLatestDelegate(t *testing.T) {
+	const delegate = "0x2222222222222222222222222222222222222222"
+	for _, c := range []struct {
+		name  string
+		auths string
+		want  string
+	}{
+		{name: "delegate allowed STORE", auths: `[{"address":"` + delegate + `","types":["STORE"]}]`, want: "v3 by the delegate"},
+		{name: "delegate allowed POST only", auths: `[{"address":"` + delegate + `","types":["POST"]}]`, want: "v2 by the owner"},
+		{name: "no delegation", auths: `[]`, want: "v2 by the owner"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			e := newEnv(t, DefaultLimits())
+			e.api.security = map[string]string{owner: c.auths}
+			client := alephapi.New(e.api.srv.URL, e.api.srv.URL+"/ipfs", alephapi.WithRetries(2, time.Millisecond))
+			r := New(e.store, client, e.cache, DefaultLimits(), WithDelegations(delegation.New(client, 0)))
+			orig := e.api.addFile([]byte("v1"), time.Unix(1700000000, 0), "")
+			e.api.addFile([]byte("v2 by the owner"), time.Unix(1700000100, 0), orig)
+			e.api.addFileBy(delegate, []byte("v3 by the delegate"), time.Unix(1700000200, 0), orig)
+			rt := e.api.addFile([]byte("rt"), time.Unix(1, 0), "")
+			pc := programContent(orig, rt)
+			pc.Code.UseLatest = true
+			p, err := r.Program(context.Background(), e.api.addProgram(pc))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if p.Code.Hash != sum([]byte(c.want)) {
+				t.Fatalf("use_latest resolved to %s, want %q (%s)", p.Code.Hash, c.want, sum([]byte(c.want)))
+			}
+		})
 	}
 }
 

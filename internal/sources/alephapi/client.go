@@ -17,6 +17,8 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -140,10 +142,20 @@ func (c *Client) GetMessage(ctx context.Context, hash string) (*message.Message,
 	return nil, errkind.New(errkind.NotFound, "message %s not found on %s", hash, c.base)
 }
 
-// LatestAmend returns the newest STORE message by owner that amends ref
-// (content.ref == ref), the one that wins under use_latest. NotFound when
-// there is no amend: the caller then keeps ref itself.
-func (c *Client) LatestAmend(ctx context.Context, ref, owner string) (*message.Message, error) {
+// amendPage is how many amends LatestAmend looks at: the newest few, so
+// that one the caller refuses (a delegate whose delegation was revoked)
+// does not hide an older one it accepts.
+const amendPage = 20
+
+// LatestAmend returns the newest STORE message that amends ref
+// (content.ref == ref) for owner, the one that wins under use_latest.
+// Amends are asked for by owner (content.address), as aleph-vm does, so
+// that an amend sent by a delegate of owner counts; accept, when not nil,
+// decides which senders may amend for owner (the owner, or a delegate its
+// security aggregate allows: delegation.Checker.MaySend) and its error
+// fails the lookup. A nil accept takes only amends sent by owner.
+// NotFound when there is no amend: the caller then keeps ref itself.
+func (c *Client) LatestAmend(ctx context.Context, ref, owner string, accept func(*message.Message) (bool, error)) (*message.Message, error) {
 	if err := message.ValidateItemHash(ref); err != nil {
 		return nil, err
 	}
@@ -151,33 +163,52 @@ func (c *Client) LatestAmend(ctx context.Context, ref, owner string) (*message.M
 		"msgType":    {string(message.TypeStore)},
 		"refs":       {ref},
 		"sort_order": {"-1"},
-		"pagination": {"1"},
+		"pagination": {strconv.Itoa(amendPage)},
 	}
 	if owner != "" {
-		q.Set("addresses", owner)
+		q.Set("owners", owner)
 	}
 	msgs, err := c.messages(ctx, q)
 	if err != nil {
 		return nil, fmt.Errorf("latest amend of %s: %w", ref, err)
 	}
-	var newest *message.Message
+	var found []*message.Message
 	for _, m := range msgs {
 		// The API filters already; checking again keeps a misbehaving
 		// server from substituting someone else's file.
-		if m.Type != message.TypeStore || (owner != "" && !strings.EqualFold(m.Sender, owner)) {
+		if m.Type != message.TypeStore {
 			continue
 		}
-		if sc, err := m.Store(); err != nil || sc.Ref != ref {
+		sc, err := m.Store()
+		if err != nil || sc.Ref != ref {
 			continue
 		}
-		if newest == nil || m.Time > newest.Time {
-			newest = m
+		if owner != "" && !sameOwner(sc.Address, owner) && !sameOwner(m.Sender, owner) {
+			continue
+		}
+		found = append(found, m)
+	}
+	sort.SliceStable(found, func(i, j int) bool { return found[i].Time > found[j].Time })
+	for _, m := range found {
+		ok := owner == "" || sameOwner(m.Sender, owner)
+		if !ok && accept != nil {
+			if ok, err = accept(m); err != nil {
+				return nil, fmt.Errorf("latest amend of %s: amend %s by %s: %w", ref, m.ItemHash, m.Sender, err)
+			}
+		}
+		if ok {
+			return m, nil
 		}
 	}
-	if newest == nil {
-		return nil, errkind.New(errkind.NotFound, "no amend of %s by %s", ref, owner)
+	return nil, errkind.New(errkind.NotFound, "no amend of %s by %s", ref, owner)
+}
+
+// sameOwner compares addresses: Ethereum's ignoring case, others exactly.
+func sameOwner(a, b string) bool {
+	if strings.HasPrefix(a, "0x") && strings.HasPrefix(b, "0x") {
+		return strings.EqualFold(a, b)
 	}
-	return newest, nil
+	return a == b
 }
 
 func (c *Client) messages(ctx context.Context, q url.Values) ([]*message.Message, error) {
@@ -414,7 +445,7 @@ func (c *Client) Authorizations(ctx context.Context, address string) ([]Authoriz
 	var page struct {
 		Data struct {
 			Security struct {
-				Authorizations []Authorization `json:"authorizations"`
+				Authorizations []json.RawMessage `json:"authorizations"`
 			} `json:"security"`
 		} `json:"data"`
 	}
@@ -430,5 +461,53 @@ func (c *Client) Authorizations(ctx context.Context, address string) ([]Authoriz
 	if err != nil {
 		return nil, fmt.Errorf("authorizations of %s: %w", address, err)
 	}
-	return page.Data.Security.Authorizations, nil
+	// An entry that is not an object of the expected shape is skipped,
+	// as upstream's operator check skips what is not a dict: one bad
+	// entry does not void the owner's other delegations.
+	var out []Authorization
+	for _, raw := range page.Data.Security.Authorizations {
+		var a Authorization
+		if json.Unmarshal(raw, &a) == nil && a.Address != "" {
+			out = append(out, a)
+		}
+	}
+	return out, nil
+}
+
+// Message statuses of /api/v0/messages/{hash} that mean the message no
+// longer holds (aleph-vm's _TERMINAL_STATUSES).
+const (
+	StatusForgotten = "forgotten"
+	StatusRejected  = "rejected"
+	StatusRemoved   = "removed"
+)
+
+// maxStatusBody caps a /messages/{hash} answer (the message rides along).
+const maxStatusBody = 4 << 20
+
+// MessageStatus returns the status the API gives the message hash
+// ("processed", "pending", "forgotten", "rejected", "removed", ...), read
+// from /api/v0/messages/{hash} as aleph-vm's get_message_status does.
+// An unknown message is a NotFound error.
+func (c *Client) MessageStatus(ctx context.Context, hash string) (string, error) {
+	if err := message.ValidateItemHash(hash); err != nil {
+		return "", err
+	}
+	u := c.base + "/api/v0/messages/" + hash
+	var page struct {
+		Status string `json:"status"`
+	}
+	err := c.do(ctx, u, func(ctx context.Context, resp *http.Response) error {
+		if err := json.NewDecoder(io.LimitReader(resp.Body, maxStatusBody)).Decode(&page); err != nil {
+			return errkind.Wrap(errkind.Upstream, fmt.Errorf("decoding %s: %w", redact(u), err))
+		}
+		return nil
+	}, true)
+	if err != nil {
+		return "", fmt.Errorf("status of message %s: %w", hash, err)
+	}
+	if page.Status == "" {
+		return "", errkind.New(errkind.Upstream, "status of message %s: no status in the answer", hash)
+	}
+	return page.Status, nil
 }

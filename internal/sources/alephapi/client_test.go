@@ -29,10 +29,17 @@ func sum(b []byte) string {
 // fields the network adds (_id, confirmations, ...) included.
 func storeMessage(t *testing.T, fileHash, ref string, at time.Time) json.RawMessage {
 	t.Helper()
+	return storeMessageBy(t, owner, fileHash, ref, at)
+}
+
+// storeMessageBy is a STORE message for owner sent by sender (owner, or a
+// delegate of it).
+func storeMessageBy(t *testing.T, sender, fileHash, ref string, at time.Time) json.RawMessage {
+	t.Helper()
 	content := message.StoreContent{
 		Address: owner, Time: float64(at.Unix()), ItemType: "storage", ItemHash: fileHash, Ref: ref,
 	}
-	m, err := message.InlineMessage(message.TypeStore, content, owner, at)
+	m, err := message.InlineMessage(message.TypeStore, content, sender, at)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -40,7 +47,7 @@ func storeMessage(t *testing.T, fileHash, ref string, at time.Time) json.RawMess
 		"_id":           map[string]string{"$oid": "6080402d7f44efefd611dc1e"},
 		"chain":         "ETH",
 		"item_hash":     m.ItemHash,
-		"sender":        owner,
+		"sender":        sender,
 		"type":          "STORE",
 		"channel":       "TEST",
 		"confirmed":     true,
@@ -231,13 +238,13 @@ func TestLatestAmend(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 				q := r.URL.Query()
-				if q.Get("msgType") != "STORE" || q.Get("refs") != origHash || q.Get("addresses") != owner || q.Get("sort_order") != "-1" {
+				if q.Get("msgType") != "STORE" || q.Get("refs") != origHash || q.Get("owners") != owner || q.Get("sort_order") != "-1" {
 					t.Errorf("unexpected query %s", r.URL.RawQuery)
 				}
 				writePage(w, tt.msgs...)
 			}))
 			defer srv.Close()
-			m, err := fastClient(srv.URL).LatestAmend(context.Background(), origHash, owner)
+			m, err := fastClient(srv.URL).LatestAmend(context.Background(), origHash, owner, nil)
 			if tt.wantKind != errkind.Unknown {
 				if !errkind.Is(err, tt.wantKind) {
 					t.Fatalf("err %v, want %v", err, tt.wantKind)
@@ -250,6 +257,58 @@ func TestLatestAmend(t *testing.T) {
 			sc, err := m.Store()
 			if err != nil || sc.ItemHash != tt.want {
 				t.Fatalf("amend points at %v (%v), want %s", sc, err, tt.want)
+			}
+		})
+	}
+}
+
+// TestLatestAmendByDelegate: amends are asked for by owner
+// (content.address), as aleph-vm's get_latest_amend does, so a delegate's
+// amend is seen; the caller's accept (the owner's delegations) decides
+// whether it wins, as the reactor decides whether it stops the program.
+func TestLatestAmendByDelegate(t *testing.T) {
+	const delegate = "0x1111111111111111111111111111111111111111"
+	orig := storeMessage(t, sum([]byte("v1")), "", time.Unix(1700000000, 0))
+	origHash := itemHashOf(t, orig)
+	byOwner := storeMessage(t, sum([]byte("v2")), origHash, time.Unix(1700000100, 0))
+	byDelegate := storeMessageBy(t, delegate, sum([]byte("v3")), origHash, time.Unix(1700000200, 0))
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if q := r.URL.Query(); q.Get("owners") != owner || q.Get("addresses") != "" {
+			t.Errorf("unexpected query %s", r.URL.RawQuery)
+		}
+		writePage(w, byDelegate, byOwner)
+	}))
+	defer srv.Close()
+	delegates := func(m *message.Message) (bool, error) { return m.Sender == delegate, nil }
+	nobody := func(*message.Message) (bool, error) { return false, nil }
+	broken := func(*message.Message) (bool, error) {
+		return false, errkind.New(errkind.Upstream, "aggregate unreadable")
+	}
+	cases := []struct {
+		name   string
+		accept func(*message.Message) (bool, error)
+		want   string
+		fails  bool
+	}{
+		{name: "the delegate's newer amend wins", accept: delegates, want: sum([]byte("v3"))},
+		{name: "a delegate not allowed: the owner's amend", accept: nobody, want: sum([]byte("v2"))},
+		{name: "no accept: the owner's only", accept: nil, want: sum([]byte("v2"))},
+		{name: "delegations unreadable: the lookup fails", accept: broken, fails: true},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			m, err := fastClient(srv.URL).LatestAmend(context.Background(), origHash, owner, c.accept)
+			if c.fails {
+				if err == nil || !errkind.Is(err, errkind.Upstream) {
+					t.Fatalf("got %v, %v; want the delegations' error", m, err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if sc, _ := m.Store(); sc == nil || sc.ItemHash != c.want {
+				t.Fatalf("amend points at %v, want %s", sc, c.want)
 			}
 		})
 	}
@@ -335,7 +394,8 @@ func TestDownloadStallHitsIdleTimeout(t *testing.T) {
 }
 
 // TestAuthorizations reads the "security" aggregate as pyaleph serves it,
-// and an address without one (404) as no delegation.
+// skipping entries that are not delegations (upstream skips what is not
+// a dict), and an address without one (404) as no delegation.
 func TestAuthorizations(t *testing.T) {
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Query().Get("keys") != "security" {
@@ -345,6 +405,7 @@ func TestAuthorizations(t *testing.T) {
 		case "/api/v0/aggregates/0xowner.json":
 			_, _ = w.Write([]byte(`{"address":"0xowner","data":{"security":{"authorizations":[
 				{"address":"0xdele","chain":"ETH","types":["FORGET","STORE"],"channels":["C"]},
+				"not an object", {"address":"0xbad","types":"STORE"}, {"types":["STORE"]},
 				{"address":"0xany"}]}}}`))
 		default:
 			http.Error(w, `{"error":"Aggregate not found"}`, http.StatusNotFound)
