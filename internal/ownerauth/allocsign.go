@@ -21,7 +21,7 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/nodekey"
 )
 
-// The scheduler's signed requests, aleph-vm's Aleph-EIP191-V1 scheme
+// AllocationScheme names the scheduler's signed requests, aleph-vm's Aleph-EIP191-V1 scheme
 // (orchestrator/views/allocation_auth.py):
 //
 //	Authorization: Aleph-EIP191-V1 sig=<hex>,payload=<hex>
