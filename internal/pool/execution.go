@@ -395,6 +395,9 @@ func SpecFor(prog *sources.Program, persistentDir string) backend.Spec {
 	}
 	for n, v := range prog.Volumes {
 		bv := backend.Volume{Mount: v.Volume.Mount, Kind: v.Kind, SizeMiB: v.Volume.SizeMiB}
+		if v.Kind == message.VolumePersistent && bv.Mount == "" {
+			bv.Mount = message.PersistentVolumeMount(n, v.Volume.Name) // as aleph-vm
+		}
 		switch v.Kind {
 		case message.VolumeImmutable:
 			bv.ReadOnly = true
@@ -408,7 +411,13 @@ func SpecFor(prog *sources.Program, persistentDir string) backend.Spec {
 			if persistentDir != "" {
 				if p, err := volimage.PersistentPath(persistentDir, prog.Hash, n, v.Volume.Name, v.Volume.Mount); err == nil {
 					bv.Path = p
+					bv.LegacyPaths = volimage.LegacyPaths(persistentDir, prog.Hash, n, v.Volume.Name, v.Volume.Mount)
 				}
+			}
+			// The parent ref, resolved and hash-checked like any STORE
+			// file: a new volume starts as a copy of it.
+			if v.File != nil && v.Volume.Parent != nil {
+				bv.ParentPath = v.File.Path
 			}
 		}
 		spec.Volumes = append(spec.Volumes, bv)

@@ -300,8 +300,10 @@ func (i *instance) mountPersistent(ctx context.Context, n int, v backend.Volume)
 			return "", err
 		}
 		img = p
+		v.LegacyPaths = volimage.LegacyPaths(i.b.opts.PersistentDir, i.spec.ProgramHash, n, "", v.Mount)
 	}
-	if err := volimage.EnsurePersistent(ctx, i.b.opts.MkfsExt4Path, img, v.Mount, v.SizeMiB, v.ReadOnly); err != nil {
+	origin := volimage.Origin{OldPaths: v.LegacyPaths, Parent: v.ParentPath}
+	if err := volimage.EnsurePersistent(ctx, i.b.opts.MkfsExt4Path, img, v.Mount, v.SizeMiB, v.ReadOnly, origin); err != nil {
 		return "", err
 	}
 	lock, err := volimage.Acquire(ctx, img)

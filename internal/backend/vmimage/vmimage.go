@@ -545,11 +545,13 @@ func (p *Preparer) persistent(ctx context.Context, spec backend.Spec, n int, v b
 			return Image{}, err
 		}
 		img.Path = path
+		v.LegacyPaths = volimage.LegacyPaths(p.opts.PersistentDir, spec.ProgramHash, n, "", v.Mount)
 	}
 	if !create {
 		return img, nil
 	}
-	if err := volimage.EnsurePersistent(ctx, p.opts.MkfsExt4Path, img.Path, v.Mount, v.SizeMiB, v.ReadOnly); err != nil {
+	origin := volimage.Origin{OldPaths: v.LegacyPaths, Parent: v.ParentPath}
+	if err := volimage.EnsurePersistent(ctx, p.opts.MkfsExt4Path, img.Path, v.Mount, v.SizeMiB, v.ReadOnly, origin); err != nil {
 		return Image{}, err
 	}
 	lock, err := volimage.Acquire(ctx, img.Path)

@@ -408,7 +408,8 @@ func TestPrepareVolumes(t *testing.T) {
 	checkSparseExt4(t, eph.Path, 8<<20)
 
 	pers := got.Volumes[3]
-	wantPers := filepath.Join(persistDir, "prog1", "var_lib_sqlite.ext4")
+	// No path from the pool and no name: aleph-vm's unamed_volume_<i>.
+	wantPers := filepath.Join(persistDir, "prog1", "unamed_volume_3.ext4")
 	if pers.Path != wantPers || pers.Temporary || !isExt4(t, pers.Path) {
 		t.Errorf("persistent volume = %+v, want ext4 at %s", pers, wantPers)
 	}
