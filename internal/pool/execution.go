@@ -389,9 +389,7 @@ func SpecFor(prog *sources.Program, persistentDir string) backend.Spec {
 	spec.VCPUs, spec.MemoryMiB = resources(c)
 	if d := prog.Data; d != nil {
 		spec.DataPath, spec.DataHash, spec.DataEncoding = d.Path, d.Hash, d.Encoding
-		if c.Data != nil {
-			spec.DataMount = c.Data.Mount
-		}
+		spec.DataMount = dataMount(c)
 	}
 	for n, v := range prog.Volumes {
 		bv := backend.Volume{Mount: v.Volume.Mount, Kind: v.Kind, SizeMiB: v.Volume.SizeMiB}
@@ -451,6 +449,11 @@ func (e *Execution) guestConfig() guest.Config {
 		AlephEnv:    env,
 		Hostname:    hostname,
 	}
+	if e.prog.Data != nil {
+		// The agent copies the data writable there (VM backends add
+		// the device holding it).
+		cfg.Data = &guest.DataCopy{Mount: dataMount(c)}
+	}
 	if n := e.net; n != nil {
 		cfg.IPv4 = n.Address.String()
 		cfg.Gateway = n.Gateway.String()
@@ -459,6 +462,15 @@ func (e *Execution) guestConfig() guest.Config {
 		}
 	}
 	return cfg
+}
+
+// dataMount is where the data archive goes: data.mount, else /data, where
+// aleph-vm always unzips it.
+func dataMount(c *message.ProgramContent) string {
+	if c.Data != nil && c.Data.Mount != "" {
+		return c.Data.Mount
+	}
+	return "/data"
 }
 
 // programInterface is the message's code.interface when it gives one

@@ -22,6 +22,7 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend/codeprep"
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend/volimage"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
+	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
 	"github.com/aleph-vm-go/vm-supervisor/internal/loopdev"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 	"github.com/aleph-vm-go/vm-supervisor/internal/tailbuf"
@@ -264,7 +265,10 @@ func (i *instance) placeVolumes(ctx context.Context) error {
 		default:
 			return errkind.New(errkind.Unsupported, "data: encoding %q not supported (zip or squashfs)", i.spec.DataEncoding)
 		}
-		return i.bindTree(ctx, "data", i.spec.DataMount, codeprep.Source{Path: i.spec.DataPath, Hash: i.spec.DataHash, Encoding: i.spec.DataEncoding})
+		// The shared extracted tree, read-only where the agent copies it
+		// from into the sandbox's in-memory root at DataMount: the program
+		// writes its own copy, never the cache's.
+		return i.bindTree(ctx, "data", guest.DataSourceDir, codeprep.Source{Path: i.spec.DataPath, Hash: i.spec.DataHash, Encoding: i.spec.DataEncoding})
 	}
 	return nil
 }

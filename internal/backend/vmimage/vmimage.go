@@ -89,7 +89,7 @@ type Prepared struct {
 	Runtime Image
 	Code    *Image // nil when the program has no code file
 	Volumes []VolumeImage
-	Data    *VolumeImage // the data archive, read-only at its mount
+	Data    *VolumeImage // the data archive, copied writable to its mount by the agent
 
 	// locks hold this execution's persistent images until Cleanup.
 	locks []*volimage.Lock
@@ -176,16 +176,20 @@ func GuestDrives(p *Prepared, cfg *guest.Config) []Drive {
 	return drives
 }
 
-// FillGuest sets cfg.CodeDevice and cfg.Volumes from drives (as
-// GuestDrives returns them): the code drive, and every other drive that has
+// FillGuest sets cfg.CodeDevice, cfg.Data and cfg.Volumes from drives (as
+// GuestDrives returns them): the code drive, the data drive (which the
+// agent copies, writable, to its mount), and every other drive that has
 // a mount point except the runtime, which the agent mounts itself.
 func FillGuest(drives []Drive, cfg *guest.Config) {
 	cfg.CodeDevice = ""
 	cfg.Volumes = nil
+	cfg.Data = nil
 	for _, d := range drives {
 		switch {
 		case d.Role == RoleCode:
 			cfg.CodeDevice = d.Device
+		case d.Role == RoleData:
+			cfg.Data = &guest.DataCopy{Device: d.Device, Mount: d.Mount}
 		case d.Role == RoleRuntime, d.Mount == "":
 		default:
 			cfg.Volumes = append(cfg.Volumes, guest.VolumeMount{
