@@ -83,7 +83,7 @@ func TestVol19UpstreamVolumeNames(t *testing.T) {
 	s := startSupervisor(t, "ALEPH_VM_PREWARM=false")
 	probe, _ := filepath.Abs("testdata/probe")
 	uploaded := s.upload(probe, "main:app")
-	lib := vol19Ext4(t, 1, map[string]string{"x": "y"}) // any file: an immutable volume at index 0
+	lib := zipBytes(t, map[string]string{"x": "y"}, nil) // an immutable volume at index 0
 	hash := s.programWithVolumes(uploaded, []map[string]any{
 		{"mount": "/opt/lib", "ref": s.publishFile(t, lib), "use_latest": false},
 		{"mount": "/var/lib/unnamed", "persistence": "host", "size_mib": 8},
