@@ -229,7 +229,7 @@ type Options struct {
 	// hash. Required.
 	CacheDir string
 	// PersistentDir holds persistent volume images that have no path of
-	// their own (volimage.PersistentPath, with a mount-derived name).
+	// their own (volimage.PersistentPath: unamed_volume_<i>, as aleph-vm).
 	PersistentDir string
 	// MksquashfsPath and MkfsExt4Path default to the names in PATH.
 	MksquashfsPath string
