@@ -165,6 +165,9 @@ func (a *agent) serve(ctx context.Context, ch io.ReadWriteCloser) (int, error) {
 	} else if err := writeResolvConf(cfg.DNS); err != nil {
 		return fail(fmt.Errorf("network: %w", err))
 	}
+	if err := unpackData(runCtx, guest.DataSourceDir, cfg.Data); err != nil {
+		return fail(err)
+	}
 
 	closeAPI, err := a.listenGuestAPI(runCtx, sess)
 	if err != nil {

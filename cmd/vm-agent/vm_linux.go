@@ -367,6 +367,12 @@ func (st *vmState) configure(ctx context.Context, cfg guest.Config, log *slog.Lo
 			return fmt.Errorf("volume %s: %w", v.Mount, err)
 		}
 	}
+	if cfg.Data != nil && cfg.Data.Device != "" {
+		// Read-only where unpackData copies it from.
+		if err := st.mount(ctx, cfg.Data.Device, guest.DataSourceDir, "squashfs", true); err != nil {
+			return fmt.Errorf("data: %w", err)
+		}
+	}
 	hostname := cfg.Hostname
 	if hostname == "" {
 		hostname = "aleph"

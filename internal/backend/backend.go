@@ -27,6 +27,13 @@ type Volume struct {
 	Encoding message.Encoding   // for immutable volumes: squashfs (default) or zip
 	SizeMiB  int                // ephemeral/persistent size
 	ReadOnly bool
+	// LegacyPaths (persistent volumes): where earlier versions kept the
+	// image under another file name; a missing image found there is moved
+	// to Path (volimage.LegacyPaths).
+	LegacyPaths []string
+	// ParentPath (persistent volumes with a parent): the hash-checked
+	// ext4 image a new volume starts as a copy of.
+	ParentPath string
 }
 
 // Spec is everything a backend needs to start one execution.

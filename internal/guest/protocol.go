@@ -59,7 +59,13 @@ const (
 
 // Paths inside the sandbox, common to all backends.
 const (
-	CodeDir        = "/opt/code"            // program code (read-only, extracted)
+	CodeDir = "/opt/code" // program code (read-only, extracted)
+	// DataSourceDir is where the sandbox sees the data archive's tree,
+	// read-only and shared: gVisor binds the extracted tree there, the
+	// agent of a VM mounts DataCopy.Device there. The agent copies it to
+	// DataCopy.Mount, in the sandbox's own writable root, before the
+	// program starts (aleph-vm unzips the data into the guest's root).
+	DataSourceDir  = "/opt/.aleph-data"
 	GuestAPISocket = "/run/aleph/api.sock"  // ALEPH_API_UNIX_SOCKET
 	ProgramSocket  = "/run/aleph/asgi.sock" // uvicorn's unix socket
 	ExecutablePort = 8080
@@ -92,6 +98,9 @@ type Config struct {
 	AlephEnv map[string]string `json:"aleph_env,omitempty"`
 	// Volumes to mount inside VMs (ignored where the backend mounted them).
 	Volumes []VolumeMount `json:"volumes,omitempty"`
+	// Data, when the program has a data archive: copied writable from
+	// DataSourceDir to its Mount before the program starts.
+	Data *DataCopy `json:"data,omitempty"`
 	// Network configuration (VMs); empty means no network.
 	IPv4     string   `json:"ipv4,omitempty"`    // address/prefix
 	Gateway  string   `json:"gateway,omitempty"` // IPv4 gateway
@@ -112,6 +121,17 @@ type VolumeMount struct {
 	Mount    string `json:"mount"`
 	FSType   string `json:"fstype"`
 	ReadOnly bool   `json:"read_only"`
+}
+
+// DataCopy is where the agent makes the data archive's tree writable.
+type DataCopy struct {
+	// Device (VMs) holds the tree (squashfs); the agent mounts it
+	// read-only at DataSourceDir. Empty where the backend put the tree
+	// there.
+	Device string `json:"device,omitempty"`
+	// Mount is the data's place in the program's file system (data.mount,
+	// /data by default).
+	Mount string `json:"mount"`
 }
 
 // Status is the agent's answer on the control stream.

@@ -189,6 +189,10 @@ func TestProgramMalformed(t *testing.T) {
 		{"bad persistence", func(c map[string]any) { volume(c, 2)["persistence"] = "cloud" }, "content.volumes[2].persistence"},
 		{"traversing volume name", func(c map[string]any) { volume(c, 2)["name"] = "../../etc" }, "content.volumes[2].name"},
 		{"persistent volume named twice", func(c map[string]any) { volume(c, 3)["name"] = volume(c, 2)["name"] }, "content.volumes[3].name: persistent volume"},
+		{"persistent names that are one file", func(c map[string]any) {
+			volume(c, 2)["name"] = "my.db"
+			volume(c, 3)["name"] = "my_db"
+		}, "content.volumes[3].name: persistent volume \"my_db\" is already volumes[2] (both are \"my_db\" on the host)"},
 		{"persistent size missing", func(c map[string]any) { delete(volume(c, 3), "size_mib") }, "content.volumes[3].size_mib"},
 		{"bad variable name", func(c map[string]any) { obj(c, "variables")["A=B"] = "x" }, `content.variables["A=B"]`},
 		{"non-string variable", func(c map[string]any) { obj(c, "variables")["N"] = 32 }, "content.variables.N: must be a string"},
@@ -500,5 +504,41 @@ func TestFieldErrorsAreInspectable(t *testing.T) {
 		if !strings.Contains(err.Error(), f) {
 			t.Errorf("error %q does not name %s", err, f)
 		}
+	}
+}
+
+// TestUnnamedPersistentVolume: aleph-vm accepts a persistent volume
+// without a name (it becomes unamed_volume_<i>, mounted at /mnt/<that>
+// when it has no mount either).
+func TestUnnamedPersistentVolume(t *testing.T) {
+	c := fixtureContent(t)
+	delete(volume(c, 2), "name")
+	delete(volume(c, 2), "mount")
+	m, err := Parse(signedEnvelope(t, TypeProgram, c))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := m.Program()
+	if err != nil {
+		t.Fatalf("Program() refused an unnamed persistent volume: %v", err)
+	}
+	if k := p.Volumes[2].Kind(); k != VolumePersistent {
+		t.Fatalf("kind %q", k)
+	}
+	if got := PersistentVolumeName(2, p.Volumes[2].Name); got != "unamed_volume_2" {
+		t.Errorf("file name %q, want unamed_volume_2", got)
+	}
+	if got := PersistentVolumeMount(2, p.Volumes[2].Name); got != "/mnt/unamed_volume_2" {
+		t.Errorf("mount %q, want /mnt/unamed_volume_2", got)
+	}
+	if got := PersistentVolumeMount(2, "db"); got != "/mnt/db" {
+		t.Errorf("mount %q, want /mnt/db", got)
+	}
+	b, err := json.Marshal(p.Volumes[2])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(b), `"name"`) {
+		t.Errorf("re-encoded unnamed volume has a name: %s", b)
 	}
 }

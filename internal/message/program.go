@@ -170,11 +170,14 @@ func (p *ProgramContent) validate(prefix string) error {
 		// Both entries would be the one image on the host
 		// (PERSISTENT_VOLUMES_DIR/<program>/<name>.ext4): attached twice
 		// read-write, or waiting forever for its own lock.
-		if vol.Kind() == VolumePersistent && vol.Name != "" {
-			if first, seen := names[vol.Name]; seen {
-				v.add(field+".name", fmt.Sprintf("persistent volume %s is already volumes[%d]", quoteShort(vol.Name), first))
+		// Names are compared as the files they become: "a.b" and "a_b"
+		// are the same a_b.ext4.
+		if vol.Kind() == VolumePersistent {
+			file := PersistentVolumeName(i, vol.Name)
+			if first, seen := names[file]; seen {
+				v.add(field+".name", fmt.Sprintf("persistent volume %s is already volumes[%d] (both are %s on the host)", quoteShort(vol.Name), first, quoteShort(file)))
 			} else {
-				names[vol.Name] = i
+				names[file] = i
 			}
 		}
 	}
@@ -190,8 +193,42 @@ var envName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 var volumeName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
 
 // ValidVolumeName reports whether name is usable as a persistent volume's
-// name (what validation accepts).
+// name (what validation accepts; a persistent volume may also have none).
 func ValidVolumeName(name string) bool { return volumeName.MatchString(name) }
+
+// upstreamKeptName is what aleph-vm leaves as it is in a persistent
+// volume's name; anything else has each character outside upstreamNameChar
+// replaced by "_" (storage.py, get_volume_path). "/" is never kept here:
+// validation refuses it, and it would name a sub-directory.
+var (
+	upstreamKeptName = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
+	upstreamNameChar = regexp.MustCompile(`[^A-Za-z0-9_-]`)
+)
+
+// PersistentVolumeName is the file name, less its ".ext4", that aleph-vm
+// gives volumes[n] of a program when it is persistent: its name with
+// characters other than letters, digits, "_" and "-" replaced by "_", or
+// "unamed_volume_<n>" (sic, n counting every volume of the message) when
+// it has none. An operator moving a node between aleph-vm and this
+// supervisor keeps the volumes' data.
+func PersistentVolumeName(n int, name string) string {
+	if name == "" {
+		return fmt.Sprintf("unamed_volume_%d", n)
+	}
+	if upstreamKeptName.MatchString(name) {
+		return name
+	}
+	return upstreamNameChar.ReplaceAllString(name, "_")
+}
+
+// PersistentVolumeMount is where aleph-vm mounts volumes[n] when it is
+// persistent and has no mount: /mnt/<its name, or unamed_volume_<n>>.
+func PersistentVolumeMount(n int, name string) string {
+	if name == "" {
+		name = fmt.Sprintf("unamed_volume_%d", n)
+	}
+	return "/mnt/" + name
+}
 
 type validator struct {
 	prefix string
@@ -305,7 +342,9 @@ func (v *validator) volume(field string, vol Volume) {
 		default:
 			v.add(field+".persistence", fmt.Sprintf("must be host or store, got %s", quoteShort(vol.Persistence)))
 		}
-		if !volumeName.MatchString(vol.Name) {
+		// Unnamed is allowed, as upstream: the volume is then
+		// unamed_volume_<i> (PersistentVolumeName).
+		if vol.Name != "" && !volumeName.MatchString(vol.Name) {
 			v.add(field+".name", fmt.Sprintf("must match %s, got %s", volumeName, quoteShort(vol.Name)))
 		}
 		v.between(field+".size_mib", vol.SizeMiB, 1, MaxPersistentVolumeMiB)
@@ -359,7 +398,7 @@ func (v Volume) MarshalJSON() ([]byte, error) {
 			Mount       string        `json:"mount,omitempty"`
 			Parent      *ParentVolume `json:"parent,omitempty"`
 			Persistence string        `json:"persistence"`
-			Name        string        `json:"name"`
+			Name        string        `json:"name,omitempty"`
 			SizeMiB     int           `json:"size_mib"`
 		}{v.Comment, v.Mount, v.Parent, v.Persistence, v.Name, v.SizeMiB})
 	}

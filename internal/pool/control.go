@@ -90,8 +90,16 @@ func (p *Pool) Erase(ctx context.Context, hash string) error {
 		if err != nil {
 			continue // never created either
 		}
-		if err := removeImage(ctx, path); err != nil {
-			errs = append(errs, err)
+		// An image still under an earlier version's name is the same
+		// volume: erased too.
+		failed := false
+		for _, img := range append([]string{path}, volimage.LegacyPaths(p.opts.PersistentDir, hash, n, v.Volume.Name, v.Volume.Mount)...) {
+			if err := removeImage(ctx, img); err != nil {
+				errs = append(errs, err)
+				failed = true
+			}
+		}
+		if failed {
 			continue
 		}
 		e.log.Info("erased persistent volume", "mount", v.Volume.Mount)

@@ -389,12 +389,13 @@ func SpecFor(prog *sources.Program, persistentDir string) backend.Spec {
 	spec.VCPUs, spec.MemoryMiB = resources(c)
 	if d := prog.Data; d != nil {
 		spec.DataPath, spec.DataHash, spec.DataEncoding = d.Path, d.Hash, d.Encoding
-		if c.Data != nil {
-			spec.DataMount = c.Data.Mount
-		}
+		spec.DataMount = dataMount(c)
 	}
 	for n, v := range prog.Volumes {
 		bv := backend.Volume{Mount: v.Volume.Mount, Kind: v.Kind, SizeMiB: v.Volume.SizeMiB}
+		if v.Kind == message.VolumePersistent && bv.Mount == "" {
+			bv.Mount = message.PersistentVolumeMount(n, v.Volume.Name) // as aleph-vm
+		}
 		switch v.Kind {
 		case message.VolumeImmutable:
 			bv.ReadOnly = true
@@ -408,7 +409,13 @@ func SpecFor(prog *sources.Program, persistentDir string) backend.Spec {
 			if persistentDir != "" {
 				if p, err := volimage.PersistentPath(persistentDir, prog.Hash, n, v.Volume.Name, v.Volume.Mount); err == nil {
 					bv.Path = p
+					bv.LegacyPaths = volimage.LegacyPaths(persistentDir, prog.Hash, n, v.Volume.Name, v.Volume.Mount)
 				}
+			}
+			// The parent ref, resolved and hash-checked like any STORE
+			// file: a new volume starts as a copy of it.
+			if v.File != nil && v.Volume.Parent != nil {
+				bv.ParentPath = v.File.Path
 			}
 		}
 		spec.Volumes = append(spec.Volumes, bv)
@@ -446,6 +453,11 @@ func (e *Execution) guestConfig() guest.Config {
 		// a loaded node's INIT_TIMEOUT allowed more.
 		StartTimeoutMS: e.pool.opts.InitTimeout.Milliseconds(),
 	}
+	if e.prog.Data != nil {
+		// The agent copies the data writable there (VM backends add
+		// the device holding it).
+		cfg.Data = &guest.DataCopy{Mount: dataMount(c)}
+	}
 	if n := e.net; n != nil {
 		cfg.IPv4 = n.Address.String()
 		cfg.Gateway = n.Gateway.String()
@@ -454,6 +466,15 @@ func (e *Execution) guestConfig() guest.Config {
 		}
 	}
 	return cfg
+}
+
+// dataMount is where the data archive goes: data.mount, else /data, where
+// aleph-vm always unzips it.
+func dataMount(c *message.ProgramContent) string {
+	if c.Data != nil && c.Data.Mount != "" {
+		return c.Data.Mount
+	}
+	return "/data"
 }
 
 // programInterface is the message's code.interface when it gives one

@@ -57,3 +57,34 @@ func TestSpecForPersistentVolume(t *testing.T) {
 		t.Errorf("image at %s: %v, %v", want, fi, err)
 	}
 }
+
+// TestSpecForUpstreamVolumes: the spec carries aleph-vm's names and
+// mounts (unamed_volume_<i> at /mnt/unamed_volume_<i>, "my.db" as
+// my_db.ext4), where earlier versions kept the images, the resolved
+// parent of a volume, and /data for a data archive without a mount.
+func TestSpecForUpstreamVolumes(t *testing.T) {
+	pv := "/pv"
+	prog := &sources.Program{
+		Hash:    "f00d",
+		Content: &message.ProgramContent{Data: &message.DataContent{Encoding: message.EncodingZip}},
+		Data:    &sources.File{Path: "/cache/data.zip", Hash: "d", Encoding: message.EncodingZip},
+		Volumes: []sources.ResolvedVolume{
+			{Kind: message.VolumeEphemeral, Volume: message.Volume{Mount: "/cache", Ephemeral: true, SizeMiB: 4}},
+			{Kind: message.VolumePersistent, Volume: message.Volume{Persistence: "host", SizeMiB: 4}},
+			{Kind: message.VolumePersistent, Volume: message.Volume{Mount: "/db", Name: "my.db", Persistence: "host", SizeMiB: 4,
+				Parent: &message.ParentVolume{Ref: "p"}}, File: &sources.File{Path: "/cache/parent", Hash: "p"}},
+		},
+	}
+	spec := SpecFor(prog, pv)
+	if v := spec.Volumes[1]; v.Mount != "/mnt/unamed_volume_1" || v.Path != "/pv/f00d/unamed_volume_1.ext4" ||
+		len(v.LegacyPaths) != 1 || v.LegacyPaths[0] != "/pv/f00d/volume-1.ext4" || v.ParentPath != "" {
+		t.Errorf("unnamed volume: %+v", v)
+	}
+	if v := spec.Volumes[2]; v.Mount != "/db" || v.Path != "/pv/f00d/my_db.ext4" ||
+		len(v.LegacyPaths) != 1 || v.LegacyPaths[0] != "/pv/f00d/my.db.ext4" || v.ParentPath != "/cache/parent" {
+		t.Errorf("named volume with a parent: %+v", v)
+	}
+	if spec.DataMount != "/data" {
+		t.Errorf("data mount %q, want /data", spec.DataMount)
+	}
+}

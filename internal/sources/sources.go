@@ -261,6 +261,11 @@ func (r *Resolver) resolveProgram(ctx context.Context, hash string, m *message.M
 		if v.Kind() == message.VolumeImmutable {
 			jobs = append(jobs, job{fmt.Sprintf("volume %s", v.Mount), "volume", v.Ref, v.UseLatest, r.limits.Volume, message.EncodingSquashfs, &volFiles[i]})
 		}
+		// A persistent volume's parent: the ext4 image a new volume
+		// starts as a copy of, hash-checked like any STORE file.
+		if v.Kind() == message.VolumePersistent && v.Parent != nil && v.Parent.Ref != "" {
+			jobs = append(jobs, job{fmt.Sprintf("volume %s parent", v.Mount), "volume", v.Parent.Ref, v.Parent.UseLatest, r.limits.Volume, message.EncodingPlain, &volFiles[i]})
+		}
 	}
 
 	ctx, cancel := context.WithCancel(ctx)
@@ -297,7 +302,7 @@ func (r *Resolver) resolveProgram(ctx context.Context, hash string, m *message.M
 	p.Runtime = *runtimeP
 	p.Data = dataP
 	for i, f := range volFiles {
-		if f == nil {
+		if f == nil || content.Volumes[i].Kind() != message.VolumeImmutable {
 			continue
 		}
 		// An immutable volume declares no encoding: its first bytes tell.

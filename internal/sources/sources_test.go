@@ -607,3 +607,46 @@ func TestImmutableVolumeEncoding(t *testing.T) {
 		})
 	}
 }
+
+// TestPersistentVolumeParent: a persistent volume's parent ref is
+// resolved like any STORE file (downloaded into the cache, hash-checked)
+// and given as the volume's File; bytes that do not match the hash are
+// refused.
+func TestPersistentVolumeParent(t *testing.T) {
+	e := newEnv(t, DefaultLimits())
+	ctx := context.Background()
+	image := []byte("an ext4 image")
+	codeRef := e.api.addFile([]byte("zip bytes"), time.Unix(1700000000, 0), "")
+	runtimeRef := e.api.addFile([]byte("runtime bytes"), time.Unix(1700000000, 0), "")
+	parentRef := e.api.addFile(image, time.Unix(1700000000, 0), "")
+	c := programContent(codeRef, runtimeRef)
+	c.Volumes = []message.Volume{
+		{Mount: "/var/lib/db", Name: "db", Persistence: "host", SizeMiB: 5, Parent: &message.ParentVolume{Ref: parentRef}},
+	}
+	p, err := e.r.Program(ctx, e.api.addProgram(c))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := p.Volumes[0].File
+	if p.Volumes[0].Kind != message.VolumePersistent || f == nil || f.Ref != parentRef || f.Hash != sum(image) {
+		t.Fatalf("parent resolved as %+v", f)
+	}
+	if b, _ := os.ReadFile(f.Path); string(b) != string(image) {
+		t.Errorf("parent content %q", b)
+	}
+
+	other := []byte("another image")
+	otherRef := e.api.addFile(other, time.Unix(1700000000, 0), "")
+	e.api.mu.Lock()
+	e.api.files[sum(other)] = []byte("tampered bytes")
+	e.api.mu.Unlock()
+	c.Volumes[0].Parent.Ref = otherRef
+	_, err = e.r.Program(ctx, e.api.addProgram(c))
+	if err == nil {
+		t.Fatal("a parent whose bytes do not match its hash was accepted")
+	}
+	if !strings.Contains(err.Error(), "volume /var/lib/db parent") || !errkind.Is(err, errkind.InvalidInput) && !errkind.Is(err, errkind.ResourceMissing) {
+		t.Errorf("tampered parent: %v (%v)", err, errkind.Of(err))
+	}
+	t.Logf("tampered parent: %v", err)
+}

@@ -72,8 +72,8 @@ func (s *supervisor) publishFile(t *testing.T, b []byte) string {
 // TestProgramUploadVolumes uploads the probe with `program upload`'s
 // volume flags and checks from inside the program that each volume is at
 // its mount with its content and its writability: the immutable volume
-// (a directory packed as squashfs) and the data archive (packed as zip)
-// read-only, under every backend; under gVisor also a persistent volume
+// (a directory packed as squashfs) read-only and the data archive (packed
+// as zip) writable, under every backend; under gVisor also a persistent volume
 // kept across a restart, an ephemeral one bounded by size_mib and gone at
 // the next start, a zip immutable volume fetched from the Aleph API, and a
 // second program naming the same persistent volume, which gets its own
@@ -107,7 +107,10 @@ func TestProgramUploadVolumes(t *testing.T) {
 	has(hash, "/opt/lib/greeting.txt", "from the immutable volume")
 	readOnly(hash, "/opt/lib")
 	has(hash, "/data/input/hello.txt", "from the data archive")
-	readOnly(hash, "/data")
+	// Writable, as aleph-vm unzips it (TestVol19DataWritable).
+	if w := s.writeFile(hash, "/data/new.txt", "x"); !w.OK {
+		t.Errorf("writing into /data: %+v, want it writable", w)
+	}
 	if !full {
 		return
 	}

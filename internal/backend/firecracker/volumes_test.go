@@ -110,8 +110,12 @@ func TestNamedVolumesReachTheConfig(t *testing.T) {
 		for _, v := range plan.Guest.Volumes {
 			mounts = append(mounts, v.Mount+":"+v.FSType)
 		}
-		if got, want := strings.Join(mounts, " "), "/var/lib/db:ext4 /cache:ext4 /opt/lib:squashfs /data:squashfs"; got != want {
+		if got, want := strings.Join(mounts, " "), "/var/lib/db:ext4 /cache:ext4 /opt/lib:squashfs"; got != want {
 			t.Errorf("jailed=%v: guest mounts %q, want %q", jailed, got, want)
+		}
+		// The data drive is copied writable to /data by the agent.
+		if d := plan.Guest.Data; d == nil || d.Mount != "/data" || d.Device != "/dev/vde" {
+			t.Errorf("jailed=%v: guest data %+v, want /dev/vde copied to /data", jailed, d)
 		}
 	}
 }

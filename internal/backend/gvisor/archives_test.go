@@ -12,6 +12,7 @@ import (
 
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
+	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 )
 
@@ -59,14 +60,16 @@ func writeTestSquashfs(t *testing.T, path string, files map[string]string) {
 // leasedTrees counts the cached trees some execution still holds.
 func leasedTrees(e *testEnv) int { return e.b.code.InUse() }
 
-// TestDataAndZipVolumes: the data archive (zip, then squashfs) appears at
-// its mount and a zip immutable volume at its own, both read-only,
-// extracted through the code cache; after the stop no tree stays leased.
+// TestDataAndZipVolumes: the data archive (zip, then squashfs) appears
+// read-only at guest.DataSourceDir, where the agent copies it from to its
+// mount (the shared tree itself is never writable), and a zip immutable
+// volume at its own mount, read-only; both extracted through the code
+// cache; after the stop no tree stays leased.
 func TestDataAndZipVolumes(t *testing.T) {
 	script := strings.Join([]string{
-		`echo "data=$(cat /srv/data/in/hello.txt)"`,
+		`echo "data=$(cat ` + guest.DataSourceDir + `/in/hello.txt)"`,
 		`echo "vol=$(cat /opt/lib/pkg/v.txt)"`,
-		`if echo x > /srv/data/new 2>/dev/null; then echo data-writable; else echo data-ro; fi`,
+		`if echo x > ` + guest.DataSourceDir + `/new 2>/dev/null; then echo data-writable; else echo data-ro; fi`,
 		`if echo x > /opt/lib/new 2>/dev/null; then echo vol-writable; else echo vol-ro; fi`,
 		`echo done`,
 	}, "\n")

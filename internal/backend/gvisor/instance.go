@@ -22,6 +22,7 @@ import (
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend/codeprep"
 	"github.com/aleph-vm-go/vm-supervisor/internal/backend/volimage"
 	"github.com/aleph-vm-go/vm-supervisor/internal/errkind"
+	"github.com/aleph-vm-go/vm-supervisor/internal/guest"
 	"github.com/aleph-vm-go/vm-supervisor/internal/loopdev"
 	"github.com/aleph-vm-go/vm-supervisor/internal/message"
 	"github.com/aleph-vm-go/vm-supervisor/internal/tailbuf"
@@ -264,7 +265,10 @@ func (i *instance) placeVolumes(ctx context.Context) error {
 		default:
 			return errkind.New(errkind.Unsupported, "data: encoding %q not supported (zip or squashfs)", i.spec.DataEncoding)
 		}
-		return i.bindTree(ctx, "data", i.spec.DataMount, codeprep.Source{Path: i.spec.DataPath, Hash: i.spec.DataHash, Encoding: i.spec.DataEncoding})
+		// The shared extracted tree, read-only where the agent copies it
+		// from into the sandbox's in-memory root at DataMount: the program
+		// writes its own copy, never the cache's.
+		return i.bindTree(ctx, "data", guest.DataSourceDir, codeprep.Source{Path: i.spec.DataPath, Hash: i.spec.DataHash, Encoding: i.spec.DataEncoding})
 	}
 	return nil
 }
@@ -300,8 +304,10 @@ func (i *instance) mountPersistent(ctx context.Context, n int, v backend.Volume)
 			return "", err
 		}
 		img = p
+		v.LegacyPaths = volimage.LegacyPaths(i.b.opts.PersistentDir, i.spec.ProgramHash, n, "", v.Mount)
 	}
-	if err := volimage.EnsurePersistent(ctx, i.b.opts.MkfsExt4Path, img, v.Mount, v.SizeMiB, v.ReadOnly); err != nil {
+	origin := volimage.Origin{OldPaths: v.LegacyPaths, Parent: v.ParentPath}
+	if err := volimage.EnsurePersistent(ctx, i.b.opts.MkfsExt4Path, img, v.Mount, v.SizeMiB, v.ReadOnly, origin); err != nil {
 		return "", err
 	}
 	lock, err := volimage.Acquire(ctx, img)

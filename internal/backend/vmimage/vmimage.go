@@ -89,7 +89,7 @@ type Prepared struct {
 	Runtime Image
 	Code    *Image // nil when the program has no code file
 	Volumes []VolumeImage
-	Data    *VolumeImage // the data archive, read-only at its mount
+	Data    *VolumeImage // the data archive, copied writable to its mount by the agent
 
 	// locks hold this execution's persistent images until Cleanup.
 	locks []*volimage.Lock
@@ -176,16 +176,20 @@ func GuestDrives(p *Prepared, cfg *guest.Config) []Drive {
 	return drives
 }
 
-// FillGuest sets cfg.CodeDevice and cfg.Volumes from drives (as
-// GuestDrives returns them): the code drive, and every other drive that has
+// FillGuest sets cfg.CodeDevice, cfg.Data and cfg.Volumes from drives (as
+// GuestDrives returns them): the code drive, the data drive (which the
+// agent copies, writable, to its mount), and every other drive that has
 // a mount point except the runtime, which the agent mounts itself.
 func FillGuest(drives []Drive, cfg *guest.Config) {
 	cfg.CodeDevice = ""
 	cfg.Volumes = nil
+	cfg.Data = nil
 	for _, d := range drives {
 		switch {
 		case d.Role == RoleCode:
 			cfg.CodeDevice = d.Device
+		case d.Role == RoleData:
+			cfg.Data = &guest.DataCopy{Device: d.Device, Mount: d.Mount}
 		case d.Role == RoleRuntime, d.Mount == "":
 		default:
 			cfg.Volumes = append(cfg.Volumes, guest.VolumeMount{
@@ -225,7 +229,7 @@ type Options struct {
 	// hash. Required.
 	CacheDir string
 	// PersistentDir holds persistent volume images that have no path of
-	// their own (volimage.PersistentPath, with a mount-derived name).
+	// their own (volimage.PersistentPath: unamed_volume_<i>, as aleph-vm).
 	PersistentDir string
 	// MksquashfsPath and MkfsExt4Path default to the names in PATH.
 	MksquashfsPath string
@@ -545,11 +549,13 @@ func (p *Preparer) persistent(ctx context.Context, spec backend.Spec, n int, v b
 			return Image{}, err
 		}
 		img.Path = path
+		v.LegacyPaths = volimage.LegacyPaths(p.opts.PersistentDir, spec.ProgramHash, n, "", v.Mount)
 	}
 	if !create {
 		return img, nil
 	}
-	if err := volimage.EnsurePersistent(ctx, p.opts.MkfsExt4Path, img.Path, v.Mount, v.SizeMiB, v.ReadOnly); err != nil {
+	origin := volimage.Origin{OldPaths: v.LegacyPaths, Parent: v.ParentPath}
+	if err := volimage.EnsurePersistent(ctx, p.opts.MkfsExt4Path, img.Path, v.Mount, v.SizeMiB, v.ReadOnly, origin); err != nil {
 		return Image{}, err
 	}
 	lock, err := volimage.Acquire(ctx, img.Path)

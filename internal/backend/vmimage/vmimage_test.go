@@ -60,6 +60,7 @@ func TestGuestDrives(t *testing.T) {
 		wantDevices []string
 		wantCode    string
 		wantVolumes []guest.VolumeMount
+		wantData    *guest.DataCopy
 	}{
 		{
 			name:        "runtime only",
@@ -80,8 +81,9 @@ func TestGuestDrives(t *testing.T) {
 			wantVolumes: []guest.VolumeMount{
 				{Device: "/dev/vdc", Mount: "/opt/venv", FSType: "squashfs", ReadOnly: true},
 				{Device: "/dev/vdd", Mount: "/var/cache", FSType: "ext4", ReadOnly: false},
-				{Device: "/dev/vdf", Mount: "/data", FSType: "squashfs", ReadOnly: true},
 			},
+			// Not mounted at /data: the agent copies it there, writable.
+			wantData: &guest.DataCopy{Device: "/dev/vdf", Mount: "/data"},
 		},
 		{
 			name:        "no code: volumes start at vdb",
@@ -91,7 +93,7 @@ func TestGuestDrives(t *testing.T) {
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			cfg := &guest.Config{CodeDevice: "stale", Volumes: []guest.VolumeMount{{Device: "stale"}}}
+			cfg := &guest.Config{CodeDevice: "stale", Volumes: []guest.VolumeMount{{Device: "stale"}}, Data: &guest.DataCopy{Device: "stale"}}
 			drives := GuestDrives(&tc.in, cfg)
 			var devs []string
 			for _, d := range drives {
@@ -113,6 +115,9 @@ func TestGuestDrives(t *testing.T) {
 			}
 			if !reflect.DeepEqual(cfg.Volumes, tc.wantVolumes) {
 				t.Errorf("Volumes = %+v, want %+v", cfg.Volumes, tc.wantVolumes)
+			}
+			if !reflect.DeepEqual(cfg.Data, tc.wantData) {
+				t.Errorf("Data = %+v, want %+v", cfg.Data, tc.wantData)
 			}
 		})
 	}
@@ -408,7 +413,8 @@ func TestPrepareVolumes(t *testing.T) {
 	checkSparseExt4(t, eph.Path, 8<<20)
 
 	pers := got.Volumes[3]
-	wantPers := filepath.Join(persistDir, "prog1", "var_lib_sqlite.ext4")
+	// No path from the pool and no name: aleph-vm's unamed_volume_<i>.
+	wantPers := filepath.Join(persistDir, "prog1", "unamed_volume_3.ext4")
 	if pers.Path != wantPers || pers.Temporary || !isExt4(t, pers.Path) {
 		t.Errorf("persistent volume = %+v, want ext4 at %s", pers, wantPers)
 	}

@@ -92,7 +92,7 @@ func TestVolumesWeighedAgainstFreeDisk(t *testing.T) {
 	}
 
 	SetLimits(Limits{ReserveMiB: freeMiB(t, dir) + 1, Globs: globs})
-	err = EnsurePersistent(ctx, "", filepath.Join(dir, "p", "third.ext4"), "/data", 1, false)
+	err = EnsurePersistent(ctx, "", filepath.Join(dir, "p", "third.ext4"), "/data", 1, false, Origin{})
 	if errkind.HTTPStatus(err) != http.StatusInsufficientStorage {
 		t.Errorf("volume beyond the reserve: %v (status %d), want 507", err, errkind.HTTPStatus(err))
 	}
