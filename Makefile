@@ -29,9 +29,13 @@ RUNTIME_NO_UVICORN := $(RUNTIME_DIR)/rootfs-no-uvicorn.squashfs
 RUN_ENV := ALEPH_VM_EXECUTION_ROOT=$${ALEPH_VM_EXECUTION_ROOT:-/var/lib/aleph/vm} \
            ALEPH_VM_CACHE_ROOT=$${ALEPH_VM_CACHE_ROOT:-/var/cache/aleph/vm}
 
-# The demo never reaches the outside: /status/check/host probes loopback
-# (production keeps aleph-vm's public targets).
-DEMO_ENV := ALEPH_VM_CONNECTIVITY_IPV4_URL=http://127.0.0.1:4020/status/config \
+# The demo never reaches the outside: the Aleph API is a dead loopback
+# port (programs come from the local store; no message stream, no status
+# polling) and /status/check/host probes loopback. Production keeps
+# aleph-vm's public defaults.
+DEMO_ENV := ALEPH_VM_API_SERVER=http://127.0.0.1:9 ALEPH_VM_WATCH_FOR_MESSAGES=false \
+            ALEPH_VM_WATCH_FOR_UPDATES=false ALEPH_VM_PAYMENT_MONITOR_INTERVAL=0 \
+            ALEPH_VM_CONNECTIVITY_IPV4_URL=http://127.0.0.1:4020/status/config \
             ALEPH_VM_CONNECTIVITY_IPV6_URL=http://[::1]:4020/status/config \
             ALEPH_VM_CONNECTIVITY_DNS_HOSTNAME=localhost \
             ALEPH_VM_CONNECTIVITY_HTTP_URLS=http://127.0.0.1:4020/status/config

@@ -169,17 +169,7 @@ func TestOwnersDelegatedAmend(t *testing.T) {
 	delegate := nodekeytest.Fixed(t, 0x35).Address()
 	stranger := nodekeytest.Fixed(t, 0x36).Address()
 	front.setAuthorizations(watchOwner, fmt.Sprintf(`[{"address":%q,"types":["STORE"]}]`, delegate))
-	deadline := time.Now().Add(60 * time.Second)
-	for s.api.connections() < 1 {
-		if time.Now().After(deadline) {
-			t.Fatal("the supervisor did not connect to the message stream")
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	program, codeRef := publishWatchedProgram(t, s)
-	s.until(t, "v1 answers", "/vm/"+program+"/version", 120*time.Second, func(r response) bool {
-		return r.Status == http.StatusOK && string(r.Body) == "v1"
-	})
+	program, codeRef := ownersWatchedProgram(t, s)
 	amend := func(sender, version string) {
 		data := watchCode(t, version)
 		sum := sha256.Sum256(data)
@@ -238,17 +228,7 @@ func ownersStore(t *testing.T, a *alephAPI, sender, owner, ref string, data []by
 func TestOwnersStatusPoll(t *testing.T) {
 	backendIndependent(t)
 	s, front := ownersStart(t, "ALEPH_VM_PAYMENT_MONITOR_INTERVAL=1")
-	deadline := time.Now().Add(60 * time.Second)
-	for s.api.connections() < 1 {
-		if time.Now().After(deadline) {
-			t.Fatal("the supervisor did not connect to the message stream")
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	program, codeRef := publishWatchedProgram(t, s)
-	s.until(t, "v1 answers", "/vm/"+program+"/version", 120*time.Second, func(r response) bool {
-		return r.Status == http.StatusOK && string(r.Body) == "v1"
-	})
+	program, codeRef := ownersWatchedProgram(t, s)
 
 	ownersStore(t, s.api, watchOwner, watchOwner, codeRef, watchCode(t, "v2"))
 	s.until(t, "the missed amend answers", "/vm/"+program+"/version", 60*time.Second, func(r response) bool {
@@ -262,7 +242,7 @@ func TestOwnersStatusPoll(t *testing.T) {
 	front.status[program] = "forgotten"
 	front.mu.Unlock()
 	start := time.Now()
-	deadline = time.Now().Add(60 * time.Second)
+	deadline := time.Now().Add(60 * time.Second)
 	for s.runningExecutions() != 0 {
 		if time.Now().After(deadline) {
 			t.Fatal("the program the API calls forgotten still runs")
@@ -274,4 +254,16 @@ func TestOwnersStatusPoll(t *testing.T) {
 		t.Errorf("stopped after %s: fewer than 3 polls", time.Since(start))
 	}
 	expect(t, s.get("/vm/"+program+"/version"), http.StatusNotFound)
+}
+
+// ownersWatchedProgram publishes a use_latest program once the supervisor
+// follows the message stream, and waits for its first version.
+func ownersWatchedProgram(t *testing.T, s *supervisor) (program, codeRef string) {
+	t.Helper()
+	msgsWaitStream(t, s)
+	program, codeRef = publishWatchedProgram(t, s)
+	s.until(t, "v1 answers", "/vm/"+program+"/version", 120*time.Second, func(r response) bool {
+		return r.Status == http.StatusOK && string(r.Body) == "v1"
+	})
+	return program, codeRef
 }
