@@ -140,7 +140,13 @@ func TestOwnersDelegatedControl(t *testing.T) {
 		t.Fatalf("%d executions after refused stops, want 1", n)
 	}
 	mine := credentials(t, delegate, exp)
-	if r := s.signed(mine, "GET", base+"/logs"); r.Status != http.StatusOK || !strings.Contains(string(r.Body), "delegated 0") {
+	// The program's output reaches its log after its answer: wait for it.
+	r := s.signed(mine, "GET", base+"/logs")
+	for deadline := time.Now().Add(10 * time.Second); r.Status == http.StatusOK && !strings.Contains(string(r.Body), "delegated 0") && time.Now().Before(deadline); {
+		time.Sleep(200 * time.Millisecond)
+		r = s.signed(credentials(t, delegate, exp), "GET", base+"/logs")
+	}
+	if r.Status != http.StatusOK || !strings.Contains(string(r.Body), "delegated 0") {
 		t.Fatalf("delegate's logs: %d %s", r.Status, r.Body)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
